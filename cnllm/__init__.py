@@ -1,0 +1,3 @@
+"""cnllm: adapt LLaMA-family models to Chinese, from vocabulary to served model."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from cnllm.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The command-line shell: root app, shared options, rendering and error mapping."""

@@ -1,0 +1,125 @@
+"""``cnllm checksum``: create and verify checksum manifests of model files."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from cnllm.cli import output
+from cnllm.cli.options import ForceOpt, JobsOpt, JsonOpt, OutputFileOpt
+from cnllm.core import hashing
+
+app = typer.Typer(help="Create and verify checksum manifests (GNU, BSD, SHA256.md tables, MD5 lists).", no_args_is_help=True)
+
+
+class Algorithm(str, Enum):
+    sha256 = "sha256"
+    md5 = "md5"
+    sha1 = "sha1"
+    blake2b = "blake2b"
+
+
+STATUS_STYLE = {hashing.OK: "green", hashing.FAILED: "bold red", hashing.MISSING: "yellow"}
+
+
+@app.command()
+def create(
+    paths: Annotated[List[Path], typer.Argument(help="Files and directories (walked recursively, sorted).")],
+    output_file: OutputFileOpt = None,
+    algo: Annotated[Algorithm, typer.Option("--algo", "-a", help="Hash algorithm.")] = Algorithm.sha256,
+    jobs: JobsOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Hash files into a GNU coreutils manifest (`<hex>  <path>`), paths relative to the manifest's folder.
+
+    Without --output the manifest is printed on stdout.
+
+    Example: cnllm checksum create merged-model/ -o merged-model/SHA256SUMS
+    """
+    result = hashing.create_manifest(
+        paths, manifest=output_file, algorithm=algo.value, jobs=jobs, force=force, progress=output.CliProgress()
+    )
+    if json_:
+        output.print_json(
+            {
+                "manifest": str(result.manifest) if result.manifest else None,
+                "algorithm": result.algorithm,
+                "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in result.files],
+                "total_bytes": result.total_bytes,
+                "seconds": round(result.seconds, 3),
+            }
+        )
+    elif result.manifest is None:
+        typer.echo(result.text(), nl=False)
+    else:
+        output.stdout().print(
+            f"wrote {len(result.files)} {result.algorithm} checksums ({output.human_bytes(result.total_bytes)}) to {result.manifest}",
+            markup=False,
+            highlight=False,
+        )
+
+
+@app.command()
+def verify(
+    manifest: Annotated[Path, typer.Argument(help="Checksum file (GNU, BSD, SHA256.md table or MD5 list); '-' reads stdin.")],
+    root: Annotated[
+        Optional[Path], typer.Option("--root", "-r", help="Folder the listed paths are relative to [default: the manifest's folder].")
+    ] = None,
+    algo: Annotated[
+        Optional[Algorithm], typer.Option("--algo", "-a", help="Force the algorithm [default: from each digest's length or tag].")
+    ] = None,
+    jobs: JobsOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Check files against a manifest: OK / FAILED / MISSING per file; exit 1 if any is not OK.
+
+    Example: cnllm checksum verify SHA256.md --root downloads/
+    """
+    result = hashing.verify_manifest(
+        manifest, root=root, algorithm=algo.value if algo else None, jobs=jobs, progress=output.CliProgress()
+    )
+    summary = {status.lower(): result.count(status) for status in (hashing.OK, hashing.FAILED, hashing.MISSING)}
+    if json_:
+        output.print_json(
+            {
+                "manifest": result.manifest,
+                "root": str(result.root),
+                "formats": result.formats,
+                "passed": result.passed,
+                **summary,
+                "malformed": [{"line": m.line, "text": m.text, "reason": m.reason} for m in result.malformed],
+                "files": [
+                    {
+                        "path": c.path,
+                        "status": c.status,
+                        "algorithm": c.algorithm,
+                        "expected": c.expected,
+                        "actual": c.actual,
+                        "reason": c.reason,
+                        "line": c.line,
+                    }
+                    for c in result.checks
+                ],
+                "seconds": round(result.seconds, 3),
+            }
+        )
+    else:
+        for m in result.malformed:
+            output.print_warning(f"{result.manifest}:{m.line}: skipped malformed line: {m.reason}")
+        rows = [
+            (f"[{STATUS_STYLE[c.status]}]{c.status}[/]", c.path, c.algorithm, c.reason or "")
+            for c in result.checks
+        ]
+        output.print_table(None, ["status", "file", "algorithm", "detail"], rows)
+        output.stdout().print(
+            f"{summary['ok']} OK, {summary['failed']} FAILED, {summary['missing']} MISSING"
+            + (f", {len(result.malformed)} malformed lines skipped" if result.malformed else ""),
+            markup=False,
+            highlight=False,
+        )
+    if not result.passed:
+        raise typer.Exit(1)

@@ -1,0 +1,105 @@
+"""Atomic outputs: write under a temporary sibling name, rename into place on success.
+
+An interrupted or failed run never leaves a half-written file or directory under the final
+name, and an existing output is only replaced when the caller passes ``force=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from cnllm.core.errors import OutputExistsError, UsageError
+
+TEMP_MARK = ".cnllm-tmp-"
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Fail early (before any work) when ``path`` exists and may not be overwritten."""
+    if (path.exists() or path.is_symlink()) and not force:
+        raise OutputExistsError(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"cannot write {path}: {parent} is not a directory")
+
+
+def _prepare_parent(path: Path) -> Path:
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {parent}: {exc.strerror or exc}") from exc
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output folder {parent} is not writable")
+    return parent
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str, *, force: bool = False, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; on success fsync and rename it over ``path``."""
+    path = Path(path)
+    check_output(path, force)
+    parent = _prepare_parent(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=parent)
+    tmp = Path(tmp_name)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        check_output(path, force)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str, *, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling directory; on success it replaces ``path``.
+
+    With ``force`` an existing ``path`` is moved aside first and deleted only after the
+    new directory is in place, so a failure never loses the old output.
+    """
+    path = Path(path)
+    check_output(path, force)
+    parent = _prepare_parent(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMP_MARK}", dir=parent))
+    try:
+        yield tmp
+        check_output(path, force)
+        old = None
+        if path.exists() or path.is_symlink():
+            old = parent / f".{path.name}{TEMP_MARK}old-{os.getpid()}"
+            _remove(old)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            _remove(old)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_text(path: Path | str, text: str, *, force: bool = False) -> None:
+    """Atomically write a small UTF-8 text file."""
+    with atomic_file(path, force=force, mode="w") as handle:
+        handle.write(text)

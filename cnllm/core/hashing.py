@@ -1,0 +1,426 @@
+"""File hashing and checksum manifests (``cnllm checksum``, provenance records, merge outputs).
+
+Reads in large chunks into one reused buffer (hashlib releases the GIL on big updates), hashes
+several files at once on threads, and reads the manifest formats that model releases publish:
+GNU coreutils (``<hex>  path`` / ``<hex> *path``), BSD tags (``SHA256 (path) = <hex>``), Markdown
+tables of ``SHA256.md`` files, and plain MD5 lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from cnllm.core.atomic import atomic_file, check_output
+from cnllm.core.errors import UsageError
+from cnllm.core.progress import NULL_PROGRESS, Progress
+
+ALGORITHMS = ("sha256", "md5", "sha1", "blake2b")
+HEX_LENGTH = {"md5": 32, "sha1": 40, "sha256": 64, "blake2b": 128}
+ALGORITHM_BY_HEX_LENGTH = {length: name for name, length in HEX_LENGTH.items()}
+BSD_TAGS = {"MD5": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA2-256": "sha256", "BLAKE2B": "blake2b", "BLAKE2B-512": "blake2b"}
+CHUNK_SIZE = 4 << 20
+
+OK, FAILED, MISSING = "OK", "FAILED", "MISSING"
+
+
+def hash_file(
+    path: Path | str,
+    algorithm: str = "sha256",
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> str:
+    """Hex digest of one file, calling ``on_bytes(n)`` after each chunk read."""
+    hasher = hashlib.new(algorithm)
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            read = handle.readinto(buffer)
+            if not read:
+                break
+            hasher.update(view[:read])
+            if on_bytes is not None:
+                on_bytes(read)
+    return hasher.hexdigest()
+
+
+def hash_files(
+    tasks: Sequence[tuple[Path, str]],
+    *,
+    jobs: int | None = None,
+    progress: Progress = NULL_PROGRESS,
+    description: str = "hashing",
+) -> dict[tuple[Path, str], str | OSError]:
+    """Hash each ``(path, algorithm)`` once; a file that cannot be read maps to its ``OSError``.
+
+    Files are started largest first so that threads finish together; progress counts bytes
+    across all files.
+    """
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    unique = list(dict.fromkeys(tasks))
+    sizes = {}
+    for path, _ in unique:
+        try:
+            sizes[path] = path.stat().st_size
+        except OSError:
+            sizes[path] = 0
+    unique.sort(key=lambda task: sizes[task[0]], reverse=True)
+    progress.start(sum(sizes[p] for p, _ in unique), description, unit="B")
+
+    def run(task: tuple[Path, str]) -> str | OSError:
+        try:
+            return hash_file(task[0], task[1], on_bytes=progress.advance)
+        except OSError as exc:
+            return exc
+
+    try:
+        if jobs == 1 or len(unique) <= 1:
+            results = [run(task) for task in unique]
+        else:
+            with ThreadPoolExecutor(max_workers=min(jobs, len(unique))) as pool:
+                results = list(pool.map(run, unique))
+    finally:
+        progress.finish()
+    return dict(zip(unique, results))
+
+
+def describe_os_error(exc: OSError) -> str:
+    return exc.strerror or exc.__class__.__name__
+
+
+# --- creating manifests -------------------------------------------------------------------
+
+
+@dataclass
+class HashedFile:
+    path: str
+    digest: str
+    size: int
+
+
+@dataclass
+class CreateResult:
+    algorithm: str
+    files: list[HashedFile]
+    manifest: Path | None
+    seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def text(self) -> str:
+        return "".join(format_gnu_line(f.digest, f.path) for f in self.files)
+
+
+def format_gnu_line(digest: str, path: str) -> str:
+    """One coreutils line; names with a backslash or newline are escaped the way sha256sum does."""
+    if any(ch in path for ch in "\\\n\r"):
+        escaped = path.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        return f"\\{digest}  {escaped}\n"
+    return f"{digest}  {path}\n"
+
+
+def collect_files(paths: Iterable[Path | str], *, exclude: Iterable[Path] = ()) -> list[Path]:
+    """Files named directly, plus every file under each directory (sorted), each once."""
+    excluded = {Path(p).resolve() for p in exclude}
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.as_posix()))
+        elif path.is_file():
+            found.append(path)
+        elif path.exists():
+            raise UsageError(f"{path} is neither a file nor a directory")
+        else:
+            raise UsageError(f"no such file or directory: {path}")
+    unique: dict[Path, Path] = {}
+    for path in found:
+        resolved = path.resolve()
+        if resolved not in excluded and resolved not in unique:
+            unique[resolved] = path
+    return list(unique.values())
+
+
+def create_manifest(
+    paths: Sequence[Path | str],
+    *,
+    manifest: Path | None = None,
+    algorithm: str = "sha256",
+    jobs: int | None = None,
+    force: bool = False,
+    progress: Progress = NULL_PROGRESS,
+) -> CreateResult:
+    """Hash ``paths`` and, when ``manifest`` is given, write a GNU-format manifest atomically.
+
+    Paths in the manifest are relative to its folder (to the current folder without one).
+    """
+    if algorithm not in ALGORITHMS:
+        raise UsageError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if not paths:
+        raise UsageError("nothing to hash: name at least one file or directory")
+    if manifest is not None:
+        check_output(manifest, force)
+    files = collect_files(paths, exclude=[manifest] if manifest is not None else [])
+    if not files:
+        raise UsageError("nothing to hash: the directories given contain no files")
+    base = (manifest.parent if manifest is not None else Path(".")).resolve()
+    started = time.perf_counter()
+    digests = hash_files([(f, algorithm) for f in files], jobs=jobs, progress=progress)
+    hashed = []
+    for f in files:
+        digest = digests[(f, algorithm)]
+        if isinstance(digest, OSError):
+            raise UsageError(f"cannot read {f}: {describe_os_error(digest)}")
+        relative = Path(os.path.relpath(f.resolve(), base)).as_posix()
+        hashed.append(HashedFile(relative, digest, f.stat().st_size))
+    result = CreateResult(algorithm, hashed, manifest, time.perf_counter() - started)
+    if manifest is not None:
+        with atomic_file(manifest, force=force, mode="w") as handle:
+            handle.write(result.text())
+    return result
+
+
+# --- reading manifests ----------------------------------------------------------------------
+
+
+@dataclass
+class ManifestEntry:
+    line: int
+    path: str
+    digest: str
+    algorithm: str
+
+
+@dataclass
+class MalformedLine:
+    line: int
+    text: str
+    reason: str
+
+
+@dataclass
+class ParsedManifest:
+    entries: list[ManifestEntry] = field(default_factory=list)
+    malformed: list[MalformedLine] = field(default_factory=list)
+    formats: set[str] = field(default_factory=set)
+
+
+_GNU_LINE = re.compile(r"^(\\)?([0-9a-fA-F]+)(?: \*| {1,2}|\t)(.+)$")
+_BSD_LINE = re.compile(r"^(\\)?([A-Za-z0-9-]+) ?\((.+)\) ?= ?([0-9a-fA-F]+)$")
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_TABLE_RULE = re.compile(r"^:?-{3,}:?$")
+
+
+def _unescape(name: str) -> str:
+    out, i = [], 0
+    while i < len(name):
+        if name[i] == "\\" and i + 1 < len(name):
+            out.append({"\\": "\\", "n": "\n", "r": "\r"}.get(name[i + 1], name[i + 1]))
+            i += 2
+        else:
+            out.append(name[i])
+            i += 1
+    return "".join(out)
+
+
+def _algorithm_for(digest: str, override: str | None) -> str:
+    """The algorithm a digest belongs to, or raise ValueError with the reason."""
+    if override:
+        if len(digest) != HEX_LENGTH[override]:
+            raise ValueError(f"a {override} digest has {HEX_LENGTH[override]} hex digits, this one {len(digest)}")
+        return override
+    try:
+        return ALGORITHM_BY_HEX_LENGTH[len(digest)]
+    except KeyError:
+        raise ValueError(f"a digest of {len(digest)} hex digits matches no supported algorithm") from None
+
+
+def _table_cells(line: str) -> list[str]:
+    cells = line.strip().strip("|").split("|")
+    return [c.strip().strip("`*_ ").strip() for c in cells]
+
+
+def _is_digest(cell: str) -> bool:
+    return bool(_HEX.match(cell)) and len(cell) in ALGORITHM_BY_HEX_LENGTH
+
+
+def parse_manifest(text: str, *, algorithm: str | None = None) -> ParsedManifest:
+    """Parse any supported manifest format; unusable lines are kept with their line number."""
+    parsed = ParsedManifest()
+    unparsed: list[MalformedLine] = []
+    header: list[str] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.rstrip("\r")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("|"):
+            cells = _table_cells(stripped)
+            if all(_TABLE_RULE.match(c) or not c for c in cells):
+                continue
+            digest_columns = [i for i, c in enumerate(cells) if _is_digest(c)]
+            if not digest_columns:
+                header = cells
+                continue
+            names = [c for i, c in enumerate(cells) if i not in digest_columns and c and c != "-"]
+            for column in digest_columns:
+                if len(digest_columns) > 1:
+                    name = header[column] if column < len(header) and "." in header[column] else ""
+                else:
+                    name = names[0] if names else ""
+                if not name:
+                    parsed.malformed.append(MalformedLine(number, line, "table row: cannot tell which file this digest belongs to"))
+                    continue
+                try:
+                    algo = _algorithm_for(cells[column], algorithm)
+                except ValueError as exc:
+                    parsed.malformed.append(MalformedLine(number, line, str(exc)))
+                    continue
+                parsed.entries.append(ManifestEntry(number, name, cells[column].lower(), algo))
+                parsed.formats.add("markdown")
+            continue
+        bsd = _BSD_LINE.match(line)
+        if bsd and bsd.group(2).upper() in BSD_TAGS:
+            escaped, tag, name, digest = bsd.groups()
+            tagged = BSD_TAGS[tag.upper()]
+            algo = algorithm or tagged
+            if len(digest) != HEX_LENGTH[algo]:
+                unparsed.append(MalformedLine(number, line, f"a {algo} digest has {HEX_LENGTH[algo]} hex digits, this one {len(digest)}"))
+                continue
+            parsed.entries.append(ManifestEntry(number, _unescape(name) if escaped else name, digest.lower(), algo))
+            parsed.formats.add("bsd")
+            continue
+        gnu = _GNU_LINE.match(line)
+        if gnu:
+            escaped, digest, name = gnu.groups()
+            try:
+                algo = _algorithm_for(digest, algorithm)
+            except ValueError as exc:
+                unparsed.append(MalformedLine(number, line, str(exc)))
+                continue
+            parsed.entries.append(ManifestEntry(number, _unescape(name) if escaped else name, digest.lower(), algo))
+            parsed.formats.add("md5-list" if algo == "md5" else "gnu")
+            continue
+        unparsed.append(MalformedLine(number, line, "not a checksum line (expected '<hex>  <file>', 'ALGO (file) = <hex>' or a Markdown table row)"))
+    if "markdown" in parsed.formats and parsed.formats == {"markdown"}:
+        # A SHA256.md file is mostly prose: lines outside its tables are not checksum lines.
+        unparsed = [m for m in unparsed if "hex digits" in m.reason]
+    parsed.malformed.extend(unparsed)
+    parsed.malformed.sort(key=lambda m: m.line)
+    return parsed
+
+
+# --- verifying --------------------------------------------------------------------------------
+
+
+@dataclass
+class FileCheck:
+    path: str
+    status: str
+    algorithm: str
+    expected: str
+    actual: str | None = None
+    reason: str | None = None
+    line: int = 0
+
+
+@dataclass
+class VerifyResult:
+    manifest: str
+    root: Path
+    checks: list[FileCheck]
+    malformed: list[MalformedLine]
+    formats: list[str]
+    seconds: float
+
+    def count(self, status: str) -> int:
+        return sum(1 for c in self.checks if c.status == status)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.status == OK for c in self.checks)
+
+
+def read_manifest_text(manifest: Path | str) -> str:
+    """Read a manifest (``-`` for stdin) as text, with a clear error when it cannot be."""
+    import sys
+
+    if str(manifest) == "-":
+        return sys.stdin.read()
+    path = Path(manifest)
+    if not path.exists():
+        raise UsageError(f"manifest {path} does not exist")
+    if path.is_dir():
+        raise UsageError(f"manifest {path} is a directory; name the checksum file inside it")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read manifest {path}: {describe_os_error(exc)}") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"manifest {path} is not UTF-8 text") from None
+
+
+def verify_manifest(
+    manifest: Path | str,
+    *,
+    root: Path | None = None,
+    algorithm: str | None = None,
+    jobs: int | None = None,
+    progress: Progress = NULL_PROGRESS,
+) -> VerifyResult:
+    """Check every file a manifest lists; paths resolve against ``root`` (default: the manifest's folder)."""
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise UsageError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    text = read_manifest_text(manifest)
+    parsed = parse_manifest(text, algorithm=algorithm)
+    if not parsed.entries:
+        if parsed.malformed:
+            lines = ", ".join(str(m.line) for m in parsed.malformed[:10])
+            first = parsed.malformed[0]
+            raise UsageError(f"{manifest}: no usable checksum line (malformed lines: {lines}; line {first.line}: {first.reason})")
+        raise UsageError(f"{manifest}: the manifest is empty")
+    if root is None:
+        root = Path(".") if str(manifest) == "-" else Path(manifest).parent
+    if not root.is_dir():
+        raise UsageError(f"--root {root} is not a directory")
+    started = time.perf_counter()
+    checks: list[FileCheck] = []
+    tasks: list[tuple[Path, str]] = []
+    targets: list[Path | None] = []
+    for entry in parsed.entries:
+        target = Path(entry.path) if Path(entry.path).is_absolute() else root / entry.path
+        check = FileCheck(entry.path, OK, entry.algorithm, entry.digest, line=entry.line)
+        if not target.exists():
+            check.status, check.reason = MISSING, "no such file"
+            targets.append(None)
+        elif target.is_dir():
+            check.status, check.reason = FAILED, "is a directory"
+            targets.append(None)
+        else:
+            tasks.append((target, entry.algorithm))
+            targets.append(target)
+        checks.append(check)
+    digests = hash_files(tasks, jobs=jobs, progress=progress, description="verifying")
+    for check, target in zip(checks, targets):
+        if target is None:
+            continue
+        digest = digests[(target, check.algorithm)]
+        if isinstance(digest, OSError):
+            check.status, check.reason = FAILED, f"cannot read: {describe_os_error(digest)}"
+        elif digest != check.expected:
+            check.status, check.actual, check.reason = FAILED, digest, "checksum mismatch"
+        else:
+            check.actual = digest
+    return VerifyResult(str(manifest), root, checks, parsed.malformed, sorted(parsed.formats), time.perf_counter() - started)

@@ -1,0 +1,108 @@
+"""Model directories: config, tokenizer and the vocabulary-size agreement every command checks.
+
+The most common failure when adapting LLaMA to Chinese is a vocabulary mismatch (tokenizer
+length, ``config.vocab_size`` and the embedding rows disagree). :func:`vocab_sizes` reads all
+three cheaply (headers only) and :func:`check_vocab_agreement` names exactly which disagrees.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnllm.core.errors import UsageError
+from cnllm.core.tensors import tensor_infos
+
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "tok_embeddings.weight", "embed_tokens.weight")
+LM_HEAD_NAMES = ("lm_head.weight", "output.weight")
+
+
+def load_config(model_dir: Path | str) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise UsageError(f"{model_dir} is not a model directory")
+    if not path.exists():
+        raise UsageError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{path} is not valid JSON") from None
+
+
+def has_tokenizer(directory: Path | str) -> bool:
+    directory = Path(directory)
+    return (directory / "tokenizer.json").exists() or (directory / "tokenizer.model").exists()
+
+
+def tokenizer_length(tokenizer_dir: Path | str) -> int:
+    """Number of ids the tokenizer can produce (added tokens included), without importing transformers."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if (tokenizer_dir / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise UsageError(f"{tokenizer_dir / 'tokenizer.json'} is not a valid tokenizer file: {exc}") from None
+        ids = [tokenizer.get_vocab_size(with_added_tokens=True) - 1]
+        ids += [int(i) for i in _added_tokens_json(tokenizer_dir).values()]
+        return max(ids) + 1
+    if (tokenizer_dir / "tokenizer.model").exists():
+        import sentencepiece as spm
+
+        size = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).get_piece_size()
+        ids = [size - 1] + [int(i) for i in _added_tokens_json(tokenizer_dir).values()]
+        return max(ids) + 1
+    raise UsageError(f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
+
+
+def _added_tokens_json(directory: Path) -> dict:
+    path = directory / "added_tokens.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UsageError(f"{path} is not valid JSON") from None
+
+
+@dataclass
+class VocabSizes:
+    tokenizer: int | None
+    config: int | None
+    embedding: int | None
+    lm_head: int | None
+
+    def describe(self) -> str:
+        parts = [f"tokenizer {self.tokenizer}", f"config.vocab_size {self.config}", f"embedding rows {self.embedding}"]
+        if self.lm_head is not None and self.lm_head != self.embedding:
+            parts.append(f"lm_head rows {self.lm_head}")
+        return ", ".join(parts)
+
+
+def vocab_sizes(model_dir: Path | str, tokenizer_dir: Path | str | None = None) -> VocabSizes:
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    infos = tensor_infos(model_dir)
+    embedding = next((infos[n].shape[0] for n in EMBEDDING_NAMES if n in infos), None)
+    lm_head = next((infos[n].shape[0] for n in LM_HEAD_NAMES if n in infos), None)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
+    tokenizer = tokenizer_length(tok_dir) if has_tokenizer(tok_dir) else None
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return VocabSizes(tokenizer, vocab, embedding, lm_head)
+
+
+def check_vocab_agreement(sizes: VocabSizes, *, where: str = "") -> None:
+    """Raise a usage error naming the disagreement; a tokenizer shorter than the (padded) embedding is fine."""
+    prefix = f"{where}: " if where else ""
+    if sizes.config is not None and sizes.embedding is not None and sizes.config != sizes.embedding:
+        raise UsageError(f"{prefix}config.vocab_size ({sizes.config}) differs from the embedding rows ({sizes.embedding}); {sizes.describe()}")
+    if sizes.lm_head is not None and sizes.embedding is not None and sizes.lm_head != sizes.embedding:
+        raise UsageError(f"{prefix}lm_head rows ({sizes.lm_head}) differ from the embedding rows ({sizes.embedding}); {sizes.describe()}")
+    rows = sizes.embedding if sizes.embedding is not None else sizes.config
+    if sizes.tokenizer is not None and rows is not None and sizes.tokenizer > rows:
+        raise UsageError(
+            f"{prefix}the tokenizer has {sizes.tokenizer} tokens but the model only {rows} embedding rows "
+            f"({sizes.describe()}): wrong tokenizer, or the embeddings were not resized"
+        )

@@ -1,0 +1,136 @@
+"""Tiny, deterministic LLaMA checkpoints and tokenizers built in code, offline, in seconds.
+
+Used by the test suite and by the embedded demo: a SentencePiece tokenizer trained with
+LLaMA's settings, a Llama-3-style byte-level BPE tokenizer, and a random ``LlamaForCausalLM``
+saved as sharded safetensors beside its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from cnllm.core.tokenizers.hf_export import write_spm_tokenizer_dir
+from cnllm.core.tokenizers.spm import load_proto, train_spm
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+# Llama-3's pre-tokenizer split pattern (its tokenizer.json); byte-level BPE runs inside each piece.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
+
+
+def asset(name: str) -> Path:
+    """A text sample shipped with cnllm (see ``cnllm/assets/README.md``)."""
+    return ASSETS / name
+
+
+def _lines(paths: Iterable[Path]) -> list[str]:
+    lines: list[str] = []
+    for path in paths:
+        lines.extend(line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    return lines
+
+
+def build_spm_tokenizer(out_dir: Path | str, *, texts: Iterable[Path] | None = None, vocab_size: int = 1000) -> Path:
+    """Train a LLaMA-style SentencePiece tokenizer (BPE, byte fallback, split digits, <unk>/<s>/</s> = 0/1/2)
+    and write it as ``tokenizer.model`` plus an exact Hugging Face tokenizer directory."""
+    sentences = _lines(texts or [asset("en.txt")])
+    model = train_spm(sentences, vocab_size=vocab_size, character_coverage=1.0, hard_vocab_limit=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(model)
+    write_spm_tokenizer_dir(load_proto(out_dir / "tokenizer.model"), out_dir)
+    return out_dir
+
+
+def build_bpe_tokenizer(out_dir: Path | str, *, texts: Iterable[Path] | None = None, vocab_size: int = 1024) -> Path:
+    """Train a Llama-3-style byte-level BPE tokenizer (``tokenizer.json``; special tokens after the vocabulary)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, min_frequency=2
+    )
+    tokenizer.train_from_iterator(_lines(texts or [asset("en.txt")]), trainer=trainer)
+    tokenizer.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS))
+    bos = LLAMA3_SPECIAL_TOKENS[0]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": "<|eot_id|>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": bos, "eos_token": "<|eot_id|>"}, indent=2) + "\n", encoding="utf-8"
+    )
+    return out_dir
+
+
+def build_tiny_llama(
+    out_dir: Path | str,
+    tokenizer_dir: Path | str,
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    max_shard_size: str = "200KB",
+) -> Path:
+    """A random ``LlamaForCausalLM`` sized to the tokenizer, saved as sharded safetensors with the tokenizer beside it."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id).save_pretrained(out_dir)
+    for item in Path(tokenizer_dir).iterdir():
+        if item.is_file() and (item.name.startswith("tokenizer") or item.name == "special_tokens_map.json"):
+            shutil.copy2(item, out_dir / item.name)
+    return out_dir

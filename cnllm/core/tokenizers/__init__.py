@@ -1,0 +1,1 @@
+"""Tokenizer training, merging, export to Hugging Face format, and inspection."""

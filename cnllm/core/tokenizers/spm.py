@@ -1,0 +1,89 @@
+"""SentencePiece models: train with LLaMA's settings, read and write ``ModelProto`` files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable
+
+from cnllm.core.errors import UsageError
+
+# The settings LLaMA's tokenizer was trained with (its trainer/normalizer specs), which a
+# vocabulary meant to be merged into it should share.
+LLAMA_TRAINER_SETTINGS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="identity",
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    max_sentence_length=1 << 16,
+)
+
+PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def model_proto_class():
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2.ModelProto
+
+
+def load_proto(path: Path | str):
+    """Parse a ``tokenizer.model``; a file that is not one is a usage error naming it."""
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    proto = model_proto_class()()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError):
+        raise UsageError(f"{path} is not a SentencePiece model") from None
+    if not proto.pieces:
+        raise UsageError(f"{path} is not a SentencePiece model (no pieces)")
+    return proto
+
+
+def train_spm(
+    sentences: Iterable[str],
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+    input_sentence_size: int = 0,
+    threads: int = 1,
+    seed_sentencepieces: int | None = None,
+    **overrides,
+) -> bytes:
+    """Train a SentencePiece model with LLaMA's settings on an iterator of sentences; return its bytes."""
+    import sentencepiece as spm
+
+    settings = dict(LLAMA_TRAINER_SETTINGS)
+    settings.update(
+        model_type=model_type,
+        vocab_size=vocab_size,
+        character_coverage=character_coverage,
+        num_threads=threads,
+        minloglevel=2,
+    )
+    if input_sentence_size:
+        settings.update(input_sentence_size=input_sentence_size, shuffle_input_sentence=True)
+    if seed_sentencepieces:
+        settings["seed_sentencepiece_size"] = seed_sentencepieces
+    settings.update(overrides)
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buffer, **settings)
+    except RuntimeError as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "training failed"
+        raise UsageError(f"SentencePiece training failed: {message}") from exc
+    return buffer.getvalue()

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny tokenizers and LLaMA checkpoints built in code (see tests/assets/README.md).
+
+Everything here runs offline on a CPU in seconds. Fixtures that need the reference files in
+``../shared/fixtures`` skip cleanly when that folder is absent (a user's clone).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("CNLLM_SHARED_DIR", REPO.parent / "shared"))
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``cnllm ARGS...`` in-process; returns exit code, stdout and stderr."""
+    from cnllm.cli.app import main
+
+    def run(*args: str | Path) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        else:  # pragma: no cover - main always exits
+            code = 0
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    from cnllm.core.tiny import ASSETS
+
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    """LLaMA-style SentencePiece tokenizer (1,000 pieces) trained on cnllm/assets/en.txt: tokenizer.model + HF files."""
+    from cnllm.core.tiny import build_spm_tokenizer
+
+    return build_spm_tokenizer(tmp_path_factory.mktemp("spm-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    """Llama-3-style byte-level BPE tokenizer (1,024 + 5 special ids) trained on cnllm/assets/en.txt."""
+    from cnllm.core.tiny import build_bpe_tokenizer
+
+    return build_bpe_tokenizer(tmp_path_factory.mktemp("bpe-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
+    """Random LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 KV heads) in sharded safetensors + SPM tokenizer."""
+    from cnllm.core.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), spm_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
+    """The same tiny model with the Llama-3-style BPE tokenizer."""
+    from cnllm.core.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama3"), bpe_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> Path:
+    """``../shared/fixtures`` (reference tokenizers, corpus); skips when absent."""
+    path = SHARED / "fixtures"
+    if not path.is_dir():
+        pytest.skip(f"reference fixtures not available ({path})")
+    return path
+
+
+def read_vectors(folder: Path) -> list[tuple[str, list[int]]]:
+    """llama.cpp tokenizer test vectors: inputs split by the separator line, one line of ids each."""
+    inputs = (folder / "vectors.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    outputs = (folder / "vectors.out").read_text(encoding="utf-8").split("\n")
+    if inputs and inputs[-1] == "":
+        inputs.pop()
+    outputs = outputs[: len(inputs)]
+    return [(text, [int(t) for t in ids.split()]) for text, ids in zip(inputs, outputs)]
