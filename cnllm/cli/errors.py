@@ -33,8 +33,6 @@ def describe(exc: BaseException) -> tuple[str, int]:
     """Message and exit code for any exception that reaches the top of a command."""
     if isinstance(exc, CnllmError):
         return exc.message, exc.exit_code
-    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
-        return str(exc), EXIT_USAGE
     if isinstance(exc, click.UsageError):
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         return f"{exc.format_message()}{hint}", EXIT_USAGE
@@ -53,9 +51,8 @@ def run(command: click.Command, args: list[str], *, debug: Callable[[], bool]) -
     """Run the Click command without its own error printing; return the process exit code."""
     try:
         result = command.main(args=args, prog_name="cnllm", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        # ``cnllm vocab`` alone: the help it asked for, on stderr, and a usage exit code.
-        output.stderr().print(exc.ctx.get_help() if exc.ctx else str(exc), markup=False, highlight=False)
+    except click.exceptions.NoArgsIsHelpError:
+        # ``cnllm checksum`` alone: its help was already shown; still a usage error for scripts.
         return EXIT_USAGE
     except BaseException as exc:  # noqa: BLE001 - this is the top of the program
         if isinstance(exc, SystemExit):

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+import textwrap
+
+from cnllm.cli.app import app
+
+
+def registered_commands() -> set[str]:
+    import typer
+
+    return set(typer.main.get_command(app).commands)
+
+
+def test_help_lists_commands(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for name in registered_commands():
+        assert name in result.stdout
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("cnllm ")
+
+
+def test_unknown_command_is_one_line_usage_error(cli):
+    result = cli("frobnicate")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "frobnicate" in lines[0]
+
+
+def test_bad_option_value_is_exit_2(cli, tmp_path):
+    result = cli("checksum", "create", tmp_path, "--algo", "crc32")
+    assert result.exit_code == 2 and "crc32" in result.stderr
+
+
+def test_group_without_subcommand_shows_help_and_exits_2(cli):
+    result = cli("checksum")
+    assert result.exit_code == 2 and "create" in result.stdout + result.stderr
+    assert result.stdout.count("Usage:") + result.stderr.count("Usage:") == 1
+
+
+def test_debug_shows_traceback_only_when_asked(cli, tmp_path):
+    plain = cli("checksum", "verify", tmp_path / "missing")
+    assert plain.exit_code == 2 and "Traceback" not in plain.stderr
+    debug = cli("--debug", "checksum", "verify", tmp_path / "missing")
+    assert debug.exit_code == 2 and "Traceback" in debug.stderr
+
+
+def test_unexpected_exception_is_exit_1_with_hint(cli, tmp_path, monkeypatch):
+    from cnllm.core import hashing
+
+    def boom(*args, **kwargs):
+        raise ValueError("kaboom")
+
+    monkeypatch.setattr(hashing, "create_manifest", boom)
+    (tmp_path / "f").write_text("x")
+    result = cli("checksum", "create", tmp_path / "f")
+    assert result.exit_code == 1 and "kaboom" in result.stderr and "--debug" in result.stderr
+
+
+def test_building_the_app_and_checksum_do_not_import_torch(tmp_path):
+    (tmp_path / "f.txt").write_text("data")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from cnllm.cli.app import main
+        for argv in (["--help"], ["checksum", "create", {str(tmp_path)!r}, "-o", {str(tmp_path / 'SUMS')!r}],
+                     ["checksum", "verify", {str(tmp_path / 'SUMS')!r}, "--json"]):
+            try:
+                main(argv)
+            except SystemExit as exc:
+                assert exc.code in (0, None), (argv, exc.code)
+        heavy = [m for m in ("torch", "transformers", "peft", "llama_cpp", "datasets") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_console_script_entry_point_runs():
+    completed = subprocess.run([sys.executable, "-m", "cnllm", "--version"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.startswith("cnllm")

@@ -1,0 +1,57 @@
+import pytest
+
+from cnllm.core.atomic import TEMP_MARK, atomic_dir, atomic_file, write_text
+from cnllm.core.errors import OutputExistsError, UsageError
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if TEMP_MARK in p.name]
+
+
+def test_atomic_file_writes_on_success(tmp_path):
+    target = tmp_path / "deep" / "out.txt"
+    write_text(target, "done")
+    assert target.read_text() == "done"
+    assert leftovers(target.parent) == []
+
+
+def test_atomic_file_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as handle:
+            handle.write(b"half")
+            raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_file_refuses_existing_without_force(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(OutputExistsError, match="--force"):
+        write_text(target, "new")
+    write_text(target, "new", force=True)
+    assert target.read_text() == "new"
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    assert (target / "a").read_text() == "1"
+    with pytest.raises(ValueError):
+        with atomic_dir(target, force=True) as tmp:
+            (tmp / "b").write_text("2")
+            raise ValueError("failed midway")
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    with atomic_dir(target, force=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert leftovers(tmp_path) == []
+
+
+def test_parent_that_is_a_file_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError):
+        write_text(blocker / "out.txt", "x")
