@@ -106,3 +106,80 @@ def check_vocab_agreement(sizes: VocabSizes, *, where: str = "") -> None:
             f"{prefix}the tokenizer has {sizes.tokenizer} tokens but the model only {rows} embedding rows "
             f"({sizes.describe()}): wrong tokenizer, or the embeddings were not resized"
         )
+
+
+def adapter_vocab_rows(adapter_dir: Path | str) -> int | None:
+    """Rows of the full embedding/lm_head an adapter carries (``modules_to_save``), if any."""
+    rows = [
+        info.shape[0]
+        for name, info in tensor_infos(adapter_dir).items()
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")) and len(info.shape) == 2 and "lora_" not in name
+    ]
+    return max(rows) if rows else None
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str):
+    """bf16 on GPUs that support it, fp16 on other accelerators, fp32 on CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):
+    """The Hugging Face tokenizer of a model directory, with a usage error when there is none."""
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(model_dir):
+        raise UsageError(f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
+    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(
+    model_dir: Path | str,
+    *,
+    lora: Path | str | None = None,
+    device: str | None = None,
+    dtype=None,
+    trust_remote_code: bool = False,
+):
+    """A Hugging Face causal LM for inference (eval mode), optionally with a PEFT adapter applied unmerged.
+
+    Weights load from safetensors, or from ``.bin`` with ``weights_only`` (transformers' default).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from cnllm.core.runtime import quiet_libraries
+
+    quiet_libraries()
+    load_config(model_dir)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load model {model_dir}: {str(exc).splitlines()[0]}") from exc
+    if lora is not None:
+        from peft import PeftModel
+
+        if not (Path(lora) / "adapter_config.json").exists():
+            raise UsageError(f"{lora} is not a PEFT adapter (no adapter_config.json)")
+        rows = model.get_input_embeddings().weight.shape[0]
+        needed = adapter_vocab_rows(lora) or rows
+        if needed > rows:
+            model.resize_token_embeddings(needed)
+        model = PeftModel.from_pretrained(model, str(lora))
+    return model.to(device).eval()
