@@ -29,6 +29,7 @@ def render(result: PipelineResult, json_: bool, dry_run: bool) -> None:
                 ],
                 "report": str(result.report_md) if result.report_md else None,
                 "report_json": str(result.report_json) if result.report_json else None,
+                "notes": result.notes,
             }
         )
     else:

@@ -48,7 +48,7 @@ def _paths(options: dict, key: str, root: Path) -> None:
         options[key] = [_resolve(v, root) for v in value] if isinstance(value, list) else _resolve(value, root)
 
 
-PATH_KEYS = {"vocab": ("corpus", "add"), "pt": ("data", "validation_data"), "sft": ("data", "validation_data"), "eval": ()}
+PATH_KEYS = {"vocab": ("corpus", "add", "measure_text"), "pt": ("data", "validation_data"), "sft": ("data", "validation_data"), "eval": ()}
 
 
 def recipe_from_dict(data: dict, *, root: Path, workdir: Path | None = None, source: Path | None = None) -> Recipe:
@@ -206,8 +206,10 @@ class StepOutcome:
 class PipelineResult:
     recipe: Recipe
     outcomes: list[StepOutcome]
+    artifacts: Artifacts
     report_md: Path | None = None
     report_json: Path | None = None
+    notes: dict = field(default_factory=dict)  # extra report sections, e.g. the demo's chat answer
 
     @property
     def failed(self) -> StepOutcome | None:
@@ -315,10 +317,10 @@ def run_pipeline(
         outcomes.append(StepOutcome(name, "ran", folder, seconds, figures))
         previous = step_print
         cache.save()
-    result = PipelineResult(recipe, outcomes)
+    result = PipelineResult(recipe, outcomes, artifacts)
     if not dry_run:
         cache.save()
-        result.report_md, result.report_json = write_report(result, force=force)
+        result.report_md, result.report_json = write_report(result)
     return result
 
 
@@ -345,7 +347,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_report(result: PipelineResult, *, force: bool = True) -> tuple[Path, Path]:
+def write_report(result: PipelineResult) -> tuple[Path, Path]:
     """``WORKDIR/report.md`` and ``report.json``: every step's status, wall time and key figures."""
     recipe = result.recipe
     document = {
@@ -358,6 +360,7 @@ def write_report(result: PipelineResult, *, force: bool = True) -> tuple[Path, P
             for o in result.outcomes
         ],
         "total_seconds": round(sum(o.seconds for o in result.outcomes if o.status == "ran"), 3),
+        **result.notes,
     }
     lines = [f"# cnllm pipeline report: {recipe.name}", "", f"Base model: `{recipe.base_model}`  ", f"Work directory: `{recipe.workdir}`", ""]
     lines += ["| step | status | seconds | folder |", "| --- | --- | --- | --- |"]
@@ -369,6 +372,8 @@ def write_report(result: PipelineResult, *, force: bool = True) -> tuple[Path, P
             if o.error:
                 lines.append(f"**failed:** {o.error}")
             lines += _figure_lines(o.name, o.figures)
+    for title, note in result.notes.items():
+        lines += ["", f"## {title}", ""] + [f"- **{k}**: {_fmt(v)}" for k, v in note.items()]
     md_path, json_path = recipe.workdir / "report.md", recipe.workdir / "report.json"
     write_text(md_path, "\n".join(lines) + "\n", force=True)
     write_text(json_path, json.dumps(document, ensure_ascii=False, indent=2, default=str) + "\n", force=True)

@@ -166,6 +166,70 @@ def run_quantize(context: StepContext, options: dict) -> dict:
     return figures
 
 
+# --- eval ----------------------------------------------------------------------------------------
+
+EVAL_TARGET_DEFAULT = "all"
+
+
+def _eval_targets(artifacts: Artifacts, wanted) -> dict[str, Path]:
+    """Every model the run produced (base, pt, sft, each GGUF), or the names the recipe lists."""
+    targets = {name: path for name, path in artifacts.models.items()}
+    targets.update({f"gguf-{kind}": path for kind, path in artifacts.gguf.items()})
+    if wanted in (None, EVAL_TARGET_DEFAULT):
+        return targets
+    missing = [name for name in wanted if name not in targets]
+    if missing:
+        raise UsageError(f"recipe step eval: no model named {', '.join(missing)} (available: {', '.join(targets)})")
+    return {name: targets[name] for name in wanted}
+
+
+def run_eval(context: StepContext, options: dict) -> dict:
+    """Perplexity (``ppl``) and multiple-choice accuracy (``mc``) of every model of the run, side by side."""
+    import json
+
+    from cnllm.core.evaluation.mc import McOptions, evaluate_multiple_choice
+    from cnllm.core.evaluation.models import ModelSpec
+    from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity
+
+    unknown = set(options) - {"ppl", "mc", "models"}
+    if unknown or not ({"ppl", "mc"} & set(options)):
+        raise UsageError("recipe step eval takes 'ppl: {data: [...], ctx: N}', 'mc: {data: DIR, format: ceval, ...}' and optionally 'models: [...]'")
+    targets = _eval_targets(context.artifacts, options.get("models"))
+    figures: dict = {}
+    if "ppl" in options:
+        settings = dict(options["ppl"])
+        files = _files(settings, "data", "eval.ppl")
+        ppl_options = PplOptions(**{k: v for k, v in settings.items() if k != "data"})
+        figures["perplexity"], figures["bits_per_byte"] = {}, {}
+        for name, path in targets.items():
+            result = evaluate_perplexity(ModelSpec(Path(path)), files, ppl_options, progress=context.progress)
+            total = result.total
+            figures["perplexity"][name] = round(total.ppl, 3)
+            figures["bits_per_byte"][name] = round(total.bits_per_byte, 4)
+            (context.folder / f"ppl-{name}.json").write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+    if "mc" in options:
+        settings = dict(options["mc"])
+        data = Path(settings.pop("data"))
+        if "subjects" in settings:
+            settings["subjects"] = tuple(settings["subjects"])
+        mc_options = McOptions(**settings)
+        figures["mc_accuracy"] = {}
+        for name, path in targets.items():
+            result = evaluate_multiple_choice(ModelSpec(Path(path)), data, mc_options, progress=context.progress)
+            figures["mc_accuracy"][name] = round(result.average, 4) if result.average is not None else None
+            (context.folder / f"mc-{name}.json").write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+    return figures
+
+
+def _eval_inputs(recipe: Recipe, options: dict, artifacts: Artifacts) -> list[Path]:
+    paths: list[Path] = []
+    if isinstance(options.get("ppl"), dict):
+        paths += _files(options["ppl"], "data", "eval.ppl")
+    if isinstance(options.get("mc"), dict) and options["mc"].get("data"):
+        paths.append(Path(options["mc"]["data"]))
+    return paths
+
+
 # --- checksum --------------------------------------------------------------------------------------
 
 
@@ -188,5 +252,6 @@ STEP_KINDS: dict[str, StepKind] = {
     "merge_sft": StepKind(_merge("sft", "sft"), _no_inputs),
     "convert": StepKind(run_convert, _no_inputs),
     "quantize": StepKind(run_quantize, _no_inputs),
+    "eval": StepKind(run_eval, _eval_inputs),
     "checksum": StepKind(run_checksum, _no_inputs),
 }

@@ -110,6 +110,9 @@ def build_tiny_llama(
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    from cnllm.core.runtime import quiet_libraries
+
+    quiet_libraries()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
