@@ -10,6 +10,13 @@ import typer
 from cnllm import __version__
 from cnllm.cli import errors
 from cnllm.commands import checksum
+from cnllm.commands import vocab
+from cnllm.commands import pt, sft
+from cnllm.commands import convert_gguf, quantize
+from cnllm.commands import merge_lora, diff_recover
+from cnllm.commands import eval as eval_cmd
+from cnllm.commands import chat, serve
+from cnllm.commands import demo, pipeline
 
 app = typer.Typer(
     name="cnllm",
@@ -42,6 +49,18 @@ def root(
 
 
 app.add_typer(checksum.app, name="checksum")
+app.add_typer(vocab.app, name="vocab")
+app.command("pt")(pt.pt)
+app.command("sft")(sft.sft)
+app.command("convert-gguf")(convert_gguf.convert_gguf)
+app.command("quantize")(quantize.quantize)
+app.command("merge-lora")(merge_lora.merge_lora)
+app.command("diff-recover")(diff_recover.diff_recover)
+app.add_typer(eval_cmd.app, name="eval")
+app.command("chat")(chat.chat)
+app.command("serve")(serve.serve)
+app.command("pipeline")(pipeline.pipeline)
+app.command("demo")(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,3 +21,18 @@ OutputFileOpt = Annotated[
     typer.Option("--output", "-o", dir_okay=False, help="Write the result to this file (atomically)."),
 ]
 OutputDirArg = Annotated[Path, typer.Option("--output", "-o", file_okay=False, help="Output directory (written atomically).")]
+
+# Loading a model for generation or scoring (chat, serve, eval).
+ModelArg = Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp) or a Hugging Face model directory (transformers).")]
+TemplateOpt = Annotated[
+    str,
+    typer.Option("--template", help="Chat template: alpaca, llama2, llama3, chatml, or auto (the model's own; plain completion if it has none)."),
+]
+NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window in tokens [default: the model's, at most 4096 for GGUF].")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for llama.cpp [default: llama.cpp's choice].")]
+GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", min=-1, help="Layers llama.cpp offloads to the GPU (-1: all).")]
+LoraOpt = Annotated[Optional[Path], typer.Option("--lora", file_okay=False, help="Apply this PEFT LoRA adapter (not merged) to a Hugging Face model.")]
+LoadIn4bitOpt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantise a Hugging Face model to 4 bits on load (CUDA + bitsandbytes).")]
+LoadIn8bitOpt = Annotated[bool, typer.Option("--load-in-8bit", help="Quantise a Hugging Face model to 8 bits on load (CUDA + bitsandbytes).")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model directory's own Python code to run.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' own logs (llama.cpp load messages, transformers).")]

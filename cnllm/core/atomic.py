@@ -68,6 +68,25 @@ def atomic_file(path: Path | str, *, force: bool = False, mode: str = "wb") -> I
 
 
 @contextlib.contextmanager
+def atomic_path(path: Path | str, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path for a library that writes by file name (llama.cpp, GGUFWriter);
+    on success it is renamed over ``path``, on failure removed."""
+    path = Path(path)
+    check_output(path, force)
+    parent = _prepare_parent(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        check_output(path, force)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(path: Path | str, *, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling directory; on success it replaces ``path``.
 

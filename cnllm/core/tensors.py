@@ -150,6 +150,58 @@ def iter_tensors(model: Path | str) -> Iterator[tuple[str, "torch.Tensor"]]:  # 
             del state
 
 
+SAFETENSORS_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def stream_tensors(model: Path | str) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+    """Like :func:`iter_tensors`, but safetensors are read with plain reads in file order instead of mmap.
+
+    A memory map keeps every page it has touched resident (and counted in the process's RSS)
+    until the file is closed, so a 10 GB shard read through ``safe_open`` can look like 10 GB of
+    memory; reading each tensor into its own buffer keeps memory at one tensor.
+    """
+    import torch
+
+    for path in checkpoint_files(model):
+        if path.suffix != ".safetensors":
+            state = load_pickled_tensors(path)
+            for name in list(state):
+                yield name, state.pop(name)
+            del state
+            continue
+        header = read_safetensors_header(path)
+        with open(path, "rb", buffering=0) as handle:
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda item: item[1]["data_offsets"][0])
+            for name, meta in entries:
+                yield name, _read_safetensor(handle, path, name, meta)
+
+
+def _read_safetensor(handle, path: Path, name: str, meta: dict):
+    """One tensor of an open safetensors file, read into a fresh buffer."""
+    import torch
+
+    if meta["dtype"] not in SAFETENSORS_TORCH_DTYPES:
+        raise UsageError(f"{path}: tensor {name} has an unsupported dtype {meta['dtype']}")
+    start, end = meta["data_offsets"]
+    tensor = torch.empty(meta["shape"], dtype=getattr(torch, SAFETENSORS_TORCH_DTYPES[meta["dtype"]]))
+    if tensor.numel() * tensor.element_size() != end - start:
+        raise UsageError(f"{path} is corrupted: tensor {name} has {end - start} bytes for shape {meta['shape']}")
+    if end > start:
+        handle.seek(0)
+        (length,) = struct.unpack("<Q", handle.read(8))
+        handle.seek(8 + length + start)
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        while buffer:
+            read = handle.readinto(buffer)
+            if not read:
+                raise UsageError(f"{path} is truncated while reading {name}")
+            buffer = buffer[read:]
+    return tensor
+
+
 class ShardWriter:
     """Write tensors into ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_size`` bytes.
 
@@ -199,3 +251,163 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             (self.directory / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return final
+
+
+SAFETENSORS_DTYPES = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+
+def shard_names(count: int, prefix: str = "model") -> list[str]:
+    """File names transformers gives ``count`` safetensors shards."""
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
+
+
+class StreamingShardWriter:
+    """Write safetensors shards whose layout is known in advance, each tensor straight to disk.
+
+    :class:`ShardWriter` buffers a whole shard (up to ``max_shard_size``) because a safetensors
+    header must list every tensor before the data. When the names, shapes and dtypes are known
+    up front (merging, diff recovery), the headers are written first and each tensor is written
+    at its offset as soon as it is computed, in any order, so memory holds one tensor at a time.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        layout: list[tuple[str, tuple[int, ...], "torch.dtype"]],  # noqa: F821
+        *,
+        max_shard_size: int | str = "2GB",
+        prefix: str = "model",
+        metadata: dict | None = None,
+    ):
+        self.directory = Path(directory)
+        limit = parse_size(max_shard_size)
+        groups: list[list[tuple[str, tuple[int, ...], object, int]]] = [[]]
+        pending = 0
+        for name, shape, dtype in layout:
+            nbytes = _numel(shape) * _element_size(dtype)
+            if groups[-1] and pending + nbytes > limit:
+                groups.append([])
+                pending = 0
+            groups[-1].append((name, tuple(shape), dtype, nbytes))
+            pending += nbytes
+        self.files = [self.directory / name for name in shard_names(len(groups), prefix)]
+        self.total_size = sum(entry[3] for group in groups for entry in group)
+        self._slots: dict[str, tuple[int, int, tuple[int, ...], object]] = {}
+        self._handles: dict[int, object] = {}
+        self._written: set[str] = set()
+        self._headers: list[bytes] = []
+        meta = {"format": "pt", **(metadata or {})}
+        for number, group in enumerate(groups):
+            header: dict = {"__metadata__": meta}
+            offset = 0
+            for name, shape, dtype, nbytes in group:
+                header[name] = {"dtype": SAFETENSORS_DTYPES[str(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            encoded += b" " * (-len(encoded) % 8)
+            data_start = 8 + len(encoded)
+            for name, shape, dtype, nbytes in group:
+                self._slots[name] = (number, data_start + header[name]["data_offsets"][0], shape, dtype)
+            self._headers.append(struct.pack("<Q", len(encoded)) + encoded)
+        self._group_names = [[entry[0] for entry in group] for group in groups]
+
+    def _handle(self, number: int):
+        if number not in self._handles:
+            handle = open(self.files[number], "wb")
+            handle.write(self._headers[number])
+            self._handles[number] = handle
+        return self._handles[number]
+
+    def add(self, name: str, tensor) -> None:
+        """Write one planned tensor (its shape and dtype must match the layout)."""
+        import torch
+
+        if name not in self._slots:
+            raise ValueError(f"tensor {name} is not in the planned layout")
+        number, offset, shape, dtype = self._slots[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, the layout says {shape} {dtype}")
+        handle = self._handle(number)
+        handle.seek(offset)
+        data = tensor.detach().contiguous().reshape(-1)
+        if data.numel():
+            handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._written.add(name)
+
+    def close(self) -> list[Path]:
+        """Close the shards (and write the index when there are several); every planned tensor must be written."""
+        missing = [name for name in self._slots if name not in self._written]
+        for number in range(len(self.files)):
+            self._handle(number).close()
+        if missing:
+            raise ValueError(f"{len(missing)} planned tensors were never written (first: {missing[0]})")
+        if len(self.files) > 1:
+            weight_map = {name: path.name for path, names in zip(self.files, self._group_names) for name in names}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            prefix = self.files[0].name.split("-00001-of-")[0]
+            (self.directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return list(self.files)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _element_size(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class TensorReader:
+    """Random access to a checkpoint's tensors by name, one tensor in memory at a time.
+
+    Safetensors are read with plain reads (see :func:`stream_tensors`); pickled shards are loaded
+    with ``weights_only`` and memory-mapped where the format allows.
+    """
+
+    def __init__(self, model: Path | str):
+        self.model = Path(model)
+        self.infos = tensor_infos(model)
+        self._open: dict[Path, tuple[object, dict]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def get(self, name: str):
+        path = self.infos[name].file
+        if path not in self._open:
+            if path.suffix == ".safetensors":
+                self._open[path] = (open(path, "rb", buffering=0), read_safetensors_header(path))
+            else:
+                self._open[path] = (None, load_pickled_tensors(path))
+        handle, source = self._open[path]
+        return source[name] if handle is None else _read_safetensor(handle, path, name, source[name])
+
+    def close(self) -> None:
+        for handle, _ in self._open.values():
+            if handle is not None:
+                handle.close()
+        self._open.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

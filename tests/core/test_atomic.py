@@ -1,6 +1,6 @@
 import pytest
 
-from cnllm.core.atomic import TEMP_MARK, atomic_dir, atomic_file, write_text
+from cnllm.core.atomic import TEMP_MARK, atomic_dir, atomic_file, atomic_path, write_text
 from cnllm.core.errors import OutputExistsError, UsageError
 
 
@@ -55,3 +55,20 @@ def test_parent_that_is_a_file_is_a_usage_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UsageError):
         write_text(blocker / "out.txt", "x")
+
+
+def test_atomic_path_renames_what_a_library_wrote_by_name(tmp_path):
+    target = tmp_path / "model.gguf"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and TEMP_MARK in tmp.name
+        tmp.write_bytes(b"GGUF")
+    assert target.read_bytes() == b"GGUF"
+    with pytest.raises(OutputExistsError):
+        with atomic_path(target):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, force=True) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

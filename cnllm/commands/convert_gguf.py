@@ -1,0 +1,86 @@
+"""``cnllm convert-gguf``: a Hugging Face LLaMA checkpoint → GGUF for llama.cpp, Ollama and LM Studio."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cnllm.cli import output
+from cnllm.cli.options import ForceOpt, JsonOpt
+from cnllm.core.errors import UsageError
+
+
+class OutType(str, Enum):
+    auto = "auto"
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+def convert_gguf(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json, weights, tokenizer).")],
+    output_file: Annotated[
+        Optional[Path], typer.Option("--output", "-o", dir_okay=False, help="The GGUF file to write (atomically).")
+    ] = None,
+    outtype: Annotated[
+        OutType,
+        typer.Option("--outtype", help="Type of the 2-D weights (norms stay f32); auto keeps the checkpoint's bf16/f16, else f16."),
+    ] = OutType.auto,
+    vocab_only: Annotated[bool, typer.Option("--vocab-only", help="Write only the tokenizer and metadata (no tensors).")] = False,
+    pre_tokenizer: Annotated[
+        Optional[str],
+        typer.Option("--pre-tokenizer", help="llama.cpp BPE pre-tokenizer name (e.g. llama-bpe) when it cannot be read from tokenizer.json."),
+    ] = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Convert a LLaMA 1/2/3 or Chinese-LLaMA/Alpaca checkpoint to GGUF, one tensor at a time.
+
+    Names, q/k permutation, types and metadata follow llama.cpp's convert_hf_to_gguf.py. Vocabulary
+    sizes, tokenizer files and weight headers are checked before anything is written.
+
+    Example: cnllm convert-gguf chinese-alpaca-merged/ -o chinese-alpaca-f16.gguf --outtype f16
+    """
+    import logging
+
+    from cnllm.core.gguf.convert import convert_to_gguf
+
+    if output_file is None:
+        raise UsageError("missing --output/-o: the GGUF file to write")
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    result = convert_to_gguf(
+        model_dir,
+        output_file,
+        outtype=outtype.value,
+        vocab_only=vocab_only,
+        pre_tokenizer=pre_tokenizer,
+        force=force,
+        progress=output.CliProgress(),
+    )
+    if json_:
+        output.print_json(
+            {
+                "output": str(result.output),
+                "outtype": result.outtype,
+                "file_type": result.file_type,
+                "vocab_only": result.vocab_only,
+                "tensors": result.tensor_count,
+                "tensor_types": result.tensor_types,
+                "parameters": result.parameters,
+                "bytes": result.bytes_written,
+                "tokenizer": {"model": result.tokenizer_model, "pre": result.tokenizer_pre, "tokens": result.vocab_size},
+                "seconds": round(result.seconds, 3),
+            }
+        )
+        return
+    what = "vocabulary" if result.vocab_only else f"{result.tensor_count} tensors, {result.parameters:,} parameters"
+    output.stdout().print(
+        f"wrote {result.output} ({output.human_bytes(result.bytes_written)}, {result.outtype}, {what}; "
+        f"tokenizer {result.tokenizer_model}/{result.tokenizer_pre}, {result.vocab_size} tokens) in {result.seconds:.1f}s",
+        markup=False,
+        highlight=False,
+    )

@@ -1,0 +1,215 @@
+"""``cnllm eval``: perplexity of text files and C-Eval/CMMLU/MMLU multiple-choice accuracy, on a Hugging Face
+directory (optionally with an unmerged LoRA adapter) or a GGUF file."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from cnllm.cli import output
+from cnllm.cli.options import ForceOpt, JsonOpt, OutputFileOpt
+from cnllm.core.errors import UsageError
+
+app = typer.Typer(help="Evaluate a model: perplexity (ppl) and multiple-choice exams (mc).", no_args_is_help=True)
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Format(str, Enum):
+    ceval = "ceval"
+    cmmlu = "cmmlu"
+    mmlu = "mmlu"
+
+
+ModelArg = Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")]
+LoraOpt = Annotated[
+    Optional[Path], typer.Option("--lora", help="PEFT adapter directory applied (unmerged) to a Hugging Face model.")
+]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="transformers device: cpu, cuda, cuda:1, mps [default: best available].")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="transformers weights dtype [auto: bf16/fp16 on GPUs, fp32 on CPU].")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="llama.cpp threads [default: llama.cpp's choice].")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a Hugging Face model's own Python code to run.")]
+
+
+def _spec(model: Path, lora: Optional[Path], device: Optional[str], dtype: DType, threads: Optional[int], trust: bool):
+    from cnllm.core.evaluation.models import ModelSpec
+
+    return ModelSpec(
+        model, lora=lora, device=device, dtype=None if dtype is DType.auto else dtype.value, threads=threads, trust_remote_code=trust
+    )
+
+
+def _fmt(value: Optional[float], digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _count(value: Optional[int]) -> str:
+    return "—" if value is None else str(value)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+@app.command()
+def ppl(
+    model: ModelArg,
+    data: Annotated[List[Path], typer.Option("--data", "-d", help="Text file to score (plain text, or JSONL with a 'text' field); repeat for more.")],
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=2, help="Window size in tokens.")] = 512,
+    stride: Annotated[
+        Optional[int], typer.Option("--stride", min=1, help="Slide windows by this many tokens, scoring only new tokens [default: no overlap].")
+    ] = None,
+    llamacpp_compatible: Annotated[
+        bool, typer.Option("--llamacpp-compatible", help="Score as llama.cpp's perplexity tool: whole chunks, BOS first, second half only.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Windows per forward pass (transformers).")] = 1,
+    lora: LoraOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = DType.auto,
+    threads: ThreadsOpt = None,
+    trust_remote_code: TrustOpt = False,
+    output_file: OutputFileOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Perplexity, mean NLL, bits per byte and speed of text files.
+
+    Example: cnllm eval ppl chinese-llama/ --data zh_heldout.txt --ctx 512
+    Example: cnllm eval ppl model-q4_k_m.gguf -d wiki.test.raw --ctx 512 --llamacpp-compatible
+    """
+    from cnllm.core.atomic import check_output, write_text
+    from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity
+
+    options = PplOptions(ctx=ctx, stride=stride, llamacpp_compatible=llamacpp_compatible, batch_size=batch_size)
+    options.validate()
+    if output_file is not None:
+        check_output(output_file, force)
+    result = evaluate_perplexity(
+        _spec(model, lora, device, dtype, threads, trust_remote_code), data, options, progress=output.CliProgress()
+    )
+    document = result.to_dict()
+    if output_file is not None:
+        import json
+
+        write_text(output_file, json.dumps(document, ensure_ascii=False, indent=2) + "\n", force=force)
+    if json_:
+        output.print_json(document)
+        return
+    scores = result.files + ([result.total] if len(result.files) > 1 else [])
+    rows = [
+        (
+            Path(s.path).name if s.path != "total" else "[bold]total[/]",
+            s.tokens,
+            s.tokens_scored,
+            f"{s.ppl:.4f}",
+            f"{s.mean_nll:.4f}",
+            _fmt(s.bits_per_byte),
+            _fmt(s.tokens_per_second, 1),
+        )
+        for s in scores
+    ]
+    mode = "llama.cpp-compatible" if llamacpp_compatible else (f"stride {stride}" if stride else "non-overlapping")
+    output.print_table(
+        f"perplexity of {model.name} ({result.model['backend']}, ctx {ctx}, {mode})",
+        ["file", "tokens", "scored", "ppl", "mean NLL", "bits/byte", "tokens/s"],
+        rows,
+    )
+    if output_file is not None:
+        output.print_note(f"wrote {output_file}")
+
+
+@app.command()
+def mc(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (dev/, val/, test/ as published).")],
+    format_: Annotated[Format, typer.Option("--format", help="Dataset layout.")] = Format.ceval,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate [default: val; test for cmmlu].")] = None,
+    shots: Annotated[int, typer.Option("--shots", "-k", min=0, help="Solved dev examples in each prompt (0 or 5 usually).")] = 5,
+    subjects: Annotated[Optional[str], typer.Option("--subjects", help="Comma-separated subject keys [default: all in the split].")] = None,
+    template: Annotated[
+        str, typer.Option("--template", help="Wrap prompts in a chat template: none, alpaca, llama2, llama3, chatml or auto (the model's own).")
+    ] = "none",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Questions per forward pass (transformers).")] = 8,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=8, help="Longest prompt allowed in tokens (llama.cpp context size).")] = 4096,
+    lora: LoraOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = DType.auto,
+    threads: ThreadsOpt = None,
+    trust_remote_code: TrustOpt = False,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", file_okay=False, help="Write results.json, predictions.jsonl (and submission.json for test) here."),
+    ] = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Multiple-choice accuracy (C-Eval, CMMLU, MMLU) from the option letters' next-token probabilities.
+
+    Example: cnllm eval mc chinese-alpaca/ --data ceval-exam/ --split val --shots 5 -o ceval-val/
+    Example: cnllm eval mc model.gguf --data ceval-exam/ --split test --shots 0 --template alpaca -o ceval-test/
+    """
+    from cnllm.core.atomic import check_output
+    from cnllm.core.evaluation.mc import McOptions, evaluate_multiple_choice, write_outputs
+    from cnllm.core.templates import TEMPLATE_NAMES
+
+    if template != "none" and template not in TEMPLATE_NAMES:
+        raise UsageError(f"unknown --template {template!r}; choose none or one of {', '.join(TEMPLATE_NAMES)}")
+    chosen = tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else ()
+    if subjects is not None and not chosen:
+        raise UsageError("--subjects is empty; give comma-separated subject keys")
+    options = McOptions(
+        format=format_.value,
+        split=split or ("test" if format_ is Format.cmmlu else "val"),
+        shots=shots,
+        subjects=chosen,
+        template=None if template == "none" else template,
+        batch_size=batch_size,
+        ctx=ctx,
+    )
+    options.validate()
+    if out_dir is not None:
+        check_output(out_dir, force)
+    result = evaluate_multiple_choice(
+        _spec(model, lora, device, dtype, threads, trust_remote_code), data, options, progress=output.CliProgress()
+    )
+    written = write_outputs(result, out_dir, force=force) if out_dir is not None else []
+    if json_:
+        document = result.to_dict()
+        document["output"] = {"dir": str(out_dir), "files": written} if out_dir is not None else None
+        output.print_json(document)
+        return
+    rows = [
+        (s.name, s.display_name if s.display_name != s.name else "", s.category or "", s.questions, _count(s.correct), _pct(s.accuracy))
+        for s in result.subjects
+    ]
+    title = f"{options.format} {options.split}, {options.shots}-shot, template {options.template or 'none'}: {model.name}"
+    output.print_table(title, ["subject", "name", "category", "questions", "correct", "accuracy %"], rows)
+    if result.categories:
+        output.print_table(
+            "by category",
+            ["category", "subjects", "questions", "correct", "accuracy %"],
+            [(c.name, c.subjects, c.questions, _count(c.correct), _pct(c.accuracy)) for c in result.categories],
+        )
+    if result.labelled:
+        output.stdout().print(
+            f"average {_pct(result.average)}% over {len(result.subjects)} subjects · overall {_pct(result.overall)}% of "
+            f"{len(result.predictions)} questions · {_fmt(result.questions_per_second, 2)} questions/s",
+            markup=False,
+            highlight=False,
+        )
+    else:
+        output.stdout().print(
+            f"{len(result.predictions)} questions predicted (no answers in this split) · {_fmt(result.questions_per_second, 2)} questions/s",
+            markup=False,
+            highlight=False,
+        )
+    if out_dir is not None:
+        output.print_note(f"wrote {', '.join(written)} to {out_dir}")

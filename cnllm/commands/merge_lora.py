@@ -1,0 +1,120 @@
+"""``cnllm merge-lora``: merge LoRA adapters into a base model, streaming tensor by tensor."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from cnllm.cli import output
+from cnllm.cli.options import ForceOpt, JsonOpt, OutputDirArg
+from cnllm.core.errors import CheckFailed
+
+
+class MergeDType(str, Enum):
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class MergeFormat(str, Enum):
+    hf = "hf"
+    pth = "pth"
+
+
+def merge_lora(
+    base: Annotated[Path, typer.Option("--base", "-b", help="Base model directory (Hugging Face safetensors or .bin shards).")],
+    lora: Annotated[
+        List[Path], typer.Option("--lora", "-l", help="PEFT LoRA adapter directory; repeat to apply several in the order given.")
+    ],
+    output_dir: OutputDirArg,
+    dtype: Annotated[Optional[MergeDType], typer.Option("--dtype", help="Output dtype (default: the base's).")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB.")] = "2GB",
+    output_format: Annotated[
+        MergeFormat, typer.Option("--format", help="hf: Hugging Face directory; pth: Meta consolidated.NN.pth + params.json.")
+    ] = MergeFormat.hf,
+    shards: Annotated[int, typer.Option("--shards", min=1, help="Number of consolidated.NN.pth files (--format pth).")] = 1,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Compare logits of PEFT's base+adapters (unmerged) with the merged output; exit 1 above tolerance.")
+    ] = False,
+    tolerance: Annotated[
+        Optional[float], typer.Option("--tolerance", min=0, help="Max logit difference for --verify (default: 1e-3 fp32, 5e-2 fp16, 0.2 bf16).")
+    ] = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Merge LoRA adapters into a base model: W += scale·B·A in fp32, one tensor at a time.
+
+    Adapters carrying full embed_tokens/lm_head (extended vocabularies) replace the base's; the tokenizer comes from the last adapter directory that has one. Writes cnllm-merge.json and SHA256SUMS beside the weights.
+
+    Example: cnllm merge-lora --base llama-7b --lora chinese-llama-plus-lora --lora chinese-alpaca-plus-lora -o alpaca-plus-7b --dtype fp16
+    """
+    from cnllm.core.merge import DTYPES, merge_lora as run_merge
+
+    result = run_merge(
+        base,
+        lora,
+        output_dir,
+        dtype=DTYPES[dtype.value] if dtype else None,
+        max_shard_size=max_shard_size,
+        output_format=output_format.value,
+        shards=shards,
+        verify=verify,
+        tolerance=tolerance,
+        force=force,
+        progress=output.CliProgress(),
+    )
+    for note in result.notes:
+        output.print_note(note)
+    if json_:
+        output.print_json(
+            {
+                "output": str(result.output),
+                "format": result.format,
+                "dtype": result.dtype,
+                "adapters": [str(a) for a in result.adapters],
+                "tensors": result.tensors,
+                "updated": result.updated,
+                "replaced": result.replaced,
+                "vocab": {
+                    "tokenizer": result.vocab.tokenizer,
+                    "config": result.vocab.config,
+                    "embedding": result.vocab.embedding,
+                    "lm_head": result.vocab.lm_head,
+                },
+                "tokenizer_from": str(result.tokenizer_from) if result.tokenizer_from else None,
+                "files": result.files,
+                "total_bytes": result.total_bytes,
+                "seconds": round(result.seconds, 3),
+                "verify": None
+                if result.verify is None
+                else {"max_abs_diff": result.verify.max_abs_diff, "tolerance": result.verify.tolerance, "passed": result.verify.passed},
+            }
+        )
+    else:
+        console = output.stdout()
+        console.print(
+            f"merged {len(result.adapters)} adapter(s) into {result.output} ({result.format}, {result.dtype}, "
+            f"{len(result.files)} files, {output.human_bytes(result.total_bytes)}) in {result.seconds:.1f}s",
+            markup=False,
+            highlight=False,
+        )
+        console.print(
+            f"{result.updated} tensors updated, {result.replaced} replaced; vocabulary {result.vocab.embedding} rows"
+            + (f", tokenizer {result.vocab.tokenizer} from {result.tokenizer_from}" if result.tokenizer_from else ""),
+            markup=False,
+            highlight=False,
+        )
+        if result.verify is not None:
+            status = "OK" if result.verify.passed else "FAILED"
+            console.print(
+                f"verify {status}: max logit difference {result.verify.max_abs_diff:.3g} (tolerance {result.verify.tolerance:g}, "
+                f"{result.verify.tokens} tokens)",
+                markup=False,
+                highlight=False,
+            )
+    problems = result.problems()
+    if problems:
+        raise CheckFailed("; ".join(problems))

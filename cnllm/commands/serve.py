@@ -1,0 +1,90 @@
+"""``cnllm serve``: an OpenAI-compatible HTTP API for a model (chat, completions with logprobs, embeddings)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from cnllm.cli import output
+from cnllm.cli.options import (
+    GpuLayersOpt,
+    LoadIn4bitOpt,
+    LoadIn8bitOpt,
+    LoraOpt,
+    ModelArg,
+    NCtxOpt,
+    TemplateOpt,
+    ThreadsOpt,
+    TrustRemoteCodeOpt,
+    VerboseOpt,
+)
+from cnllm.core.generation.base import LoadOptions
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes the model to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free port, printed on start).")] = 8000,
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", envvar="CNLLM_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ routes.")
+    ] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send [default: the file or folder name].")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Requests generated at once (llama.cpp: one context each; transformers: queued on one model).")] = 1,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait for a free slot; more get 503.")] = 16,
+    template: TemplateOpt = "auto",
+    n_ctx: NCtxOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = 0,
+    lora: LoraOpt = None,
+    load_in_4bit: LoadIn4bitOpt = False,
+    load_in_8bit: LoadIn8bitOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not),
+    /v1/completions (echo, logprobs), /v1/embeddings, /health.
+
+    Example: cnllm serve chinese-alpaca-q4.gguf --template alpaca --port 8000 --parallel 2
+    """
+    from cnllm.core.generation.base import load_generator
+    from cnllm.core.server.app import ServerConfig, bind_socket, create_app, make_server
+
+    sock = bind_socket(host, port)
+    generators = []
+    try:
+        options = LoadOptions(
+            n_ctx=n_ctx,
+            threads=threads,
+            gpu_layers=gpu_layers,
+            lora=lora,
+            load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit,
+            trust_remote_code=trust_remote_code,
+            verbose=verbose,
+        )
+        generators.append(load_generator(model, options))
+        while len(generators) < parallel:
+            generators.append(generators[0].for_slot())
+        name = model_name or (model.stem if model.is_file() else model.resolve().name)
+        app = create_app(generators, ServerConfig(model_name=name, api_key=api_key, template=template, max_waiting=queue_size))
+        if app.state.prompt_format.is_plain:
+            output.print_note(f"note: {model} has no chat template; chat requests are rendered as plain text (choose one with --template)")
+        if host not in LOOPBACK and not api_key:
+            output.print_warning(f"listening on {host} without --api-key: anyone who can reach this machine can use the model")
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        output.print_note(
+            f"serving {model} as '{name}' ({generators[0].backend}, {parallel} slot{'s' if parallel > 1 else ''}) "
+            f"on http://{shown}:{bound_port}/v1 — Ctrl-C stops"
+        )
+        try:
+            make_server(app, verbose=verbose).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; stopping is the normal way out
+            output.print_note("stopped")
+    finally:
+        sock.close()
+        for generator in {id(g): g for g in generators}.values():
+            generator.close()

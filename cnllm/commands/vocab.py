@@ -1,0 +1,218 @@
+"""``cnllm vocab``: train a Chinese vocabulary, merge it into a LLaMA tokenizer, inspect tokenizers."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from cnllm.cli import output
+from cnllm.cli.options import ForceOpt, JsonOpt, OutputDirArg
+
+app = typer.Typer(help="Train a Chinese vocabulary, merge it into a LLaMA tokenizer, and inspect tokenizers.", no_args_is_help=True)
+
+
+class ModelType(str, Enum):
+    bpe = "bpe"
+    unigram = "unigram"
+
+
+class Scores(str, Enum):
+    ranked = "ranked"
+    zero = "zero"
+
+
+@app.command()
+def train(
+    corpus: Annotated[List[Path], typer.Argument(help="Text files (one document per line), JSONL with a 'text' field, or directories.")],
+    output_file: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="The SentencePiece model to write (atomically).")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size", min=8, help="Pieces in the model.")] = 20000,
+    model_type: Annotated[ModelType, typer.Option("--model-type", help="SentencePiece algorithm.")] = ModelType.bpe,
+    character_coverage: Annotated[
+        float, typer.Option("--character-coverage", min=0.0, max=1.0, help="Share of characters covered by single-character pieces.")
+    ] = 0.9995,
+    input_sentence_size: Annotated[
+        int, typer.Option("--input-sentence-size", min=0, help="Sample this many lines of a big corpus (0: use all).")
+    ] = 0,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Training threads [default: number of CPUs].")] = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Train a SentencePiece vocabulary with LLaMA's settings (byte fallback, split digits, identity normalizer).
+
+    Lines that are not valid UTF-8 are skipped and counted.
+
+    Example: cnllm vocab train corpus/ --vocab-size 20000 -o zh.model
+    """
+    from cnllm.core.tokenizers.train import train_vocab
+
+    result = train_vocab(
+        corpus,
+        output_file,
+        vocab_size=vocab_size,
+        model_type=model_type.value,
+        character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size,
+        threads=threads,
+        force=force,
+        progress=output.CliProgress(),
+    )
+    stats = result.corpus
+    if stats.invalid_utf8_lines:
+        output.print_warning(f"skipped {stats.invalid_utf8_lines} lines that are not valid UTF-8")
+    if stats.invalid_json_lines:
+        output.print_warning(f"skipped {stats.invalid_json_lines} JSONL lines without a text field")
+    if json_:
+        output.print_json(
+            {
+                "output": str(result.output),
+                "pieces": result.pieces,
+                "model_type": result.model_type,
+                "seconds": round(result.seconds, 3),
+                "corpus": {k: v for k, v in vars(stats).items() if k != "skipped_files"},
+            }
+        )
+    else:
+        output.stdout().print(
+            f"wrote {result.output}: {result.pieces} pieces ({result.model_type}) in {result.seconds:.1f}s from "
+            f"{stats.lines} lines, {stats.characters} characters ({output.human_bytes(stats.bytes)}) in {stats.files} files",
+            markup=False,
+            highlight=False,
+        )
+
+
+@app.command()
+def merge(
+    base: Annotated[Path, typer.Option("--base", help="LLaMA tokenizer: tokenizer.model, tokenizer.json (Llama-3) or a directory holding one.")],
+    add: Annotated[List[Path], typer.Option("--add", help="SentencePiece model or word list (one token per line); repeatable.")],
+    output_dir: OutputDirArg,
+    scores: Annotated[
+        Scores, typer.Option("--scores", help="New pieces' scores: 'ranked' (above the base, exact tokenizer.json) or 'zero' (the published method).")
+    ] = Scores.ranked,
+    pad_to_multiple_of: Annotated[
+        Optional[int], typer.Option("--pad-to-multiple-of", min=1, help="Pad with unused pieces to a multiple of N (e.g. 64).")
+    ] = None,
+    add_pad_token: Annotated[bool, typer.Option("--add-pad-token", help="Add a <pad> special token right after the base vocabulary.")] = False,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Append the pieces of ADD that BASE lacks; base ids stay; write a Hugging Face tokenizer directory.
+
+    Example: cnllm vocab merge --base llama-2/tokenizer.model --add zh.model -o merged-tokenizer/
+    """
+    from cnllm.core.tokenizers.merge import merge_vocab
+
+    result = merge_vocab(
+        base,
+        add,
+        output_dir,
+        scores=scores.value,
+        add_pad_token=add_pad_token,
+        pad_to_multiple_of=pad_to_multiple_of,
+        force=force,
+        progress=output.CliProgress(),
+    )
+    for warning in result.warnings:
+        output.print_warning(warning)
+    if json_:
+        output.print_json(
+            {
+                "output": str(result.output),
+                "family": result.family,
+                "base_size": result.base_size,
+                "final_size": result.final_size,
+                "added": result.added,
+                "already_present": result.already_present,
+                "skipped": result.skipped,
+                "unreachable": result.unreachable,
+                "unproducible": result.unproducible,
+                "padding": result.padding,
+                "pad_token_id": result.pad_token_id,
+                "scores": result.scores,
+                "sources": [vars(s) for s in result.sources],
+                "seconds": round(result.seconds, 3),
+            }
+        )
+        return
+    output.print_table(
+        None,
+        ["add", "kind", "candidates", "added"],
+        [(s.path, s.kind, s.candidates, s.added) for s in result.sources],
+    )
+    details = [f"{result.already_present} already present"]
+    if result.skipped:
+        why = "byte/control pieces" if result.family == "spm" else "byte/control pieces or spanning several pre-tokens"
+        details.append(f"{result.skipped} skipped ({why})")
+    if result.unreachable:
+        details.append(f"{result.unreachable} not added: unreachable without changing base merges")
+    if result.unproducible:
+        details.append(f"{result.unproducible} new pieces no text can produce (no split into two pieces)")
+    if result.padding:
+        details.append(f"{result.padding} unused padding pieces")
+    if result.pad_token_id is not None:
+        details.append(f"<pad> = {result.pad_token_id}")
+    output.stdout().print(
+        f"wrote {result.output}: {result.base_size} → {result.final_size} tokens, {result.added} added "
+        f"({', '.join(details)}) in {result.seconds:.2f}s",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _rate(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+@app.command()
+def inspect(
+    tokenizer: Annotated[Path, typer.Argument(help="Tokenizer directory, tokenizer.model or tokenizer.json.")],
+    text: Annotated[Optional[Path], typer.Option("--text", help="Text (or JSONL) to measure the tokenizer on.")] = None,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="Another tokenizer to measure side by side.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Vocabulary size, type and special tokens; with --text: tokens, characters per token, byte-fallback and unknown rates, round trip.
+
+    Example: cnllm vocab inspect merged-tokenizer/ --text held-out.txt --compare llama-2/
+    """
+    from cnllm.core.tokenizers.inspect import inspect_tokenizer, token_ratio
+
+    results = [inspect_tokenizer(tokenizer, text)]
+    if compare is not None:
+        results.append(inspect_tokenizer(compare, text))
+    ratio = token_ratio(results[0], results[1]) if len(results) == 2 else None
+    if json_:
+        document = {"tokenizers": [r.as_dict() for r in results]}
+        if compare is not None:
+            document["token_ratio"] = round(ratio, 4) if ratio is not None else None
+        output.print_json(document)
+        return
+    rows = [
+        ("type", *(r.kind for r in results)),
+        ("vocabulary size", *(r.vocab_size for r in results)),
+        ("special tokens", *(_specials(r.special_tokens) for r in results)),
+    ]
+    if text is not None:
+        rows += [
+            ("lines", *(r.text.lines for r in results)),
+            ("characters", *(r.text.characters for r in results)),
+            ("tokens", *(r.text.tokens for r in results)),
+            ("characters / token", *(f"{r.text.chars_per_token:.3f}" for r in results)),
+            ("Chinese characters / token", *(f"{r.text.cjk_per_token:.3f}" for r in results)),
+            ("byte tokens", *(_rate(r.text.byte_rate) for r in results)),
+            ("unknown tokens", *(_rate(r.text.unknown_rate) for r in results)),
+            ("round trip", *("ok" if r.text.roundtrip_failures == 0 else f"{r.text.roundtrip_failures} lines differ" for r in results)),
+        ]
+    output.print_table(None, ["", *(str(r.path) for r in results)], rows)
+    if ratio is not None:
+        output.stdout().print(
+            f"{results[0].path} needs {ratio:.3f}× the tokens of {results[1].path} on {text}", markup=False, highlight=False
+        )
+
+
+def _specials(specials: dict[str, int], shown: int = 6) -> str:
+    items = [f"{name}={index}" for name, index in list(specials.items())[:shown]]
+    if len(specials) > shown:
+        items.append(f"… ({len(specials)} in all)")
+    return " ".join(items)

@@ -1,0 +1,324 @@
+"""Full-weight diffs: recover ``tuned = raw + diff`` and make ``diff = tuned − raw``, tensor by tensor.
+
+Projects that may not redistribute LLaMA publish the difference to it instead. Both directions
+stream: the diff (or tuned) checkpoint is read one tensor at a time, the matching raw tensor
+is fetched by name, and the result goes straight to its planned place in an output shard,
+so memory holds a few tensors, never a model. Extra vocabulary rows (an embedding larger than
+the raw one) are carried by the diff as-is. ``make_diff`` proves, tensor by tensor, that
+recovering from the diff it writes reproduces the tuned weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnllm.core.atomic import atomic_dir, check_output
+from cnllm.core.errors import CheckFailed, UsageError
+from cnllm.core.hashing import VerifyResult, create_manifest, verify_manifest
+from cnllm.core.merge import DTYPES, VOCAB_TENSORS, _info_dtype, _shape, copy_tokenizer, write_config
+from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, check_vocab_agreement, has_tokenizer, load_config, tokenizer_length
+from cnllm.core.progress import NULL_PROGRESS, Progress
+from cnllm.core.provenance import write_record
+from cnllm.core.tensors import StreamingShardWriter, TensorInfo, TensorReader, parse_size, stream_tensors, tensor_infos
+
+BITS = {"float64": "int64", "float32": "int32", "float16": "int16", "bfloat16": "int16"}
+
+
+@dataclass
+class TensorDifference:
+    name: str
+    max_abs_diff: float | None
+    reason: str | None = None
+
+
+@dataclass
+class ReferenceReport:
+    reference: Path
+    tolerance: float
+    tensors: list[TensorDifference]
+
+    @property
+    def failures(self) -> list[TensorDifference]:
+        return [t for t in self.tensors if t.max_abs_diff is None or t.max_abs_diff > self.tolerance]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((t.max_abs_diff for t in self.tensors if t.max_abs_diff is not None), default=0.0)
+
+
+@dataclass
+class DiffResult:
+    mode: str
+    output: Path
+    tensors: int
+    extended: list[str]
+    dtype: str
+    files: list[str]
+    total_bytes: int
+    read_bytes: int
+    seconds: float
+    manifest_check: VerifyResult | None = None
+    reference_check: ReferenceReport | None = None
+
+    def problems(self) -> list[str]:
+        """Failed checks (the output is complete and in place; the caller decides the exit code)."""
+        problems = []
+        if self.manifest_check is not None and not self.manifest_check.passed:
+            bad = [c.path for c in self.manifest_check.checks if c.status != "OK"]
+            problems.append(f"{len(bad)} file(s) do not match {self.manifest_check.manifest} (first: {bad[0]})")
+        check = self.reference_check
+        if check is not None and not check.passed:
+            worst = check.failures[0]
+            detail = worst.reason or f"max difference {worst.max_abs_diff:.3g}"
+            problems.append(f"{len(check.failures)} tensor(s) differ from {check.reference} beyond {check.tolerance:g} (first: {worst.name}: {detail})")
+        return [f"{p} (output kept at {self.output})" for p in problems]
+
+    @property
+    def throughput(self) -> float:
+        """Bytes read plus written per second."""
+        return (self.read_bytes + self.total_bytes) / self.seconds if self.seconds else 0.0
+
+
+def _layer_count(names) -> int:
+    return len({m.group(1) for n in names if (m := re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", n))})
+
+
+def plan_shapes(raw: dict[str, TensorInfo], other: dict[str, TensorInfo], *, raw_dir: Path, other_dir: Path, other_label: str) -> tuple[dict, list[str]]:
+    """Output shapes (those of ``other``) and the tensors that extend the raw vocabulary; errors name the tensor and both shapes."""
+    only_raw = [n for n in raw if n not in other]
+    only_other = [n for n in other if n not in raw]
+    if only_raw or only_other:
+        example = f"{only_raw[0]} is missing from the {other_label}" if only_raw else f"{only_other[0]} is missing from the base"
+        raise UsageError(
+            f"the {other_label} {other_dir} and the base {raw_dir} do not hold the same tensors: {example} "
+            f"({len(only_raw) + len(only_other)} tensors differ; base: {len(raw)} tensors, {_layer_count(raw)} layers; "
+            f"{other_label}: {len(other)} tensors, {_layer_count(other)} layers)"
+        )
+    extended = []
+    for name, info in other.items():
+        mine, theirs = tuple(raw[name].shape), tuple(info.shape)
+        if mine == theirs:
+            continue
+        if name in VOCAB_TENSORS and len(theirs) == 2 and theirs[1:] == mine[1:] and theirs[0] > mine[0]:
+            extended.append(name)
+            continue
+        raise UsageError(f"shape mismatch for {name}: {_shape(mine)} in the base {raw_dir}, {_shape(theirs)} in the {other_label} {other_dir}")
+    return {name: tuple(info.shape) for name, info in other.items()}, extended
+
+
+def _layout(infos: dict[str, TensorInfo], shapes: dict, dtype: str | None) -> list[tuple]:
+    import torch
+
+    layout = []
+    for name, info in infos.items():
+        own = getattr(torch, _info_dtype(info), None)
+        if not isinstance(own, torch.dtype):
+            raise UsageError(f"{info.file}: tensor {name} has an unsupported dtype {info.dtype}")
+        layout.append((name, shapes[name], getattr(torch, dtype) if dtype and own.is_floating_point else own))
+    return layout
+
+
+def _bits(tensor):
+    """The tensor's raw bits as integers, so equality means bit-identical (-0.0 and NaN included)."""
+    import torch
+
+    name = str(tensor.dtype).removeprefix("torch.")
+    return tensor.view(getattr(torch, BITS[name])) if name in BITS else tensor
+
+
+def _sizes_for(config: dict, shapes: dict, tokenizer_dir: Path | None) -> VocabSizes:
+    return VocabSizes(
+        tokenizer_length(tokenizer_dir) if tokenizer_dir is not None else None,
+        config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"),
+        next((shapes[n][0] for n in EMBEDDING_NAMES if n in shapes), None),
+        next((shapes[n][0] for n in LM_HEAD_NAMES if n in shapes), None),
+    )
+
+
+def _finish_output(
+    tmp: Path, source: Path, config: dict, *, vocab_size: int | None, dtype: str | None, layout: list, kind: str, inputs: list, options: dict, results: dict
+) -> tuple[list[str], int]:
+    """Config, generation config and tokenizer from ``source``, the provenance record and SHA256SUMS."""
+    out_dtypes = sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point})
+    write_config(config, tmp, vocab_size=vocab_size, dtype=out_dtypes[0] if dtype and len(out_dtypes) == 1 else None)
+    if (source / "generation_config.json").exists():
+        shutil.copy2(source / "generation_config.json", tmp / "generation_config.json")
+    if has_tokenizer(source):
+        copy_tokenizer(source, tmp)
+    write_record(tmp, kind, inputs=inputs, options=options, results=results)
+    manifest = create_manifest([tmp], manifest=tmp / "SHA256SUMS")
+    return [f.path for f in manifest.files] + ["SHA256SUMS"], manifest.total_bytes
+
+
+def _check_options(output: Path, dtype: str | None, max_shard_size: str | int, force: bool) -> None:
+    if dtype is not None and dtype not in DTYPES.values() and dtype != "float64":
+        raise UsageError(f"unknown dtype {dtype!r}; choose fp16, bf16, fp32 or fp64")
+    parse_size(max_shard_size)
+    check_output(output, force)
+
+
+def recover(
+    base: Path | str,
+    diff: Path | str,
+    output: Path | str,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | int = "2GB",
+    manifest: Path | str | None = None,
+    reference: Path | str | None = None,
+    tolerance: float = 1e-3,
+    force: bool = False,
+    progress: Progress = NULL_PROGRESS,
+) -> DiffResult:
+    """``tuned = raw + diff`` for every tensor, in the diff's precision unless ``dtype``; config and tokenizer from the diff.
+
+    With ``manifest`` the written files are checked against a published checksum list; with
+    ``reference`` every tensor is compared with a reference model (max absolute difference).
+    Both checks run on the complete output; failures are reported in :meth:`DiffResult.problems`
+    and the output is kept (published hashes depend on library versions).
+    """
+    started = time.perf_counter()
+    base, diff, output = Path(base), Path(diff), Path(output)
+    _check_options(output, dtype, max_shard_size, force)
+    if reference is not None and not Path(reference).is_dir():
+        raise UsageError(f"--reference {reference} is not a model directory")
+    config = load_config(diff)
+    raw_infos, diff_infos = tensor_infos(base), tensor_infos(diff)
+    shapes, extended = plan_shapes(raw_infos, diff_infos, raw_dir=base, other_dir=diff, other_label="diff")
+    check_vocab_agreement(_sizes_for(config, shapes, diff if has_tokenizer(diff) else None), where=f"diff {diff}")
+    layout = _layout(diff_infos, shapes, dtype)
+    out_dtype = {name: d for name, _, d in layout}
+    read_bytes = sum(f.stat().st_size for f in {i.file for i in raw_infos.values()} | {i.file for i in diff_infos.values()})
+    progress.start(sum(f.stat().st_size for f in {i.file for i in diff_infos.values()}), "recovering", unit="B")
+    manifest_check = reference_check = None
+    with atomic_dir(output, force=force) as tmp:
+        writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
+        with TensorReader(base) as raw:
+            for name, delta in stream_tensors(diff):
+                progress.advance(delta.numel() * delta.element_size())
+                original = raw.get(name)
+                rows = original.shape[0] if name in extended else None
+                target = delta[:rows] if rows is not None else delta
+                target.add_(original.to(delta.dtype))
+                writer.add(name, delta.to(out_dtype[name]))
+                del original, target, delta
+        writer.close()
+        progress.finish()
+        if reference is not None:
+            reference_check = compare_with_reference(tmp, Path(reference), tolerance=tolerance, progress=progress)
+        if manifest is not None:
+            manifest_check = verify_manifest(manifest, root=tmp, progress=progress)
+        results = {"tensors": len(layout), "extended_rows": extended}
+        if manifest_check is not None:
+            results["manifest"] = {"path": str(manifest), "passed": manifest_check.passed, "files": {c.path: c.status for c in manifest_check.checks}}
+        if reference_check is not None:
+            results["reference"] = {"path": str(reference), "max_abs_diff": reference_check.max_abs_diff, "passed": reference_check.passed}
+        files, total = _finish_output(
+            tmp,
+            diff,
+            config,
+            vocab_size=None,
+            dtype=dtype,
+            layout=layout,
+            kind="diff-recover",
+            inputs=[base, diff],
+            options={"dtype": dtype, "max_shard_size": max_shard_size, "manifest": manifest, "reference": reference, "tolerance": tolerance},
+            results=results,
+        )
+    dtypes = ",".join(sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point}))
+    return DiffResult("recover", output, len(layout), extended, dtypes, files, total, read_bytes, time.perf_counter() - started, manifest_check, reference_check)
+
+
+def compare_with_reference(model: Path, reference: Path, *, tolerance: float, progress: Progress = NULL_PROGRESS) -> ReferenceReport:
+    """Per-tensor max absolute difference (in fp32) between ``model`` and ``reference``, one tensor at a time."""
+    import torch
+
+    checks = []
+    progress.start(None, "comparing with the reference", unit="tensor")
+    with TensorReader(reference) as expected:
+        seen = set()
+        for name, tensor in stream_tensors(model):
+            seen.add(name)
+            if name not in expected:
+                checks.append(TensorDifference(name, None, "not in the reference"))
+                continue
+            other = expected.get(name)
+            if tuple(other.shape) != tuple(tensor.shape):
+                checks.append(TensorDifference(name, None, f"shape {_shape(tensor.shape)}, the reference {_shape(other.shape)}"))
+                continue
+            difference = (tensor.to(torch.float32) - other.to(torch.float32)).abs().max().item() if tensor.numel() else 0.0
+            checks.append(TensorDifference(name, float(difference)))
+            progress.advance(1)
+        checks += [TensorDifference(n, None, "missing from the output") for n in expected.infos if n not in seen]
+    progress.finish()
+    return ReferenceReport(reference, tolerance, checks)
+
+
+def make_diff(
+    base: Path | str,
+    tuned: Path | str,
+    output: Path | str,
+    *,
+    dtype: str | None = "float32",
+    max_shard_size: str | int = "2GB",
+    force: bool = False,
+    progress: Progress = NULL_PROGRESS,
+) -> DiffResult:
+    """``diff = tuned − raw`` (rows beyond the raw vocabulary as-is), checked per tensor to recover ``tuned`` bit for bit.
+
+    The check repeats exactly what :func:`recover` computes; a tensor whose difference cannot
+    carry the tuned values exactly in ``dtype`` is refused (use a wider ``dtype``).
+    """
+    started = time.perf_counter()
+    base, tuned, output = Path(base), Path(tuned), Path(output)
+    _check_options(output, dtype, max_shard_size, force)
+    config = load_config(tuned)
+    raw_infos, tuned_infos = tensor_infos(base), tensor_infos(tuned)
+    shapes, extended = plan_shapes(raw_infos, tuned_infos, raw_dir=base, other_dir=tuned, other_label="tuned model")
+    layout = _layout(tuned_infos, shapes, dtype)
+    out_dtype = {name: d for name, _, d in layout}
+    read_bytes = sum(f.stat().st_size for f in {i.file for i in raw_infos.values()} | {i.file for i in tuned_infos.values()})
+    progress.start(sum(f.stat().st_size for f in {i.file for i in tuned_infos.values()}), "making the diff", unit="B")
+    with atomic_dir(output, force=force) as tmp:
+        writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
+        with TensorReader(base) as raw:
+            for name, value in stream_tensors(tuned):
+                progress.advance(value.numel() * value.element_size())
+                original = raw.get(name)
+                rows = original.shape[0]
+                delta = value.to(out_dtype[name], copy=True)
+                delta[:rows].sub_(original.to(delta.dtype))
+                recovered = delta.clone()
+                recovered[:rows].add_(original.to(delta.dtype))
+                differing = int((_bits(recovered.to(value.dtype)) != _bits(value)).sum())
+                if differing:
+                    raise CheckFailed(
+                        f"{name}: {differing} values cannot be recovered bit for bit from a {out_dtype[name]} difference "
+                        "(pass a wider --dtype, e.g. fp32 or fp64)"
+                    )
+                writer.add(name, delta)
+                del original, delta, recovered, value
+        writer.close()
+        progress.finish()
+        files, total = _finish_output(
+            tmp,
+            tuned,
+            config,
+            vocab_size=None,
+            dtype=None,
+            layout=layout,
+            kind="make-diff",
+            inputs=[base, tuned],
+            options={"dtype": dtype, "max_shard_size": max_shard_size},
+            results={"tensors": len(layout), "extended_rows": extended, "bit_identical_recovery": True},
+        )
+    dtypes = ",".join(sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point}))
+    return DiffResult("make", output, len(layout), extended, dtypes, files, total, read_bytes, time.perf_counter() - started)

@@ -1,0 +1,320 @@
+"""The two things evaluation asks of a model — log-probabilities of the tokens of fixed windows (perplexity) and
+next-token log-probabilities after many prompts (multiple choice) — on transformers and on llama.cpp.
+
+The chat/serve generators stream tokens one request at a time; scoring needs whole logit matrices, batches with
+left padding (transformers) and a reused llama.cpp context, so these thin scorers sit beside them and share only
+the loaders (:func:`cnllm.core.modelio.load_causal_lm`) and llama.cpp's log silencing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cnllm.core.errors import CnllmError, UsageError
+
+GGUF_MAGIC = b"GGUF"
+# How one letter can appear as a vocabulary piece: bare, SentencePiece word start, byte-level BPE space, plain space.
+LETTER_SPELLINGS = ("{}", "\u2581{}", "\u0120{}", " {}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: a Hugging Face directory (optionally with an unmerged LoRA adapter) or a GGUF file."""
+
+    path: Path
+    lora: Path | None = None
+    device: str | None = None
+    dtype: str | None = None  # None: bf16/fp16 on accelerators, fp32 on CPU
+    n_ctx: int = 2048  # llama.cpp context size
+    threads: int | None = None
+    trust_remote_code: bool = False
+
+
+def is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(4) == GGUF_MAGIC
+
+
+def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (llama.cpp hands back float32 logits)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    peak = logits.max(axis=-1, keepdims=True)
+    return logits - peak - np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))
+
+
+class ScoringModel(ABC):
+    backend: str
+    path: Path
+    bos_token: str
+    eos_token: str
+    bos_id: int | None  # the BOS id when the model's tokenizer adds one, else None
+
+    @abstractmethod
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids; BOS only when ``add_bos`` and the model adds one; ``special`` parses special-token text."""
+
+    @abstractmethod
+    def tokenize_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids of the whole text (with BOS) and, per token, how many UTF-8 bytes of the text it stands for."""
+
+    @abstractmethod
+    def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
+        """For each window (all the same length): log P(window[t] | window[:t]) for t = first … len-1 (first >= 1)."""
+
+    @abstractmethod
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Log-probabilities of the token following each prompt: an array [len(prompts), vocab]."""
+
+    @abstractmethod
+    def letter_piece_ids(self, letter: str) -> set[int]:
+        """Vocabulary ids whose piece spells ``letter`` alone (bare, after a word-start marker or a space)."""
+
+    @abstractmethod
+    def chat_template_source(self) -> str | None:
+        """The model's own Jinja chat template, if it has one."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """What was loaded, for results files."""
+
+    def render_own_template(self, text: str) -> str:
+        """``text`` as one user turn in the model's own chat template, ending with the assistant's prompt."""
+        from cnllm.core.generation.base import jinja_renderer
+
+        source = self.chat_template_source()
+        if not source:
+            raise UsageError(f"{self.path} has no chat template of its own; choose a built-in --template")
+        render = jinja_renderer(source, bos_token=self.bos_token, eos_token=self.eos_token)
+        return render([{"role": "user", "content": text}], True)
+
+    def close(self) -> None:
+        """Free the model now."""
+
+    def __enter__(self) -> "ScoringModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TransformersModel(ScoringModel):
+    backend = "transformers"
+
+    def __init__(self, spec: ModelSpec):
+        import torch
+
+        from cnllm.core.modelio import load_causal_lm, load_tokenizer
+
+        self.path, self.spec = spec.path, spec
+        dtype = getattr(torch, spec.dtype) if spec.dtype else None
+        try:
+            self.tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
+            self.model = load_causal_lm(spec.path, lora=spec.lora, device=spec.device, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+        except CnllmError:
+            raise
+        except Exception as exc:  # safetensors, torch and config errors all mean: this model cannot be used
+            raise UsageError(f"cannot load model {spec.path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        self.device = next(self.model.parameters()).device
+        self.bos_token = self.tokenizer.bos_token or ""
+        self.eos_token = self.tokenizer.eos_token or ""
+        probe = self.tokenizer("a")["input_ids"]
+        self.adds_bos = self.tokenizer.bos_token_id is not None and bool(probe) and probe[0] == self.tokenizer.bos_token_id
+        self.bos_id = self.tokenizer.bos_token_id if self.adds_bos else None
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._vocab: dict[str, int] | None = None
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
+        return [self.tokenizer.bos_token_id, *ids] if add_bos and self.adds_bos else list(ids)
+
+    def tokenize_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+        encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        ids, sizes, covered = list(encoded["input_ids"]), [], 0
+        for _, end in encoded["offset_mapping"]:
+            end = max(end, covered)
+            sizes.append(len(text[covered:end].encode("utf-8")))
+            covered = end
+        if sizes:  # text after the last token (trailing whitespace some tokenizers drop) belongs to it
+            sizes[-1] += len(text[covered:].encode("utf-8"))
+        if self.adds_bos:
+            ids, sizes = [self.tokenizer.bos_token_id, *ids], [0, *sizes]
+        return ids, sizes
+
+    def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([list(w) for w in windows], device=self.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits[:, first - 1 : -1].float()
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, first:, None])[..., 0]
+        return list(picked.double().cpu().numpy())
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """One forward pass for the batch: left padding, an attention mask, positions counted from each prompt's start."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1]
+            return torch.log_softmax(logits.float(), dim=-1).double().cpu().numpy()
+
+    def letter_piece_ids(self, letter: str) -> set[int]:
+        if self._vocab is None:
+            self._vocab = self.tokenizer.get_vocab()
+        return {self._vocab[s.format(letter)] for s in LETTER_SPELLINGS if s.format(letter) in self._vocab}
+
+    def chat_template_source(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) or None
+
+    def render_own_template(self, text: str) -> str:
+        if not self.chat_template_source():
+            raise UsageError(f"{self.path} has no chat template of its own; choose a built-in --template")
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "lora": str(self.spec.lora) if self.spec.lora else None,
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+        }
+
+    def close(self) -> None:
+        self.model = None
+
+
+class LlamaCppModel(ScoringModel):
+    """A GGUF through llama-cpp-python. ``logits_all`` keeps a logits row per context position (perplexity);
+    without it only the last row exists, which is all multiple choice needs (a 256k vocabulary × context is large)."""
+
+    backend = "llama.cpp"
+
+    def __init__(self, spec: ModelSpec, *, logits_all: bool):
+        import llama_cpp
+
+        from cnllm.core.generation.llamacpp import silence_llama_logs
+
+        self.path, self.spec, self.logits_all = spec.path, spec, logits_all
+        silence_llama_logs(False)
+        threads = {"n_threads": spec.threads, "n_threads_batch": spec.threads} if spec.threads else {}
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(spec.path),
+                n_ctx=spec.n_ctx,
+                n_batch=min(spec.n_ctx, 2048),
+                logits_all=logits_all,
+                verbose=False,
+                **threads,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise UsageError(f"llama.cpp cannot load {spec.path} ({exc}); is the file complete and its architecture supported?") from None
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = self.llm.n_vocab()
+        self.bos_token = self._piece(self.llm.token_bos(), special=True).decode("utf-8", errors="replace")
+        self.eos_token = self._piece(self.llm.token_eos(), special=True).decode("utf-8", errors="replace")
+        self.bos_id = self.llm.token_bos() if llama_cpp.llama_vocab_get_add_bos(self.vocab) and self.llm.token_bos() >= 0 else None
+        self._piece_sizes: dict[int, int] = {}
+        self._letters: dict[str, set[int]] | None = None
+        self._context: list[int] = []  # tokens whose KV entries the context currently holds (prefix reuse)
+
+    def _piece(self, token_id: int, *, special: bool = False) -> bytes:
+        import llama_cpp
+
+        if token_id < 0:
+            return b""
+        buffer = ctypes.create_string_buffer(256)
+        size = llama_cpp.llama_token_to_piece(self.vocab, token_id, buffer, len(buffer), 0, special)
+        return buffer.raw[: max(size, 0)]
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def tokenize_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+        ids = self.tokenize(text)
+        for token_id in set(ids) - self._piece_sizes.keys():
+            self._piece_sizes[token_id] = len(self._piece(token_id))
+        return ids, [self._piece_sizes[t] for t in ids]
+
+    def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
+        if not self.logits_all:
+            raise ValueError("target_logprobs needs a model loaded with logits_all")
+        results = []
+        for window in windows:
+            self.llm.reset()
+            self._context = []
+            self.llm.eval(list(window))
+            rows = log_softmax_rows(self.llm.scores[first - 1 : len(window) - 1])
+            results.append(rows[np.arange(len(rows)), np.asarray(window[first:])])
+        return results
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """One prompt at a time in one context, re-evaluating only what differs from the previous prompt
+        (few-shot prompts of a subject share their long prefix)."""
+        rows = []
+        for prompt in prompts:
+            prompt = list(prompt)
+            keep = 0
+            for old, new in zip(self._context, prompt[:-1]):
+                if old != new:
+                    break
+                keep += 1
+            self.llm.n_tokens = keep
+            self.llm.eval(prompt[keep:])
+            self._context = prompt
+            last = self.llm.scores[len(prompt) - 1] if self.logits_all else np.ctypeslib.as_array(
+                self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,)
+            )
+            rows.append(log_softmax_rows(last))
+        return np.stack(rows)
+
+    def letter_piece_ids(self, letter: str) -> set[int]:
+        if self._letters is None:
+            import llama_cpp
+
+            wanted = {s.format(x).encode("utf-8"): x for x in "ABCD" for s in LETTER_SPELLINGS}
+            self._letters = {x: set() for x in "ABCD"}
+            for token_id in range(self.n_vocab):
+                text = llama_cpp.llama_vocab_get_text(self.vocab, token_id)
+                if text in wanted:
+                    self._letters[wanted[text]].add(token_id)
+        return set(self._letters.get(letter, set()))
+
+    def chat_template_source(self) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template") or None
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "backend": self.backend, "n_ctx": self.llm.n_ctx(), "threads": self.llm.n_threads}
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+
+def load_model(spec: ModelSpec, *, logits_all: bool = False) -> ScoringModel:
+    """A scorer for ``spec.path``: GGUF files go to llama.cpp, Hugging Face directories to transformers."""
+    path = spec.path
+    if is_gguf(path):
+        if spec.lora is not None:
+            raise UsageError("--lora applies to Hugging Face model directories; merge the adapter (cnllm merge-lora) and convert it to GGUF")
+        return LlamaCppModel(spec, logits_all=logits_all)
+    if path.is_dir() and (path / "config.json").exists():
+        from cnllm.core.runtime import quiet_libraries
+
+        quiet_libraries()
+        return TransformersModel(spec)
+    if not path.exists():
+        raise UsageError(f"model {path} does not exist")
+    raise UsageError(f"{path} is neither a GGUF file nor a Hugging Face model directory (config.json)")

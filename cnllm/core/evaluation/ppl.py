@@ -1,0 +1,224 @@
+"""Perplexity of text files on any model :mod:`.models` can load.
+
+Each file is tokenised whole (with the model's BOS) and cut into windows of ``ctx`` tokens:
+
+* default — non-overlapping windows; every token but the first of each window is scored;
+* ``stride`` — sliding windows advancing ``stride`` tokens, each scoring only tokens not scored before, so every
+  scored token sees at least ``ctx - stride`` tokens of context (the Hugging Face perplexity recipe);
+* ``llamacpp_compatible`` — llama.cpp's ``perplexity`` tool: only whole chunks of ``ctx`` tokens, the first token
+  of each replaced by BOS, and only the second half of each chunk scored; figures match that tool's.
+
+Bits per byte divide the scored tokens' negative log-likelihood (in bits) by the UTF-8 bytes those tokens stand
+for, which makes models with different tokenizers comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+from cnllm.core.corpus import CorpusStats, iter_documents
+from cnllm.core.errors import UsageError
+from cnllm.core.evaluation.models import ModelSpec, ScoringModel, load_model
+from cnllm.core.progress import NULL_PROGRESS, Progress
+
+
+@dataclass(frozen=True)
+class PplOptions:
+    ctx: int = 512
+    stride: int | None = None
+    llamacpp_compatible: bool = False
+    batch_size: int = 1
+
+    def validate(self) -> None:
+        if self.ctx < 2:
+            raise UsageError(f"--ctx must be at least 2, got {self.ctx}")
+        if self.stride is not None and not 1 <= self.stride <= self.ctx:
+            raise UsageError(f"--stride must be between 1 and --ctx ({self.ctx}), got {self.stride}")
+        if self.stride is not None and self.llamacpp_compatible:
+            raise UsageError("--stride and --llamacpp-compatible exclude each other (llama.cpp scores fixed chunks)")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``start:end`` are run through the model; positions ``first`` … of the window are scored."""
+
+    start: int
+    end: int
+    first: int
+
+
+@dataclass
+class TextScore:
+    path: str
+    tokens: int = 0
+    windows: int = 0
+    tokens_scored: int = 0
+    tokens_evaluated: int = 0
+    bytes_scored: int = 0
+    nll_sum: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens_scored
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean_nll)
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return self.nll_sum / math.log(2) / self.bytes_scored if self.bytes_scored else None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Tokens run through the model (context included) per second of scoring."""
+        return self.tokens_evaluated / self.seconds if self.seconds > 0 else None
+
+    def add(self, other: "TextScore") -> None:
+        for name in ("tokens", "windows", "tokens_scored", "tokens_evaluated", "bytes_scored", "nll_sum", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "tokens": self.tokens,
+            "windows": self.windows,
+            "tokens_scored": self.tokens_scored,
+            "mean_nll": self.mean_nll,
+            "ppl": self.ppl,
+            "bytes_scored": self.bytes_scored,
+            "bits_per_byte": self.bits_per_byte,
+            "tokens_evaluated": self.tokens_evaluated,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+
+@dataclass
+class PplResult:
+    model: dict
+    options: PplOptions
+    files: list[TextScore] = field(default_factory=list)
+
+    @property
+    def total(self) -> TextScore:
+        total = TextScore("total")
+        for score in self.files:
+            total.add(score)
+        return total
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "settings": {
+                "ctx": self.options.ctx,
+                "stride": self.options.stride,
+                "llamacpp_compatible": self.options.llamacpp_compatible,
+                "batch_size": self.options.batch_size,
+            },
+            "files": [f.to_dict() for f in self.files],
+            "total": self.total.to_dict(),
+        }
+
+
+def read_text(path: Path, progress: Progress = NULL_PROGRESS) -> str:
+    """A plain file as it is (like llama.cpp reads it); a ``.jsonl`` file's ``text`` fields joined by blank lines."""
+    if not path.is_file():
+        raise UsageError(f"text file {path} does not exist")
+    if path.suffix.lower() == ".jsonl":
+        stats = CorpusStats()
+        text = "\n\n".join(iter_documents([path], stats))
+        skipped = stats.invalid_json_lines + stats.invalid_utf8_lines
+        if skipped:
+            progress.log(f"{path}: skipped {skipped} lines without a JSON string 'text' field or not valid UTF-8")
+    else:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path} is not valid UTF-8 (byte {exc.start}); convert it first") from None
+    if not text.strip():
+        raise UsageError(f"{path} has no text to score")
+    return text
+
+
+def plan_windows(n_tokens: int, options: PplOptions) -> list[Window]:
+    ctx = options.ctx
+    if options.llamacpp_compatible:
+        # llama.cpp's perplexity: whole chunks only; logits from position ctx/2 on predict tokens ctx/2+1 … ctx-1.
+        return [Window(i * ctx, (i + 1) * ctx, ctx // 2 + 1) for i in range(n_tokens // ctx)]
+    if options.stride is None:
+        return [Window(start, min(start + ctx, n_tokens), 1) for start in range(0, n_tokens, ctx) if n_tokens - start >= 2]
+    windows, scored_until = [], 0
+    for start in range(0, n_tokens, options.stride):
+        end = min(start + ctx, n_tokens)
+        first = max(1, scored_until - start)
+        if end - start > first:
+            windows.append(Window(start, end, first))
+        scored_until = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def _batches(windows: Sequence[Window], size: int) -> list[list[Window]]:
+    """Consecutive windows of the same shape, at most ``size`` at a time."""
+    batches: list[list[Window]] = []
+    for window in windows:
+        last = batches[-1] if batches else None
+        if last and len(last) < size and (last[0].end - last[0].start, last[0].first) == (window.end - window.start, window.first):
+            last.append(window)
+        else:
+            batches.append([window])
+    return batches
+
+
+def score_text(model: ScoringModel, text: str, options: PplOptions, *, name: str, progress: Progress = NULL_PROGRESS) -> TextScore:
+    ids, sizes = model.tokenize_with_bytes(text)
+    score = TextScore(name, tokens=len(ids))
+    windows = plan_windows(len(ids), options)
+    if not windows:
+        need = options.ctx if options.llamacpp_compatible else 2
+        raise UsageError(f"{name} has {len(ids)} tokens; at least {need} are needed with --ctx {options.ctx}")
+    progress.start(len(windows), f"perplexity {Path(name).name}", unit="window")
+    started = time.perf_counter()
+    try:
+        for batch in _batches(windows, options.batch_size):
+            tokens = [list(ids[w.start : w.end]) for w in batch]
+            if options.llamacpp_compatible and model.bos_id is not None:
+                for row in tokens:
+                    row[0] = model.bos_id
+            first = batch[0].first
+            for window, logprobs in zip(batch, model.target_logprobs(tokens, first)):
+                score.nll_sum -= float(logprobs.sum())
+                score.tokens_scored += len(logprobs)
+                score.tokens_evaluated += window.end - window.start
+                score.bytes_scored += sum(sizes[window.start + first : window.end])
+                score.windows += 1
+            progress.advance(len(batch), ppl=score.ppl)
+    finally:
+        progress.finish()
+    score.seconds = time.perf_counter() - started
+    return score
+
+
+def evaluate_perplexity(
+    spec: ModelSpec, files: Sequence[Path], options: PplOptions, *, progress: Progress = NULL_PROGRESS
+) -> PplResult:
+    """Perplexity of each file (and of all together); every input is read and checked before the model loads."""
+    options.validate()
+    if not files:
+        raise UsageError("no text files given (--data FILE)")
+    texts = [(Path(f), read_text(Path(f), progress)) for f in files]
+    with load_model(replace(spec, n_ctx=options.ctx), logits_all=True) as model:
+        result = PplResult(model.describe(), options)
+        for path, text in texts:
+            result.files.append(score_text(model, text, options, name=str(path), progress=progress))
+    return result

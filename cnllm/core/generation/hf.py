@@ -1,0 +1,245 @@
+"""The transformers backend for Hugging Face model directories (optionally with a LoRA adapter applied through PEFT).
+
+``model.generate`` runs in a worker thread and hands each new id to a queue streamer; a stopping
+criterion watches the cancel flag, so stop strings, ``max_tokens`` and disconnected clients end it
+at the next step. One model serves one generation at a time (a lock), so server workers queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from cnllm.core.errors import UsageError
+from cnllm.core.generation.base import ContextOverflow, Generator, LoadOptions, SamplingParams, SpeculativeStats, TokenLogprob
+from cnllm.core.modelio import has_tokenizer, tokenizer_length
+from cnllm.core.runtime import quiet_libraries
+
+
+def _id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+class HFGenerator(Generator):
+    backend = "transformers"
+
+    def __init__(self, path: Path, options: LoadOptions):
+        quiet_libraries(options.verbose)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = Path(path)
+        self.options = options
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        quantized = options.load_in_4bit or options.load_in_8bit
+        if quantized and self.device != "cuda":
+            raise UsageError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes); none is available")
+        if options.lora is not None and not (Path(options.lora) / "adapter_config.json").exists():
+            raise UsageError(f"--lora {options.lora} is not a PEFT adapter directory (no adapter_config.json)")
+        tokenizer_dir = options.lora if options.lora is not None and has_tokenizer(options.lora) else self.path
+        if not has_tokenizer(tokenizer_dir):
+            raise UsageError(f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=options.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"could not load the tokenizer in {tokenizer_dir}: {exc}") from None
+        kwargs: dict = {"trust_remote_code": options.trust_remote_code}
+        if self.device == "cuda":
+            kwargs.update(dtype="auto", device_map={"": 0})
+            if quantized:
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit)
+        else:
+            kwargs["dtype"] = torch.float32  # half precision is slow or unsupported on CPUs
+        self.model = self._load_model(self.path, kwargs)
+        if options.lora is not None:
+            self.model = self._apply_lora(self.model, Path(options.lora))
+        self.model.eval()
+        config = self.model.config
+        trained = getattr(config, "max_position_embeddings", None) or 2048
+        self.context_length = min(options.n_ctx, trained) if options.n_ctx else trained
+        generation_config = getattr(self.model, "generation_config", None)
+        self.eos_ids = frozenset(_id_list(getattr(generation_config, "eos_token_id", None)) + _id_list(self.tokenizer.eos_token_id))
+        self.bos_token = self.tokenizer.bos_token or ""
+        self.eos_token = self.tokenizer.eos_token or ""
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self._lock = threading.Lock()
+        self.draft = None
+        self._counter = None
+        self._last_generated = 0
+        if options.draft_model is not None:
+            self.draft = self._load_draft(Path(options.draft_model), kwargs)
+
+    def _load_model(self, path: Path, kwargs: dict):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UsageError(f"transformers could not load {path}: {exc}") from None
+
+    def _apply_lora(self, model, adapter: Path):
+        """Wrap the model with the adapter (not merged); resize embeddings first when the adapter brought its own tokenizer."""
+        from peft import PeftModel
+
+        if model.get_input_embeddings().weight.shape[0] != len(self.tokenizer):
+            model.resize_token_embeddings(len(self.tokenizer))
+        try:
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"could not apply the LoRA adapter {adapter}: {exc}") from None
+
+    def _load_draft(self, draft_path: Path, kwargs: dict):
+        from cnllm.core.generation.speculative import ForwardCounter
+
+        if not (draft_path / "config.json").is_file():
+            raise UsageError(f"--draft-model {draft_path} is not a Hugging Face model directory (the target is one)")
+        if has_tokenizer(draft_path) and tokenizer_length(draft_path) != len(self.tokenizer):
+            raise UsageError(
+                f"draft model {draft_path} has {tokenizer_length(draft_path)} tokens but the target's tokenizer has "
+                f"{len(self.tokenizer)}; a draft model must share the target's vocabulary"
+            )
+        draft = self._load_model(draft_path, kwargs).eval()
+        draft.generation_config.num_assistant_tokens = self.options.draft_tokens
+        self._counter = ForwardCounter(self.model, draft)
+        return draft
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if add_bos and bos is not None else []) + list(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def chat_template_source(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) and template else None
+
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Iterator[int]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        class QueueStreamer(BaseStreamer):
+            """Forwards new ids to a queue; the first call carries the prompt, which is skipped."""
+
+            def __init__(self):
+                self.ids: queue.Queue = queue.Queue()
+                self.prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                for token in value.reshape(-1).tolist():
+                    self.ids.put(int(token))
+
+            def end(self):
+                self.ids.put(None)
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer = QueueStreamer()
+        inputs = torch.tensor([prompt_ids], device=self.model.device)
+        kwargs = {
+            "input_ids": inputs,
+            "attention_mask": torch.ones_like(inputs),
+            "max_new_tokens": max_tokens,
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([Cancelled()]),
+            "pad_token_id": self._pad_id,
+            "eos_token_id": sorted(self.eos_ids) or None,
+            "repetition_penalty": params.repetition_penalty,
+            "do_sample": params.temperature > 0,
+        }
+        if params.temperature > 0:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.draft is not None:
+            kwargs["assistant_model"] = self.draft
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                with self._lock, torch.inference_mode():
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    if self._counter is not None:
+                        self._counter.reset()
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+                failure.append(exc)
+            finally:
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="cnllm-generate", daemon=True)
+        worker.start()
+        produced = 0
+        try:
+            while (token := streamer.ids.get()) is not None:
+                produced += 1
+                yield token
+            if failure:
+                raise failure[0]
+        finally:
+            cancel.set()
+            worker.join()
+            self._last_generated = produced
+
+    def speculative_stats(self) -> SpeculativeStats | None:
+        return self._counter.stats(self._last_generated) if self._counter is not None else None
+
+    def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        import torch
+
+        ids = list(ids)
+        if len(ids) > self.context_length:
+            raise ContextOverflow(len(ids), self.context_length)
+        if not ids:
+            return []
+        pieces = self.token_pieces(ids)
+        with self._lock, torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0].float()
+            logprobs = torch.log_softmax(logits, dim=-1).cpu()
+        result = [TokenLogprob(ids[0], pieces[0], None)]
+        for position in range(1, len(ids)):
+            row = logprobs[position - 1]
+            alternatives = []
+            if top:
+                values, indices = row.topk(top)
+                alternatives = [(self.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
+            result.append(TokenLogprob(ids[position], pieces[position], float(row[ids[position]]), alternatives))
+        return result
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        import torch
+
+        vectors, count = [], 0
+        for text in texts:
+            ids = self.tokenize(text)
+            if len(ids) > self.context_length:
+                raise ContextOverflow(len(ids), self.context_length)
+            count += len(ids)
+            with self._lock, torch.inference_mode():
+                output = self.model(torch.tensor([ids], device=self.model.device), output_hidden_states=True)
+            pooled = output.hidden_states[-1][0].float().mean(dim=0)
+            vectors.append(torch.nn.functional.normalize(pooled, dim=0).cpu().tolist())
+        return vectors, count
+
+    def for_slot(self) -> "HFGenerator":
+        return self
+
+    def close(self) -> None:
+        if self._counter is not None:
+            self._counter.remove()
+            self._counter = None
+        self.model = self.draft = None

@@ -1,0 +1,211 @@
+"""The llama.cpp backend (llama-cpp-python) for ``.gguf`` files."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from cnllm.core.errors import UsageError
+from cnllm.core.generation.base import (
+    DEFAULT_N_CTX,
+    ContextOverflow,
+    Generator,
+    LoadOptions,
+    SamplingParams,
+    SpeculativeStats,
+    TokenLogprob,
+)
+
+_SILENT_LOG_CALLBACK = None
+SCORING_CHUNK = 64  # tokens per decode when scoring: llama.cpp keeps a logits row per token of a batch
+
+
+def silence_llama_logs(verbose: bool) -> None:
+    """Route llama.cpp's own log lines (model load, context setup) nowhere unless ``verbose``."""
+    global _SILENT_LOG_CALLBACK
+    import llama_cpp
+
+    if verbose:
+        from llama_cpp._logger import llama_log_callback
+
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+        return
+    if _SILENT_LOG_CALLBACK is None:
+        _SILENT_LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_SILENT_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """The training context length, read by loading only the vocabulary and metadata (fast even for large files)."""
+    from llama_cpp import Llama
+
+    try:
+        header = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise UsageError(f"llama.cpp could not read {path} ({exc}); is it a complete GGUF file?") from None
+    try:
+        arch = header.metadata.get("general.architecture", "")
+        value = header.metadata.get(f"{arch}.context_length")
+        return int(value) if value else None
+    finally:
+        header.close()
+
+
+class LlamaCppGenerator(Generator):
+    backend = "llama.cpp"
+
+    def __init__(self, path: Path, options: LoadOptions):
+        self.path = Path(path)
+        self.options = options
+        silence_llama_logs(options.verbose)
+        trained = gguf_context_length(self.path)
+        n_ctx = options.n_ctx or min(DEFAULT_N_CTX, trained or DEFAULT_N_CTX)
+        self._draft_llama = None
+        self._draft = None
+        if options.draft_model is not None:
+            from cnllm.core.generation.speculative import llama_draft
+
+            self._draft_llama = self._load(Path(options.draft_model), n_ctx=n_ctx)
+            self._draft = llama_draft(self._draft_llama, options.draft_tokens)
+        self._llama = self._load(self.path, n_ctx=n_ctx, draft_model=self._draft)
+        if self._draft_llama is not None and self._draft_llama.n_vocab() != self._llama.n_vocab():
+            self.close()
+            raise UsageError(
+                f"draft model {options.draft_model} has {self._draft_llama.n_vocab()} tokens but {path} has "
+                f"{self._llama.n_vocab()}; a draft model must share the target's vocabulary"
+            )
+        self._embedder = None
+        self._lock = threading.Lock()
+        self._embed_lock = threading.Lock()
+        self.context_length = self._llama.n_ctx()
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self.eos_ids = frozenset(i for i in range(self._llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i))
+        self.bos_token = self._special_text(self._llama.token_bos())
+        self.eos_token = self._special_text(self._llama.token_eos())
+
+    def _load(self, path: Path, *, n_ctx: int, embedding: bool = False, draft_model=None):
+        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
+
+        extra = {}
+        if embedding:
+            # Mean pooling needs the whole text in one physical batch.
+            extra = {"embedding": True, "pooling_type": LLAMA_POOLING_TYPE_MEAN, "n_batch": n_ctx, "n_ubatch": n_ctx}
+        if self.options.threads:
+            extra["n_threads"] = extra["n_threads_batch"] = self.options.threads
+        try:
+            return Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_gpu_layers=self.options.gpu_layers,
+                draft_model=draft_model,
+                verbose=self.options.verbose,
+                **extra,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise UsageError(f"llama.cpp could not load {path} ({exc}); is the file complete and its architecture supported?") from None
+
+    def _special_text(self, token_id: int) -> str:
+        if token_id < 0:
+            return ""
+        return self._llama.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._llama.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    def chat_template_source(self) -> str | None:
+        return self._llama.metadata.get("tokenizer.chat_template") or None
+
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Iterator[int]:
+        with self._lock:
+            llama = self._llama
+            llama.set_seed(params.resolved_seed())
+            if self._draft is not None:
+                self._draft.reset()
+            produced = 0
+            tokens = llama.generate(
+                prompt_ids,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                min_p=0.0,
+                typical_p=1.0,
+                temp=params.temperature,
+                repeat_penalty=params.repetition_penalty,
+            )
+            try:
+                for token in tokens:
+                    yield int(token)
+                    produced += 1
+                    if cancel.is_set() or produced > max_tokens:
+                        break
+            finally:
+                tokens.close()
+
+    def speculative_stats(self) -> SpeculativeStats | None:
+        return self._draft.stats if self._draft is not None else None
+
+    def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        import numpy as np
+
+        ids = list(ids)
+        if len(ids) > self.context_length:
+            raise ContextOverflow(len(ids), self.context_length)
+        pieces = self.token_pieces(ids)
+        result = [TokenLogprob(ids[0], pieces[0], None)] if ids else []
+        with self._lock:
+            llama = self._llama
+            llama.reset()
+            llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+            n_vocab = llama.n_vocab()
+            chunk = min(SCORING_CHUNK, llama.n_batch)
+            try:
+                for start in range(0, len(ids) - 1, chunk):
+                    batch = ids[start : start + chunk]
+                    llama._batch.set_batch(batch=batch, n_past=start, logits_all=True)
+                    llama._ctx.decode(llama._batch)
+                    logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(len(batch), n_vocab))
+                    for row, position in enumerate(range(start, start + len(batch))):
+                        if position + 1 >= len(ids):
+                            break
+                        values = logits[row].astype(np.float64)
+                        peak = values.max()
+                        logsum = peak + math.log(np.exp(values - peak).sum())
+                        target = ids[position + 1]
+                        alternatives = []
+                        if top:
+                            best = np.argpartition(-values, top - 1)[:top]
+                            best = best[np.argsort(-values[best])]
+                            alternatives = [(self.decode([int(i)]), float(values[i] - logsum)) for i in best]
+                        result.append(TokenLogprob(target, pieces[position + 1], float(values[target] - logsum), alternatives))
+            finally:
+                llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+                llama.reset()
+        return result
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = self._load(self.path, n_ctx=self.context_length, embedding=True)
+            for text in texts:
+                count = len(self.tokenize(text))
+                if count > self.context_length:
+                    raise ContextOverflow(count, self.context_length)
+            vectors, count = self._embedder.embed(list(texts), normalize=True, truncate=False, return_count=True)
+        return [list(map(float, v)) for v in vectors], int(count)
+
+    def for_slot(self) -> "LlamaCppGenerator":
+        return LlamaCppGenerator(self.path, self.options)
+
+    def close(self) -> None:
+        for name in ("_llama", "_embedder", "_draft_llama"):
+            model = getattr(self, name, None)
+            if model is not None:
+                model.close()
+                setattr(self, name, None)

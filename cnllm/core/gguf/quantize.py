@@ -1,0 +1,329 @@
+"""Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize`` through llama-cpp-python).
+
+llama.cpp decides every tensor's type (the mixes behind Q4_K_M and friends, the per-tensor
+fallback when a row is not divisible by a k-quant's 256-wide block, as with vocabularies of
+49,953 or hidden sizes of 64); this module validates the input, hands it over, turns llama.cpp's
+log into progress and a summary, and keeps the output atomic.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnllm.core.atomic import atomic_path, check_output
+from cnllm.core.errors import CheckFailed, UsageError
+from cnllm.core.progress import NULL_PROGRESS, Progress
+
+UNQUANTIZED = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    ftype: str  # llama_cpp constant name (LLAMA_FTYPE_...)
+    main_type: str  # the ggml type most weights get
+    description: str  # llama.cpp's quantize table: size and perplexity cost on a reference model
+    needs_imatrix: bool = False
+
+    @property
+    def ftype_id(self) -> int:
+        import llama_cpp
+
+        return getattr(llama_cpp, self.ftype)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per weight of the main ggml type (a mix such as Q4_K_M lands a little above)."""
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.main_type]]
+        return size * 8 / block
+
+
+# llama.cpp's tools/quantize table (names, file types, descriptions), in its order.
+QUANT_TYPES: tuple[QuantType, ...] = (
+    QuantType("Q1_0", "LLAMA_FTYPE_MOSTLY_Q1_0", "Q1_0", "1.125 bpw quantization"),
+    QuantType("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_0", "4.34G, +0.4685 ppl @ Llama-3-8B"),
+    QuantType("Q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1", "Q4_1", "4.78G, +0.4511 ppl @ Llama-3-8B"),
+    QuantType("Q5_0", "LLAMA_FTYPE_MOSTLY_Q5_0", "Q5_0", "5.21G, +0.1316 ppl @ Llama-3-8B"),
+    QuantType("Q5_1", "LLAMA_FTYPE_MOSTLY_Q5_1", "Q5_1", "5.65G, +0.1062 ppl @ Llama-3-8B"),
+    QuantType("IQ2_XXS", "LLAMA_FTYPE_MOSTLY_IQ2_XXS", "IQ2_XXS", "2.06 bpw quantization", True),
+    QuantType("IQ2_XS", "LLAMA_FTYPE_MOSTLY_IQ2_XS", "IQ2_XS", "2.31 bpw quantization", True),
+    QuantType("IQ2_S", "LLAMA_FTYPE_MOSTLY_IQ2_S", "IQ2_S", "2.5 bpw quantization", True),
+    QuantType("IQ2_M", "LLAMA_FTYPE_MOSTLY_IQ2_M", "IQ2_S", "2.7 bpw quantization", True),
+    QuantType("IQ1_S", "LLAMA_FTYPE_MOSTLY_IQ1_S", "IQ1_S", "1.56 bpw quantization", True),
+    QuantType("IQ1_M", "LLAMA_FTYPE_MOSTLY_IQ1_M", "IQ1_M", "1.75 bpw quantization", True),
+    QuantType("TQ1_0", "LLAMA_FTYPE_MOSTLY_TQ1_0", "TQ1_0", "1.69 bpw ternarization"),
+    QuantType("TQ2_0", "LLAMA_FTYPE_MOSTLY_TQ2_0", "TQ2_0", "2.06 bpw ternarization"),
+    QuantType("Q2_K", "LLAMA_FTYPE_MOSTLY_Q2_K", "Q2_K", "2.96G, +3.5199 ppl @ Llama-3-8B"),
+    QuantType("Q2_K_S", "LLAMA_FTYPE_MOSTLY_Q2_K_S", "Q2_K", "2.96G, +3.1836 ppl @ Llama-3-8B", True),
+    QuantType("IQ3_XXS", "LLAMA_FTYPE_MOSTLY_IQ3_XXS", "IQ3_XXS", "3.06 bpw quantization", True),
+    QuantType("IQ3_S", "LLAMA_FTYPE_MOSTLY_IQ3_S", "IQ3_S", "3.44 bpw quantization"),
+    QuantType("IQ3_M", "LLAMA_FTYPE_MOSTLY_IQ3_M", "IQ3_S", "3.66 bpw quantization mix"),
+    QuantType("IQ3_XS", "LLAMA_FTYPE_MOSTLY_IQ3_XS", "IQ3_S", "3.3 bpw quantization"),
+    QuantType("Q3_K_S", "LLAMA_FTYPE_MOSTLY_Q3_K_S", "Q3_K", "3.41G, +1.6321 ppl @ Llama-3-8B"),
+    QuantType("Q3_K_M", "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q3_K", "3.74G, +0.6569 ppl @ Llama-3-8B"),
+    QuantType("Q3_K_L", "LLAMA_FTYPE_MOSTLY_Q3_K_L", "Q3_K", "4.03G, +0.5562 ppl @ Llama-3-8B"),
+    QuantType("IQ4_NL", "LLAMA_FTYPE_MOSTLY_IQ4_NL", "IQ4_NL", "4.50 bpw non-linear quantization"),
+    QuantType("IQ4_XS", "LLAMA_FTYPE_MOSTLY_IQ4_XS", "IQ4_XS", "4.25 bpw non-linear quantization"),
+    QuantType("Q4_K_S", "LLAMA_FTYPE_MOSTLY_Q4_K_S", "Q4_K", "4.37G, +0.2689 ppl @ Llama-3-8B"),
+    QuantType("Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K", "4.58G, +0.1754 ppl @ Llama-3-8B"),
+    QuantType("Q5_K_S", "LLAMA_FTYPE_MOSTLY_Q5_K_S", "Q5_K", "5.21G, +0.1049 ppl @ Llama-3-8B"),
+    QuantType("Q5_K_M", "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q5_K", "5.33G, +0.0569 ppl @ Llama-3-8B"),
+    QuantType("Q6_K", "LLAMA_FTYPE_MOSTLY_Q6_K", "Q6_K", "6.14G, +0.0217 ppl @ Llama-3-8B"),
+    QuantType("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0", "7.96G, +0.0026 ppl @ Llama-3-8B"),
+    QuantType("F16", "LLAMA_FTYPE_MOSTLY_F16", "F16", "14.00G, +0.0020 ppl @ Mistral-7B"),
+    QuantType("BF16", "LLAMA_FTYPE_MOSTLY_BF16", "BF16", "14.00G, -0.0050 ppl @ Mistral-7B"),
+    QuantType("F32", "LLAMA_FTYPE_ALL_F32", "F32", "26.00G @ 7B"),
+)
+ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+
+def get_quant_type(name: str) -> QuantType:
+    wanted = ALIASES.get(name.upper(), name.upper())
+    for quant in QUANT_TYPES:
+        if quant.name == wanted:
+            return quant
+    raise UsageError(f"unknown quantization type {name!r}; see 'cnllm quantize --list-types'")
+
+
+def ggml_type_id(name: str) -> int:
+    """A ggml tensor type (for --output-tensor-type / --token-embedding-type) by name."""
+    import gguf
+
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        known = ", ".join(t.name for t in gguf.GGMLQuantizationType)
+        raise UsageError(f"unknown tensor type {name!r}; one of {known}") from None
+
+
+@dataclass
+class GgufSummary:
+    size: int
+    parameters: int
+    tensor_bytes: int
+    tensor_types: dict[str, int]
+    file_type: int | None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.tensor_bytes * 8 / self.parameters if self.parameters else 0.0
+
+    @property
+    def quantized(self) -> bool:
+        return any(t not in UNQUANTIZED for t in self.tensor_types)
+
+
+def read_gguf_summary(path: Path) -> GgufSummary:
+    """Sizes and tensor types of a GGUF; a usage error for anything that is not a complete GGUF file."""
+    import gguf
+
+    if not path.is_file():
+        raise UsageError(f"input {path} does not exist" if not path.exists() else f"input {path} is not a file")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise UsageError(f"{path} is not a GGUF file (no GGUF magic); convert a Hugging Face model with 'cnllm convert-gguf' first")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, OSError, KeyError) as exc:
+        raise UsageError(f"{path} is truncated or corrupted: {exc}") from None
+    size = path.stat().st_size
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise UsageError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file")
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    field_ = reader.get_field("general.file_type")
+    return GgufSummary(
+        size=size,
+        parameters=sum(int(t.n_elements) for t in reader.tensors),
+        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        tensor_types=types,
+        file_type=int(field_.contents()) if field_ is not None else None,
+    )
+
+
+def load_imatrix(path: Path) -> dict[str, list[float]]:
+    """Per-tensor importance (mean squared activations) from a GGUF imatrix file (llama-imatrix's format)."""
+    import gguf
+    import numpy as np
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{path} is not a GGUF imatrix file (legacy .dat imatrix files are not supported): {exc}") from None
+    tensors = {t.name: t for t in reader.tensors}
+    entries: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name.removesuffix(".in_sum2")
+        counts_tensor = tensors.get(f"{base}.counts")
+        if counts_tensor is None:
+            raise UsageError(f"{path}: {base} has sums but no counts; not a llama.cpp imatrix file")
+        sums = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+        counts = np.asarray(counts_tensor.data, dtype=np.float32).reshape(-1)
+        per_row = sums.reshape(len(counts), -1)
+        values = np.where(counts[:, None] > 0, per_row / np.maximum(counts[:, None], 1e-30), 1.0)
+        entries[base] = values.reshape(-1).astype(np.float32)
+    if not entries:
+        raise UsageError(f"{path} holds no importance-matrix entries (*.in_sum2 tensors)")
+    return entries
+
+
+class _LlamaLog:
+    """llama.cpp's log, captured: per-tensor progress, fallback count, the failure reason; echoed only when verbose."""
+
+    TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+
+    def __init__(self, progress: Progress, verbose: bool) -> None:
+        import llama_cpp
+
+        self.progress, self.verbose = progress, verbose
+        self.buffer = ""
+        self.lines: list[str] = []
+        self.total: int | None = None
+        self.fallbacks = 0
+        self.callback = llama_cpp.llama_log_callback(self._on_text)
+
+    def _on_text(self, level: int, text: bytes, user_data) -> None:
+        self.buffer += text.decode("utf-8", errors="replace")
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self._on_line(line)
+
+    def _on_line(self, line: str) -> None:
+        self.lines.append(line)
+        if self.verbose:
+            self.progress.log(line)
+        self.fallbacks += "not divisible by" in line
+        match = self.TENSOR_LINE.match(line)
+        if match:
+            if self.total is None:
+                self.total = int(match.group(2))
+                self.progress.start(self.total, "quantizing", unit="tensor")
+            self.progress.advance(1, tensor=match.group(3))
+
+    def failure(self) -> str:
+        for line in reversed(self.lines + [self.buffer]):
+            if "failed to quantize" in line:
+                return line.split("failed to quantize:", 1)[1].strip()
+        return "llama.cpp's quantizer failed (run with --verbose for its log)"
+
+    def __enter__(self) -> "_LlamaLog":
+        import llama_cpp
+
+        llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import llama_cpp
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        if self.total is not None:
+            self.progress.finish()
+
+
+@dataclass
+class QuantizeResult:
+    input: Path
+    output: Path
+    type: str
+    input_size: int
+    output_size: int
+    parameters: int
+    bits_per_weight: float
+    tensor_types: dict[str, int]
+    fallbacks: int
+    imatrix_entries: int
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.input_size / self.output_size if self.output_size else 0.0
+
+
+def _imatrix_array(entries: dict[str, "np.ndarray"]):  # noqa: F821
+    """A null-terminated ``llama_model_imatrix_data`` array (the arrays it points into must stay alive)."""
+    import llama_cpp
+
+    array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+    for slot, (name, values) in zip(array, entries.items()):
+        slot.name = name.encode("utf-8")
+        slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        slot.size = values.size
+    return array
+
+
+def quantize_gguf(
+    input_path: Path | str,
+    output: Path | str,
+    *,
+    quant_type: str,
+    threads: int | None = None,
+    allow_requantize: bool = False,
+    leave_output_tensor: bool = False,
+    output_tensor_type: str | None = None,
+    token_embedding_type: str | None = None,
+    imatrix: Path | str | None = None,
+    force: bool = False,
+    verbose: bool = False,
+    progress: Progress = NULL_PROGRESS,
+) -> QuantizeResult:
+    """Quantize ``input_path`` into ``output`` with llama.cpp; see the module docstring."""
+    import llama_cpp
+
+    started = time.perf_counter()
+    input_path, output = Path(input_path), Path(output)
+    quant = get_quant_type(quant_type)
+    check_output(output, force)
+    before = read_gguf_summary(input_path)
+    if before.quantized and not allow_requantize:
+        quantized = ", ".join(t for t in before.tensor_types if t not in UNQUANTIZED)
+        raise UsageError(
+            f"{input_path} is already quantized ({quantized}); re-quantizing loses quality — quantize the f16/bf16/f32 GGUF, "
+            "or pass --allow-requantize"
+        )
+    entries = load_imatrix(Path(imatrix)) if imatrix is not None else {}
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant.ftype_id
+    params.nthread = threads or 0
+    params.allow_requantize = allow_requantize
+    params.quantize_output_tensor = not leave_output_tensor
+    if output_tensor_type is not None:
+        params.output_tensor_type = ggml_type_id(output_tensor_type)
+    if token_embedding_type is not None:
+        params.token_embedding_type = ggml_type_id(token_embedding_type)
+    imatrix_array = _imatrix_array(entries) if entries else None
+    if imatrix_array is not None:
+        params.imatrix = ctypes.cast(imatrix_array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+
+    with atomic_path(output, force=force) as tmp:
+        with _LlamaLog(progress, verbose) as log:
+            code = llama_cpp.llama_model_quantize(str(input_path).encode(), str(tmp).encode(), ctypes.byref(params))
+        if code != 0:
+            reason = log.failure()
+            if "imatrix" in reason:
+                raise UsageError(f"{quant.name}: {reason}; pass --imatrix FILE (computed with llama-imatrix) or pick a k-quant such as Q4_K_M")
+            raise CheckFailed(f"quantizing {input_path} to {quant.name} failed: {reason}")
+        after = read_gguf_summary(tmp)
+    return QuantizeResult(
+        input=input_path,
+        output=output,
+        type=quant.name,
+        input_size=before.size,
+        output_size=after.size,
+        parameters=after.parameters,
+        bits_per_weight=after.bits_per_weight,
+        tensor_types=after.tensor_types,
+        fallbacks=log.fallbacks,
+        imatrix_entries=len(entries),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,635 @@
+"""Streaming LoRA merge: the base one tensor at a time, ``W += scale·B·A`` in fp32, shards written as they go.
+
+Peak memory is the largest base tensor (in fp32 while it is updated) plus the adapters, never the
+whole model: the output layout is planned from safetensors headers before any weight is read,
+so every merged tensor goes straight to its place in its shard. PEFT key names are mapped back
+to base tensor names here; scaling follows PEFT exactly (``alpha/r``, rsLoRA ``alpha/sqrt(r)``,
+``rank_pattern``/``alpha_pattern``, ``fan_in_fan_out`` for ``Conv1D`` layers), adapters apply in
+the order given, and full ``modules_to_save`` tensors (extended vocabularies) replace the base's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from cnllm.core.atomic import atomic_dir, check_output
+from cnllm.core.errors import UsageError
+from cnllm.core.hashing import create_manifest
+from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, has_tokenizer, load_config, tokenizer_length
+from cnllm.core.progress import NULL_PROGRESS, Progress
+from cnllm.core.provenance import write_record
+from cnllm.core.tensors import SAFETENSORS_TORCH_DTYPES, StreamingShardWriter, TensorInfo, parse_size, stream_tensors, tensor_infos
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
+VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. 中文大模型，你好！"
+
+PEFT_PREFIX = "base_model.model."
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+TOKENIZER_EXTRA_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+VOCAB_TENSORS = EMBEDDING_NAMES + LM_HEAD_NAMES
+UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias terms (lora_bias)",
+    "trainable_token_indices": "trainable token indices",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "use_qalora": "QA-LoRA",
+}
+
+
+@dataclass
+class LoraUpdate:
+    """One ``W += scale · B·A`` of a base weight."""
+
+    module: str
+    a_key: str
+    b_key: str
+    rank: int
+    scale: float
+    transpose: bool
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter directory, mapped onto the base tensor names it changes."""
+
+    directory: Path
+    weights_file: Path
+    config: dict
+    replacements: dict[str, str] = field(default_factory=dict)
+    updates: dict[str, LoraUpdate] = field(default_factory=dict)
+
+    def load(self) -> dict:
+        """The adapter tensors the merge uses (PEFT's spare copies such as ``original_module`` are skipped)."""
+        needed = set(self.replacements.values()) | {key for u in self.updates.values() for key in (u.a_key, u.b_key)}
+        return {name: tensor for name, tensor in stream_tensors(self.weights_file) if name in needed}
+
+
+@dataclass
+class VerifyReport:
+    max_abs_diff: float
+    tolerance: float
+    tokens: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    format: str
+    dtype: str
+    adapters: list[Path]
+    tensors: int
+    updated: int
+    replaced: int
+    vocab: VocabSizes
+    tokenizer_from: Path | None
+    files: list[str]
+    total_bytes: int
+    seconds: float
+    verify: VerifyReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """Failed checks (the output is complete and in place; the caller decides the exit code)."""
+        if self.verify is None or self.verify.passed:
+            return []
+        return [
+            f"merged output differs from base+adapters: max logit difference {self.verify.max_abs_diff:.3g} "
+            f"> tolerance {self.verify.tolerance:g} (output kept at {self.output})"
+        ]
+
+
+# --- reading adapters ---------------------------------------------------------------------------
+
+
+def read_adapter(directory: Path | str) -> Adapter:
+    """Check an adapter directory and read its config (the weights stay on disk until the merge)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"adapter {directory} is not a directory")
+    config_path = directory / "adapter_config.json"
+    if not config_path.exists():
+        raise UsageError(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{config_path} is not valid JSON") from None
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise UsageError(f"{directory} is a {peft_type or 'unknown'} adapter; merge-lora merges LoRA adapters only")
+    for key, what in UNSUPPORTED_OPTIONS.items():
+        if config.get(key):
+            raise UsageError(f"{directory} uses {what}, which merge-lora cannot merge; merge it with PEFT's merge_and_unload instead")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (directory / name).exists():
+            return Adapter(directory, directory / name, config)
+    raise UsageError(f"{directory} has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
+
+
+def _classify(key: str) -> tuple[str, str, str | int]:
+    """``("lora", module, part)``, ``("replace", base tensor name, priority)`` or ``("ignore", key, 0)``.
+
+    PEFT saves ``base_model.model.<module>.lora_A.weight``; a ``modules_to_save`` copy as
+    ``<module>.weight`` (or ``<module>.modules_to_save[.<name>].weight`` beside the base's
+    ``original_module`` when embeddings were resized), and a resized LoRA-target embedding as
+    ``<module>.base_layer.weight``.
+    """
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in LORA_PARTS:
+            return "lora", ".".join(parts[:i]), part
+        if part == "modules_to_save":
+            return "replace", ".".join(parts[:i] + parts[-1:]), 2
+        if part == "original_module":
+            return "ignore", name, 0
+        if part == "base_layer":
+            return "replace", ".".join(parts[:i] + parts[i + 1:]), 1
+    return "replace", name, 1
+
+
+def _scale(config: dict, module: str, rank: int) -> float:
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        from peft.utils.other import get_pattern_key
+
+        rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
+    if r != rank:
+        raise UsageError(f"adapter config says rank {r} for {module} but its weights have rank {rank}; the adapter is inconsistent")
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _conv1d_modules(base: Path) -> set[str]:
+    """Modules of the base architecture stored as ``Conv1D`` (weight is in×out), from a weightless meta-device model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from cnllm.core.runtime import quiet_libraries
+
+    quiet_libraries()
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base)))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"an adapter sets fan_in_fan_out, but transformers cannot describe the base architecture of {base}: {exc}") from exc
+    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
+def _describe_layers(names: Sequence[str]) -> str:
+    layers = {m.group(1) for n in names if (m := re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", n))}
+    return f"the base has {len(layers)} layers" if layers else "the base has no such module"
+
+
+def plan_adapter(
+    adapter: Adapter, shapes: dict[str, tuple[int, ...]], infos: dict[str, TensorInfo], *, base: Path, conv1d: set[str]
+) -> None:
+    """Map the adapter's tensors onto base tensor names, checking every shape before any weight is read.
+
+    ``shapes`` are the current base shapes (after earlier adapters) and are updated in place
+    when this adapter replaces an embedding with a larger vocabulary.
+    """
+    where = f"adapter {adapter.directory} does not fit base {base}"
+    pairs: dict[str, dict[str, str]] = {}
+    priorities: dict[str, int] = {}
+    for key in infos:
+        kind, target, detail = _classify(key)
+        if kind == "lora":
+            pairs.setdefault(target, {})[str(detail)[-1]] = key
+        elif kind == "replace":
+            if target not in shapes:
+                raise UsageError(f"{where}: it carries {key}, but the base has no tensor {target}")
+            if priorities.get(target, 0) < int(detail):
+                adapter.replacements[target], priorities[target] = key, int(detail)
+    for target, key in adapter.replacements.items():
+        new, old = tuple(infos[key].shape), shapes[target]
+        resizable = target in VOCAB_TENSORS and len(new) == 2 and new[1:] == old[1:]
+        if new != old and not resizable:
+            raise UsageError(f"{where}: {target} is {_shape(old)} in the base, the adapter's replacement {_shape(new)}")
+        shapes[target] = new
+    for module, found in pairs.items():
+        if set(found) != {"A", "B"}:
+            missing = "lora_B" if "A" in found else "lora_A"
+            raise UsageError(f"adapter {adapter.directory} is incomplete: {module} has no {missing} weight")
+        target = f"{module}.weight"
+        if target not in shapes:
+            raise UsageError(f"{where}: it has LoRA weights for {module}, which the base lacks ({_describe_layers(list(shapes))})")
+        a_shape, b_shape = tuple(infos[found["A"]].shape), tuple(infos[found["B"]].shape)
+        embedding = "embedding" in found["A"]
+        rank = a_shape[0]
+        if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != rank:
+            raise UsageError(f"adapter {adapter.directory} is corrupted: {module} has lora_A {_shape(a_shape)} and lora_B {_shape(b_shape)}")
+        transpose = embedding or module in conv1d
+        update_shape = (a_shape[1], b_shape[0]) if transpose else (b_shape[0], a_shape[1])
+        if shapes[target] != update_shape:
+            raise UsageError(
+                f"{where}: {target} is {_shape(shapes[target])} in the base, the adapter's update is {_shape(update_shape)} "
+                "(an adapter for a different model size?)"
+            )
+        adapter.updates[target] = LoraUpdate(module, found["A"], found["B"], rank, _scale(adapter.config, module, rank), transpose)
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "×".join(str(s) for s in shape) if shape else "scalar"
+
+
+def merge_tensor(name: str, tensor, adapters: Sequence[Adapter], weights: Sequence[dict], out_dtype):
+    """The merged value of one base tensor: replacements and ``scale·B·A`` updates in order, in fp32.
+
+    The adapter tensors it uses are popped from ``weights`` (each is needed once), so memory
+    shrinks as the merge goes; a tensor that is only replaced is never upcast.
+    """
+    import torch
+
+    value, work = tensor, None
+    for adapter, loaded in zip(adapters, weights):
+        if name in adapter.replacements:
+            value, work = loaded.pop(adapter.replacements[name]), None
+        update = adapter.updates.get(name)
+        if update is not None:
+            if work is None:
+                work = value.to(torch.float32, copy=True)
+            a, b = loaded.pop(update.a_key).to(torch.float32), loaded.pop(update.b_key).to(torch.float32)
+            if update.transpose:
+                work.addmm_(a.T, b.T, alpha=update.scale)
+            else:
+                work.addmm_(b, a, alpha=update.scale)
+    result = value if work is None else work
+    return result.to(out_dtype) if result.is_floating_point() else result
+
+
+# --- the merge ------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _info_dtype(info: TensorInfo) -> str:
+    """The torch dtype name of a tensor described by a safetensors header (``F16``) or a pickle (``float16``)."""
+    return SAFETENSORS_TORCH_DTYPES.get(info.dtype, info.dtype)
+
+
+def output_layout(infos: dict[str, TensorInfo], shapes: dict[str, tuple[int, ...]], dtype: str | None) -> list[tuple]:
+    """``(name, shape, torch dtype)`` of every output tensor: floating tensors in ``dtype`` (default: their own)."""
+    import torch
+
+    layout = []
+    for name, info in infos.items():
+        own = getattr(torch, _info_dtype(info), None)
+        if not isinstance(own, torch.dtype):
+            raise UsageError(f"{info.file}: tensor {name} has an unsupported dtype {info.dtype}")
+        out = _torch_dtype(dtype) if dtype and own.is_floating_point else own
+        layout.append((name, shapes[name], out))
+    return layout
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    for item in sorted(source.iterdir()):
+        if item.is_file() and (item.name.startswith("tokenizer") or item.name in TOKENIZER_EXTRA_FILES):
+            shutil.copy2(item, target / item.name)
+
+
+def write_config(config: dict, target: Path, *, vocab_size: int | None, dtype: str | None) -> None:
+    """``config.json`` with the vocabulary size and dtype of the weights beside it."""
+    config = dict(config)
+    if vocab_size is not None:
+        if "text_config" in config and "vocab_size" not in config:
+            config["text_config"] = {**config["text_config"], "vocab_size": vocab_size}
+        else:
+            config["vocab_size"] = vocab_size
+    if dtype is not None:
+        config.pop("torch_dtype", None)
+        config["dtype"] = dtype
+    (target / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _vocab_rows(shapes: dict[str, tuple[int, ...]], names: Sequence[str]) -> int | None:
+    return next((shapes[n][0] for n in names if n in shapes), None)
+
+
+def check_merged_vocab(
+    base_shapes: dict, shapes: dict, config: dict, tokenizer_dir: Path | None
+) -> VocabSizes:
+    """Refuse (naming tokenizer length, ``config.vocab_size`` and embedding rows) unless the merged vocabulary agrees."""
+    sizes = VocabSizes(
+        tokenizer_length(tokenizer_dir) if tokenizer_dir is not None else None,
+        config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"),
+        _vocab_rows(shapes, EMBEDDING_NAMES),
+        _vocab_rows(shapes, LM_HEAD_NAMES),
+    )
+    resized = _vocab_rows(base_shapes, EMBEDDING_NAMES) != sizes.embedding
+    source = f"the tokenizer from {tokenizer_dir}" if tokenizer_dir is not None else "no tokenizer"
+    if sizes.embedding is not None and sizes.lm_head is not None and sizes.embedding != sizes.lm_head:
+        raise UsageError(
+            f"the adapters leave {sizes.embedding} embedding rows but {sizes.lm_head} lm_head rows; "
+            "an adapter that extends the vocabulary must carry both embed_tokens and lm_head (modules_to_save)"
+        )
+    if sizes.tokenizer is not None and sizes.embedding is not None:
+        if sizes.tokenizer > sizes.embedding or (resized and sizes.tokenizer != sizes.embedding):
+            raise UsageError(
+                f"vocabulary sizes cannot agree: {source} has {sizes.tokenizer} tokens, config.vocab_size is "
+                f"{sizes.config}, the merged embedding has {sizes.embedding} rows; use the tokenizer the adapter "
+                "was trained with (put it in the adapter directory)"
+            )
+    return sizes
+
+
+def merge_lora(
+    base: Path | str,
+    adapters: Sequence[Path | str],
+    output: Path | str,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | int = "2GB",
+    output_format: str = "hf",
+    shards: int = 1,
+    verify: bool = False,
+    tolerance: float | None = None,
+    force: bool = False,
+    progress: Progress = NULL_PROGRESS,
+) -> MergeResult:
+    """Merge LoRA adapters into ``base`` (in order) and write ``output``; see the module docstring.
+
+    With ``verify`` the merged output is compared with PEFT's base+adapters before it is moved
+    into place; a difference above tolerance is reported in :meth:`MergeResult.problems`.
+    """
+    started = time.perf_counter()
+    base, output = Path(base), Path(output)
+    if not adapters:
+        raise UsageError("name at least one adapter with --lora")
+    if dtype is not None and dtype not in DTYPES.values():
+        raise UsageError(f"unknown dtype {dtype!r}; choose fp16, bf16 or fp32")
+    if output_format not in ("hf", "pth"):
+        raise UsageError(f"unknown format {output_format!r}; choose hf or pth")
+    if shards < 1 or (shards > 1 and output_format != "pth"):
+        raise UsageError("--shards applies to --format pth only, and must be at least 1")
+    parse_size(max_shard_size)
+    check_output(output, force)
+    config = load_config(base)
+    infos = tensor_infos(base)
+    loaded_adapters = [read_adapter(a) for a in adapters]
+    conv1d = _conv1d_modules(base) if any(a.config.get("fan_in_fan_out") for a in loaded_adapters) else set()
+    base_shapes = {name: tuple(info.shape) for name, info in infos.items()}
+    shapes = dict(base_shapes)
+    for adapter in loaded_adapters:
+        plan_adapter(adapter, shapes, tensor_infos(adapter.weights_file), base=base, conv1d=conv1d)
+    tokenizer_dir = next((a.directory for a in reversed(loaded_adapters) if has_tokenizer(a.directory)), None)
+    if tokenizer_dir is None and has_tokenizer(base):
+        tokenizer_dir = base
+    sizes = check_merged_vocab(base_shapes, shapes, config, tokenizer_dir)
+    if output_format == "pth" and config.get("model_type") != "llama":
+        raise UsageError(f"--format pth writes Meta's LLaMA layout; {base} is a {config.get('model_type')} model")
+    layout = output_layout(infos, shapes, dtype)
+    out_dtypes = sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point})
+    notes = []
+    ignored = [a.directory for a in loaded_adapters if a.config.get("fan_in_fan_out") and not any(u.module in conv1d for u in a.updates.values())]
+    for directory in ignored:
+        notes.append(f"{directory}: fan_in_fan_out ignored for Linear layers, as PEFT does")
+    weights = [a.load() for a in loaded_adapters]
+    progress.start(sum(i.file.stat().st_size for i in {info.file: info for info in infos.values()}.values()), "merging", unit="B")
+    report = None
+    with atomic_dir(output, force=force) as tmp:
+        hf_dir = tmp / ".merged-hf" if output_format == "pth" else tmp
+        hf_dir.mkdir(exist_ok=True)
+        writer = StreamingShardWriter(hf_dir, layout, max_shard_size=max_shard_size if output_format == "hf" else "2GB")
+        layout_dtypes = {name: d for name, _, d in layout}
+        for name, tensor in stream_tensors(base):
+            writer.add(name, merge_tensor(name, tensor, loaded_adapters, weights, layout_dtypes[name]))
+            progress.advance(tensor.numel() * tensor.element_size())
+            del tensor
+        writer.close()
+        progress.finish()
+        del weights
+        write_config(config, hf_dir, vocab_size=sizes.embedding, dtype=out_dtypes[0] if dtype and len(out_dtypes) == 1 else None)
+        if (base / "generation_config.json").exists():
+            shutil.copy2(base / "generation_config.json", hf_dir / "generation_config.json")
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, hf_dir)
+        if verify:
+            limit = tolerance if tolerance is not None else max(VERIFY_TOLERANCE[d] for d in out_dtypes)
+            report = verify_merge(base, [a.directory for a in loaded_adapters], hf_dir, tolerance=limit, progress=progress)
+        if output_format == "pth":
+            write_meta_checkpoint(hf_dir, tmp, shards=shards, progress=progress)
+            if tokenizer_dir is not None:
+                copy_tokenizer(tokenizer_dir, tmp)
+            shutil.rmtree(hf_dir)
+        result = MergeResult(
+            output=output,
+            format=output_format,
+            dtype=",".join(out_dtypes),
+            adapters=[a.directory for a in loaded_adapters],
+            tensors=len(layout),
+            updated=len({n for a in loaded_adapters for n in a.updates}),
+            replaced=len({n for a in loaded_adapters for n in a.replacements}),
+            vocab=sizes,
+            tokenizer_from=tokenizer_dir,
+            files=[],
+            total_bytes=0,
+            seconds=0.0,
+            verify=report,
+            notes=notes,
+        )
+        write_record(
+            tmp,
+            "merge",
+            inputs=[base, *result.adapters],
+            options={
+                "adapter_order": [str(a) for a in result.adapters],
+                "dtype": result.dtype,
+                "format": output_format,
+                "shards": shards,
+                "max_shard_size": max_shard_size,
+                "tokenizer_from": tokenizer_dir,
+            },
+            results={
+                "tensors": result.tensors,
+                "updated": result.updated,
+                "replaced": result.replaced,
+                "vocab_size": sizes.embedding,
+                "verify": None if report is None else {"max_abs_diff": report.max_abs_diff, "tolerance": report.tolerance},
+            },
+        )
+        manifest = create_manifest([tmp], manifest=tmp / "SHA256SUMS")
+        result.files = [f.path for f in manifest.files] + ["SHA256SUMS"]
+        result.total_bytes = manifest.total_bytes
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# --- verification -----------------------------------------------------------------------------------
+
+
+def _prompt_ids(tokenizer_dir: Path, vocab: int) -> list[int]:
+    if has_tokenizer(tokenizer_dir):
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(str(tokenizer_dir))(VERIFY_PROMPT)["input_ids"]
+        if ids and max(ids) < vocab:
+            return ids
+    return [(7 * i + 3) % vocab for i in range(16)]
+
+
+def reference_model(base: Path, adapters: Sequence[Path]):
+    """Base + adapters applied by PEFT in order: earlier ones merged by PEFT itself, the last one left unmerged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    for number, directory in enumerate(adapters):
+        rows = [info.shape[0] for key, info in tensor_infos(read_adapter(directory).weights_file).items()
+                if _classify(key)[0] == "replace" and _classify(key)[1] in EMBEDDING_NAMES]
+        if rows and rows[0] != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(rows[0], mean_resizing=False)
+        model = PeftModel.from_pretrained(model, str(directory))
+        if number < len(adapters) - 1:
+            model = model.merge_and_unload()
+    return model.eval()
+
+
+def verify_merge(base: Path, adapters: Sequence[Path], merged: Path, *, tolerance: float, progress: Progress = NULL_PROGRESS) -> VerifyReport:
+    """Max absolute logit difference between PEFT's base+adapters and the merged checkpoint, on a short prompt."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cnllm.core.runtime import quiet_libraries
+
+    quiet_libraries()
+    progress.log("verifying: base + adapters (PEFT, unmerged) against the merged output")
+    vocab = load_config(merged).get("vocab_size") or 0
+    ids = torch.tensor([_prompt_ids(merged, vocab)])
+    with torch.no_grad():
+        model = reference_model(base, adapters)
+        expected = model(ids).logits.float()
+        del model
+        gc.collect()
+        model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+        actual = model(ids).logits.float()
+        del model
+        gc.collect()
+    return VerifyReport(float((expected - actual).abs().max()), tolerance, ids.shape[1])
+
+
+# --- Meta consolidated.NN.pth -----------------------------------------------------------------------
+
+META_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+META_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+# Meta's model-parallel split: column-parallel layers by output rows, row-parallel ones (and the
+# parallel embedding) by input columns; norms are replicated in every shard.
+META_SPLIT_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+
+
+def meta_name(name: str) -> str | None:
+    """Meta's name for a Hugging Face LLaMA tensor (``None`` for buffers Meta does not store)."""
+    if name in META_TOP_NAMES:
+        return META_TOP_NAMES[name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if match and match.group(2) in META_LAYER_NAMES:
+        return f"layers.{match.group(1)}.{META_LAYER_NAMES[match.group(2)]}"
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise UsageError(f"tensor {name} has no place in Meta's LLaMA layout; write --format hf instead")
+
+
+def unpermute(weight, heads: int):
+    """Undo the q/k row permutation Hugging Face's LLaMA conversion applies (rotary halves → interleaved pairs).
+
+    ``heads`` is the number of heads the matrix holds: attention heads for q, key/value heads for k.
+    """
+    rows, columns = weight.shape
+    return weight.view(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
+def meta_ffn_params(dim: int, intermediate: int) -> dict:
+    """``multiple_of`` (and ``ffn_dim_multiplier`` when needed) that reproduce ``intermediate`` with Meta's formula."""
+    base = int(2 * 4 * dim / 3)
+    for multiple_of in (256, 128, 64, 32, 16, 8):
+        if multiple_of * ((base + multiple_of - 1) // multiple_of) == intermediate:
+            return {"multiple_of": multiple_of}
+    return {"multiple_of": 1, "ffn_dim_multiplier": (intermediate + 0.5) / base}
+
+
+def meta_params(config: dict) -> dict:
+    heads = config["num_attention_heads"]
+    params = {
+        "dim": config["hidden_size"],
+        "n_layers": config["num_hidden_layers"],
+        "n_heads": heads,
+        "vocab_size": config["vocab_size"],
+        "norm_eps": config.get("rms_norm_eps", 1e-6),
+        **meta_ffn_params(config["hidden_size"], config["intermediate_size"]),
+    }
+    if config.get("num_key_value_heads", heads) != heads:
+        params["n_kv_heads"] = config["num_key_value_heads"]
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta:
+        params["rope_theta"] = theta
+    return params
+
+
+def write_meta_checkpoint(hf_dir: Path, target: Path, *, shards: int = 1, progress: Progress = NULL_PROGRESS) -> list[Path]:
+    """Write ``consolidated.NN.pth`` (``shards`` model-parallel parts) and ``params.json`` from a merged HF LLaMA.
+
+    One shard is held in memory at a time; the merged safetensors are re-read once per shard.
+    """
+    import torch
+
+    config = load_config(hf_dir)
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    files = []
+    progress.start(shards, "writing consolidated.*.pth", unit="shard")
+    for number in range(shards):
+        state = {}
+        for name, tensor in stream_tensors(hf_dir):
+            meta = meta_name(name)
+            if meta is None:
+                continue
+            kind = meta.split(".")[-2]
+            if kind == "wq":
+                tensor = unpermute(tensor, heads)
+            elif kind == "wk":
+                tensor = unpermute(tensor, kv_heads)
+            dim = META_SPLIT_DIM.get(kind)
+            if shards > 1 and dim is not None:
+                if tensor.shape[dim] % shards:
+                    raise UsageError(f"{name} ({_shape(tensor.shape)}) cannot be split into {shards} equal shards along dimension {dim}")
+                tensor = tensor.chunk(shards, dim)[number].clone()
+            state[meta] = tensor
+        path = target / f"consolidated.{number:02d}.pth"
+        torch.save(state, path)
+        files.append(path)
+        del state
+        progress.advance(1)
+    progress.finish()
+    (target / "params.json").write_text(json.dumps(meta_params(config), indent=2) + "\n", encoding="utf-8")
+    return files

@@ -1,0 +1,1 @@
+"""The training core shared by ``cnllm pt`` and ``cnllm sft``: data, Trainer + PEFT setup, callbacks."""

@@ -1,0 +1,115 @@
+"""Trainer callbacks: progress through the core Progress protocol, metrics.jsonl, and the loss curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from cnllm.core.progress import Progress
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+class TrainingMonitor(TrainerCallback):
+    """Reports step, loss, lr and tokens/s to ``progress`` and appends every log to ``metrics.jsonl``.
+
+    Only the main process reports; the other ranks of a distributed run stay silent.
+    """
+
+    def __init__(self, progress: Progress, metrics_path: Path):
+        self.progress = progress
+        self.metrics_path = metrics_path
+        self.last_tokens = 0
+        self.last_time = time.monotonic()
+        self.started = False
+
+    def _write(self, row: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_tokens, self.last_time = state.num_input_tokens_seen, time.monotonic()
+        if state.is_world_process_zero:
+            self.progress.start(state.max_steps, "training", unit="step")
+            if state.global_step:
+                self.progress.advance(state.global_step)
+            self.started = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.started:
+            self.progress.advance(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.monotonic()
+        tokens = state.num_input_tokens_seen
+        speed = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_tokens, self.last_time = tokens, now
+        row = {
+            "step": state.global_step,
+            "loss": logs["loss"],
+            "lr": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "tokens_per_second": round(speed, 1),
+            "tokens": tokens,
+        }
+        self._write(row)
+        if self.started:
+            self.progress.advance(0, loss=float(row["loss"]), lr=float(row["lr"] or 0.0), tok_s=round(speed))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
+            return
+        loss = float(metrics["eval_loss"])
+        self._write({"step": state.global_step, "eval_loss": loss, "perplexity": perplexity(loss)})
+        self.progress.log(f"step {state.global_step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.started:
+            self.progress.finish()
+            self.started = False
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows logged after ``last_step``: a resumed run recomputes those steps."""
+    if path.exists():
+        rows = [r for r in read_metrics(path) if r["step"] <= last_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> None:
+    """Training loss per step, and eval loss where measured, as a PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axis.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)

@@ -1,0 +1,112 @@
+"""Every option of a training run, in one dataclass: the CLI, ``--config`` files and the resolved
+config written beside the adapter all use these names."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from cnllm.core.errors import UsageError
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PT_ONLY = ("block_size", "streaming", "cache_dir")
+SFT_ONLY = ("template", "system", "max_seq_length", "packing", "skip_invalid")
+
+
+@dataclass
+class TrainOptions:
+    # what to train, and where the result goes
+    model: Optional[Path] = None
+    data: list[Path] = field(default_factory=list)
+    output: Optional[Path] = None
+    tokenizer: Optional[Path] = None
+    validation_data: list[Path] = field(default_factory=list)
+    validation_split: float = 0.01
+    # LoRA / full fine-tuning
+    lora_rank: int = 64
+    lora_alpha: float = 128.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    train_embeddings: Optional[bool] = None
+    full_finetune: bool = False
+    peft_path: Optional[Path] = None
+    # optimisation
+    learning_rate: float = 2e-4
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    # checkpoints, logging, evaluation
+    save_steps: int = 500
+    save_total_limit: int = 3
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None
+    eval_before: bool = True
+    tensorboard: bool = False
+    resume: bool = False
+    force: bool = False
+    # distributed engines
+    deepspeed: Optional[Path] = None
+    fsdp: Optional[str] = None
+    trust_remote_code: bool = False
+    # pt data
+    block_size: int = 1024
+    streaming: bool = False
+    cache_dir: Optional[Path] = None
+    # sft data
+    template: str = "alpaca"
+    system: Optional[str] = None
+    max_seq_length: int = 1024
+    packing: bool = False
+    skip_invalid: bool = False
+
+    def as_dict(self, mode: str | None = None) -> dict:
+        """The options (those that matter to ``mode`` when given: pt has no template, sft no block size)."""
+        skip = {"pt": SFT_ONLY, "sft": PT_ONLY}.get(mode or "", ())
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+    def validate(self, mode: str) -> None:
+        """Option combinations that cannot work: one line each, before anything is loaded."""
+        if self.model is None:
+            raise UsageError("--model is required (on the command line or in --config)")
+        if not self.data:
+            raise UsageError("--data is required (on the command line or in --config)")
+        if self.output is None:
+            raise UsageError("--output is required (on the command line or in --config)")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise UsageError("choose one of --load-in-4bit and --load-in-8bit")
+        if self.full_finetune and (self.peft_path or self.load_in_4bit or self.load_in_8bit):
+            raise UsageError("--full-finetune trains every weight; it cannot be combined with --peft-path or --load-in-4bit/8bit")
+        if not self.full_finetune and not self.lora_targets and not self.peft_path:
+            raise UsageError("--lora-targets is empty: name at least one linear layer (or use --full-finetune)")
+        if self.streaming and self.max_steps <= 0:
+            raise UsageError("--streaming reads the data once as it goes and cannot count it: set --max-steps")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.validation_split < 1:
+            raise UsageError(f"--validation-split must be in [0, 1), got {self.validation_split}")
+        positive = {"lora-rank": self.lora_rank, "batch-size": self.batch_size, "save-steps": self.save_steps,
+                    "gradient-accumulation-steps": self.gradient_accumulation_steps, "logging-steps": self.logging_steps,
+                    "block-size": self.block_size, "max-seq-length": self.max_seq_length}
+        for name, value in positive.items():
+            if value < 1:
+                raise UsageError(f"--{name} must be at least 1, got {value}")
+        if self.deepspeed is not None and not self.deepspeed.is_file():
+            raise UsageError(f"DeepSpeed config {self.deepspeed} does not exist")
+        if self.peft_path is not None and not (self.peft_path / "adapter_config.json").is_file():
+            raise UsageError(f"--peft-path {self.peft_path} is not a PEFT adapter directory (no adapter_config.json)")
+        if mode == "sft" and self.streaming:
+            raise UsageError("--streaming is for pt corpora; sft data is read into memory")

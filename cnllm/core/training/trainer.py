@@ -1,0 +1,621 @@
+"""One training core for ``cnllm pt`` and ``cnllm sft``: Hugging Face ``Trainer`` + PEFT LoRA.
+
+The run trains inside a working directory beside the output (``.<name>.cnllm-training``) so
+checkpoints survive an interruption and ``--resume`` can continue them; only a finished run is
+renamed to the output name. Distributed runs (torchrun / accelerate launch, DDP, DeepSpeed, FSDP)
+use the Trainer's own engines; only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnllm.core.config import dump_yaml
+from cnllm.core.errors import CheckFailed, UsageError
+from cnllm.core.modelio import VocabSizes, check_vocab_agreement, has_tokenizer, load_config, vocab_sizes
+from cnllm.core.progress import NULL_PROGRESS, Progress
+from cnllm.core.provenance import write_record
+from cnllm.core.tensors import read_safetensors_header
+from cnllm.core.training.options import TrainOptions
+
+VOCAB_MULTIPLE = 64
+EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
+WORK_SUFFIX = ".cnllm-training"
+CONFIG_NAME = "train-config.yaml"
+METRICS_NAME = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    mode: str
+    steps: int = 0
+    train_loss: float | None = None
+    eval_loss_before: float | None = None
+    eval_loss: float | None = None
+    perplexity_before: float | None = None
+    perplexity: float | None = None
+    tokens_per_second: float | None = None
+    tokens_seen: int = 0
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    vocab: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    resumed_from: str | None = None
+    peak_memory_bytes: int = 0
+    seconds: float = 0.0
+    main_process: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "main_process"}
+
+
+def work_dir_for(output: Path) -> Path:
+    return output.parent / f".{output.name}{WORK_SUFFIX}"
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest ``checkpoint-N`` whose trainer state was written (it is saved last, so the rest is there)."""
+    candidates = []
+    for item in directory.glob("checkpoint-*") if directory.is_dir() else []:
+        suffix = item.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and (item / "trainer_state.json").is_file():
+            candidates.append((int(suffix), item))
+    return max(candidates)[1] if candidates else None
+
+
+def world_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ------------------------------------------------------------------------------- checks before work
+
+
+def plan_output(options: TrainOptions) -> tuple[Path, bool]:
+    """The working directory and whether an earlier run is continued; refuses to clobber anything."""
+    output = options.output
+    work = work_dir_for(output)
+    if options.resume:
+        if work.is_dir() or last_complete_checkpoint(output):
+            return work, True
+        raise UsageError(f"--resume: nothing to resume, neither {work} nor {output} holds a checkpoint")
+    if (output.exists() or output.is_symlink()) and not options.force:
+        raise UsageError(f"output {output} already exists; pass --resume to continue its training or --force to start over")
+    if work.exists() and not options.force:
+        raise UsageError(f"an interrupted run left checkpoints in {work}; pass --resume to continue it or --force to start over")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise UsageError(f"cannot write {output}: {output.parent} is not a directory")
+    return work, False
+
+
+def check_vocabulary(model_dir: Path, tokenizer_dir: Path) -> VocabSizes:
+    """Config, embedding and lm_head must agree; the tokenizer may be larger (we resize) but not smaller."""
+    sizes = vocab_sizes(model_dir, tokenizer_dir)
+    check_vocab_agreement(VocabSizes(None, sizes.config, sizes.embedding, sizes.lm_head), where=str(model_dir))
+    rows = sizes.embedding if sizes.embedding is not None else sizes.config
+    if sizes.tokenizer is not None and rows is not None and round_up(sizes.tokenizer, VOCAB_MULTIPLE) < rows:
+        raise UsageError(
+            f"the tokenizer in {tokenizer_dir} has {sizes.tokenizer} tokens, fewer than the model's {rows} embedding rows "
+            f"({sizes.describe()}): pass the tokenizer the model was trained with (--tokenizer)"
+        )
+    return sizes
+
+
+def linear_layer_names(model) -> list[str]:
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+
+
+def check_lora_targets(model_dir: Path, targets: list[str], trust_remote_code: bool) -> None:
+    """Every LoRA target must be a linear layer name of the model (built on the meta device: no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names = linear_layer_names(skeleton)
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise UsageError(f"LoRA target {', '.join(missing)} is not a linear layer of the model; its linear layers are: {', '.join(names)}")
+
+
+def check_quantization(options: TrainOptions) -> None:
+    if not (options.load_in_4bit or options.load_in_8bit):
+        return
+    import importlib.util
+
+    import torch
+
+    flag = "--load-in-4bit" if options.load_in_4bit else "--load-in-8bit"
+    if not torch.cuda.is_available():
+        raise UsageError(f"{flag} (QLoRA) needs a CUDA GPU and none is available here; drop the flag to train unquantised")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(f"{flag} (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+
+
+def check_optional_packages(options: TrainOptions) -> None:
+    import importlib.util
+
+    if options.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
+    if options.tensorboard and not any(importlib.util.find_spec(n) for n in ("tensorboard", "tensorboardX")):
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+def choose_precision(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if requested == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on this machine")
+    return requested
+
+
+# ------------------------------------------------------------------------------------ model setup
+
+
+def load_model(options: TrainOptions, precision: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if options.load_in_4bit or options.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = half or torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=options.load_in_4bit,
+            load_in_8bit=options.load_in_8bit,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    else:
+        # LoRA freezes the base: keep it in half precision on a GPU; full fine-tuning keeps fp32 master weights.
+        kwargs["dtype"] = half if (half is not None and not options.full_finetune) else torch.float32
+    return AutoModelForCausalLM.from_pretrained(str(options.model), **kwargs)
+
+
+def resize_vocabulary(model, tokenizer_length: int) -> tuple[int, int]:
+    """Grow embeddings and lm_head to the tokenizer (padded to a multiple of 64); new rows are the mean row."""
+    import torch
+
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer_length <= old_rows:
+        return old_rows, old_rows
+    model.resize_token_embeddings(tokenizer_length, pad_to_multiple_of=VOCAB_MULTIPLE, mean_resizing=False)
+    with torch.no_grad():
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is not None:
+                weight = layer.weight
+                weight[old_rows:] = weight[:old_rows].float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return old_rows, model.get_input_embeddings().weight.shape[0]
+
+
+def adapter_embedding_rows(peft_path: Path) -> int | None:
+    weights = peft_path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return None
+    header = read_safetensors_header(weights)
+    return next((info["shape"][0] for name, info in header.items() if name != "__metadata__" and "embed_tokens" in name), None)
+
+
+def apply_peft(model, options: TrainOptions, train_embeddings: bool, precision: str):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if options.load_in_4bit or options.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+    if options.peft_path is not None:
+        model = PeftModel.from_pretrained(model, str(options.peft_path), is_trainable=True)
+    else:
+        config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=options.lora_rank,
+            lora_alpha=options.lora_alpha,
+            lora_dropout=options.lora_dropout,
+            target_modules=list(options.lora_targets),
+            modules_to_save=list(EMBEDDING_MODULES) if train_embeddings else None,
+        )
+        model = get_peft_model(model, config)
+    if precision in ("fp16", "bf16"):
+        # Trained weights stay fp32 (the optimizer and the fp16 grad scaler need it); autocast does the rest.
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def verify_adapter(directory: Path, targets: list[str], train_embeddings: bool) -> dict[str, Any]:
+    """The saved adapter must hold the trained tensors: LoRA A/B for each target, full embedding/lm_head if trained."""
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckFailed(f"training finished but no {ADAPTER_WEIGHTS} was written to {directory}")
+    names = [n for n in read_safetensors_header(weights) if n != "__metadata__"]
+    missing = [t for t in targets if not any(f".{t}.lora_A" in n for n in names) or not any(f".{t}.lora_B" in n for n in names)]
+    if train_embeddings:
+        missing += [m for m in EMBEDDING_MODULES if not any(f"{m}.weight" in n and "lora" not in n for n in names)]
+    if missing:
+        raise CheckFailed(f"the saved adapter {weights} lacks the trained tensors of {', '.join(missing)} ({len(names)} tensors, {weights.stat().st_size} bytes)")
+    return {"tensors": len(names), "bytes": weights.stat().st_size}
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+class BlockCollator:
+    """Equal-length pre-training blocks: labels are the inputs (the model shifts them)."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+class PaddingCollator:
+    """SFT examples padded on the right: pad id for inputs, -100 for labels, a zero attention mask."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        length = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), length), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            ids[row, :n] = torch.tensor(feature["input_ids"])
+            labels[row, :n] = torch.tensor(feature["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def build_data(plan: Plan, tokenizer, progress: Progress):
+    """Train set, eval set (or None), the batch collator, and a summary for the report."""
+    from cnllm.core.training import data
+
+    options, train_files, validation_files = plan.options, plan.train_files, plan.validation_files
+
+    if plan.mode == "pt":
+        built = data.build_pt_data(
+            train_files,
+            tokenizer,
+            block_size=options.block_size,
+            validation_files=validation_files,
+            validation_split=options.validation_split,
+            streaming=options.streaming,
+            cache_dir=options.cache_dir,
+            seed=options.seed,
+        )
+        if built.stats.invalid_utf8_lines:
+            progress.log(f"warning: skipped {built.stats.invalid_utf8_lines} lines that are not UTF-8")
+        summary = {
+            "train_blocks": built.train_blocks,
+            "eval_blocks": built.eval_blocks,
+            "block_size": options.block_size,
+            "documents": built.stats.lines,
+            "cache": str(built.cache_path) if built.cache_path else None,
+            "cache_hit": built.cache_hit,
+        }
+        if built.cache_path is not None:
+            progress.log(f"{'reused' if built.cache_hit else 'built'} {built.train_blocks + built.eval_blocks} blocks of {options.block_size} tokens ({built.cache_path})")
+        return built.train, built.eval, BlockCollator(), summary
+    built = data.build_sft_data(
+        train_files,
+        tokenizer,
+        template=options.template,
+        system=options.system,
+        max_seq_length=options.max_seq_length,
+        packing=options.packing,
+        validation_files=validation_files,
+        validation_split=options.validation_split,
+        skip_invalid=options.skip_invalid,
+        seed=options.seed,
+    )
+    if built.skipped:
+        progress.log(f"warning: skipped {len(built.skipped)} invalid records (first: {built.skipped[0]})")
+    if built.stats.truncated:
+        progress.log(f"warning: {built.stats.truncated} of {built.stats.samples} samples were longer than --max-seq-length {options.max_seq_length} and were truncated")
+    if built.stats.dropped_no_target:
+        progress.log(f"warning: dropped {built.stats.dropped_no_target} samples left without an answer token after truncation")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    summary = {
+        "records": built.stats.samples,
+        "train_samples": len(built.train),
+        "eval_samples": built.eval_samples,
+        "skipped_invalid": len(built.skipped),
+        "truncated": built.stats.truncated,
+        "dropped_no_target": built.stats.dropped_no_target,
+        "trainable_tokens": built.stats.trainable_tokens,
+        "total_tokens": built.stats.total_tokens,
+        "template": options.template,
+        "packing": options.packing,
+    }
+    return built.train, built.eval, PaddingCollator(pad_id if pad_id is not None else 0), summary
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+
+def training_arguments(plan: Plan, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    options, precision = plan.options, plan.precision
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return TrainingArguments(
+        output_dir=str(plan.work),
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=options.warmup_ratio,
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
+        seed=options.seed,
+        data_seed=options.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        include_num_input_tokens_seen="all" if plan.mode == "pt" else "non_padding",
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=options.eval_steps or options.save_steps,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        report_to=["tensorboard"] if options.tensorboard else [],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False if distributed else None,
+        deepspeed=str(options.deepspeed) if options.deepspeed else None,
+        fsdp=options.fsdp or "",
+        log_level="error",
+        log_level_replica="error",
+    )
+
+
+@dataclass
+class Plan:
+    """Everything checked before any work: what to train on, with which tokenizer, where, how."""
+
+    mode: str
+    options: TrainOptions
+    work: Path
+    resuming: bool
+    train_files: list[Path]
+    validation_files: list[Path]
+    tokenizer_dir: Path
+    sizes: VocabSizes
+    precision: str
+    train_embeddings: bool
+
+
+def plan_run(mode: str, options: TrainOptions) -> Plan:
+    """Every usage check, cheapest first; raises UsageError before anything is loaded or written."""
+    from cnllm.core.training.data import check_data_files
+
+    options.validate(mode)
+    work, resuming = plan_output(options)
+    train_files = check_data_files(options.data)
+    validation_files = check_data_files(options.validation_data, what="validation data") if options.validation_data else []
+    if mode == "sft" and options.template != "auto":
+        from cnllm.core.templates import get_template
+
+        get_template(options.template)
+    load_config(options.model)
+    tokenizer_dir = options.tokenizer
+    if tokenizer_dir is None:
+        tokenizer_dir = options.peft_path if options.peft_path is not None and has_tokenizer(options.peft_path) else options.model
+    if not has_tokenizer(tokenizer_dir):
+        raise UsageError(f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model); pass --tokenizer")
+    sizes = check_vocabulary(options.model, tokenizer_dir)
+    if options.peft_path is None and not options.full_finetune:
+        check_lora_targets(options.model, options.lora_targets, options.trust_remote_code)
+    check_quantization(options)
+    check_optional_packages(options)
+    precision = choose_precision(options.precision)
+    rows = sizes.embedding if sizes.embedding is not None else sizes.config
+    needs_resize = sizes.tokenizer is not None and rows is not None and sizes.tokenizer > rows
+    if options.peft_path is not None:
+        adapter_rows = adapter_embedding_rows(options.peft_path)
+        expected = round_up(sizes.tokenizer, VOCAB_MULTIPLE) if needs_resize else rows
+        if adapter_rows is not None and adapter_rows != expected:
+            raise UsageError(
+                f"the adapter {options.peft_path} has {adapter_rows} embedding rows but the model with tokenizer {tokenizer_dir} "
+                f"has {expected}: pass the --tokenizer the adapter was trained with"
+            )
+    train_embeddings = options.train_embeddings if options.train_embeddings is not None else needs_resize
+    return Plan(mode, options, work, resuming, train_files, validation_files, Path(tokenizer_dir), sizes, precision, train_embeddings)
+
+
+def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PROGRESS) -> TrainResult:
+    """Check everything, then train; returns the figures (``main_process`` False on the other ranks)."""
+    from transformers import AutoTokenizer
+
+    from cnllm.core.runtime import quiet_libraries
+
+    started = time.monotonic()
+    quiet_libraries()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")  # PEFT noting the resize we did on purpose
+    plan = plan_run(mode, options)
+    result = TrainResult(output=options.output, mode=mode, main_process=world_rank() == 0)
+    tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir), trust_remote_code=options.trust_remote_code)
+    # Arguments first: they join the process group, so the main process can build the data cache before the others.
+    args = training_arguments(plan, has_eval=False)
+    main = args.process_index == 0
+    with args.main_process_first(desc="prepare the data and the working directory"):
+        train_set, eval_set, collator, result.data = build_data(plan, tokenizer, progress)
+        if main:
+            _prepare_work_dir(plan, progress)
+    try:
+        _train(plan, result, tokenizer, train_set, eval_set, collator, progress)
+    except BaseException:
+        if main and plan.work.is_dir() and last_complete_checkpoint(plan.work) is None:
+            shutil.rmtree(plan.work, ignore_errors=True)  # nothing worth resuming: leave no trace
+        raise
+    result.seconds = round(time.monotonic() - started, 2)
+    if main:
+        _finish_output(plan, result)
+    return result
+
+
+def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, collator, progress: Progress) -> None:
+    from transformers import Trainer, set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from cnllm.core.training.callbacks import TrainingMonitor, perplexity, read_metrics, truncate_metrics
+
+    options, work = plan.options, plan.work
+    args = training_arguments(plan, has_eval=eval_set is not None)
+    main = args.process_index == 0
+    set_seed(options.seed)  # LoRA and resized rows are initialised before the Trainer seeds anything
+    model = load_model(options, plan.precision)
+    old_rows, new_rows = resize_vocabulary(model, len(tokenizer))
+    result.vocab = {"tokenizer": len(tokenizer), "config": plan.sizes.config, "embedding_rows_before": old_rows,
+                    "embedding_rows": new_rows, "resized": new_rows != old_rows, "train_embeddings": plan.train_embeddings}
+    if new_rows != old_rows:
+        progress.log(f"resized the vocabulary {old_rows} → {new_rows} rows for {len(tokenizer)} tokens (new rows = mean embedding)")
+        if not plan.train_embeddings and not options.full_finetune:
+            progress.log("warning: the new embedding rows stay frozen at the mean; pass --train-embeddings to learn them")
+    model.config.use_cache = False
+    if options.full_finetune:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+    else:
+        model = apply_peft(model, options, plan.train_embeddings, plan.precision)
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not options.full_finetune and not plan.train_embeddings:
+            model.enable_input_require_grads()
+    result.trainable_parameters, result.total_parameters = count_parameters(model)
+    progress.log(f"training {result.trainable_parameters:,} of {result.total_parameters:,} parameters ({plan.precision}, {plan.mode})")
+
+    metrics_path = work / METRICS_NAME
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
+                      processing_class=tokenizer, callbacks=[TrainingMonitor(progress, metrics_path)])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+    checkpoint = last_complete_checkpoint(work) if plan.resuming else None
+    if checkpoint is not None:
+        result.resumed_from = checkpoint.name
+        if main:
+            truncate_metrics(metrics_path, json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+        progress.log(f"resuming from {checkpoint}")
+    elif eval_set is not None and options.eval_before:
+        trainer.evaluate()
+    before = [r for r in read_metrics(metrics_path) if r.get("step") == 0 and "eval_loss" in r] if main else []
+    if before:
+        result.eval_loss_before, result.perplexity_before = before[0]["eval_loss"], before[0]["perplexity"]
+
+    tokens_at_start = _checkpoint_tokens(checkpoint)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except KeyboardInterrupt:
+        raise UsageError(f"interrupted; checkpoints are in {work}: rerun with --resume to continue") from None
+    result.steps = trainer.state.global_step
+    result.tokens_seen = int(trainer.state.num_input_tokens_seen)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result.train_loss = losses[-1] if losses else output.training_loss
+    runtime = output.metrics.get("train_runtime") or 0.0
+    result.tokens_per_second = round((result.tokens_seen - tokens_at_start) / runtime, 1) if runtime > 0 else None
+    if eval_set is not None:
+        evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == result.steps]
+        result.eval_loss = float(evals[-1]) if evals else float(trainer.evaluate()["eval_loss"])
+        result.perplexity = perplexity(result.eval_loss)
+    trainer.save_model(str(work))
+    if main:
+        (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; train-config.yaml says the same in YAML
+    result.peak_memory_bytes = peak_memory_bytes()
+
+
+def _checkpoint_tokens(checkpoint: Path | None) -> int:
+    if checkpoint is None:
+        return 0
+    return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("num_input_tokens_seen", 0))
+
+
+def peak_memory_bytes() -> int:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prepare_work_dir(plan: Plan, progress: Progress) -> None:
+    """Start fresh (``--force``), continue the working directory, or move a finished output back to continue it."""
+    work = plan.work
+    if not plan.resuming:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+    elif not work.exists():
+        os.replace(plan.options.output, work)
+        progress.log(f"continuing the finished run in {plan.options.output}")
+    elif last_complete_checkpoint(work) is None:
+        shutil.rmtree(work)  # killed before its first checkpoint: start again
+        work.mkdir()
+
+
+def _finish_output(plan: Plan, result: TrainResult) -> None:
+    """Verify the adapter, add curve, config and provenance, then rename the working directory to the output."""
+    from cnllm.core.training.callbacks import plot_loss_curve
+
+    options, work, mode = plan.options, plan.work, plan.mode
+    if not options.full_finetune:
+        targets = [] if options.peft_path else list(options.lora_targets)
+        result.data["adapter"] = verify_adapter(work, targets, plan.train_embeddings and not options.peft_path)
+    plot_loss_curve(work / METRICS_NAME, work / LOSS_PNG, f"cnllm {mode}: {options.model.name}")
+    (work / CONFIG_NAME).write_text(dump_yaml(options.as_dict(mode)), encoding="utf-8")
+    inputs = [*plan.train_files, *plan.validation_files, options.model / "config.json"]
+    write_record(work, "train", inputs=inputs, options={"mode": mode, **options.as_dict(mode)}, results=result.as_dict())
+    output = options.output
+    old = None
+    if output.exists() or output.is_symlink():
+        old = output.parent / f".{output.name}.cnllm-tmp-old-{os.getpid()}"
+        os.replace(output, old)
+    os.replace(work, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

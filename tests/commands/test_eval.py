@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cnllm.core.tiny import asset
+from tests.core.evaluation.exam_data import write_ceval
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "sample.txt"
+    path.write_text(asset("en.txt").read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def exam(tmp_path_factory):
+    return write_ceval(tmp_path_factory.mktemp("exam") / "ceval", val=3, test=2)
+
+
+def test_ppl_json_and_output_file(cli, tiny_llama_dir, small_text, tmp_path):
+    out = tmp_path / "ppl.json"
+    result = cli("eval", "ppl", tiny_llama_dir, "--data", small_text, "--ctx", "64", "--json", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["settings"] == {"ctx": 64, "stride": None, "llamacpp_compatible": False, "batch_size": 1}
+    assert document["files"][0]["ppl"] == pytest.approx(document["total"]["ppl"])
+    assert {"ppl", "mean_nll", "tokens_scored", "bits_per_byte", "tokens_per_second"} <= set(document["total"])
+    assert json.loads(out.read_text(encoding="utf-8")) == document
+    again = cli("eval", "ppl", tiny_llama_dir, "--data", small_text, "-o", out)
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_ppl_table(cli, tiny_llama_dir, small_text):
+    result = cli("eval", "ppl", tiny_llama_dir, "-d", small_text, "-d", small_text, "--ctx", "64", "--stride", "32")
+    assert result.exit_code == 0, result.stderr
+    assert "sample.txt" in result.stdout and "total" in result.stdout and "bits/byte" in result.stdout
+
+
+def test_mc_table_and_outputs(cli, tiny_llama_dir, exam, tmp_path):
+    out = tmp_path / "run"
+    result = cli("eval", "mc", tiny_llama_dir, "--data", exam, "--shots", "1", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert "计算机网络" in result.stdout and "by category" in result.stdout and "average" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["cnllm-eval-mc.json", "predictions.jsonl", "results.json"]
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["settings"]["shots"] == 1 and results["settings"]["template"] == "none"
+    assert results["model"]["backend"] == "transformers" and results["questions"] == 6
+
+
+def test_mc_test_split_json(cli, tiny_llama_dir, exam, tmp_path):
+    out = tmp_path / "submit"
+    result = cli("eval", "mc", tiny_llama_dir, "--data", exam, "--split", "test", "--shots", "0", "--template", "llama2",
+                 "--subjects", "law", "--json", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["labelled"] is False and document["settings"]["template"] == "llama2"
+    assert document["output"]["files"] == ["results.json", "predictions.jsonl", "submission.json"]
+    assert set(json.loads((out / "submission.json").read_text(encoding="utf-8"))) == {"law"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--subjects", "nope"], "nope_val.csv does not exist"),
+        (["--template", "vicuna"], "unknown --template"),
+        (["--format", "cmmlu", "--split", "val"], "no 'val' split"),
+        (["--subjects", " , "], "--subjects is empty"),
+    ],
+)
+def test_mc_usage_errors(cli, tiny_llama_dir, exam, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = cli("eval", "mc", tiny_llama_dir, "--data", exam, "-o", out, *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and result.stdout == ""
+
+
+def test_mc_bad_answer_names_file_and_line(cli, tiny_llama_dir, tmp_path):
+    root = write_ceval(tmp_path / "ceval", subjects=("law",))
+    path = root / "val" / "law_val.csv"
+    path.write_text(path.read_text(encoding="utf-8").replace(",C\n", ",X\n", 1), encoding="utf-8")
+    result = cli("eval", "mc", tiny_llama_dir, "--data", root)
+    assert result.exit_code == 2
+    assert "law_val.csv: line 4: answer 'X' is not one of A, B, C, D" in result.stderr
+
+
+def test_unloadable_models(cli, small_text, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 32)
+    result = cli("eval", "ppl", broken, "--data", small_text)
+    assert result.exit_code == 2 and "cannot load" in result.stderr
+    empty_dir = tmp_path / "model"
+    empty_dir.mkdir()
+    (empty_dir / "config.json").write_text("{}", encoding="utf-8")
+    result = cli("eval", "ppl", empty_dir, "--data", small_text)
+    assert result.exit_code == 2 and str(empty_dir) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lora_is_refused_for_gguf(cli, small_text, tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 32)
+    result = cli("eval", "ppl", model, "--data", small_text, "--lora", tmp_path)
+    assert result.exit_code == 2 and "--lora applies to Hugging Face" in result.stderr

@@ -1,0 +1,179 @@
+"""The backend-independent parts: UTF-8-safe detokenizing, stop strings, limits, prompt formats, model detection."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from cnllm.core.errors import UsageError
+from cnllm.core.generation.base import (
+    REPLACEMENT,
+    ContextOverflow,
+    Generator,
+    IncrementalDetokenizer,
+    SamplingParams,
+    StopMatcher,
+    load_generator,
+    plain_render,
+    resolve_prompt_format,
+)
+
+EOS = 256
+
+
+class ByteGenerator(Generator):
+    """A scripted "model" whose tokens are single bytes: the worst case for multi-byte characters."""
+
+    backend = "test"
+    bos_token = ""
+    eos_token = ""
+
+    def __init__(self, script: bytes, *, eos: bool = True, context_length: int = 64):
+        self.script = list(script) + ([EOS] if eos else [])
+        self.context_length = context_length
+        self.eos_ids = frozenset({EOS})
+        self.produced = 0
+
+    def tokenize(self, text, *, add_bos=True):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def generate_ids(self, prompt_ids, params, max_tokens, cancel):
+        for token in self.script:
+            if cancel.is_set():
+                return
+            self.produced += 1
+            yield token
+
+    def prompt_logprobs(self, ids, top=0):
+        raise NotImplementedError
+
+    def embed(self, texts):
+        raise NotImplementedError
+
+    def chat_template_source(self):
+        return None
+
+    def for_slot(self):
+        return self
+
+
+def test_detokenizer_never_emits_half_a_character(spm_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(spm_tokenizer_dir))
+    text = "你好，世界! hello 北京"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decode = lambda i: tokenizer.decode(i, skip_special_tokens=True)  # noqa: E731
+    # The tokenizer was trained on English: Chinese characters are byte-fallback tokens, which alone decode broken.
+    assert any(REPLACEMENT in decode([i]) for i in ids)
+    detok = IncrementalDetokenizer(decode)
+    deltas = [detok.add(i) for i in ids] + [detok.flush()]
+    assert all(REPLACEMENT not in d for d in deltas)
+    assert "".join(deltas) == decode(ids)
+
+
+def test_detokenizer_drops_an_unfinished_character_at_the_end():
+    detok = IncrementalDetokenizer(ByteGenerator(b"").decode)
+    data = "好你".encode("utf-8")
+    assert [detok.add(b) for b in data[:4]] == ["", "", "好", ""]
+    assert detok.flush() == ""
+
+
+def test_stream_of_single_bytes_yields_whole_characters():
+    generator = ByteGenerator("中文流式输出".encode("utf-8"))
+    stream = generator.stream("提示", SamplingParams(temperature=0))
+    assert list(stream) == list("中文流式输出")
+    assert stream.completion.finish_reason == "stop"
+    assert stream.completion.completion_tokens == len("中文流式输出".encode("utf-8"))
+    assert stream.completion.prompt_tokens == len("提示".encode("utf-8"))
+
+
+def test_stop_string_across_tokens_is_cut_and_never_shown():
+    generator = ByteGenerator(b"answer one### Instruction: more")
+    stream = generator.stream("x", SamplingParams(stop=("### Instruction:",)))
+    deltas = list(stream)
+    assert "".join(deltas) == "answer one"
+    assert all("#" not in d for d in deltas)
+    assert stream.completion.finish_reason == "stop"
+    assert generator.produced < len(b"answer one### Instruction: more")
+
+
+def test_stop_matcher_holds_back_only_possible_prefixes():
+    matcher = StopMatcher(["</s>", "STOP"])
+    assert matcher.feed("abc<") == ("abc", False)
+    assert matcher.feed("/x") == ("</x", False)
+    assert matcher.feed("ST") == ("", False)
+    assert matcher.feed("OP tail") == ("", True)
+    assert matcher.flush() == ""
+
+
+def test_max_tokens_and_context_limit():
+    stream = ByteGenerator(b"abcdefgh", eos=False).stream("p", SamplingParams(max_tokens=3))
+    assert "".join(stream) == "abc"
+    assert stream.completion.finish_reason == "length"
+    room = ByteGenerator(b"abcdefgh", eos=False, context_length=6).stream("pp", SamplingParams(max_tokens=None))
+    assert "".join(room) == "abcd"
+    with pytest.raises(ContextOverflow, match="context window is 6"):
+        ByteGenerator(b"", context_length=6).stream("long prompt", SamplingParams())
+    zero = ByteGenerator(b"abc").stream("p", SamplingParams(max_tokens=0)).read()
+    assert (zero.text, zero.finish_reason) == ("", "length")
+
+
+def test_cancel_stops_the_backend():
+    generator = ByteGenerator(b"x" * 50, eos=False)
+    stream = generator.stream("p", SamplingParams(max_tokens=None))
+    assert next(iter(stream)) == "x"
+    stream.close()
+    assert generator.produced == 1
+    assert stream.completion.finish_reason == "cancelled"
+    assert isinstance(stream.cancelled, threading.Event) and stream.cancelled.is_set()
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (SamplingParams(max_tokens=-1), "max_tokens"),
+        (SamplingParams(temperature=-0.5), "temperature"),
+        (SamplingParams(top_p=0), "top_p"),
+        (SamplingParams(top_k=-1), "top_k"),
+        (SamplingParams(repetition_penalty=0), "repetition_penalty"),
+    ],
+)
+def test_invalid_sampling_params(params, message):
+    with pytest.raises(UsageError, match=message):
+        params.validate()
+
+
+def test_prompt_formats():
+    messages = [{"role": "user", "content": "你好"}]
+    alpaca = resolve_prompt_format("alpaca", jinja_source=None, bos_token="<s>", eos_token="</s>")
+    assert alpaca.render(messages, None).endswith("### Instruction:\n你好\n\n### Response: ")
+    assert alpaca.stop == ("### Instruction:",)
+    source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    auto = resolve_prompt_format("auto", jinja_source=source, bos_token="<s>", eos_token="</s>")
+    assert auto.render(messages, "sys") == "<system>sys<user>你好<assistant>"
+    plain = resolve_prompt_format("auto", jinja_source=None, bos_token="<s>", eos_token="</s>")
+    assert plain.is_plain and plain.render(messages, None) == "你好"
+    assert plain_render([{"role": "user", "content": "a"}, {"role": "assistant", "content": " b"}, {"role": "user", "content": "c"}], None) == "a b\nc"
+    with pytest.raises(UsageError, match="unknown template"):
+        resolve_prompt_format("vicuna", jinja_source=None, bos_token="", eos_token="")
+
+
+def test_load_generator_rejects_what_it_cannot_run(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_generator(tmp_path / "missing.gguf")
+    text = tmp_path / "model.bin"
+    text.write_bytes(b"not a model")
+    with pytest.raises(UsageError, match="not a GGUF file"):
+        load_generator(text)
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UsageError, match="pass that file"):
+        load_generator(tmp_path)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 7)
+    with pytest.raises(UsageError, match="truncated.gguf"):
+        load_generator(truncated)

@@ -1,0 +1,60 @@
+"""The llama.cpp backend on the tiny model converted to an f32 GGUF: it must agree with transformers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cnllm.core.errors import UsageError
+from cnllm.core.generation.base import LoadOptions, SamplingParams, load_generator
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def gguf_generator(tiny_gguf):
+    generator = load_generator(tiny_gguf)
+    yield generator
+    generator.close()
+
+
+def test_tokens_logprobs_and_greedy_text_match_transformers(gguf_generator, tiny_generator):
+    text = "Hello world, 你好"
+    assert gguf_generator.tokenize(text) == tiny_generator.tokenize(text)
+    ids = tiny_generator.encode_prompt(text)
+    ours = [s.logprob for s in gguf_generator.prompt_logprobs(ids, top=2)[1:]]
+    reference = [s.logprob for s in tiny_generator.prompt_logprobs(ids)[1:]]
+    assert ours == pytest.approx(reference, abs=2e-3)
+    assert gguf_generator.complete(ids, GREEDY).token_ids == tiny_generator.complete(ids, GREEDY).token_ids
+
+
+def test_generation_after_scoring_and_seeded_sampling(gguf_generator):
+    ids = gguf_generator.encode_prompt("Once upon")
+    first = gguf_generator.complete(ids, GREEDY)
+    gguf_generator.prompt_logprobs(ids + first.token_ids)
+    assert gguf_generator.complete(ids, GREEDY).token_ids == first.token_ids
+    sampled = SamplingParams(max_tokens=10, temperature=1.2, top_k=0, top_p=1.0, seed=3)
+    assert gguf_generator.complete(ids, sampled).token_ids == gguf_generator.complete(ids, sampled).token_ids
+
+
+def test_embeddings(gguf_generator):
+    vectors, count = gguf_generator.embed(["hello", "world"])
+    assert len(vectors) == 2 and len(vectors[0]) == 64 and count > 0
+    assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4) for v in vectors)
+
+
+def test_draft_model_reports_acceptance(tiny_gguf, gguf_generator):
+    with load_generator(tiny_gguf, LoadOptions(draft_model=tiny_gguf, draft_tokens=3)) as speculative:
+        result = speculative.complete("Hello world", GREEDY)
+    assert result.token_ids == gguf_generator.complete("Hello world", GREEDY).token_ids
+    assert result.speculative.proposed > 0 and result.speculative.accepted > 0
+
+
+def test_truncated_gguf_is_a_usage_error(tiny_gguf, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    with pytest.raises(UsageError, match="truncated.gguf"):
+        load_generator(truncated)
+    with pytest.raises(UsageError, match="Hugging Face"):
+        load_generator(tiny_gguf, LoadOptions(lora=tmp_path))

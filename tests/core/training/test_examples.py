@@ -1,0 +1,29 @@
+"""The shipped training configs parse into valid options (a typo there would fail a user's 7B run at once)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cnllm.core.config import merge
+from cnllm.core.training.options import TrainOptions
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "training"
+
+
+@pytest.mark.parametrize("name", ["pt-7b-1gpu.yaml", "sft-7b-1gpu.yaml", "pt-7b-8gpu-zero2.yaml", "sft-7b-8gpu-zero2.yaml"])
+def test_example_config_resolves(name):
+    options = TrainOptions(**merge(TrainOptions, TrainOptions().as_dict(), set(), EXAMPLES / name))
+    assert options.model is not None and options.data and options.output is not None
+    assert options.lora_rank == 64 and options.lora_alpha == 128 and options.gradient_checkpointing
+    if "8gpu" in name:
+        assert options.deepspeed == Path("examples/training/ds_zero2.json")
+        assert (EXAMPLES.parents[1] / options.deepspeed).is_file()
+
+
+def test_deepspeed_config_is_zero_stage_2_with_trainer_filled_values():
+    config = json.loads((EXAMPLES / "ds_zero2.json").read_text())
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["train_micro_batch_size_per_gpu"] == "auto" and config["gradient_accumulation_steps"] == "auto"
