@@ -9,7 +9,11 @@ Run:  .venv/bin/python bench/bench_gguf.py [--layers 14] [--repeats 2] [--dir /t
    ../shared/tools/get-llamacpp-ref.sh. Targets: time ≤ 1.0×, memory ≤ 1.0× the reference's.
 3. Compares the two files with gguf.GGUFReader: tensor names, shapes, types and bytes; metadata keys and values;
    and whether the files are byte-identical.
-4. Quantizes our GGUF to Q8_0 and Q4_K_M (sizes, bits per weight, time) and generates a few tokens from each with
+4. Llama-3 byte-level BPE: a tiny model with the real 128,256-token Llama-3 tokenizer converted by both (compared
+   the same way), then the same tokenizer extended with Chinese tokens: the reference, which recognises the
+   pre-tokenizer by hashing sample-text ids, refuses it; cnllm reads the pre-tokenizer definition and converts, and
+   llama.cpp then tokenizes Chinese text exactly as the Hugging Face tokenizer does.
+5. Quantizes our GGUF to Q8_0 and Q4_K_M (sizes, bits per weight, time) and generates a few tokens from each with
    llama-cpp-python. All big files are deleted at the end.
 """
 
@@ -32,6 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CNLLM_SHARED_DIR", REPO.parent / "shared"))
 SPM_MODEL = SHARED / "fixtures/tokenizers/llama2-spm/tokenizer.model"
+LLAMA3_TOKENIZER = SHARED / "fixtures/tokenizers/llama3-bpe"
+CHINESE_TOKENS = ["中文", "模型", "工作", "我想"]  # the last two occur in the reference's hash text
 GET_REF = SHARED / "tools/get-llamacpp-ref.sh"
 
 
@@ -125,6 +131,43 @@ def _same_bytes(a: Path, b: Path) -> bool:
                 return True
 
 
+def llama3_check(folder: Path, ref_cmd_prefix: list[str], ref_env: dict) -> dict:
+    """Tiny models with the real Llama-3 tokenizer, plain and extended with Chinese tokens (see the module docstring)."""
+    import llama_cpp
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.tiny import build_tiny_llama
+
+    plain_tok, extended_tok = folder / "llama3-tok", folder / "llama3-zh-tok"
+    for target in (plain_tok, extended_tok):
+        target.mkdir()
+        for item in LLAMA3_TOKENIZER.glob("tokenizer*.json"):
+            shutil.copy2(item, target / item.name)
+    tokenizer = Tokenizer.from_file(str(extended_tok / "tokenizer.json"))
+    tokenizer.add_tokens(CHINESE_TOKENS)
+    tokenizer.save(str(extended_tok / "tokenizer.json"))
+    result = {}
+    for name, tok_dir in (("plain", plain_tok), ("extended", extended_tok)):
+        model = build_tiny_llama(folder / f"llama3-{name}", tok_dir)
+        ours = convert_to_gguf(model, folder / f"llama3-{name}.gguf", outtype="f16").output
+        ref_out = folder / f"llama3-{name}-ref.gguf"
+        ref = subprocess.run([*ref_cmd_prefix, str(model), "--outfile", str(ref_out), "--outtype", "f16"], env=ref_env, capture_output=True, text=True)
+        entry = {"vocab": len(AutoTokenizer.from_pretrained(str(model))), "reference_exit_code": ref.returncode}
+        if ref.returncode == 0:
+            entry["parity"] = compare(ours, ref_out)
+        else:
+            entry["reference_error"] = next((line for line in reversed(ref.stderr.splitlines()) if "Error" in line), ref.stderr[-200:])
+        hf = AutoTokenizer.from_pretrained(str(model))
+        llm = llama_cpp.Llama(str(ours), vocab_only=True, verbose=False)
+        text = "我想在大语言模型的中文能力上工作 and English text, 2024年"
+        entry["llama_cpp_tokenizes_like_hf"] = llm.tokenize(text.encode(), add_bos=False, special=False) == hf(text, add_special_tokens=False)["input_ids"]
+        llm.close()
+        result[name] = entry
+    return result
+
+
 def generate(path: Path) -> str:
     import llama_cpp
 
@@ -176,6 +219,7 @@ def main() -> None:
         }
         parity = compare(folder / "ours.gguf", folder / "ref.gguf")
         (folder / "ref.gguf").unlink()
+        llama3 = llama3_check(folder, ref_cmd[:2], ref_env)
 
         from cnllm.core.gguf.quantize import quantize_gguf
 
@@ -202,6 +246,7 @@ def main() -> None:
             "time_ratio": convert["cnllm"]["seconds"] / convert["reference"]["seconds"],
             "memory_ratio": convert["cnllm"]["peak_rss"] / convert["reference"]["peak_rss"],
             "parity": parity,
+            "llama3_bpe": llama3,
             "quantize": quant,
         }
     finally:
@@ -234,6 +279,21 @@ def markdown(r: dict, command: str) -> str:
         f"tensors differing in shape, type or bytes: {len(p['tensor_mismatches'])}; metadata keys only in ours: "
         f"{p['metadata_only_ours'] or 'none'}; only in the reference: {p['metadata_only_reference'] or 'none'}; "
         f"keys with different values: {p['metadata_value_differences'] or 'none'}; files byte-identical: {p['byte_identical']}.",
+        "",
+        "Llama-3 byte-level BPE (tiny random model, real tokenizer):",
+        "",
+        "| tokenizer | vocab | reference converter | cnllm vs reference | llama.cpp tokenizes like HF (on cnllm's GGUF) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in r["llama3_bpe"].items():
+        label = "Llama-3" if name == "plain" else f"Llama-3 + {len(CHINESE_TOKENS)} Chinese tokens"
+        if entry["reference_exit_code"] == 0:
+            q = entry["parity"]
+            outcome, versus = "converts", f"byte-identical: {q['byte_identical']}, differing tensors: {len(q['tensor_mismatches'])}"
+        else:
+            outcome, versus = f"fails: `{entry['reference_error']}`", "cnllm converts"
+        lines.append(f"| {label} | {entry['vocab']:,} | {outcome} | {versus} | {entry['llama_cpp_tokenizes_like_hf']} |")
+    lines += [
         "",
         "| quantize (llama.cpp's quantizer) | input | output | ratio | bits/weight | time | fallback tensors | generates |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

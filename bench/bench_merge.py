@@ -81,8 +81,13 @@ def child(kind: str, args: list[str]) -> None:
             worst = max(float((t.float() - other[n].float()).abs().max()) for n, t in stream_tensors(left))
             print(json.dumps({"max_abs_diff": worst}))
         else:
-            same = all(torch.equal(t.view(torch.int16), other[n].view(torch.int16)) for n, t in stream_tensors(left))
-            print(json.dumps({"bit_identical": same}))
+            values = signs = 0
+            for name, tensor in stream_tensors(left):
+                differ = tensor.view(torch.int16) != other[name].view(torch.int16)
+                zeros = (tensor == 0) & (other[name] == 0)
+                values += int((differ & ~zeros).sum())
+                signs += int((differ & zeros).sum())
+            print(json.dumps({"values_differing": values, "zero_signs_differing": signs}))
     seconds = time.perf_counter() - started
     print(json.dumps({"peak_rss": peak_rss(), "seconds": seconds}))
 
@@ -98,14 +103,14 @@ def peak_rss() -> int:
 
 def run_child(kind: str, *args) -> dict:
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", kind, *map(str, args)], check=True, capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, __file__, "--child", kind, *map(str, args)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{kind} {' '.join(map(str, args))} failed:\n{done.stderr[-3000:]}")
     wall = time.perf_counter() - started
-    result = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            result.update(json.loads(line))
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    if lines[:-1] and lines[0].startswith("{"):
+        result["document"] = json.loads("\n".join(lines[:-1]))
     result["wall"] = wall
     return result
 
@@ -212,12 +217,12 @@ def main() -> None:
                 shutil.rmtree(out)
                 shutil.rmtree(folder / f"naive-{number}")
         merged, naive = folder / "ours-0", folder / "naive-0"
-        logits = run_child("verify", base, adapter, merged)["max_abs_diff"]
-        versus_naive = run_child("compare", merged, naive, "max-diff")["max_abs_diff"]
+        logits = run_child("verify", base, adapter, merged)["document"]["max_abs_diff"]
+        versus_naive = run_child("compare", merged, naive, "max-diff")["document"]["max_abs_diff"]
         shutil.rmtree(naive)
 
         diff_dir = folder / "diff"
-        make = run_child("cnllm", "diff-recover", "--make-diff", "--base", base, "--tuned", merged, "-o", diff_dir)
+        make = run_child("cnllm", "diff-recover", "--make-diff", "--base", base, "--tuned", merged, "-o", diff_dir, "--json")
         warm(base, diff_dir)
         diff_runs: dict[str, list[dict]] = {"cnllm": [], "naive": [], "copy": []}
         diff_bytes = size_of(diff_dir / "model.safetensors")
@@ -230,7 +235,7 @@ def main() -> None:
             (folder / f"copy-{number}.safetensors").unlink()
             if number:
                 shutil.rmtree(out)
-        identical = run_child("compare", folder / "recovered-0", merged, "bits")["bit_identical"]
+        identical = run_child("compare", folder / "recovered-0", merged, "bits")["document"]
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -282,7 +287,9 @@ def main() -> None:
         f"| disk anchor: copy of the {mib(diff_bytes)} diff file (in-process time) | {copy_time:.1f} s | {walls(diff_runs['copy'])} | | {2 * diff_bytes / copy_time / 2**20:,.0f} MiB/s |",
         "",
         f"`--make-diff` of the merged model: {make['wall']:.1f} s, peak RSS {mib(make['peak_rss'])} (fp32 diff of {mib(diff_bytes)}); "
-        f"recovering it with `--dtype fp16` gives the merged checkpoint bit for bit: {identical}.",
+        f"recovering it with `--dtype fp16` gives the merged checkpoint back with {identical['values_differing']} values differing "
+        f"and {identical['zero_signs_differing']} zeros differing in sign only (make-diff reported "
+        f"{make['document']['negative_zeros_recovered_as_positive']} negative zeros that addition recovers as +0.0).",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -28,8 +28,8 @@ TemplateOpt = Annotated[
     str,
     typer.Option("--template", help="Chat template: alpaca, llama2, llama3, chatml, or auto (the model's own; plain completion if it has none)."),
 ]
-NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window in tokens [default: the model's, at most 4096 for GGUF].")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for llama.cpp [default: llama.cpp's choice].")]
+NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window in tokens (default: the model's, at most 4096 for GGUF).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for llama.cpp (default: llama.cpp's choice).")]
 GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", min=-1, help="Layers llama.cpp offloads to the GPU (-1: all).")]
 LoraOpt = Annotated[Optional[Path], typer.Option("--lora", file_okay=False, help="Apply this PEFT LoRA adapter (not merged) to a Hugging Face model.")]
 LoadIn4bitOpt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantise a Hugging Face model to 4 bits on load (CUDA + bitsandbytes).")]

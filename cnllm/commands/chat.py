@@ -177,7 +177,7 @@ def read_stdin_text() -> str:
 def chat(
     model: ModelArg,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this prompt once and exit.")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt [default: the template's].")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt (default: the template's).")] = None,
     template: TemplateOpt = "auto",
     whole_input: Annotated[bool, typer.Option("--whole-input", help="With stdin not a terminal: all of it is one prompt (default: one prompt per line).")] = False,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=0, help="Longest answer in tokens.")] = 512,

@@ -83,6 +83,9 @@ def diff_recover(
             "seconds": round(result.seconds, 3),
             "throughput_bytes_per_s": round(result.throughput),
         }
+        if result.mode == "make":
+            document["bit_identical_recovery"] = result.signed_zeros == 0
+            document["negative_zeros_recovered_as_positive"] = result.signed_zeros
         if result.manifest_check is not None:
             document["verify"] = {
                 "manifest": result.manifest_check.manifest,
@@ -117,7 +120,14 @@ def _render(result) -> None:
     )
     if result.extended:
         console.print(f"extra vocabulary rows taken from the diff: {', '.join(result.extended)}", markup=False, highlight=False)
-    if result.mode == "make":
+    if result.mode == "make" and result.signed_zeros:
+        console.print(
+            f"checked: recovering from this diff reproduces every value; {result.signed_zeros} negative zeros come back as +0.0 "
+            "(addition cannot restore the sign of an exact zero)",
+            markup=False,
+            highlight=False,
+        )
+    elif result.mode == "make":
         console.print("checked: recovering from this diff reproduces every tensor bit for bit", markup=False, highlight=False)
     if result.manifest_check is not None:
         styles = {"OK": "green", "FAILED": "bold red", "MISSING": "yellow"}

@@ -33,9 +33,9 @@ ModelArg = Annotated[Path, typer.Argument(help="A Hugging Face model directory o
 LoraOpt = Annotated[
     Optional[Path], typer.Option("--lora", help="PEFT adapter directory applied (unmerged) to a Hugging Face model.")
 ]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="transformers device: cpu, cuda, cuda:1, mps [default: best available].")]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help="transformers weights dtype [auto: bf16/fp16 on GPUs, fp32 on CPU].")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="llama.cpp threads [default: llama.cpp's choice].")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="transformers device: cpu, cuda, cuda:1, mps (default: the best available).")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="transformers weights dtype (auto: bf16/fp16 on GPUs, fp32 on CPU).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="llama.cpp threads (default: llama.cpp's choice).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a Hugging Face model's own Python code to run.")]
 
 
@@ -65,7 +65,7 @@ def ppl(
     data: Annotated[List[Path], typer.Option("--data", "-d", help="Text file to score (plain text, or JSONL with a 'text' field); repeat for more.")],
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=2, help="Window size in tokens.")] = 512,
     stride: Annotated[
-        Optional[int], typer.Option("--stride", min=1, help="Slide windows by this many tokens, scoring only new tokens [default: no overlap].")
+        Optional[int], typer.Option("--stride", min=1, help="Slide windows by this many tokens, scoring only new tokens (default: no overlap).")
     ] = None,
     llamacpp_compatible: Annotated[
         bool, typer.Option("--llamacpp-compatible", help="Score as llama.cpp's perplexity tool: whole chunks, BOS first, second half only.")
@@ -131,9 +131,9 @@ def mc(
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (dev/, val/, test/ as published).")],
     format_: Annotated[Format, typer.Option("--format", help="Dataset layout.")] = Format.ceval,
-    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate [default: val; test for cmmlu].")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: val; test for cmmlu).")] = None,
     shots: Annotated[int, typer.Option("--shots", "-k", min=0, help="Solved dev examples in each prompt (0 or 5 usually).")] = 5,
-    subjects: Annotated[Optional[str], typer.Option("--subjects", help="Comma-separated subject keys [default: all in the split].")] = None,
+    subjects: Annotated[Optional[str], typer.Option("--subjects", help="Comma-separated subject keys (default: all in the split).")] = None,
     template: Annotated[
         str, typer.Option("--template", help="Wrap prompts in a chat template: none, alpaca, llama2, llama3, chatml or auto (the model's own).")
     ] = "none",
@@ -157,7 +157,11 @@ def mc(
     Example: cnllm eval mc model.gguf --data ceval-exam/ --split test --shots 0 --template alpaca -o ceval-test/
     """
     from cnllm.core.atomic import check_output
-    from cnllm.core.evaluation.mc import McOptions, evaluate_multiple_choice, write_outputs
+    from cnllm.core.evaluation.mc import (
+        McOptions,
+        evaluate_multiple_choice,
+        write_outputs,
+    )
     from cnllm.core.templates import TEMPLATE_NAMES
 
     if template != "none" and template not in TEMPLATE_NAMES:

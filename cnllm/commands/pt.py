@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.commands.train_options import DATA, OPTIM, _opt, _param, render, resolve_options, with_options
+from cnllm.commands.train_options import DATA, OPTIM, option, param, render, resolve_options, with_options
 
 PT_OPTIONS = [
-    _param("block_size", Annotated[int, _opt("--block-size", help="Tokens per training block (documents are joined with EOS).", panel=DATA)], 1024),
-    _param("streaming", Annotated[bool, _opt("--streaming", help="Tokenise while training, for corpora larger than RAM (needs --max-steps; no cache).", panel=DATA)], False),
-    _param("cache_dir", Annotated[Optional[Path], _opt("--cache-dir", help="Where tokenised blocks are cached (default: ~/.cache/cnllm/pt-blocks).", panel=DATA)], None),
-    _param("learning_rate", Annotated[float, _opt("--learning-rate", "--lr", help="Peak learning rate.", panel=OPTIM)], 2e-4),
+    param("block_size", Annotated[int, option("--block-size", help="Tokens per training block (documents are joined with EOS).", panel=DATA)], 1024),
+    param("streaming", Annotated[bool, option("--streaming", help="Tokenise while training, for corpora larger than RAM (needs --max-steps; no cache).", panel=DATA)], False),
+    param("cache_dir", Annotated[Optional[Path], option("--cache-dir", help="Where tokenised blocks are cached (default: ~/.cache/cnllm/pt-blocks).", panel=DATA)], None),
+    param("learning_rate", Annotated[float, option("--learning-rate", "--lr", help="Peak learning rate.", panel=OPTIM)], 2e-4),
 ]
 
 

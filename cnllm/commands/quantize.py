@@ -73,8 +73,8 @@ def quantize(
 ) -> None:
     """Quantize a GGUF (from cnllm convert-gguf) with llama.cpp's quantizer, then summarize sizes and bits per weight.
 
-    Rows not divisible by 256 (vocabularies of 49,953 or 55,296 tokens, small hidden sizes) fall back per
-    tensor to a compatible type, as llama.cpp does. Compare quality afterwards with 'cnllm eval ppl'.
+    Extended vocabularies (49,953 or 55,296 tokens) quantize like any other; tensors whose rows are not a
+    multiple of a k-quant's 256 block fall back per tensor, as in llama.cpp. Compare quality with 'cnllm eval ppl'.
 
     Example: cnllm quantize chinese-alpaca-f16.gguf -o chinese-alpaca-q4_k_m.gguf --type Q4_K_M
     """

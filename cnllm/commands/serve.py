@@ -31,7 +31,7 @@ def serve(
     api_key: Annotated[
         Optional[str], typer.Option("--api-key", envvar="CNLLM_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ routes.")
     ] = None,
-    model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send [default: the file or folder name].")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the file or folder name).")] = None,
     parallel: Annotated[int, typer.Option("--parallel", min=1, help="Requests generated at once (llama.cpp: one context each; transformers: queued on one model).")] = 1,
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait for a free slot; more get 503.")] = 16,
     template: TemplateOpt = "auto",

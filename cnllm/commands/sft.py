@@ -7,16 +7,16 @@ from typing import Annotated, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.commands.train_options import DATA, OPTIM, _opt, _param, render, resolve_options, with_options
+from cnllm.commands.train_options import DATA, OPTIM, option, param, render, resolve_options, with_options
 from cnllm.core.templates import TEMPLATE_NAMES
 
 SFT_OPTIONS = [
-    _param("template", Annotated[str, _opt("--template", help=f"Chat template: {', '.join(TEMPLATE_NAMES)} (auto: the tokenizer's own).", panel=DATA)], "alpaca"),
-    _param("system", Annotated[Optional[str], _opt("--system", help="System prompt replacing the template's default.", panel=DATA)], None),
-    _param("max_seq_length", Annotated[int, _opt("--max-seq-length", help="Longer samples are truncated (and counted).", panel=DATA)], 1024),
-    _param("packing", Annotated[bool, _opt("--packing", help="Join whole samples into sequences of up to --max-seq-length tokens.", panel=DATA)], False),
-    _param("skip_invalid", Annotated[bool, _opt("--skip-invalid", help="Skip malformed records (counted) instead of stopping at the first.", panel=DATA)], False),
-    _param("learning_rate", Annotated[float, _opt("--learning-rate", "--lr", help="Peak learning rate.", panel=OPTIM)], 1e-4),
+    param("template", Annotated[str, option("--template", help=f"Chat template: {', '.join(TEMPLATE_NAMES)} (auto: the tokenizer's own).", panel=DATA)], "alpaca"),
+    param("system", Annotated[Optional[str], option("--system", help="System prompt replacing the template's default.", panel=DATA)], None),
+    param("max_seq_length", Annotated[int, option("--max-seq-length", help="Longer samples are truncated (and counted).", panel=DATA)], 1024),
+    param("packing", Annotated[bool, option("--packing", help="Join whole samples into sequences of up to --max-seq-length tokens.", panel=DATA)], False),
+    param("skip_invalid", Annotated[bool, option("--skip-invalid", help="Skip malformed records (counted) instead of stopping at the first.", panel=DATA)], False),
+    param("learning_rate", Annotated[float, option("--learning-rate", "--lr", help="Peak learning rate.", panel=OPTIM)], 1e-4),
 ]
 
 

@@ -27,11 +27,11 @@ RUN = "Checkpoints and logging"
 DIST = "Distributed"
 
 
-def _opt(*names: str, help: str, panel: str, **kwargs: Any) -> Any:
+def option(*names: str, help: str, panel: str, **kwargs: Any) -> Any:
     return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
 
 
-def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+def param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
@@ -40,44 +40,44 @@ def _targets(value: Optional[str]) -> Optional[List[str]]:
 
 
 COMMON = [
-    _param("model", Annotated[Optional[Path], _opt("--model", "-m", help="Base model directory (Hugging Face format).", panel=MODEL)], None),
-    _param("data", Annotated[Optional[List[Path]], _opt("--data", "-d", help="Training data file or directory (repeat for more).", panel=DATA)], None),
-    _param("output", Annotated[Optional[Path], _opt("--output", "-o", file_okay=False, help="Output directory (adapter, tokenizer, metrics, loss curve, config).", panel=MODEL)], None),
-    _param("tokenizer", Annotated[Optional[Path], _opt("--tokenizer", "-t", help="Tokenizer directory (default: the --peft-path adapter's, else the model's).", panel=MODEL)], None),
-    _param("config", Annotated[Optional[Path], _opt("--config", "-c", dir_okay=False, help="YAML file of options (keys as the option names); command-line flags override it.", panel=MODEL)], None),
-    _param("validation_data", Annotated[Optional[List[Path]], _opt("--validation-data", help="Held-out evaluation data (instead of --validation-split).", panel=DATA)], None),
-    _param("validation_split", Annotated[float, _opt("--validation-split", help="Share of the data held out for eval loss and perplexity.", panel=DATA)], 0.01),
-    _param("lora_rank", Annotated[int, _opt("--lora-rank", help="LoRA rank r.", panel=LORA)], 64),
-    _param("lora_alpha", Annotated[float, _opt("--lora-alpha", help="LoRA alpha (scale = alpha / r).", panel=LORA)], 128.0),
-    _param("lora_dropout", Annotated[float, _opt("--lora-dropout", help="Dropout on the LoRA input.", panel=LORA)], 0.05),
-    _param("lora_targets", Annotated[Optional[str], _opt("--lora-targets", help=f"Comma-separated linear layers to adapt (default: {','.join(DEFAULT_LORA_TARGETS)}).", panel=LORA)], None),
-    _param("train_embeddings", Annotated[Optional[bool], _opt("--train-embeddings/--no-train-embeddings", help="Train embed_tokens and lm_head in full (PEFT modules_to_save) (default: on when the tokenizer is larger than the model's vocabulary).", panel=LORA)], None),
-    _param("full_finetune", Annotated[bool, _opt("--full-finetune", help="Train every weight instead of a LoRA adapter.", panel=LORA)], False),
-    _param("peft_path", Annotated[Optional[Path], _opt("--peft-path", help="Continue training this existing adapter.", panel=LORA)], None),
-    _param("batch_size", Annotated[int, _opt("--batch-size", help="Sequences per device per step.", panel=OPTIM)], 1),
-    _param("gradient_accumulation_steps", Annotated[int, _opt("--gradient-accumulation-steps", help="Steps whose gradients are summed before an update.", panel=OPTIM)], 1),
-    _param("epochs", Annotated[float, _opt("--epochs", help="Passes over the data (ignored with --max-steps).", panel=OPTIM)], 1.0),
-    _param("max_steps", Annotated[int, _opt("--max-steps", help="Stop after this many optimizer updates (-1: use --epochs).", panel=OPTIM)], -1),
-    _param("warmup_ratio", Annotated[float, _opt("--warmup-ratio", help="Share of the steps with a linear warmup before the cosine decay.", panel=OPTIM)], 0.03),
-    _param("weight_decay", Annotated[float, _opt("--weight-decay", help="AdamW weight decay.", panel=OPTIM)], 0.0),
-    _param("max_grad_norm", Annotated[float, _opt("--max-grad-norm", help="Gradient clipping norm.", panel=OPTIM)], 1.0),
-    _param("seed", Annotated[int, _opt("--seed", help="Random seed (data order, dropout, initialisation).", panel=OPTIM)], 42),
-    _param("precision", Annotated[str, _opt("--precision", help="auto (bf16/fp16 on a GPU, fp32 on CPU), fp32, bf16 or fp16.", panel=OPTIM)], "auto"),
-    _param("gradient_checkpointing", Annotated[bool, _opt("--gradient-checkpointing", help="Recompute activations in the backward pass to save memory.", panel=OPTIM)], False),
-    _param("load_in_4bit", Annotated[bool, _opt("--load-in-4bit", help="QLoRA: load the base model in 4 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)], False),
-    _param("load_in_8bit", Annotated[bool, _opt("--load-in-8bit", help="Load the base model in 8 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)], False),
-    _param("save_steps", Annotated[int, _opt("--save-steps", help="Write a checkpoint (adapter + tokenizer + optimizer state) every N steps.", panel=RUN)], 500),
-    _param("save_total_limit", Annotated[int, _opt("--save-total-limit", help="Keep only the newest N checkpoints.", panel=RUN)], 3),
-    _param("logging_steps", Annotated[int, _opt("--logging-steps", help="Log loss, lr, grad-norm and tokens/s every N steps.", panel=RUN)], 10),
-    _param("eval_steps", Annotated[Optional[int], _opt("--eval-steps", help="Evaluate every N steps (default: --save-steps).", panel=RUN)], None),
-    _param("eval_before", Annotated[bool, _opt("--eval-before/--no-eval-before", help="Measure eval loss before training, as the baseline.", panel=RUN)], True),
-    _param("tensorboard", Annotated[bool, _opt("--tensorboard", help="Also log to TensorBoard (in OUTPUT/runs).", panel=RUN)], False),
-    _param("resume", Annotated[bool, _opt("--resume", help="Continue from the last checkpoint (optimizer, scheduler, RNG and data position).", panel=RUN)], False),
-    _param("force", Annotated[bool, _opt("--force", "-f", help="Start over: replace an existing output or interrupted run.", panel=RUN)], False),
-    _param("deepspeed", Annotated[Optional[Path], _opt("--deepspeed", dir_okay=False, help="DeepSpeed JSON config (e.g. ZeRO-2); run under torchrun or accelerate launch.", panel=DIST)], None),
-    _param("fsdp", Annotated[Optional[str], _opt("--fsdp", help='FSDP mode for the Trainer, e.g. "full_shard auto_wrap".', panel=DIST)], None),
-    _param("trust_remote_code", Annotated[bool, _opt("--trust-remote-code", help="Allow model code from the model directory.", panel=MODEL)], False),
-    _param("json_", Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout (and nothing else there).")], False),
+    param("model", Annotated[Optional[Path], option("--model", "-m", help="Base model directory (Hugging Face format).", panel=MODEL)], None),
+    param("data", Annotated[Optional[List[Path]], option("--data", "-d", help="Training data file or directory (repeat for more).", panel=DATA)], None),
+    param("output", Annotated[Optional[Path], option("--output", "-o", file_okay=False, help="Output directory (adapter, tokenizer, metrics, loss curve, config).", panel=MODEL)], None),
+    param("tokenizer", Annotated[Optional[Path], option("--tokenizer", "-t", help="Tokenizer directory (default: the --peft-path adapter's, else the model's).", panel=MODEL)], None),
+    param("config", Annotated[Optional[Path], option("--config", "-c", dir_okay=False, help="YAML file of options (keys as the option names); command-line flags override it.", panel=MODEL)], None),
+    param("validation_data", Annotated[Optional[List[Path]], option("--validation-data", help="Held-out evaluation data (instead of --validation-split).", panel=DATA)], None),
+    param("validation_split", Annotated[float, option("--validation-split", help="Share of the data held out for eval loss and perplexity.", panel=DATA)], 0.01),
+    param("lora_rank", Annotated[int, option("--lora-rank", help="LoRA rank r.", panel=LORA)], 64),
+    param("lora_alpha", Annotated[float, option("--lora-alpha", help="LoRA alpha (scale = alpha / r).", panel=LORA)], 128.0),
+    param("lora_dropout", Annotated[float, option("--lora-dropout", help="Dropout on the LoRA input.", panel=LORA)], 0.05),
+    param("lora_targets", Annotated[Optional[str], option("--lora-targets", help=f"Comma-separated linear layers to adapt (default: {','.join(DEFAULT_LORA_TARGETS)}).", panel=LORA)], None),
+    param("train_embeddings", Annotated[Optional[bool], option("--train-embeddings/--no-train-embeddings", help="Train embed_tokens and lm_head in full (PEFT modules_to_save) (default: on when the tokenizer is larger than the model's vocabulary).", panel=LORA)], None),
+    param("full_finetune", Annotated[bool, option("--full-finetune", help="Train every weight instead of a LoRA adapter.", panel=LORA)], False),
+    param("peft_path", Annotated[Optional[Path], option("--peft-path", help="Continue training this existing adapter.", panel=LORA)], None),
+    param("batch_size", Annotated[int, option("--batch-size", help="Sequences per device per step.", panel=OPTIM)], 1),
+    param("gradient_accumulation_steps", Annotated[int, option("--gradient-accumulation-steps", help="Steps whose gradients are summed before an update.", panel=OPTIM)], 1),
+    param("epochs", Annotated[float, option("--epochs", help="Passes over the data (ignored with --max-steps).", panel=OPTIM)], 1.0),
+    param("max_steps", Annotated[int, option("--max-steps", help="Stop after this many optimizer updates (-1: use --epochs).", panel=OPTIM)], -1),
+    param("warmup_ratio", Annotated[float, option("--warmup-ratio", help="Share of the steps with a linear warmup before the cosine decay.", panel=OPTIM)], 0.03),
+    param("weight_decay", Annotated[float, option("--weight-decay", help="AdamW weight decay.", panel=OPTIM)], 0.0),
+    param("max_grad_norm", Annotated[float, option("--max-grad-norm", help="Gradient clipping norm.", panel=OPTIM)], 1.0),
+    param("seed", Annotated[int, option("--seed", help="Random seed (data order, dropout, initialisation).", panel=OPTIM)], 42),
+    param("precision", Annotated[str, option("--precision", help="auto (bf16/fp16 on a GPU, fp32 on CPU), fp32, bf16 or fp16.", panel=OPTIM)], "auto"),
+    param("gradient_checkpointing", Annotated[bool, option("--gradient-checkpointing", help="Recompute activations in the backward pass to save memory.", panel=OPTIM)], False),
+    param("load_in_4bit", Annotated[bool, option("--load-in-4bit", help="QLoRA: load the base model in 4 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)], False),
+    param("load_in_8bit", Annotated[bool, option("--load-in-8bit", help="Load the base model in 8 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)], False),
+    param("save_steps", Annotated[int, option("--save-steps", help="Write a checkpoint (adapter + tokenizer + optimizer state) every N steps.", panel=RUN)], 500),
+    param("save_total_limit", Annotated[int, option("--save-total-limit", help="Keep only the newest N checkpoints.", panel=RUN)], 3),
+    param("logging_steps", Annotated[int, option("--logging-steps", help="Log loss, lr, grad-norm and tokens/s every N steps.", panel=RUN)], 10),
+    param("eval_steps", Annotated[Optional[int], option("--eval-steps", help="Evaluate every N steps (default: --save-steps).", panel=RUN)], None),
+    param("eval_before", Annotated[bool, option("--eval-before/--no-eval-before", help="Measure eval loss before training, as the baseline.", panel=RUN)], True),
+    param("tensorboard", Annotated[bool, option("--tensorboard", help="Also log to TensorBoard (in OUTPUT/runs).", panel=RUN)], False),
+    param("resume", Annotated[bool, option("--resume", help="Continue from the last checkpoint (optimizer, scheduler, RNG and data position).", panel=RUN)], False),
+    param("force", Annotated[bool, option("--force", "-f", help="Start over: replace an existing output or interrupted run.", panel=RUN)], False),
+    param("deepspeed", Annotated[Optional[Path], option("--deepspeed", dir_okay=False, help="DeepSpeed JSON config (e.g. ZeRO-2); run under torchrun or accelerate launch.", panel=DIST)], None),
+    param("fsdp", Annotated[Optional[str], option("--fsdp", help='FSDP mode for the Trainer, e.g. "full_shard auto_wrap".', panel=DIST)], None),
+    param("trust_remote_code", Annotated[bool, option("--trust-remote-code", help="Allow model code from the model directory.", panel=MODEL)], False),
+    param("json_", Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout (and nothing else there).")], False),
 ]
 
 

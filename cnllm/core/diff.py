@@ -1,9 +1,9 @@
 """Full-weight diffs: recover ``tuned = raw + diff`` and make ``diff = tuned − raw``, tensor by tensor.
 
 Projects that may not redistribute LLaMA publish the difference to it instead. Both directions
-stream: the diff (or tuned) checkpoint is read one tensor at a time, the matching raw tensor
-is fetched by name, and the result goes straight to its planned place in an output shard,
-so memory holds a few tensors, never a model. Extra vocabulary rows (an embedding larger than
+stream: the diff (or tuned) checkpoint is read a block of rows at a time, the same rows of the
+raw tensor are fetched by name, and the result goes straight to its planned place in an output
+shard, so memory holds a few blocks (:data:`BLOCK_BYTES`), never a tensor or a model. Extra vocabulary rows (an embedding larger than
 the raw one) are carried by the diff as-is. ``make_diff`` proves, tensor by tensor, that
 recovering from the diff it writes reproduces the tuned weights bit for bit.
 """
@@ -23,9 +23,10 @@ from cnllm.core.merge import DTYPES, VOCAB_TENSORS, _info_dtype, _shape, copy_to
 from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, check_vocab_agreement, has_tokenizer, load_config, tokenizer_length
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
-from cnllm.core.tensors import StreamingShardWriter, TensorInfo, TensorReader, parse_size, stream_tensors, tensor_infos
+from cnllm.core.tensors import StreamingShardWriter, TensorInfo, TensorReader, parse_size, tensor_infos
 
 BITS = {"float64": "int64", "float32": "int32", "float16": "int16", "bfloat16": "int16"}
+BLOCK_BYTES = 16 << 20  # rows are processed in blocks of about this many fp32 bytes
 
 
 @dataclass
@@ -67,6 +68,7 @@ class DiffResult:
     seconds: float
     manifest_check: VerifyResult | None = None
     reference_check: ReferenceReport | None = None
+    signed_zeros: int = 0
 
     def problems(self) -> list[str]:
         """Failed checks (the output is complete and in place; the caller decides the exit code)."""
@@ -132,6 +134,46 @@ def _bits(tensor):
 
     name = str(tensor.dtype).removeprefix("torch.")
     return tensor.view(getattr(torch, BITS[name])) if name in BITS else tensor
+
+
+def _blocks(name: str, main: TensorReader, raw: TensorReader):
+    """``(first row, block, raw block)`` over about :data:`BLOCK_BYTES` of ``main``'s tensor at a time.
+
+    The raw block holds the same rows of ``raw`` (fewer, or none, past the end of a smaller raw
+    vocabulary). A scalar comes whole, with ``first`` ``None``.
+    """
+    shape = tuple(main.infos[name].shape)
+    if not shape:
+        yield None, main.get(name), raw.get(name)
+        return
+    raw_rows = raw.infos[name].shape[0]
+    row_elements = 1
+    for size in shape[1:]:
+        row_elements *= size
+    step = max(1, BLOCK_BYTES // max(1, row_elements * 4))
+    for first in range(0, shape[0], step):
+        stop = min(shape[0], first + step)
+        yield first, main.get_rows(name, first, stop), raw.get_rows(name, first, max(first, min(stop, raw_rows)))
+
+
+def _add_into(target, source, alpha: int = 1) -> None:
+    """``target += alpha·source`` in ``target``'s precision (``source`` cast to it first, as in ``raw.to(diff.dtype)``).
+
+    When ``source`` widens exactly to ``target``'s dtype, torch converts it on the fly, which
+    gives the same result without a converted copy.
+    """
+    import torch
+
+    if torch.promote_types(source.dtype, target.dtype) != target.dtype:
+        source = source.to(target.dtype)
+    target.add_(source, alpha=alpha)
+
+
+def _write(writer: StreamingShardWriter, name: str, first: int | None, block) -> None:
+    if first is None:
+        writer.add(name, block)
+    else:
+        writer.add_rows(name, first, block)
 
 
 def _sizes_for(config: dict, shapes: dict, tokenizer_dir: Path | None) -> VocabSizes:
@@ -201,15 +243,12 @@ def recover(
     manifest_check = reference_check = None
     with atomic_dir(output, force=force) as tmp:
         writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
-        with TensorReader(base) as raw:
-            for name, delta in stream_tensors(diff):
-                progress.advance(delta.numel() * delta.element_size())
-                original = raw.get(name)
-                rows = original.shape[0] if name in extended else None
-                target = delta[:rows] if rows is not None else delta
-                target.add_(original.to(delta.dtype))
-                writer.add(name, delta.to(out_dtype[name]))
-                del original, target, delta
+        with TensorReader(base) as raw, TensorReader(diff) as deltas:
+            for name in diff_infos:
+                for first, delta, original in _blocks(name, deltas, raw):
+                    _add_into(delta[: len(original)] if first is not None else delta, original)
+                    _write(writer, name, first, delta.to(out_dtype[name]))
+                    progress.advance(delta.numel() * delta.element_size())
         writer.close()
         progress.finish()
         if reference is not None:
@@ -238,26 +277,26 @@ def recover(
 
 
 def compare_with_reference(model: Path, reference: Path, *, tolerance: float, progress: Progress = NULL_PROGRESS) -> ReferenceReport:
-    """Per-tensor max absolute difference (in fp32) between ``model`` and ``reference``, one tensor at a time."""
+    """Per-tensor max absolute difference (in fp32) between ``model`` and ``reference``, a block of rows at a time."""
     import torch
 
     checks = []
     progress.start(None, "comparing with the reference", unit="tensor")
-    with TensorReader(reference) as expected:
-        seen = set()
-        for name, tensor in stream_tensors(model):
-            seen.add(name)
+    with TensorReader(model) as actual, TensorReader(reference) as expected:
+        for name, info in actual.infos.items():
             if name not in expected:
                 checks.append(TensorDifference(name, None, "not in the reference"))
                 continue
-            other = expected.get(name)
-            if tuple(other.shape) != tuple(tensor.shape):
-                checks.append(TensorDifference(name, None, f"shape {_shape(tensor.shape)}, the reference {_shape(other.shape)}"))
+            if tuple(expected.infos[name].shape) != tuple(info.shape):
+                checks.append(TensorDifference(name, None, f"shape {_shape(info.shape)}, the reference {_shape(expected.infos[name].shape)}"))
                 continue
-            difference = (tensor.to(torch.float32) - other.to(torch.float32)).abs().max().item() if tensor.numel() else 0.0
+            difference = 0.0
+            for _, mine, theirs in _blocks(name, actual, expected):
+                if mine.numel():
+                    difference = max(difference, (mine.to(torch.float32) - theirs.to(torch.float32)).abs().max().item())
             checks.append(TensorDifference(name, float(difference)))
             progress.advance(1)
-        checks += [TensorDifference(n, None, "missing from the output") for n in expected.infos if n not in seen]
+        checks += [TensorDifference(n, None, "missing from the output") for n in expected.infos if n not in actual]
     progress.finish()
     return ReferenceReport(reference, tolerance, checks)
 
@@ -275,7 +314,9 @@ def make_diff(
     """``diff = tuned − raw`` (rows beyond the raw vocabulary as-is), checked per tensor to recover ``tuned`` bit for bit.
 
     The check repeats exactly what :func:`recover` computes; a tensor whose difference cannot
-    carry the tuned values exactly in ``dtype`` is refused (use a wider ``dtype``).
+    carry the tuned values exactly in ``dtype`` is refused (use a wider ``dtype``). The one
+    thing addition cannot restore is the sign of an exact zero (``r + (−r)`` is ``+0.0``): such
+    values are counted in ``signed_zeros`` rather than refused.
     """
     started = time.perf_counter()
     base, tuned, output = Path(base), Path(tuned), Path(output)
@@ -287,25 +328,29 @@ def make_diff(
     out_dtype = {name: d for name, _, d in layout}
     read_bytes = sum(f.stat().st_size for f in {i.file for i in raw_infos.values()} | {i.file for i in tuned_infos.values()})
     progress.start(sum(f.stat().st_size for f in {i.file for i in tuned_infos.values()}), "making the diff", unit="B")
+    signed_zeros = 0
     with atomic_dir(output, force=force) as tmp:
         writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
-        with TensorReader(base) as raw:
-            for name, value in stream_tensors(tuned):
-                progress.advance(value.numel() * value.element_size())
-                original = raw.get(name)
-                rows = original.shape[0]
-                delta = value.to(out_dtype[name], copy=True)
-                delta[:rows].sub_(original.to(delta.dtype))
-                recovered = delta.clone()
-                recovered[:rows].add_(original.to(delta.dtype))
-                differing = int((_bits(recovered.to(value.dtype)) != _bits(value)).sum())
-                if differing:
-                    raise CheckFailed(
-                        f"{name}: {differing} values cannot be recovered bit for bit from a {out_dtype[name]} difference "
-                        "(pass a wider --dtype, e.g. fp32 or fp64)"
-                    )
-                writer.add(name, delta)
-                del original, delta, recovered, value
+        with TensorReader(base) as raw, TensorReader(tuned) as tuned_reader:
+            for name in tuned_infos:
+                for first, value, original in _blocks(name, tuned_reader, raw):
+                    progress.advance(value.numel() * value.element_size())
+                    delta = value.to(out_dtype[name], copy=True)
+                    shared = delta[: len(original)] if first is not None else delta
+                    _add_into(shared, original, alpha=-1)
+                    recovered = delta.clone()
+                    _add_into(recovered[: len(original)] if first is not None else recovered, original)
+                    recovered = recovered.to(value.dtype)
+                    differ = _bits(recovered) != _bits(value)
+                    zeros = (recovered == 0) & (value == 0)
+                    signed_zeros += int((differ & zeros).sum())
+                    differing = int((differ & ~zeros).sum())
+                    if differing:
+                        raise CheckFailed(
+                            f"{name}: {differing} values cannot be recovered bit for bit from a {out_dtype[name]} difference "
+                            "(pass a wider --dtype, e.g. fp32 or fp64)"
+                        )
+                    _write(writer, name, first, delta)
         writer.close()
         progress.finish()
         files, total = _finish_output(
@@ -318,7 +363,12 @@ def make_diff(
             kind="make-diff",
             inputs=[base, tuned],
             options={"dtype": dtype, "max_shard_size": max_shard_size},
-            results={"tensors": len(layout), "extended_rows": extended, "bit_identical_recovery": True},
+            results={
+                "tensors": len(layout),
+                "extended_rows": extended,
+                "bit_identical_recovery": signed_zeros == 0,
+                "negative_zeros_recovered_as_positive": signed_zeros,
+            },
         )
     dtypes = ",".join(sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point}))
-    return DiffResult("make", output, len(layout), extended, dtypes, files, total, read_bytes, time.perf_counter() - started)
+    return DiffResult("make", output, len(layout), extended, dtypes, files, total, read_bytes, time.perf_counter() - started, signed_zeros=signed_zeros)

@@ -1,8 +1,8 @@
 """Streaming LoRA merge: the base one tensor at a time, ``W += scale·B·A`` in fp32, shards written as they go.
 
-Peak memory is the largest base tensor (in fp32 while it is updated) plus the adapters, never the
-whole model: the output layout is planned from safetensors headers before any weight is read,
-so every merged tensor goes straight to its place in its shard. PEFT key names are mapped back
+Peak memory is the adapters plus a block of rows (:data:`BLOCK_BYTES`, in fp32 while updated),
+never the whole model: the output layout is planned from safetensors headers before any weight
+is read, so every merged block goes straight to its place in its shard. PEFT key names are mapped back
 to base tensor names here; scaling follows PEFT exactly (``alpha/r``, rsLoRA ``alpha/sqrt(r)``,
 ``rank_pattern``/``alpha_pattern``, ``fan_in_fan_out`` for ``Conv1D`` layers), adapters apply in
 the order given, and full ``modules_to_save`` tensors (extended vocabularies) replace the base's.
@@ -25,10 +25,11 @@ from cnllm.core.hashing import create_manifest
 from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, has_tokenizer, load_config, tokenizer_length
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
-from cnllm.core.tensors import SAFETENSORS_TORCH_DTYPES, StreamingShardWriter, TensorInfo, parse_size, stream_tensors, tensor_infos
+from cnllm.core.tensors import SAFETENSORS_TORCH_DTYPES, StreamingShardWriter, TensorInfo, TensorReader, parse_size, stream_tensors, tensor_infos
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
+BLOCK_BYTES = 16 << 20  # a merged tensor is produced this many fp32 bytes of rows at a time
 VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. 中文大模型，你好！"
 
 PEFT_PREFIX = "base_model.model."
@@ -247,29 +248,60 @@ def _shape(shape: Sequence[int]) -> str:
     return "×".join(str(s) for s in shape) if shape else "scalar"
 
 
-def merge_tensor(name: str, tensor, adapters: Sequence[Adapter], weights: Sequence[dict], out_dtype):
-    """The merged value of one base tensor: replacements and ``scale·B·A`` updates in order, in fp32.
+def merge_rows(name: str, rows: tuple[int, int] | None, base: TensorReader, adapters: Sequence[Adapter], weights: Sequence[dict], out_dtype):
+    """Rows ``[first, stop)`` (``None``: all of a scalar) of one merged tensor, in fp32 while updated.
 
-    The adapter tensors it uses are popped from ``weights`` (each is needed once), so memory
-    shrinks as the merge goes; a tensor that is only replaced is never upcast.
+    Starts from the last adapter that replaces the tensor (or the base) and applies the
+    ``scale·B·A`` updates from there on, in order.
     """
     import torch
 
-    value, work = tensor, None
-    for adapter, loaded in zip(adapters, weights):
-        if name in adapter.replacements:
-            value, work = loaded.pop(adapter.replacements[name]), None
+    start = max((i for i, a in enumerate(adapters) if name in a.replacements), default=None)
+    if start is None:
+        value = base.get(name) if rows is None else base.get_rows(name, *rows)
+        start = 0
+    else:
+        value = weights[start][adapters[start].replacements[name]]
+        value = value if rows is None else value[rows[0]:rows[1]]
+    work = None
+    for adapter, loaded in zip(adapters[start:], weights[start:]):
         update = adapter.updates.get(name)
-        if update is not None:
-            if work is None:
-                work = value.to(torch.float32, copy=True)
-            a, b = loaded.pop(update.a_key).to(torch.float32), loaded.pop(update.b_key).to(torch.float32)
-            if update.transpose:
-                work.addmm_(a.T, b.T, alpha=update.scale)
-            else:
-                work.addmm_(b, a, alpha=update.scale)
+        if update is None:
+            continue
+        if work is None:
+            work = value.to(torch.float32, copy=True)
+        a, b = loaded[update.a_key].to(torch.float32), loaded[update.b_key].to(torch.float32)
+        if update.transpose:
+            a = a if rows is None else a[:, rows[0]:rows[1]]
+            work.addmm_(a.T, b.T, alpha=update.scale)
+        else:
+            b = b if rows is None else b[rows[0]:rows[1]]
+            work.addmm_(b, a, alpha=update.scale)
     result = value if work is None else work
     return result.to(out_dtype) if result.is_floating_point() else result
+
+
+def release(name: str, adapters: Sequence[Adapter], weights: Sequence[dict]) -> None:
+    """Drop the adapter tensors a finished base tensor used (each is needed for one base tensor)."""
+    for adapter, loaded in zip(adapters, weights):
+        loaded.pop(adapter.replacements.get(name), None)
+        update = adapter.updates.get(name)
+        if update is not None:
+            loaded.pop(update.a_key, None)
+            loaded.pop(update.b_key, None)
+
+
+def row_blocks(shape: tuple[int, ...], element_size: int = 4):
+    """``(first, stop)`` row ranges of about :data:`BLOCK_BYTES` (``None`` once for a scalar)."""
+    if not shape:
+        yield None
+        return
+    row_bytes = element_size
+    for size in shape[1:]:
+        row_bytes *= size
+    step = max(1, BLOCK_BYTES // max(1, row_bytes))
+    for first in range(0, shape[0], step):
+        yield first, min(shape[0], first + step)
 
 
 # --- the merge ------------------------------------------------------------------------------------
@@ -403,17 +435,22 @@ def merge_lora(
     for directory in ignored:
         notes.append(f"{directory}: fan_in_fan_out ignored for Linear layers, as PEFT does")
     weights = [a.load() for a in loaded_adapters]
-    progress.start(sum(i.file.stat().st_size for i in {info.file: info for info in infos.values()}.values()), "merging", unit="B")
     report = None
     with atomic_dir(output, force=force) as tmp:
         hf_dir = tmp / ".merged-hf" if output_format == "pth" else tmp
         hf_dir.mkdir(exist_ok=True)
         writer = StreamingShardWriter(hf_dir, layout, max_shard_size=max_shard_size if output_format == "hf" else "2GB")
-        layout_dtypes = {name: d for name, _, d in layout}
-        for name, tensor in stream_tensors(base):
-            writer.add(name, merge_tensor(name, tensor, loaded_adapters, weights, layout_dtypes[name]))
-            progress.advance(tensor.numel() * tensor.element_size())
-            del tensor
+        progress.start(writer.total_size, "merging", unit="B")
+        with TensorReader(base) as reader:
+            for name, shape, out_dtype in layout:
+                for rows in row_blocks(shape):
+                    block = merge_rows(name, rows, reader, loaded_adapters, weights, out_dtype)
+                    if rows is None:
+                        writer.add(name, block)
+                    else:
+                        writer.add_rows(name, rows[0], block)
+                    progress.advance(block.numel() * block.element_size())
+                release(name, loaded_adapters, weights)
         writer.close()
         progress.finish()
         del weights

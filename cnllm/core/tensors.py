@@ -179,16 +179,22 @@ def stream_tensors(model: Path | str) -> Iterator[tuple[str, "torch.Tensor"]]:  
                 yield name, _read_safetensor(handle, path, name, meta)
 
 
-def _read_safetensor(handle, path: Path, name: str, meta: dict):
-    """One tensor of an open safetensors file, read into a fresh buffer."""
+def _read_safetensor(handle, path: Path, name: str, meta: dict, rows: tuple[int, int] | None = None):
+    """One tensor of an open safetensors file (or rows ``[first, stop)`` of it), read into a fresh buffer."""
     import torch
 
     if meta["dtype"] not in SAFETENSORS_TORCH_DTYPES:
         raise UsageError(f"{path}: tensor {name} has an unsupported dtype {meta['dtype']}")
     start, end = meta["data_offsets"]
-    tensor = torch.empty(meta["shape"], dtype=getattr(torch, SAFETENSORS_TORCH_DTYPES[meta["dtype"]]))
-    if tensor.numel() * tensor.element_size() != end - start:
+    dtype = getattr(torch, SAFETENSORS_TORCH_DTYPES[meta["dtype"]])
+    if _numel(meta["shape"]) * _element_size(dtype) != end - start:
         raise UsageError(f"{path} is corrupted: tensor {name} has {end - start} bytes for shape {meta['shape']}")
+    shape = list(meta["shape"])
+    if rows is not None:
+        row_bytes = (end - start) // shape[0] if shape[0] else 0
+        start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+        shape[0] = rows[1] - rows[0]
+    tensor = torch.empty(shape, dtype=dtype)
     if end > start:
         handle.seek(0)
         (length,) = struct.unpack("<Q", handle.read(8))
@@ -307,7 +313,7 @@ class StreamingShardWriter:
         self.total_size = sum(entry[3] for group in groups for entry in group)
         self._slots: dict[str, tuple[int, int, tuple[int, ...], object]] = {}
         self._handles: dict[int, object] = {}
-        self._written: set[str] = set()
+        self._rows_written: dict[str, int] = {}
         self._headers: list[bytes] = []
         meta = {"format": "pt", **(metadata or {})}
         for number, group in enumerate(groups):
@@ -333,23 +339,32 @@ class StreamingShardWriter:
 
     def add(self, name: str, tensor) -> None:
         """Write one planned tensor (its shape and dtype must match the layout)."""
+        if name in self._slots and tuple(tensor.shape) != self._slots[name][2]:
+            raise ValueError(f"tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, the layout says {self._slots[name][2]} {self._slots[name][3]}")
+        self.add_rows(name, 0, tensor)
+
+    def add_rows(self, name: str, first: int, block) -> None:
+        """Write rows ``first…`` of a planned tensor (each row once), so a huge tensor can be produced a block at a time."""
         import torch
 
         if name not in self._slots:
             raise ValueError(f"tensor {name} is not in the planned layout")
         number, offset, shape, dtype = self._slots[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(f"tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, the layout says {shape} {dtype}")
+        rows = shape[0] if shape else 1
+        block_shape = tuple(block.shape) if shape else (1,)
+        if block.dtype != dtype or tuple(block.shape[1:]) != shape[1:] or first + block_shape[0] > rows:
+            raise ValueError(f"rows {first}… of {name} are {tuple(block.shape)} {block.dtype}, the layout says {shape} {dtype}")
+        row_bytes = _numel(shape[1:]) * _element_size(dtype)
         handle = self._handle(number)
-        handle.seek(offset)
-        data = tensor.detach().contiguous().reshape(-1)
+        handle.seek(offset + first * row_bytes)
+        data = block.detach().contiguous().reshape(-1)
         if data.numel():
             handle.write(memoryview(data.view(torch.uint8).numpy()))
-        self._written.add(name)
+        self._rows_written[name] = self._rows_written.get(name, 0) + block_shape[0]
 
     def close(self) -> list[Path]:
         """Close the shards (and write the index when there are several); every planned tensor must be written."""
-        missing = [name for name in self._slots if name not in self._written]
+        missing = [name for name, slot in self._slots.items() if self._rows_written.get(name, 0) < (slot[2][0] if slot[2] else 1)]
         for number in range(len(self.files)):
             self._handle(number).close()
         if missing:
@@ -394,11 +409,24 @@ class TensorReader:
         path = self.infos[name].file
         if path not in self._open:
             if path.suffix == ".safetensors":
-                self._open[path] = (open(path, "rb", buffering=0), read_safetensors_header(path))
+                self._open_safetensors(path)
             else:
                 self._open[path] = (None, load_pickled_tensors(path))
         handle, source = self._open[path]
         return source[name] if handle is None else _read_safetensor(handle, path, name, source[name])
+
+    def get_rows(self, name: str, first: int, stop: int):
+        """Rows ``[first, stop)`` of a tensor (its first dimension), reading only those bytes from safetensors."""
+        path = self.infos[name].file
+        if path.suffix != ".safetensors":
+            return self.get(name)[first:stop]
+        self._open_safetensors(path)
+        handle, header = self._open[path]
+        return _read_safetensor(handle, path, name, header[name], rows=(first, stop))
+
+    def _open_safetensors(self, path: Path) -> None:
+        if path not in self._open:
+            self._open[path] = (open(path, "rb", buffering=0), read_safetensors_header(path))
 
     def close(self) -> None:
         for handle, _ in self._open.values():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cnllm.core.tiny import asset
-from tests.core.evaluation.exam_data import write_ceval
+from tests.core.evaluation.exam_data import write_ceval, write_cmmlu, write_mmlu
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,23 @@ def test_mc_usage_errors(cli, tiny_llama_dir, exam, tmp_path, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists() and result.stdout == ""
+
+
+@pytest.mark.parametrize("fmt, writer, split", [("cmmlu", write_cmmlu, "test"), ("mmlu", write_mmlu, "val")])
+def test_mc_other_layouts(cli, tiny_llama_dir, tmp_path, fmt, writer, split):
+    root = writer(tmp_path / fmt)
+    result = cli("eval", "mc", tiny_llama_dir, "--data", root, "--format", fmt, "--shots", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["settings"]["split"] == split and document["labelled"] is True
+    assert document["categories"] == [] and document["overall"] is not None
+
+
+def test_failure_after_loading_leaves_no_output(cli, tiny_llama_dir, exam, tmp_path):
+    out = tmp_path / "out"
+    result = cli("eval", "mc", tiny_llama_dir, "--data", exam, "--ctx", "16", "-o", out)
+    assert result.exit_code == 2 and "raise --ctx" in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_mc_bad_answer_names_file_and_line(cli, tiny_llama_dir, tmp_path):

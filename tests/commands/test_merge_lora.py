@@ -61,16 +61,16 @@ def test_usage_errors(cli, tmp_path, tiny_llama_dir, adapter):
 def test_disk_full_mid_write(cli, tmp_path, tiny_llama_dir, adapter, monkeypatch):
     from cnllm.core import tensors
 
-    original = tensors.StreamingShardWriter.add
+    original = tensors.StreamingShardWriter.add_rows
     written = []
 
-    def add_until_full(self, name, tensor):
+    def write_until_full(self, name, first, block):
         if len(written) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(name)
-        original(self, name, tensor)
+        original(self, name, first, block)
 
-    monkeypatch.setattr(tensors.StreamingShardWriter, "add", add_until_full)
+    monkeypatch.setattr(tensors.StreamingShardWriter, "add_rows", write_until_full)
     result = cli("merge-lora", "--base", tiny_llama_dir, "--lora", adapter, "-o", tmp_path / "out")
     assert result.exit_code == 1 and "no space left on the device" in result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -127,3 +127,35 @@ def test_existing_output_is_refused_without_resume_or_force(cli, tmp_path, tiny_
     assert result.exit_code == 2
     assert "already exists; pass --resume to continue its training or --force to start over" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_full_finetune_writes_a_loadable_model(cli, tmp_path, tiny_llama_dir):
+    out = tmp_path / "full"
+    result = cli("pt", "-m", tiny_llama_dir, "-d", asset("zh.txt"), "-o", out, "--full-finetune", "--max-steps", "2",
+                 "--block-size", "64", "--save-steps", "100", "--validation-split", "0", "--cache-dir", tmp_path / "cache", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["trainable_parameters"] == report["total_parameters"]
+    from transformers import AutoModelForCausalLM
+
+    trained, base = AutoModelForCausalLM.from_pretrained(str(out)), AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    assert trained.config.vocab_size == 1000
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not (trained.state_dict()[name] == base.state_dict()[name]).all()
+
+
+def test_gradient_checkpointing_with_frozen_embeddings_trains(cli, tmp_path, tiny_llama_dir):
+    result = cli("pt", "-m", tiny_llama_dir, "-d", asset("zh.txt"), "-o", tmp_path / "gc", "--gradient-checkpointing", "--max-steps", "2",
+                 "--block-size", "64", "--lora-rank", "4", "--save-steps", "100", "--validation-split", "0", "--logging-steps", "1",
+                 "--cache-dir", tmp_path / "cache", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "gc" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in rows if "loss" in r)
+
+
+def test_streaming_trains_without_a_cache(cli, tmp_path, tiny_llama_dir):
+    result = cli("pt", "-m", tiny_llama_dir, "-d", asset("zh.txt"), "-o", tmp_path / "stream", "--streaming", "--max-steps", "2",
+                 "--block-size", "64", "--lora-rank", "4", "--save-steps", "100", "--cache-dir", tmp_path / "cache", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 2
+    assert not (tmp_path / "cache").exists()

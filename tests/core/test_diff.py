@@ -60,7 +60,16 @@ def test_recover_of_make_is_bit_identical(tmp_path, tiny_llama_dir, tuned, which
     assert len(list((tmp_path / "recovered").glob("model-*-of-*.safetensors"))) > 1
     load_fp32(tmp_path / "recovered")
     assert read_record(tmp_path / "recovered", "diff-recover")["results"]["extended_rows"] == recovered.extended
-    assert read_record(tmp_path / "diff", "make-diff")["results"]["bit_identical_recovery"] is True
+    assert made.signed_zeros == 0 and read_record(tmp_path / "diff", "make-diff")["results"]["bit_identical_recovery"] is True
+
+
+def test_round_trip_in_small_row_blocks(tmp_path, tiny_llama_dir, tuned, monkeypatch):
+    """Tensors are processed a block of rows at a time; blocks straddling the raw vocabulary's end included."""
+    monkeypatch.setattr(diff, "BLOCK_BYTES", 7 * 64 * 4)
+    diff.make_diff(tiny_llama_dir, tuned["extended"], tmp_path / "diff")
+    result = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered", reference=tuned["extended"])
+    _assert_bit_identical(tuned["extended"], tmp_path / "recovered")
+    assert result.reference_check.passed and result.reference_check.max_abs_diff == 0.0
 
 
 def test_extra_rows_are_carried_as_is(tmp_path, tiny_llama_dir, tuned):
@@ -130,10 +139,30 @@ def test_truncated_diff_existing_output_and_disk_full(tmp_path, tiny_llama_dir, 
 
     from cnllm.core import tensors
 
-    def no_space(self, name, tensor):
+    def no_space(self, name, first, block):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tensors.StreamingShardWriter, "add", no_space)
+    monkeypatch.setattr(tensors.StreamingShardWriter, "add_rows", no_space)
     with pytest.raises(OSError):
         diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "diff"]
+
+
+def test_negative_zero_is_counted_not_refused(tmp_path, tiny_llama_dir, tuned):
+    """raw + (−raw) is +0.0 whatever the sign was: make-diff reports such zeros instead of claiming bit identity."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "with-negative-zero"
+    model.mkdir()
+    for item in tuned["plain"].iterdir():
+        if item.suffix != ".safetensors":
+            (model / item.name).write_bytes(item.read_bytes())
+    state = load_file(str(tuned["plain"] / "model.safetensors"))
+    state["model.layers.0.self_attn.q_proj.weight"][0, 0] = -0.0
+    save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    made = diff.make_diff(tiny_llama_dir, model, tmp_path / "diff")
+    assert made.signed_zeros == 1
+    assert read_record(tmp_path / "diff", "make-diff")["results"]["bit_identical_recovery"] is False
+    diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered")
+    value = dict(iter_tensors(tmp_path / "recovered"))["model.layers.0.self_attn.q_proj.weight"][0, 0]
+    assert value == 0 and not torch.signbit(value)

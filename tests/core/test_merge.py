@@ -127,6 +127,19 @@ def test_fan_in_fan_out_conv1d_layers(tmp_path):
     assert _max_diff(model_logits(out, ids), peft_logits(base, [adapter], ids)) < 1e-3
 
 
+def test_two_adapters_in_small_row_blocks(tmp_path, tiny_llama_dir, adapters, monkeypatch):
+    """Merged tensors are produced a block of rows at a time: the result does not depend on the block size."""
+    order = [adapters["extended"], adapters["second"]]
+    merge.merge_lora(tiny_llama_dir, order, tmp_path / "whole")
+    monkeypatch.setattr(merge, "BLOCK_BYTES", 5 * 64 * 4)
+    merge.merge_lora(tiny_llama_dir, order, tmp_path / "blocks")
+    whole, blocks = dict(iter_tensors(tmp_path / "whole")), dict(iter_tensors(tmp_path / "blocks"))
+    assert whole.keys() == blocks.keys()
+    # the BLAS kernel may round a row block's B·A differently in the last bit
+    assert all(torch.allclose(whole[n], blocks[n], rtol=0, atol=1e-7) for n in whole)
+    assert torch.equal(whole["model.embed_tokens.weight"], blocks["model.embed_tokens.weight"])
+
+
 def test_fp16_output(tmp_path, tiny_llama_dir, adapters):
     out = tmp_path / "merged"
     result = merge.merge_lora(tiny_llama_dir, [adapters["plain"]], out, dtype="float16", verify=True)
@@ -160,7 +173,11 @@ def test_meta_pth_layout_attends_like_hf(tmp_path, tiny_llama_dir, adapters, sha
     assert hidden == config["intermediate_size"]
     parts = [torch.load(pth_out / f"consolidated.{i:02d}.pth", weights_only=True) for i in range(shards)]
     assert sorted(p.name for p in pth_out.glob("consolidated.*.pth")) == [f"consolidated.{i:02d}.pth" for i in range(shards)]
-    meta = {name: torch.cat([p[name] for p in parts], dim=merge.META_SPLIT_DIM.get(name.split(".")[-2], 0)) if shards > 1 and name.split(".")[-2] in merge.META_SPLIT_DIM else parts[0][name] for name in parts[0]}
+    meta = {}
+    for name in parts[0]:
+        dim = merge.META_SPLIT_DIM.get(name.split(".")[-2])
+        meta[name] = parts[0][name] if dim is None else torch.cat([p[name] for p in parts], dim=dim)
+        assert all(torch.equal(p[name], parts[0][name]) for p in parts) or dim is not None, "norms are replicated"
     hf = dict(iter_tensors(hf_out))
     assert torch.equal(meta["tok_embeddings.weight"], hf["model.embed_tokens.weight"])
     assert torch.equal(meta["layers.1.feed_forward.w2.weight"], hf["model.layers.1.mlp.down_proj.weight"])
@@ -268,16 +285,35 @@ def test_output_exists_and_disk_full_leave_nothing(tmp_path, tiny_llama_dir, ada
     from cnllm.core import tensors
 
     calls = {"n": 0}
-    original = tensors.StreamingShardWriter.add
+    original = tensors.StreamingShardWriter.add_rows
 
-    def failing_add(self, name, tensor):
+    def failing_write(self, name, first, block):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        original(self, name, tensor)
+        original(self, name, first, block)
 
-    monkeypatch.setattr(tensors.StreamingShardWriter, "add", failing_add)
+    monkeypatch.setattr(tensors.StreamingShardWriter, "add_rows", failing_write)
     with pytest.raises(OSError) as info:
         merge.merge_lora(tiny_llama_dir, [adapters["plain"]], tmp_path / "out")
     assert info.value.errno == errno.ENOSPC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"], "no partial or temporary output may remain"
+
+
+def test_pickled_base_shards(tmp_path, tiny_llama_dir, adapters):
+    """A base in sharded pytorch_model-*.bin files (loaded with weights_only) merges like the safetensors one."""
+    from safetensors.torch import load_file
+
+    base = tmp_path / "bin-base"
+    base.mkdir()
+    (base / "config.json").write_bytes((tiny_llama_dir / "config.json").read_bytes())
+    shards = sorted(tiny_llama_dir.glob("model-*.safetensors"))
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        name = f"pytorch_model-{number:05d}-of-{len(shards):05d}.bin"
+        state = load_file(str(shard))
+        torch.save(state, base / name)
+        weight_map.update({tensor: name for tensor in state})
+    (base / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    merge.merge_lora(base, [adapters["plain"]], tmp_path / "merged")
+    assert _max_diff(model_logits(tmp_path / "merged"), peft_logits(tiny_llama_dir, [adapters["plain"]])) < 1e-3

@@ -304,7 +304,7 @@ def load_subjects(data_dir: Path, options: McOptions) -> list[Subject]:
     keys = list(options.subjects) or list_subjects(data_dir, options.format, options.split)
     subjects = []
     for key in keys:
-        english, chinese, category = mapping.get(key, (key, key, None))
+        _, chinese, category = mapping.get(key, (key, key, None))
         questions = read_questions(split_file(data_dir, options.format, options.split, key), options.format, answers_required=options.split != "test")
         dev: list[Question] = []
         if options.shots:

@@ -1,9 +1,11 @@
 """Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize`` through llama-cpp-python).
 
-llama.cpp decides every tensor's type (the mixes behind Q4_K_M and friends, the per-tensor
-fallback when a row is not divisible by a k-quant's 256-wide block, as with vocabularies of
-49,953 or hidden sizes of 64); this module validates the input, hands it over, turns llama.cpp's
-log into progress and a summary, and keeps the output atomic.
+llama.cpp decides every tensor's type: the mixes behind Q4_K_M and friends, and the per-tensor
+fallback when a row (the input dimension) is not a multiple of a k-quant's 256-wide block. A
+vocabulary of 49,953 or 55,296 tokens only sets the number of rows, so extended Chinese
+vocabularies get real k-quants; small hidden sizes (64 in the tests) fall back. This module
+validates the input, hands it over, turns llama.cpp's log into progress and a summary, and keeps
+the output atomic.
 """
 
 from __future__ import annotations
@@ -108,7 +110,6 @@ class GgufSummary:
     parameters: int
     tensor_bytes: int
     tensor_types: dict[str, int]
-    file_type: int | None
 
     @property
     def bits_per_weight(self) -> float:
@@ -130,7 +131,7 @@ def read_gguf_summary(path: Path) -> GgufSummary:
             raise UsageError(f"{path} is not a GGUF file (no GGUF magic); convert a Hugging Face model with 'cnllm convert-gguf' first")
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, OSError, KeyError) as exc:
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as exc:
         raise UsageError(f"{path} is truncated or corrupted: {exc}") from None
     size = path.stat().st_size
     types: dict[str, int] = {}
@@ -138,17 +139,15 @@ def read_gguf_summary(path: Path) -> GgufSummary:
         if tensor.data_offset + tensor.n_bytes > size:
             raise UsageError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file")
         types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
-    field_ = reader.get_field("general.file_type")
     return GgufSummary(
         size=size,
         parameters=sum(int(t.n_elements) for t in reader.tensors),
         tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
         tensor_types=types,
-        file_type=int(field_.contents()) if field_ is not None else None,
     )
 
 
-def load_imatrix(path: Path) -> dict[str, list[float]]:
+def load_imatrix(path: Path) -> dict[str, "np.ndarray"]:  # noqa: F821
     """Per-tensor importance (mean squared activations) from a GGUF imatrix file (llama-imatrix's format)."""
     import gguf
     import numpy as np
@@ -179,7 +178,7 @@ def load_imatrix(path: Path) -> dict[str, list[float]]:
 class _LlamaLog:
     """llama.cpp's log, captured: per-tensor progress, fallback count, the failure reason; echoed only when verbose."""
 
-    TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+    TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*(\d+)\]\s+(\S+)")  # "[  3/ 21] blk.0.attn_q.weight - ..."
 
     def __init__(self, progress: Progress, verbose: bool) -> None:
         import llama_cpp
@@ -205,9 +204,9 @@ class _LlamaLog:
         match = self.TENSOR_LINE.match(line)
         if match:
             if self.total is None:
-                self.total = int(match.group(2))
+                self.total = int(match.group(1))
                 self.progress.start(self.total, "quantizing", unit="tensor")
-            self.progress.advance(1, tensor=match.group(3))
+            self.progress.advance(1, tensor=match.group(2))
 
     def failure(self) -> str:
         for line in reversed(self.lines + [self.buffer]):

@@ -85,14 +85,22 @@ def looks_special(token: str) -> bool:
 
 
 def tokenizer_kind(model_dir: Path) -> str:
-    """``"spm"`` (tokenizer.model), ``"gpt2"`` (byte-level tokenizer.json) or ``"llama-hf"`` (SPM-style tokenizer.json)."""
+    """``"spm"`` (tokenizer.model) or ``"gpt2"`` (byte-level BPE tokenizer.json).
+
+    A SentencePiece-style tokenizer.json (byte fallback) without its tokenizer.model is refused: llama.cpp's
+    SentencePiece tokenizer merges by piece score, which tokenizer.json does not carry (the reference converter
+    writes a constant score there, and llama.cpp then splits text differently from the Hugging Face tokenizer).
+    """
     if (model_dir / "tokenizer.model").is_file():
         return "spm"
     if (model_dir / "tokenizer.json").is_file():
         definition = _read_json(model_dir / "tokenizer.json")
         model = definition.get("model") or {}
         if model.get("type") == "BPE" and model.get("byte_fallback"):
-            return "llama-hf"
+            raise UsageError(
+                f"{model_dir / 'tokenizer.json'} is a SentencePiece tokenizer but {model_dir} has no tokenizer.model; "
+                "copy the original tokenizer.model next to the weights (llama.cpp needs its piece scores)"
+            )
         if model.get("type") == "BPE":
             return "gpt2"
         raise UsageError(f"{model_dir / 'tokenizer.json'}: a {model.get('type')} tokenizer is not supported (SentencePiece or byte-level BPE only)")
@@ -184,19 +192,6 @@ def sentencepiece_vocab(model_dir: Path, vocab_size: int | None) -> TokenizerVoc
     return TokenizerVocab("llama", "default", tokens, toktypes, scores)
 
 
-def llama_hf_vocab(model_dir: Path) -> TokenizerVocab:
-    """A SentencePiece-style BPE ``tokenizer.json`` without ``tokenizer.model`` (gguf's LlamaHfVocab reads it)."""
-    import gguf
-
-    vocab = gguf.LlamaHfVocab(model_dir)
-    tokens, scores, toktypes = [], [], []
-    for text, score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        toktypes.append(int(toktype))
-    return TokenizerVocab("llama", "default", tokens, toktypes, scores)
-
-
 def detect_pre_tokenizer(definition: dict | None) -> str | None:
     """llama.cpp's name for a tokenizer.json ``pre_tokenizer`` definition, or None when it is not one llama.cpp implements."""
     if not definition:
@@ -267,8 +262,6 @@ def build_vocab(model_dir: Path | str, vocab_size: int | None, *, pre_tokenizer:
     kind = tokenizer_kind(model_dir)
     if kind == "spm":
         vocab = sentencepiece_vocab(model_dir, vocab_size)
-    elif kind == "llama-hf":
-        vocab = llama_hf_vocab(model_dir)
     else:
         vocab = bpe_vocab(model_dir, vocab_size, pre_tokenizer)
     config_path = model_dir / "tokenizer_config.json"

@@ -27,6 +27,7 @@ from cnllm.core.server.queue import QueueFull, SlotPool
 
 log = logging.getLogger("cnllm.serve")
 ROLE_ALIASES = {"developer": "system"}
+UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 class APIError(Exception):
@@ -52,7 +53,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    location = []
+    for part in first.get("loc", ())[1:]:  # after "body"
+        if isinstance(part, str) and (part in UNION_BRANCHES or "[" in part):
+            break  # pydantic names the union member it tried; the field is what the client needs
+        location.append(str(part))
     param = ".".join(location) or None
     message = first.get("msg", "invalid request")
     return (f"{param}: {message}" if param else message), param

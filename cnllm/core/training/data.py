@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -130,12 +131,12 @@ def _block_dataset(files: list[Path], tokenizer, block_size: int, cache_root: Pa
         return datasets.load_from_disk(str(target)), target, True
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
     cache_root.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(target, force=True) as tmp:
+    with atomic_dir(target, force=True) as tmp, tempfile.TemporaryDirectory(prefix=".build-", dir=cache_root) as build:
         try:
             dataset = datasets.Dataset.from_generator(
                 _generate_blocks,
                 features=features,
-                cache_dir=str(tmp / "build"),
+                cache_dir=build,
                 gen_kwargs={"files": [str(f) for f in files], "tokenizer": tokenizer, "block_size": block_size, "stats": stats},
                 fingerprint=key,
             )
@@ -143,14 +144,7 @@ def _block_dataset(files: list[Path], tokenizer, block_size: int, cache_root: Pa
             if isinstance(exc.__cause__, UsageError):
                 raise exc.__cause__ from None
             raise
-        dataset.save_to_disk(str(tmp / "final"))
-        del dataset
-        for item in (tmp / "final").iterdir():
-            os.replace(item, tmp / item.name)
-        import shutil
-
-        shutil.rmtree(tmp / "build", ignore_errors=True)
-        (tmp / "final").rmdir()
+        dataset.save_to_disk(str(tmp))
         (tmp / CACHE_STATS).write_text(json.dumps(dataclasses.asdict(stats)) + "\n", encoding="utf-8")
     return datasets.load_from_disk(str(target)), target, False
 

@@ -46,6 +46,7 @@ class TrainResult:
     perplexity: float | None = None
     tokens_per_second: float | None = None
     tokens_seen: int = 0
+    train_cpu_seconds: float = 0.0
     trainable_parameters: int = 0
     total_parameters: int = 0
     vocab: dict[str, Any] = field(default_factory=dict)
@@ -245,6 +246,15 @@ def apply_peft(model, options: TrainOptions, train_embeddings: bool, precision: 
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (transformers 5 name first, the older alias otherwise)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -523,7 +533,7 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
     else:
         model = apply_peft(model, options, plan.train_embeddings, plan.precision)
     if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if not options.full_finetune and not plan.train_embeddings:
             model.enable_input_require_grads()
     result.trainable_parameters, result.total_parameters = count_parameters(model)
@@ -548,10 +558,14 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
         result.eval_loss_before, result.perplexity_before = before[0]["eval_loss"], before[0]["perplexity"]
 
     tokens_at_start = _checkpoint_tokens(checkpoint)
+    cpu_at_start = time.process_time()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
-        raise UsageError(f"interrupted; checkpoints are in {work}: rerun with --resume to continue") from None
+        if last_complete_checkpoint(work) is not None:
+            progress.log(f"checkpoints are in {work}: rerun with --resume to continue")
+        raise
+    result.train_cpu_seconds = round(time.process_time() - cpu_at_start, 2)
     result.steps = trainer.state.global_step
     result.tokens_seen = int(trainer.state.num_input_tokens_seen)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

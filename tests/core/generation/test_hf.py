@@ -98,3 +98,14 @@ def test_chat_session_drops_oldest_turns_but_keeps_the_system_prompt(tiny_llama_
         assert session.dropped_turns > 0
         with pytest.raises(ContextOverflow):
             session.prompt_ids("word " * 200)
+
+
+def test_auto_template_comes_from_the_tokenizer(tiny_generator, monkeypatch):
+    assert tiny_generator.prompt_format("auto").is_plain
+    source = "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    monkeypatch.setattr(tiny_generator.tokenizer, "chat_template", source)
+    auto = tiny_generator.prompt_format("auto")
+    prompt = auto.render([{"role": "user", "content": "你好"}], "sys")
+    assert (auto.name, prompt, auto.stop) == ("auto", "<s>[system]sys[user]你好[assistant]", ("</s>",))
+    ids = tiny_generator.encode_prompt(prompt)
+    assert ids.count(tiny_generator.tokenizer.bos_token_id) == 1  # the template's BOS is not doubled

@@ -298,3 +298,9 @@ def test_chinese_llama_2_vocabulary_tokenizes_in_llama_cpp_like_sentencepiece(tm
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
     finally:
         llm.close()
+
+
+def test_sentencepiece_tokenizer_json_without_tokenizer_model_is_refused(tmp_path, tiny_llama_dir):
+    model = copy_model(tiny_llama_dir, tmp_path / "model")
+    (model / "tokenizer.model").unlink()
+    _fails(model, tmp_path / "out" / "x.gguf", "no tokenizer.model")

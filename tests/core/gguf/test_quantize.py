@@ -130,3 +130,19 @@ def test_imatrix_must_be_a_gguf_imatrix(tmp_path):
     (tmp_path / "imatrix.dat").write_bytes(b"\x00" * 64)
     with pytest.raises(UsageError, match="not a GGUF imatrix"):
         load_imatrix(tmp_path / "imatrix.dat")
+
+
+def test_vocabulary_not_divisible_by_256_gets_real_k_quants(tmp_path, spm_tokenizer_dir):
+    """Only the row length (hidden size) must divide by 256; a 1,000-token vocabulary is fine, as 49,953 is."""
+    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.tiny import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "model", spm_tokenizer_dir, hidden_size=256, intermediate_size=512, layers=1)
+    f16 = convert_to_gguf(model, tmp_path / "f16.gguf", outtype="f16").output
+    result = quantize_gguf(f16, tmp_path / "q4_k_m.gguf", quant_type="Q4_K_M")
+    tensors = gguf_tensors(result.output)
+    assert tensors["token_embd.weight"][1] == (1000, 256)
+    assert tensors["token_embd.weight"][0] in ("Q4_K", "Q6_K")
+    assert tensors["output.weight"][0] == "Q6_K"
+    assert tensors["blk.0.ffn_gate.weight"][0] == "Q4_K"
+    assert result.fallbacks == 0

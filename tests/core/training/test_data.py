@@ -78,6 +78,7 @@ def test_pt_cache_is_reused_and_keyed_by_contents_and_block_size(tmp_path, token
     corpus.write_text(corpus.read_text(encoding="utf-8") + "新的一行。\n", encoding="utf-8")
     changed = data.build_pt_data([corpus], tokenizer, block_size=64, cache_dir=tmp_path / "cache")
     assert not changed.cache_hit and changed.cache_path != first.cache_path
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no build or temp leftovers
 
 
 def test_validation_split_and_streaming(tmp_path, tokenizer):
@@ -207,3 +208,18 @@ def test_sft_validation_split(tokenizer):
     built = data.build_sft_data([asset("alpaca_zh.json")], tokenizer, template="alpaca", system=None, max_seq_length=512, validation_split=0.1)
     assert built.eval_samples + len(built.train) + built.stats.dropped_no_target == 80
     assert 6 <= built.eval_samples <= 8
+
+
+def test_auto_template_uses_the_tokenizers_chat_template(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    [example] = data.tokenize_records([_one("Name a color.", "Blue.")], tokenizer, template="auto", system=None, max_seq_length=512, stats=data.SftStats())
+    labelled = [i for i, label in zip(example.input_ids, example.labels) if label != -100]
+    prompt = [i for i, label in zip(example.input_ids, example.labels) if label == -100]
+    assert tokenizer.decode(labelled).replace(" ", "") == "Blue.<|im_end|>\n"
+    assert "Name a color." in tokenizer.decode(prompt)

@@ -1,0 +1,635 @@
+"""Robustness sweep across every command (issue 9): bad inputs, existing or unwritable outputs, killed runs.
+
+Each table row runs one command in-process on an input that is missing, of the wrong type or truncated,
+or with an output that exists or cannot be written, and checks what a user (or a script) sees: the
+documented exit code (2 usage error, 1 failure), exactly one ``error:`` line on stderr that names the
+file or option, no traceback, nothing on stdout (or one valid JSON document with ``--json``), and
+nothing under the final output name. The interruption tests SIGKILL a real ``python -m cnllm``
+subprocess while it writes, check that no partial output sits under the final name, and run the
+same command again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cnllm.core.atomic import TEMP_MARK
+from cnllm.core.tiny import asset
+from tests.lora_fixtures import build_adapter
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- inputs: good ones, and broken copies of them -----------------------------------------------------
+
+
+def _random_bytes(path: Path, size: int = 4096) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(random.Random(path.name).randbytes(size))
+    return path
+
+
+def _truncate(path: Path) -> Path:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+    return path
+
+
+def _largest(folder: Path, pattern: str) -> Path:
+    return max(folder.glob(pattern), key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespace:
+    """Good inputs (the tiny model, an adapter, a GGUF, a diff, a recipe) and broken variants of each."""
+    from cnllm.core.diff import make_diff
+    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.hashing import create_manifest
+    from cnllm.core.merge import merge_lora
+
+    root = tmp_path_factory.mktemp("robustness-inputs")
+    adapter = build_adapter(tiny_llama_dir, root / "adapter", r=2, alpha=4)
+    gguf = convert_to_gguf(tiny_llama_dir, root / "tiny-f16.gguf", outtype="f16").output
+    tuned = merge_lora(tiny_llama_dir, [adapter], root / "tuned").output
+    diff = make_diff(tiny_llama_dir, tuned, root / "diff").output
+
+    truncated_model = shutil.copytree(tiny_llama_dir, root / "truncated-model")
+    _truncate(_largest(truncated_model, "*.safetensors"))
+    bad_config_model = shutil.copytree(tiny_llama_dir, root / "bad-config-model")
+    _random_bytes(bad_config_model / "config.json")
+    truncated_adapter = shutil.copytree(adapter, root / "truncated-adapter")
+    _truncate(truncated_adapter / "adapter_model.safetensors")
+    random_adapter = root / "random-adapter"
+    _random_bytes(random_adapter / "adapter_config.json")
+    _random_bytes(random_adapter / "adapter_model.safetensors")
+    truncated_diff = shutil.copytree(diff, root / "truncated-diff")
+    _truncate(_largest(truncated_diff, "*.safetensors"))
+    truncated_gguf = _truncate(Path(shutil.copy2(gguf, root / "truncated.gguf")))
+    truncated_spm = _truncate(Path(shutil.copy2(spm_tokenizer_dir / "tokenizer.model", root / "truncated-spm.model")))
+
+    notes = root / "notes.txt"
+    notes.write_text("These are a user's notes, not a model.\n", encoding="utf-8")
+    text = root / "sample.txt"
+    text.write_text(asset("en.txt").read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    release = root / "release"
+    release.mkdir()
+    (release / "weights.bin").write_bytes(b"\x01" * 1024)
+    manifest = create_manifest([release], manifest=release / "SHA256SUMS").manifest
+    truncated_release = shutil.copytree(release, root / "truncated-release")
+    _truncate(truncated_release / "weights.bin")
+
+    # Text cut in the middle of a character, JSON and CSV cut mid-record, YAML cut mid-mapping.
+    truncated_zh = root / "truncated-zh.txt"
+    truncated_zh.write_bytes(asset("zh.txt").read_text(encoding="utf-8")[:600].encode("utf-8") + "中".encode("utf-8")[:2])
+    truncated_alpaca = _truncate(Path(shutil.copy2(asset("alpaca_zh.json"), root / "truncated-alpaca.json")))
+    truncated_exam = shutil.copytree(asset("ceval-mini"), root / "truncated-exam")
+    _truncate(_largest(truncated_exam / "val", "*.csv"))
+    truncated_yaml = root / "truncated-recipe-text.yaml"
+    truncated_yaml.write_text(f"name: robust\nbase: {{model: {tiny_llama_dir}\n")
+
+    recipe = root / "recipe.yaml"
+    recipe.write_text(f"name: robust\nbase: {{model: {tiny_llama_dir}}}\nconvert: {{outtype: f16}}\nchecksum: {{}}\n")
+    truncated_recipe = root / "truncated-recipe.yaml"
+    truncated_recipe.write_text(f"name: robust\nbase: {{model: {truncated_model}}}\nconvert: {{outtype: f16}}\n")
+    missing_base_recipe = root / "missing-base-recipe.yaml"
+    missing_base_recipe.write_text(f"name: robust\nbase: {{model: {root / 'nope-model'}}}\nconvert: {{}}\n")
+    not_a_mapping = root / "list-recipe.yaml"
+    not_a_mapping.write_text("- just\n- a list\n")
+    return SimpleNamespace(
+        model=tiny_llama_dir,
+        spm=spm_tokenizer_dir / "tokenizer.model",
+        tokenizer=spm_tokenizer_dir,
+        adapter=adapter,
+        gguf=gguf,
+        diff=diff,
+        tuned=tuned,
+        text=text,
+        alpaca=asset("alpaca_zh.json"),
+        exam=asset("ceval-mini"),
+        manifest=manifest,
+        recipe=recipe,
+        truncated_model=truncated_model,
+        bad_config_model=bad_config_model,
+        truncated_adapter=truncated_adapter,
+        random_adapter=random_adapter,
+        truncated_diff=truncated_diff,
+        truncated_gguf=truncated_gguf,
+        truncated_spm=truncated_spm,
+        truncated_manifest=truncated_release / "SHA256SUMS",
+        truncated_recipe=truncated_recipe,
+        truncated_zh=truncated_zh,
+        truncated_alpaca=truncated_alpaca,
+        truncated_exam=truncated_exam,
+        truncated_yaml=truncated_yaml,
+        missing_base_recipe=missing_base_recipe,
+        list_recipe=not_a_mapping,
+        notes=notes,
+        random=_random_bytes(root / "random.bin"),
+        random_gguf=_random_bytes(root / "random.gguf"),
+        random_model=_random_bytes(root / "random.model"),
+        random_yaml=_random_bytes(root / "random.yaml"),
+        random_json=_random_bytes(root / "random.json"),
+        empty_dir=Path(tmp_path_factory.mktemp("empty-dir")),
+    )
+
+
+# --- the table ---------------------------------------------------------------------------------------
+
+# What each command needs besides the input under test; ``{x}`` names a field of ``inputs``, ``{tmp}`` the test's folder.
+TRAIN_QUICK = ["--max-steps", "1", "--lora-rank", "2", "--validation-split", "0", "--no-eval-before"]
+PT_QUICK = [*TRAIN_QUICK, "--block-size", "32", "--cache-dir", "{tmp}/cache"]
+SFT_QUICK = [*TRAIN_QUICK, "--max-seq-length", "256"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad invocation: its arguments, the exit code, the text the error line must contain, the output it must not create."""
+
+    args: Sequence[str]
+    code: int
+    needle: str
+    output: str | None = None  # the final output name (a template like args), absent afterwards unless ``existing``
+    existing: str | None = None  # "file" or "dir": create the output first; it must be left untouched
+    json: bool = False
+
+
+def fill(template: str, inputs: SimpleNamespace, tmp: Path) -> str:
+    return template.format(tmp=tmp, **vars(inputs))
+
+
+CASES: dict[str, dict[str, Case]] = {
+    "vocab-train": {
+        "missing-corpus": Case(["vocab", "train", "{tmp}/nope.txt", "-o", "{tmp}/zh.model"], 2, "nope.txt", output="{tmp}/zh.model"),
+        "missing-corpus-json": Case(["vocab", "train", "{tmp}/nope.txt", "-o", "{tmp}/zh.model", "--json"], 2, "nope.txt", output="{tmp}/zh.model", json=True),
+        "random-bytes-corpus": Case(["vocab", "train", "{random}", "-o", "{tmp}/zh.model", "--vocab-size", "400"], 2, "random.bin", output="{tmp}/zh.model"),
+        "output-exists": Case(["vocab", "train", "{text}", "-o", "{tmp}/zh.model", "--vocab-size", "400"], 2, "already exists", output="{tmp}/zh.model", existing="file"),
+        "parent-is-a-file": Case(["vocab", "train", "{text}", "-o", "{tmp}/blocker/zh.model", "--vocab-size", "400"], 2, "blocker", output="{tmp}/blocker/zh.model"),
+    },
+    "vocab-merge": {
+        "missing-base": Case(["vocab", "merge", "--base", "{tmp}/nope.model", "--add", "{spm}", "-o", "{tmp}/merged"], 2, "nope.model", output="{tmp}/merged"),
+        "missing-base-json": Case(["vocab", "merge", "--base", "{tmp}/nope.model", "--add", "{spm}", "-o", "{tmp}/merged", "--json"], 2, "nope.model", output="{tmp}/merged", json=True),
+        "random-bytes-base": Case(["vocab", "merge", "--base", "{random_model}", "--add", "{spm}", "-o", "{tmp}/merged"], 2, "random.model", output="{tmp}/merged"),
+        "text-file-base": Case(["vocab", "merge", "--base", "{notes}", "--add", "{spm}", "-o", "{tmp}/merged"], 2, "notes.txt", output="{tmp}/merged"),
+        "truncated-base": Case(["vocab", "merge", "--base", "{truncated_spm}", "--add", "{spm}", "-o", "{tmp}/merged"], 2, "truncated-spm.model", output="{tmp}/merged"),
+        "missing-add": Case(["vocab", "merge", "--base", "{spm}", "--add", "{tmp}/nope.model", "-o", "{tmp}/merged"], 2, "nope.model", output="{tmp}/merged"),
+        "random-bytes-add": Case(["vocab", "merge", "--base", "{spm}", "--add", "{random_model}", "-o", "{tmp}/merged"], 2, "random.model", output="{tmp}/merged"),
+        "truncated-add": Case(["vocab", "merge", "--base", "{spm}", "--add", "{truncated_spm}", "-o", "{tmp}/merged"], 2, "truncated-spm.model", output="{tmp}/merged"),
+        "force-with-truncated-add-keeps-existing": Case(["vocab", "merge", "--base", "{spm}", "--add", "{truncated_spm}", "-o", "{tmp}/merged", "--force"], 2, "truncated-spm.model", output="{tmp}/merged", existing="dir"),
+        "output-exists": Case(["vocab", "merge", "--base", "{spm}", "--add", "{spm}", "-o", "{tmp}/merged"], 2, "already exists", output="{tmp}/merged", existing="dir"),
+        "parent-is-a-file": Case(["vocab", "merge", "--base", "{spm}", "--add", "{spm}", "-o", "{tmp}/blocker/merged"], 2, "blocker", output="{tmp}/blocker/merged"),
+    },
+    "vocab-inspect": {
+        "missing": Case(["vocab", "inspect", "{tmp}/nope.model"], 2, "nope.model"),
+        "missing-json": Case(["vocab", "inspect", "{tmp}/nope.model", "--json"], 2, "nope.model", json=True),
+        "random-bytes": Case(["vocab", "inspect", "{random_model}"], 2, "random.model"),
+        "text-file": Case(["vocab", "inspect", "{notes}"], 2, "notes.txt"),
+        "truncated": Case(["vocab", "inspect", "{truncated_spm}"], 2, "truncated-spm.model"),
+        "missing-text": Case(["vocab", "inspect", "{spm}", "--text", "{tmp}/nope.txt"], 2, "nope.txt"),
+    },
+    "pt": {
+        "missing-model": Case(["pt", "-m", "{tmp}/nope-model", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK], 2, "nope-model", output="{tmp}/out"),
+        "missing-model-json": Case(["pt", "-m", "{tmp}/nope-model", "-d", "{text}", "-o", "{tmp}/out", "--json", *PT_QUICK], 2, "nope-model", output="{tmp}/out", json=True),
+        "text-file-model": Case(["pt", "-m", "{notes}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK], 2, "notes.txt", output="{tmp}/out"),
+        "truncated-model": Case(["pt", "-m", "{truncated_model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK], 2, "truncated-model", output="{tmp}/out"),
+        "random-bytes-data": Case(["pt", "-m", "{model}", "-d", "{random}", "-o", "{tmp}/out", *PT_QUICK], 2, "random.bin", output="{tmp}/out"),
+        "truncated-data": Case(["pt", "-m", "{model}", "-d", "{truncated_zh}", "-o", "{tmp}/out", *PT_QUICK], 2, "truncated-zh.txt", output="{tmp}/out"),
+        "output-exists": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK], 2, "already exists", output="{tmp}/out", existing="dir"),
+        "parent-is-a-file": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/blocker/out", *PT_QUICK], 2, "blocker", output="{tmp}/blocker/out"),
+    },
+    "sft": {
+        "missing-model": Case(["sft", "-m", "{tmp}/nope-model", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK], 2, "nope-model", output="{tmp}/out"),
+        "missing-model-json": Case(["sft", "-m", "{tmp}/nope-model", "-d", "{alpaca}", "-o", "{tmp}/out", "--json", *SFT_QUICK], 2, "nope-model", output="{tmp}/out", json=True),
+        "truncated-model": Case(["sft", "-m", "{truncated_model}", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK], 2, "truncated-model", output="{tmp}/out"),
+        "missing-data": Case(["sft", "-m", "{model}", "-d", "{tmp}/nope.json", "-o", "{tmp}/out", *SFT_QUICK], 2, "nope.json", output="{tmp}/out"),
+        "random-bytes-data": Case(["sft", "-m", "{model}", "-d", "{random_json}", "-o", "{tmp}/out", *SFT_QUICK], 2, "random.json", output="{tmp}/out"),
+        "text-file-data": Case(["sft", "-m", "{model}", "-d", "{notes}", "-o", "{tmp}/out", *SFT_QUICK], 2, "notes.txt", output="{tmp}/out"),
+        "truncated-data": Case(["sft", "-m", "{model}", "-d", "{truncated_alpaca}", "-o", "{tmp}/out", *SFT_QUICK], 2, "truncated-alpaca.json", output="{tmp}/out"),
+        "output-exists": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK], 2, "already exists", output="{tmp}/out", existing="dir"),
+        "parent-is-a-file": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/blocker/out", *SFT_QUICK], 2, "blocker", output="{tmp}/blocker/out"),
+    },
+    "merge-lora": {
+        "missing-base": Case(["merge-lora", "--base", "{tmp}/nope-model", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "nope-model", output="{tmp}/merged"),
+        "missing-base-json": Case(["merge-lora", "--base", "{tmp}/nope-model", "--lora", "{adapter}", "-o", "{tmp}/merged", "--json"], 2, "nope-model", output="{tmp}/merged", json=True),
+        "text-file-base": Case(["merge-lora", "--base", "{notes}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "notes.txt", output="{tmp}/merged"),
+        "truncated-base": Case(["merge-lora", "--base", "{truncated_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "truncated-model", output="{tmp}/merged"),
+        "random-bytes-config-base": Case(["merge-lora", "--base", "{bad_config_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "config.json", output="{tmp}/merged"),
+        "missing-lora": Case(["merge-lora", "--base", "{model}", "--lora", "{tmp}/nope-lora", "-o", "{tmp}/merged"], 2, "nope-lora", output="{tmp}/merged"),
+        "random-bytes-lora": Case(["merge-lora", "--base", "{model}", "--lora", "{random_adapter}", "-o", "{tmp}/merged"], 2, "random-adapter", output="{tmp}/merged"),
+        "truncated-lora": Case(["merge-lora", "--base", "{model}", "--lora", "{truncated_adapter}", "-o", "{tmp}/merged"], 2, "truncated-adapter", output="{tmp}/merged"),
+        "force-with-truncated-lora-keeps-existing": Case(["merge-lora", "--base", "{model}", "--lora", "{truncated_adapter}", "-o", "{tmp}/merged", "--force"], 2, "truncated-adapter", output="{tmp}/merged", existing="dir"),
+        "output-exists": Case(["merge-lora", "--base", "{model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "already exists", output="{tmp}/merged", existing="dir"),
+        "parent-is-a-file": Case(["merge-lora", "--base", "{model}", "--lora", "{adapter}", "-o", "{tmp}/blocker/merged"], 2, "blocker", output="{tmp}/blocker/merged"),
+    },
+    "diff-recover": {
+        "missing-base": Case(["diff-recover", "--base", "{tmp}/nope-model", "--diff", "{diff}", "-o", "{tmp}/recovered"], 2, "nope-model", output="{tmp}/recovered"),
+        "missing-base-json": Case(["diff-recover", "--base", "{tmp}/nope-model", "--diff", "{diff}", "-o", "{tmp}/recovered", "--json"], 2, "nope-model", output="{tmp}/recovered", json=True),
+        "missing-diff": Case(["diff-recover", "--base", "{model}", "--diff", "{tmp}/nope-diff", "-o", "{tmp}/recovered"], 2, "nope-diff", output="{tmp}/recovered"),
+        "text-file-diff": Case(["diff-recover", "--base", "{model}", "--diff", "{notes}", "-o", "{tmp}/recovered"], 2, "notes.txt", output="{tmp}/recovered"),
+        "truncated-diff": Case(["diff-recover", "--base", "{model}", "--diff", "{truncated_diff}", "-o", "{tmp}/recovered"], 2, "truncated-diff", output="{tmp}/recovered"),
+        "truncated-base": Case(["diff-recover", "--base", "{truncated_model}", "--diff", "{diff}", "-o", "{tmp}/recovered"], 2, "truncated-model", output="{tmp}/recovered"),
+        "truncated-tuned": Case(["diff-recover", "--make-diff", "--base", "{model}", "--tuned", "{truncated_model}", "-o", "{tmp}/recovered"], 2, "truncated-model", output="{tmp}/recovered"),
+        "force-with-truncated-diff-keeps-existing": Case(["diff-recover", "--base", "{model}", "--diff", "{truncated_diff}", "-o", "{tmp}/recovered", "--force"], 2, "truncated-diff", output="{tmp}/recovered", existing="dir"),
+        "output-exists": Case(["diff-recover", "--base", "{model}", "--diff", "{diff}", "-o", "{tmp}/recovered"], 2, "already exists", output="{tmp}/recovered", existing="dir"),
+        "parent-is-a-file": Case(["diff-recover", "--base", "{model}", "--diff", "{diff}", "-o", "{tmp}/blocker/recovered"], 2, "blocker", output="{tmp}/blocker/recovered"),
+    },
+    "convert-gguf": {
+        "missing": Case(["convert-gguf", "{tmp}/nope-model", "-o", "{tmp}/out.gguf"], 2, "nope-model", output="{tmp}/out.gguf"),
+        "missing-json": Case(["convert-gguf", "{tmp}/nope-model", "-o", "{tmp}/out.gguf", "--json"], 2, "nope-model", output="{tmp}/out.gguf", json=True),
+        "text-file": Case(["convert-gguf", "{notes}", "-o", "{tmp}/out.gguf"], 2, "notes.txt", output="{tmp}/out.gguf"),
+        "empty-dir": Case(["convert-gguf", "{empty_dir}", "-o", "{tmp}/out.gguf"], 2, "config.json", output="{tmp}/out.gguf"),
+        "random-bytes-config": Case(["convert-gguf", "{bad_config_model}", "-o", "{tmp}/out.gguf"], 2, "config.json", output="{tmp}/out.gguf"),
+        "truncated-weights": Case(["convert-gguf", "{truncated_model}", "-o", "{tmp}/out.gguf"], 2, "truncated-model", output="{tmp}/out.gguf"),
+        "force-with-truncated-weights-keeps-existing": Case(["convert-gguf", "{truncated_model}", "-o", "{tmp}/out.gguf", "--force"], 2, "truncated-model", output="{tmp}/out.gguf", existing="file"),
+        "output-exists": Case(["convert-gguf", "{model}", "-o", "{tmp}/out.gguf"], 2, "already exists", output="{tmp}/out.gguf", existing="file"),
+        "parent-is-a-file": Case(["convert-gguf", "{model}", "-o", "{tmp}/blocker/out.gguf"], 2, "blocker", output="{tmp}/blocker/out.gguf"),
+    },
+    "quantize": {
+        "missing": Case(["quantize", "{tmp}/nope.gguf", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], 2, "nope.gguf", output="{tmp}/q8.gguf"),
+        "missing-json": Case(["quantize", "{tmp}/nope.gguf", "-o", "{tmp}/q8.gguf", "--type", "Q8_0", "--json"], 2, "nope.gguf", output="{tmp}/q8.gguf", json=True),
+        "random-bytes": Case(["quantize", "{random_gguf}", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], 2, "random.gguf", output="{tmp}/q8.gguf"),
+        "text-file": Case(["quantize", "{notes}", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], 2, "notes.txt", output="{tmp}/q8.gguf"),
+        "model-dir-not-gguf": Case(["quantize", "{model}", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], 2, "tiny-llama", output="{tmp}/q8.gguf"),
+        "truncated": Case(["quantize", "{truncated_gguf}", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], 2, "truncated.gguf", output="{tmp}/q8.gguf"),
+        "force-with-truncated-input-keeps-existing": Case(["quantize", "{truncated_gguf}", "-o", "{tmp}/q8.gguf", "--type", "Q8_0", "--force"], 2, "truncated.gguf", output="{tmp}/q8.gguf", existing="file"),
+        "output-exists": Case(["quantize", "{gguf}", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], 2, "already exists", output="{tmp}/q8.gguf", existing="file"),
+        "parent-is-a-file": Case(["quantize", "{gguf}", "-o", "{tmp}/blocker/q8.gguf", "--type", "Q8_0"], 2, "blocker", output="{tmp}/blocker/q8.gguf"),
+    },
+    "chat": {
+        "missing": Case(["chat", "{tmp}/nope.gguf", "-p", "hi", "-n", "2"], 2, "nope.gguf"),
+        "missing-json": Case(["chat", "{tmp}/nope.gguf", "-p", "hi", "-n", "2", "--json"], 2, "nope.gguf", json=True),
+        "random-bytes-gguf": Case(["chat", "{random_gguf}", "-p", "hi", "-n", "2"], 2, "random.gguf"),
+        "text-file": Case(["chat", "{notes}", "-p", "hi", "-n", "2"], 2, "notes.txt"),
+        "truncated-gguf": Case(["chat", "{truncated_gguf}", "-p", "hi", "-n", "2"], 2, "truncated.gguf"),
+        "truncated-model-dir": Case(["chat", "{truncated_model}", "-p", "hi", "-n", "2"], 2, "truncated-model"),
+        "random-bytes-config": Case(["chat", "{bad_config_model}", "-p", "hi", "-n", "2"], 2, "config.json"),
+        "missing-lora": Case(["chat", "{model}", "--lora", "{tmp}/nope-lora", "-p", "hi", "-n", "2"], 2, "nope-lora"),
+    },
+    "eval-ppl": {
+        "missing-model": Case(["eval", "ppl", "{tmp}/nope-model", "-d", "{text}", "-o", "{tmp}/ppl.json"], 2, "nope-model", output="{tmp}/ppl.json"),
+        "missing-model-json": Case(["eval", "ppl", "{tmp}/nope-model", "-d", "{text}", "--json"], 2, "nope-model", json=True),
+        "random-bytes-gguf": Case(["eval", "ppl", "{random_gguf}", "-d", "{text}", "-o", "{tmp}/ppl.json"], 2, "random.gguf", output="{tmp}/ppl.json"),
+        "truncated-gguf": Case(["eval", "ppl", "{truncated_gguf}", "-d", "{text}", "-o", "{tmp}/ppl.json"], 2, "truncated.gguf", output="{tmp}/ppl.json"),
+        "truncated-model-dir": Case(["eval", "ppl", "{truncated_model}", "-d", "{text}", "-o", "{tmp}/ppl.json"], 2, "truncated-model", output="{tmp}/ppl.json"),
+        "missing-data": Case(["eval", "ppl", "{model}", "-d", "{tmp}/nope.txt", "-o", "{tmp}/ppl.json"], 2, "nope.txt", output="{tmp}/ppl.json"),
+        "random-bytes-data": Case(["eval", "ppl", "{model}", "-d", "{random}", "-o", "{tmp}/ppl.json"], 2, "random.bin", output="{tmp}/ppl.json"),
+        "truncated-data": Case(["eval", "ppl", "{model}", "-d", "{truncated_zh}", "-o", "{tmp}/ppl.json"], 2, "truncated-zh.txt", output="{tmp}/ppl.json"),
+        "output-exists": Case(["eval", "ppl", "{model}", "-d", "{text}", "--ctx", "32", "-o", "{tmp}/ppl.json"], 2, "already exists", output="{tmp}/ppl.json", existing="file"),
+        "parent-is-a-file": Case(["eval", "ppl", "{model}", "-d", "{text}", "--ctx", "32", "-o", "{tmp}/blocker/ppl.json"], 2, "blocker", output="{tmp}/blocker/ppl.json"),
+    },
+    "eval-mc": {
+        "missing-model": Case(["eval", "mc", "{tmp}/nope-model", "-d", "{exam}", "-o", "{tmp}/mc"], 2, "nope-model", output="{tmp}/mc"),
+        "missing-model-json": Case(["eval", "mc", "{tmp}/nope-model", "-d", "{exam}", "--json"], 2, "nope-model", json=True),
+        "random-bytes-gguf": Case(["eval", "mc", "{random_gguf}", "-d", "{exam}", "-o", "{tmp}/mc"], 2, "random.gguf", output="{tmp}/mc"),
+        "missing-data": Case(["eval", "mc", "{model}", "-d", "{tmp}/nope-exam", "-o", "{tmp}/mc"], 2, "nope-exam", output="{tmp}/mc"),
+        "file-as-data": Case(["eval", "mc", "{model}", "-d", "{random}", "-o", "{tmp}/mc"], 2, "random.bin", output="{tmp}/mc"),
+        "truncated-data": Case(["eval", "mc", "{model}", "-d", "{truncated_exam}", "--shots", "0", "-o", "{tmp}/mc"], 2, "truncated-exam", output="{tmp}/mc"),
+        "output-exists": Case(["eval", "mc", "{model}", "-d", "{exam}", "--shots", "0", "-o", "{tmp}/mc"], 2, "already exists", output="{tmp}/mc", existing="dir"),
+        "parent-is-a-file": Case(["eval", "mc", "{model}", "-d", "{exam}", "--shots", "0", "-o", "{tmp}/blocker/mc"], 2, "blocker", output="{tmp}/blocker/mc"),
+    },
+    "checksum-create": {
+        "missing": Case(["checksum", "create", "{tmp}/nope-dir", "-o", "{tmp}/SUMS"], 2, "nope-dir", output="{tmp}/SUMS"),
+        "missing-json": Case(["checksum", "create", "{tmp}/nope-dir", "-o", "{tmp}/SUMS", "--json"], 2, "nope-dir", output="{tmp}/SUMS", json=True),
+        "output-exists": Case(["checksum", "create", "{notes}", "-o", "{tmp}/SUMS"], 2, "already exists", output="{tmp}/SUMS", existing="file"),
+        "parent-is-a-file": Case(["checksum", "create", "{notes}", "-o", "{tmp}/blocker/SUMS"], 2, "blocker", output="{tmp}/blocker/SUMS"),
+    },
+    "checksum-verify": {
+        "missing": Case(["checksum", "verify", "{tmp}/nope.sha256"], 2, "nope.sha256"),
+        "missing-json": Case(["checksum", "verify", "{tmp}/nope.sha256", "--json"], 2, "nope.sha256", json=True),
+        "random-bytes": Case(["checksum", "verify", "{random}"], 2, "random.bin"),
+        "text-file": Case(["checksum", "verify", "{notes}"], 2, "notes.txt"),
+        "root-is-a-file": Case(["checksum", "verify", "{manifest}", "--root", "{notes}"], 2, "notes.txt"),
+    },
+    "pipeline": {
+        "missing-recipe": Case(["pipeline", "{tmp}/nope.yaml", "-o", "{tmp}/work"], 2, "nope.yaml", output="{tmp}/work"),
+        "missing-recipe-json": Case(["pipeline", "{tmp}/nope.yaml", "-o", "{tmp}/work", "--json"], 2, "nope.yaml", output="{tmp}/work", json=True),
+        "random-bytes-recipe": Case(["pipeline", "{random_yaml}", "-o", "{tmp}/work"], 2, "random.yaml", output="{tmp}/work"),
+        "list-recipe": Case(["pipeline", "{list_recipe}", "-o", "{tmp}/work"], 2, "mapping", output="{tmp}/work"),
+        "truncated-recipe": Case(["pipeline", "{truncated_yaml}", "-o", "{tmp}/work"], 2, "truncated-recipe-text.yaml", output="{tmp}/work"),
+        "missing-base-model": Case(["pipeline", "{missing_base_recipe}", "-o", "{tmp}/work"], 2, "nope-model", output="{tmp}/work"),
+        "workdir-parent-is-a-file": Case(["pipeline", "{recipe}", "-o", "{tmp}/blocker/work"], 2, "blocker", output="{tmp}/blocker/work"),
+    },
+    "serve": {
+        "missing": Case(["serve", "{tmp}/nope.gguf", "--port", "0"], 2, "nope.gguf"),
+        "random-bytes-gguf": Case(["serve", "{random_gguf}", "--port", "0"], 2, "random.gguf"),
+        "text-file": Case(["serve", "{notes}", "--port", "0"], 2, "notes.txt"),
+        "truncated-gguf": Case(["serve", "{truncated_gguf}", "--port", "0"], 2, "truncated.gguf"),
+        "truncated-model-dir": Case(["serve", "{truncated_model}", "--port", "0"], 2, "truncated-model"),
+    },
+}
+
+
+def _to_read_only(text: str) -> str:
+    return text.replace("{tmp}/blocker/", "{tmp}/readonly/")
+
+
+def _read_only_twins() -> None:
+    """For every output under a file (``blocker``), the same output under a read-only folder (non-root users only)."""
+    for cases in CASES.values():
+        for name, case in list(cases.items()):
+            if name.endswith("parent-is-a-file"):
+                twin = name.replace("parent-is-a-file", "parent-is-read-only")
+                cases[twin] = Case([_to_read_only(a) for a in case.args], 2, "readonly", output=_to_read_only(case.output))
+
+
+_read_only_twins()
+
+# Bugs this sweep found, each kept as a strict xfail until the command is fixed (see the lead's report).
+KNOWN_BUGS = {
+    "chat-truncated-model-dir": "chat: a truncated safetensors shard in a Hugging Face directory exits 1 with "
+    "'unexpected SafetensorError' instead of a usage error (2) naming the file",
+    "serve-truncated-model-dir": "serve: a truncated safetensors shard in a Hugging Face directory exits 1 with "
+    "'unexpected SafetensorError' instead of a usage error (2) naming the file",
+    "pipeline-workdir-parent-is-a-file": "pipeline: a --workdir under a regular file exits 1 with a raw 'Not a directory' "
+    "after starting the first step, instead of a usage error (2) before any step",
+    # Seen when the suite runs without CAP_DAC_OVERRIDE (a normal user, or setpriv); skipped as plain root.
+    "pipeline-workdir-parent-is-read-only": "pipeline: a --workdir in a read-only folder fails only after starting the first "
+    "step ('convert: running in ...' precedes the error) instead of before any step",
+    "pt-parent-is-read-only": "pt: an output in a read-only folder fails only after tokenising the data ('built N blocks' "
+    "precedes 'permission denied (.out.cnllm-training)') instead of before any work",
+    "sft-parent-is-read-only": "sft: an output in a read-only folder fails only after tokenising the data (truncation "
+    "warnings precede 'permission denied (.out.cnllm-training)') instead of before any work",
+}
+
+
+def _table() -> list:
+    params = []
+    for command, cases in CASES.items():
+        for name in cases:
+            case_id = f"{command}-{name}"
+            marks = [pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case_id])] if case_id in KNOWN_BUGS else []
+            params.append(pytest.param(command, name, id=case_id, marks=marks))
+    return params
+
+
+def _leftovers(output: Path) -> list[Path]:
+    parent = output.parent
+    if not parent.is_dir():
+        return []
+    return sorted(parent.glob(f".{output.name}{TEMP_MARK}*"))
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_clean_failure(result, case: Case, *, needle: str, output: Path | None, before: dict | None) -> None:
+    """The exit code, one ``error:`` line naming the culprit, no traceback, clean stdout, no output under the final name."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.exit_code == case.code, f"exit {result.exit_code}, expected {case.code}; stderr: {result.stderr}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and len(lines) == 1, f"expected exactly one error line on stderr, got: {result.stderr!r}"
+    assert needle in errors[0], f"the error line does not name {needle!r}: {errors[0]!r}"
+    if case.json and result.stdout.strip():
+        json.loads(result.stdout)
+    else:
+        assert result.stdout == "", result.stdout
+    if output is not None:
+        if before is None:
+            assert not output.exists(), f"{output} was created"
+        else:
+            assert _snapshot(output) == before, f"the existing {output} was changed"
+        assert _leftovers(output) == [], f"temporary files left beside {output}"
+
+
+def _read_only_folder_or_skip(folder: Path) -> None:
+    """A folder with mode 0555; skips when this process writes into it anyway (root with CAP_DAC_OVERRIDE).
+
+    Root can still run these cases without that capability:
+    ``setpriv --bounding-set=-dac_override,-dac_read_search .venv/bin/pytest tests/test_robustness.py``.
+    """
+    folder.mkdir(mode=0o555)
+    probe = folder / "probe"
+    try:
+        probe.write_text("")
+    except PermissionError:
+        return
+    probe.unlink()
+    pytest.skip("this process writes into read-only folders (root); the parent-is-a-file twin covers unwritable outputs")
+
+
+@pytest.mark.parametrize(("command", "name"), _table())
+def test_bad_invocation_fails_cleanly(cli, inputs, tmp_path, command, name):
+    case = CASES[command][name]
+    args = [fill(a, inputs, tmp_path) for a in case.args]
+    if name.endswith("parent-is-read-only"):
+        _read_only_folder_or_skip(tmp_path / "readonly")
+    (tmp_path / "blocker").write_text("a file where the output's parent folder should be\n")
+    output = Path(fill(case.output, inputs, tmp_path)) if case.output else None
+    before = None
+    if case.existing == "file":
+        output.write_text("the user's earlier output\n")
+        before = _snapshot(output)
+    elif case.existing == "dir":
+        output.mkdir()
+        (output / "keep.txt").write_text("the user's earlier output\n")
+        before = _snapshot(output)
+    entries = sorted(tmp_path.rglob("*"))
+    result = cli(*args)
+    print(f"\n@@ {command}-{name} [{result.exit_code}] {result.stderr.strip()}")
+    assert_clean_failure(result, case, needle=fill(case.needle, inputs, tmp_path), output=output, before=before)
+    assert sorted(tmp_path.rglob("*")) == entries, "the failed command left files behind"
+
+
+def test_vocab_train_skips_a_line_cut_mid_character_and_says_so(cli, inputs, tmp_path):
+    """A corpus file cut mid-character (an interrupted download) loses its last line, with a warning, not the run."""
+    out = tmp_path / "zh.model"
+    result = cli("vocab", "train", inputs.truncated_zh, "-o", out, "--vocab-size", "400", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["corpus"]["invalid_utf8_lines"] == 1
+    assert "skipped 1 lines that are not valid UTF-8" in result.stderr and out.exists()
+
+
+# --- failures found by a check, not by argument validation ----------------------------------------------
+
+
+@pytest.mark.parametrize("json_", [False, True], ids=["table", "json"])
+def test_checksum_verify_truncated_file_exits_1_and_names_it(cli, inputs, json_):
+    result = cli("checksum", "verify", inputs.truncated_manifest, *(["--json"] if json_ else []))
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    if json_:
+        document = json.loads(result.stdout)
+        assert not document["passed"] and [f["status"] for f in document["files"]] == ["FAILED"]
+        assert document["files"][0]["path"] == "weights.bin"
+    else:
+        assert "FAILED" in result.stdout and "weights.bin" in result.stdout
+
+
+@pytest.mark.parametrize("json_", [False, True], ids=["table", "json"])
+def test_pipeline_failed_step_exits_1_names_the_file_and_writes_no_step_folder(cli, inputs, tmp_path, json_):
+    from cnllm.core.pipeline import load_recipe, step_folder
+
+    work = tmp_path / "work"
+    result = cli("pipeline", inputs.truncated_recipe, "-o", work, *(["--json"] if json_ else []))
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
+    folder = step_folder(load_recipe(inputs.truncated_recipe, workdir=work), "convert")
+    assert not folder.exists() and _leftovers(folder) == []
+    if json_:
+        steps = json.loads(result.stdout)["steps"]
+        assert [s["status"] for s in steps] == ["failed"] and "truncated-model" in steps[0]["error"]
+    else:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "step convert failed" in errors[0] and "truncated-model" in errors[0], result.stderr
+
+
+# --- SIGKILL in the middle of a write, then the same command again ---------------------------------------
+
+# ``python -m cnllm`` with one test-side change: renaming the temporary output into its final name (argv[1])
+# waits, so the kill lands before the command can finish however fast the tiny model is. Production code has
+# no hook; the kill itself comes as soon as the temporary sibling appears, usually while it is being written.
+KILLABLE_CNLLM = """
+import os, sys, time
+final = os.path.abspath(sys.argv[1])
+_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if os.path.abspath(os.fspath(dst)) == final:
+        time.sleep(3600)
+    return _replace(src, dst, *args, **kwargs)
+os.replace = replace
+from cnllm.cli.app import main
+main(sys.argv[2:])
+"""
+
+
+def kill_while_writing(args: Sequence[object], final: Path, *, wait_for: str | None = None, timeout: float = 180) -> Path:
+    """Start ``cnllm ARGS`` in a subprocess; SIGKILL it once ``wait_for`` (a glob beside ``final``; default: the
+    temporary sibling of ``final``) appears, and return what appeared."""
+    pattern = wait_for or f".{final.name}{TEMP_MARK}*"
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_CNLLM, str(final), *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not (found := sorted(final.parent.glob(pattern)) if final.parent.is_dir() else []):
+            if process.poll() is not None:
+                _, stderr = process.communicate()
+                raise AssertionError(f"cnllm exited ({process.returncode}) before writing {final}: {stderr.decode()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern} appeared beside {final} within {timeout}s")
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    return found[0]
+
+
+def _gguf_tensor_count(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return len(GGUFReader(path).tensors)
+
+
+TINY_GGUF_TENSORS = 2 + 9 * 2 + 1  # token embeddings, output norm, 9 tensors in each of 2 layers, output
+
+
+def _manifest_passes(cli, folder: Path) -> bool:
+    return cli("checksum", "verify", folder / "SHA256SUMS").exit_code == 0
+
+
+# Commands that write one output: args, the output's name, and a check that the re-run's output is whole.
+KILLED = {
+    "merge-lora": (["merge-lora", "--base", "{model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], "merged", _manifest_passes),
+    "diff-recover": (["diff-recover", "--base", "{model}", "--diff", "{diff}", "-o", "{tmp}/recovered"], "recovered", _manifest_passes),
+    "convert-gguf": (
+        ["convert-gguf", "{model}", "-o", "{tmp}/model.gguf", "--outtype", "f16"],
+        "model.gguf",
+        lambda cli, out: _gguf_tensor_count(out) == TINY_GGUF_TENSORS,
+    ),
+    "quantize": (
+        ["quantize", "{gguf}", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"],
+        "q8.gguf",
+        lambda cli, out: _gguf_tensor_count(out) == TINY_GGUF_TENSORS,
+    ),
+    "vocab-train": (
+        ["vocab", "train", "{text}", "-o", "{tmp}/zh.model", "--vocab-size", "400"],
+        "zh.model",
+        lambda cli, out: cli("vocab", "inspect", out, "--json").exit_code == 0,
+    ),
+    "eval-ppl": (
+        ["eval", "ppl", "{model}", "-d", "{text}", "--ctx", "32", "-o", "{tmp}/ppl.json"],
+        "ppl.json",
+        lambda cli, out: json.loads(out.read_text(encoding="utf-8"))["total"]["ppl"] > 1,
+    ),
+    "checksum-create": (
+        ["checksum", "create", "{model}", "-o", "{tmp}/SHA256SUMS"],
+        "SHA256SUMS",
+        lambda cli, out: cli("checksum", "verify", out, "--root", "/").exit_code == 0,
+    ),
+    "vocab-merge": (
+        ["vocab", "merge", "--base", "{spm}", "--add", "{spm}", "-o", "{tmp}/merged-tokenizer"],
+        "merged-tokenizer",
+        lambda cli, out: cli("vocab", "inspect", out, "--json").exit_code == 0,
+    ),
+}
+
+
+@pytest.mark.parametrize("command", list(KILLED))
+def test_killed_mid_write_leaves_no_output_and_the_rerun_succeeds(cli, inputs, tmp_path, command):
+    template, name, is_whole = KILLED[command]
+    args = [fill(a, inputs, tmp_path) for a in template]
+    out = tmp_path / name
+    partial = kill_while_writing(args, out)
+    assert partial.exists() and not out.exists()
+    rerun = cli(*args)
+    assert rerun.exit_code == 0, rerun.stderr
+    assert is_whole(cli, out)
+
+
+def test_pipeline_killed_mid_step_keeps_earlier_steps_and_reruns(cli, inputs, tmp_path):
+    """Killed in the quantize step: convert's folder stays valid (skipped on the re-run), quantize's never appears."""
+    from cnllm.core.pipeline import load_recipe, step_folder
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: robust\nbase: {{model: {inputs.model}}}\nconvert: {{outtype: f16}}\nquantize: {{types: [Q8_0]}}\nchecksum: {{}}\n")
+    work = tmp_path / "work"
+    loaded = load_recipe(recipe, workdir=work)
+    convert, quantize = step_folder(loaded, "convert"), step_folder(loaded, "quantize")
+    partial = kill_while_writing(["pipeline", recipe, "-o", work], quantize)
+    assert partial.exists() and (convert / "cnllm-step.json").exists() and not quantize.exists()
+    rerun = cli("pipeline", recipe, "-o", work, "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    statuses = {s["step"]: s["status"] for s in json.loads(rerun.stdout)["steps"]}
+    assert statuses == {"convert": "skipped", "quantize": "ran", "checksum": "ran"}
+    assert _manifest_passes(cli, step_folder(loaded, "checksum"))
+
+
+@pytest.mark.slow
+def test_pt_killed_after_a_checkpoint_asks_for_resume_then_resumes(cli, inputs, tmp_path):
+    """Training keeps checkpoints in ``.NAME.cnllm-training``: the plain re-run refuses (exit 2) and --resume finishes."""
+    out = tmp_path / "pt-out"
+    args = ["pt", "-m", inputs.model, "-d", inputs.text, "-o", out, *[fill(a, inputs, tmp_path) for a in PT_QUICK]]
+    args[args.index("--max-steps") + 1] = "3"
+    args += ["--save-steps", "1"]
+    kill_while_writing(args, out, wait_for=".pt-out.cnllm-training/checkpoint-*/trainer_state.json")
+    assert not out.exists()
+    again = cli(*args)
+    assert again.exit_code == 2 and "--resume" in again.stderr and again.stdout == ""
+    assert not out.exists()
+    resumed = cli(*args, "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    document = json.loads(resumed.stdout)
+    assert document["steps"] == 3 and document["resumed_from"]
