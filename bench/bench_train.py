@@ -2,7 +2,7 @@
 
 Both train the same small random LLaMA on the same Chinese text (cnllm/assets/zh.txt), same
 block size, batch, LoRA rank/targets, steps and precision (fp32 on CPU). Each run is a fresh
-process; the two alternate (A B A B ...) so a busy machine hurts both alike, and the medians are
+process; the two alternate (A B B A A B ...) so a busy machine hurts both alike, and the medians are
 compared. tokens/s = training tokens / the Trainer's own train_runtime, for both. Peak memory is
 the process's peak resident set (ru_maxrss).
 
@@ -149,8 +149,12 @@ def main() -> None:
         quality = run_quality(root, args.threads)
         ours, theirs = [], []
         for index in range(args.repeats):
+            # Alternate which goes first, so neither always inherits the other's warm (or busy) machine.
+            if index % 2:
+                theirs.append(run_baseline(model, data, root / f"baseline-{index}", args))
             ours.append(run_cnllm(model, data, root / f"cnllm-{index}", args))
-            theirs.append(run_baseline(model, data, root / f"baseline-{index}", args))
+            if not index % 2:
+                theirs.append(run_baseline(model, data, root / f"baseline-{index}", args))
             print(f"repeat {index + 1}: cnllm {ours[-1]['tokens_per_second']:.0f} tok/s ({ours[-1]['tokens_per_cpu_second']:.0f}/CPU-s), baseline {theirs[-1]['tokens_per_second']:.0f} tok/s ({theirs[-1]['tokens_per_cpu_second']:.0f}/CPU-s)", file=sys.stderr)
 
     def median(rows, key):
@@ -166,7 +170,7 @@ def main() -> None:
 - Command: `{command}`
 - Model: random LLaMA, hidden 256, 4 layers, 8 heads (4 KV), FFN 688, vocab 1,000 (SentencePiece), fp32 on CPU
 - Data: cnllm/assets/zh.txt x3; block {args.block_size}, batch {args.batch_size}, {args.steps} steps, LoRA r={args.rank} alpha={2 * args.rank} on q,k,v,o,gate,up,down
-- Torch threads per run: {args.threads}. Each run a fresh process, alternating; medians of {args.repeats} runs. tokens/s = training tokens / Trainer train_runtime.
+- Torch threads per run: {args.threads}. Each run a fresh process, alternating (cnllm first in odd repeats, the script first in even ones); medians of {args.repeats} runs. tokens/s = training tokens / Trainer train_runtime.
 
 | | tokens/s (median) | runs (tokens/s) | tokens per CPU-second of training (median) | peak RSS (median) | CPU s per whole process (median) | final loss |
 |---|---:|---|---:|---:|---:|---:|

@@ -95,7 +95,7 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
 
     # Text cut in the middle of a character, JSON and CSV cut mid-record, YAML cut mid-mapping.
     truncated_zh = root / "truncated-zh.txt"
-    truncated_zh.write_bytes(asset("zh.txt").read_text(encoding="utf-8")[:600].encode("utf-8") + "中".encode("utf-8")[:2])
+    truncated_zh.write_bytes(asset("zh.txt").read_text(encoding="utf-8")[:600].encode("utf-8") + "中".encode()[:2])
     truncated_alpaca = _truncate(Path(shutil.copy2(asset("alpaca_zh.json"), root / "truncated-alpaca.json")))
     truncated_exam = shutil.copytree(asset("ceval-mini"), root / "truncated-exam")
     _truncate(_largest(truncated_exam / "val", "*.csv"))
@@ -113,11 +113,9 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
     return SimpleNamespace(
         model=tiny_llama_dir,
         spm=spm_tokenizer_dir / "tokenizer.model",
-        tokenizer=spm_tokenizer_dir,
         adapter=adapter,
         gguf=gguf,
         diff=diff,
-        tuned=tuned,
         text=text,
         alpaca=asset("alpaca_zh.json"),
         exam=asset("ceval-mini"),
@@ -354,11 +352,7 @@ KNOWN_BUGS = {
     "'unexpected SafetensorError' instead of a usage error (2) naming the file",
     "serve-truncated-model-dir": "serve: a truncated safetensors shard in a Hugging Face directory exits 1 with "
     "'unexpected SafetensorError' instead of a usage error (2) naming the file",
-    "pipeline-workdir-parent-is-a-file": "pipeline: a --workdir under a regular file exits 1 with a raw 'Not a directory' "
-    "after starting the first step, instead of a usage error (2) before any step",
     # Seen when the suite runs without CAP_DAC_OVERRIDE (a normal user, or setpriv); skipped as plain root.
-    "pipeline-workdir-parent-is-read-only": "pipeline: a --workdir in a read-only folder fails only after starting the first "
-    "step ('convert: running in ...' precedes the error) instead of before any step",
     "pt-parent-is-read-only": "pt: an output in a read-only folder fails only after tokenising the data ('built N blocks' "
     "precedes 'permission denied (.out.cnllm-training)') instead of before any work",
     "sft-parent-is-read-only": "sft: an output in a read-only folder fails only after tokenising the data (truncation "
@@ -443,7 +437,6 @@ def test_bad_invocation_fails_cleanly(cli, inputs, tmp_path, command, name):
         before = _snapshot(output)
     entries = sorted(tmp_path.rglob("*"))
     result = cli(*args)
-    print(f"\n@@ {command}-{name} [{result.exit_code}] {result.stderr.strip()}")
     assert_clean_failure(result, case, needle=fill(case.needle, inputs, tmp_path), output=output, before=before)
     assert sorted(tmp_path.rglob("*")) == entries, "the failed command left files behind"
 
@@ -451,7 +444,7 @@ def test_bad_invocation_fails_cleanly(cli, inputs, tmp_path, command, name):
 def test_vocab_train_skips_a_line_cut_mid_character_and_says_so(cli, inputs, tmp_path):
     """A corpus file cut mid-character (an interrupted download) loses its last line, with a warning, not the run."""
     out = tmp_path / "zh.model"
-    result = cli("vocab", "train", inputs.truncated_zh, "-o", out, "--vocab-size", "400", "--json")
+    result = cli("vocab", "train", inputs.truncated_zh, "-o", out, "--vocab-size", "800", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["corpus"]["invalid_utf8_lines"] == 1
     assert "skipped 1 lines that are not valid UTF-8" in result.stderr and out.exists()
@@ -569,15 +562,10 @@ KILLED = {
         "zh.model",
         lambda cli, out: cli("vocab", "inspect", out, "--json").exit_code == 0,
     ),
-    "eval-ppl": (
-        ["eval", "ppl", "{model}", "-d", "{text}", "--ctx", "32", "-o", "{tmp}/ppl.json"],
-        "ppl.json",
-        lambda cli, out: json.loads(out.read_text(encoding="utf-8"))["total"]["ppl"] > 1,
-    ),
     "checksum-create": (
         ["checksum", "create", "{model}", "-o", "{tmp}/SHA256SUMS"],
         "SHA256SUMS",
-        lambda cli, out: cli("checksum", "verify", out, "--root", "/").exit_code == 0,
+        lambda cli, out: cli("checksum", "verify", out).exit_code == 0,
     ),
     "vocab-merge": (
         ["vocab", "merge", "--base", "{spm}", "--add", "{spm}", "-o", "{tmp}/merged-tokenizer"],

@@ -34,6 +34,10 @@ def serve(
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the file or folder name).")] = None,
     parallel: Annotated[int, typer.Option("--parallel", min=1, help="Requests generated at once (llama.cpp: one context each; transformers: queued on one model).")] = 1,
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait for a free slot; more get 503.")] = 16,
+    prompt_cache: Annotated[
+        bool,
+        typer.Option("--prompt-cache/--no-prompt-cache", help="llama.cpp: reuse the cached prefix of a slot's previous prompt (faster long chats; answers may differ slightly between identical requests)."),
+    ] = False,
     template: TemplateOpt = "auto",
     n_ctx: NCtxOpt = None,
     threads: ThreadsOpt = None,
@@ -62,6 +66,7 @@ def serve(
             lora=lora,
             load_in_4bit=load_in_4bit,
             load_in_8bit=load_in_8bit,
+            prompt_cache=prompt_cache,
             trust_remote_code=trust_remote_code,
             verbose=verbose,
         )

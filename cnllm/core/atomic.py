@@ -19,12 +19,44 @@ TEMP_MARK = ".cnllm-tmp-"
 
 
 def check_output(path: Path, force: bool) -> None:
-    """Fail early (before any work) when ``path`` exists and may not be overwritten."""
+    """Fail early (before any work) when ``path`` exists and may not be overwritten, or cannot be written."""
+    path = Path(path)
     if (path.exists() or path.is_symlink()) and not force:
         raise OutputExistsError(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"cannot write {path}: {parent} is not a directory")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"cannot write {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise UsageError(f"cannot write {path}: {ancestor} is not writable")
+
+
+def _temp_prefix(path: Path) -> str:
+    """Temporary siblings carry the writer's pid, so leftovers of killed runs can be recognised."""
+    return f".{path.name}{TEMP_MARK}{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path, parent: Path) -> None:
+    """Delete temporary siblings left by runs that were killed (their pid is gone): a killed
+    7B merge would otherwise leave gigabytes behind."""
+    marker = f".{path.name}{TEMP_MARK}"
+    for sibling in parent.iterdir():
+        if not sibling.name.startswith(marker):
+            continue
+        pid = sibling.name[len(marker):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(sibling)
 
 
 def _prepare_parent(path: Path) -> Path:
@@ -35,6 +67,7 @@ def _prepare_parent(path: Path) -> Path:
         raise UsageError(f"cannot create output folder {parent}: {exc.strerror or exc}") from exc
     if not os.access(parent, os.W_OK):
         raise UsageError(f"output folder {parent} is not writable")
+    _remove_stale_temporaries(path, parent)
     return parent
 
 
@@ -52,7 +85,7 @@ def atomic_file(path: Path | str, *, force: bool = False, mode: str = "wb") -> I
     path = Path(path)
     check_output(path, force)
     parent = _prepare_parent(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=parent)
     tmp = Path(tmp_name)
     try:
         encoding = None if "b" in mode else "utf-8"
@@ -74,7 +107,7 @@ def atomic_path(path: Path | str, *, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_output(path, force)
     parent = _prepare_parent(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -96,13 +129,13 @@ def atomic_dir(path: Path | str, *, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_output(path, force)
     parent = _prepare_parent(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMP_MARK}", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent))
     try:
         yield tmp
         check_output(path, force)
         old = None
         if path.exists() or path.is_symlink():
-            old = parent / f".{path.name}{TEMP_MARK}old-{os.getpid()}"
+            old = parent / f"{_temp_prefix(path)}old"
             _remove(old)
             os.replace(path, old)
         try:

@@ -3,14 +3,13 @@
 Projects that may not redistribute LLaMA publish the difference to it instead. Both directions
 stream: the diff (or tuned) checkpoint is read a block of rows at a time, the same rows of the
 raw tensor are fetched by name, and the result goes straight to its planned place in an output
-shard, so memory holds a few blocks (:data:`BLOCK_BYTES`), never a tensor or a model. Extra vocabulary rows (an embedding larger than
-the raw one) are carried by the diff as-is. ``make_diff`` proves, tensor by tensor, that
+shard, so memory holds a few blocks (:data:`BLOCK_BYTES`), never a tensor or a model. Extra
+vocabulary rows (an embedding larger than the raw one) are carried by the diff as-is. ``make_diff`` proves, tensor by tensor, that
 recovering from the diff it writes reproduces the tuned weights bit for bit.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.hashing import VerifyResult, create_manifest, verify_manifest
-from cnllm.core.merge import DTYPES, VOCAB_TENSORS, _info_dtype, _shape, copy_tokenizer, write_config
+from cnllm.core.merge import DTYPES, VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, output_layout, write_config
 from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, check_vocab_agreement, has_tokenizer, load_config, tokenizer_length
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
@@ -89,10 +88,6 @@ class DiffResult:
         return (self.read_bytes + self.total_bytes) / self.seconds if self.seconds else 0.0
 
 
-def _layer_count(names) -> int:
-    return len({m.group(1) for n in names if (m := re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", n))})
-
-
 def plan_shapes(raw: dict[str, TensorInfo], other: dict[str, TensorInfo], *, raw_dir: Path, other_dir: Path, other_label: str) -> tuple[dict, list[str]]:
     """Output shapes (those of ``other``) and the tensors that extend the raw vocabulary; errors name the tensor and both shapes."""
     only_raw = [n for n in raw if n not in other]
@@ -101,8 +96,8 @@ def plan_shapes(raw: dict[str, TensorInfo], other: dict[str, TensorInfo], *, raw
         example = f"{only_raw[0]} is missing from the {other_label}" if only_raw else f"{only_other[0]} is missing from the base"
         raise UsageError(
             f"the {other_label} {other_dir} and the base {raw_dir} do not hold the same tensors: {example} "
-            f"({len(only_raw) + len(only_other)} tensors differ; base: {len(raw)} tensors, {_layer_count(raw)} layers; "
-            f"{other_label}: {len(other)} tensors, {_layer_count(other)} layers)"
+            f"({len(only_raw) + len(only_other)} tensors differ; base: {len(raw)} tensors, {layer_count(raw)} layers; "
+            f"{other_label}: {len(other)} tensors, {layer_count(other)} layers)"
         )
     extended = []
     for name, info in other.items():
@@ -112,20 +107,8 @@ def plan_shapes(raw: dict[str, TensorInfo], other: dict[str, TensorInfo], *, raw
         if name in VOCAB_TENSORS and len(theirs) == 2 and theirs[1:] == mine[1:] and theirs[0] > mine[0]:
             extended.append(name)
             continue
-        raise UsageError(f"shape mismatch for {name}: {_shape(mine)} in the base {raw_dir}, {_shape(theirs)} in the {other_label} {other_dir}")
+        raise UsageError(f"shape mismatch for {name}: {format_shape(mine)} in the base {raw_dir}, {format_shape(theirs)} in the {other_label} {other_dir}")
     return {name: tuple(info.shape) for name, info in other.items()}, extended
-
-
-def _layout(infos: dict[str, TensorInfo], shapes: dict, dtype: str | None) -> list[tuple]:
-    import torch
-
-    layout = []
-    for name, info in infos.items():
-        own = getattr(torch, _info_dtype(info), None)
-        if not isinstance(own, torch.dtype):
-            raise UsageError(f"{info.file}: tensor {name} has an unsupported dtype {info.dtype}")
-        layout.append((name, shapes[name], getattr(torch, dtype) if dtype and own.is_floating_point else own))
-    return layout
 
 
 def _bits(tensor):
@@ -159,14 +142,9 @@ def _blocks(name: str, main: TensorReader, raw: TensorReader):
 def _add_into(target, source, alpha: int = 1) -> None:
     """``target += alpha·source`` in ``target``'s precision (``source`` cast to it first, as in ``raw.to(diff.dtype)``).
 
-    When ``source`` widens exactly to ``target``'s dtype, torch converts it on the fly, which
-    gives the same result without a converted copy.
+    The explicit cast of the (block-sized) source is faster than torch's on-the-fly mixed-dtype add.
     """
-    import torch
-
-    if torch.promote_types(source.dtype, target.dtype) != target.dtype:
-        source = source.to(target.dtype)
-    target.add_(source, alpha=alpha)
+    target.add_(source.to(target.dtype), alpha=alpha)
 
 
 def _write(writer: StreamingShardWriter, name: str, first: int | None, block) -> None:
@@ -236,7 +214,7 @@ def recover(
     raw_infos, diff_infos = tensor_infos(base), tensor_infos(diff)
     shapes, extended = plan_shapes(raw_infos, diff_infos, raw_dir=base, other_dir=diff, other_label="diff")
     check_vocab_agreement(_sizes_for(config, shapes, diff if has_tokenizer(diff) else None), where=f"diff {diff}")
-    layout = _layout(diff_infos, shapes, dtype)
+    layout = output_layout(diff_infos, shapes, dtype)
     out_dtype = {name: d for name, _, d in layout}
     read_bytes = sum(f.stat().st_size for f in {i.file for i in raw_infos.values()} | {i.file for i in diff_infos.values()})
     progress.start(sum(f.stat().st_size for f in {i.file for i in diff_infos.values()}), "recovering", unit="B")
@@ -288,7 +266,7 @@ def compare_with_reference(model: Path, reference: Path, *, tolerance: float, pr
                 checks.append(TensorDifference(name, None, "not in the reference"))
                 continue
             if tuple(expected.infos[name].shape) != tuple(info.shape):
-                checks.append(TensorDifference(name, None, f"shape {_shape(info.shape)}, the reference {_shape(expected.infos[name].shape)}"))
+                checks.append(TensorDifference(name, None, f"shape {format_shape(info.shape)}, the reference {format_shape(expected.infos[name].shape)}"))
                 continue
             difference = 0.0
             for _, mine, theirs in _blocks(name, actual, expected):
@@ -324,7 +302,7 @@ def make_diff(
     config = load_config(tuned)
     raw_infos, tuned_infos = tensor_infos(base), tensor_infos(tuned)
     shapes, extended = plan_shapes(raw_infos, tuned_infos, raw_dir=base, other_dir=tuned, other_label="tuned model")
-    layout = _layout(tuned_infos, shapes, dtype)
+    layout = output_layout(tuned_infos, shapes, dtype)
     out_dtype = {name: d for name, _, d in layout}
     read_bytes = sum(f.stat().st_size for f in {i.file for i in raw_infos.values()} | {i.file for i in tuned_infos.values()})
     progress.start(sum(f.stat().st_size for f in {i.file for i in tuned_infos.values()}), "making the diff", unit="B")
@@ -342,6 +320,9 @@ def make_diff(
                     _add_into(recovered[: len(original)] if first is not None else recovered, original)
                     recovered = recovered.to(value.dtype)
                     differ = _bits(recovered) != _bits(value)
+                    if not differ.any():
+                        _write(writer, name, first, delta)
+                        continue
                     zeros = (recovered == 0) & (value == 0)
                     signed_zeros += int((differ & zeros).sum())
                     differing = int((differ & ~zeros).sum())

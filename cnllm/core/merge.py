@@ -191,9 +191,14 @@ def _conv1d_modules(base: Path) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
 
 
+def layer_count(names: Sequence[str]) -> int:
+    """Transformer blocks named in a checkpoint (``….layers.N.…`` or GPT-2's ``….h.N.…``)."""
+    return len({m.group(1) for n in names if (m := re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", n))})
+
+
 def _describe_layers(names: Sequence[str]) -> str:
-    layers = {m.group(1) for n in names if (m := re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", n))}
-    return f"the base has {len(layers)} layers" if layers else "the base has no such module"
+    count = layer_count(names)
+    return f"the base has {count} layers" if count else "the base has no such module"
 
 
 def plan_adapter(
@@ -220,7 +225,7 @@ def plan_adapter(
         new, old = tuple(infos[key].shape), shapes[target]
         resizable = target in VOCAB_TENSORS and len(new) == 2 and new[1:] == old[1:]
         if new != old and not resizable:
-            raise UsageError(f"{where}: {target} is {_shape(old)} in the base, the adapter's replacement {_shape(new)}")
+            raise UsageError(f"{where}: {target} is {format_shape(old)} in the base, the adapter's replacement {format_shape(new)}")
         shapes[target] = new
     for module, found in pairs.items():
         if set(found) != {"A", "B"}:
@@ -233,18 +238,18 @@ def plan_adapter(
         embedding = "embedding" in found["A"]
         rank = a_shape[0]
         if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != rank:
-            raise UsageError(f"adapter {adapter.directory} is corrupted: {module} has lora_A {_shape(a_shape)} and lora_B {_shape(b_shape)}")
+            raise UsageError(f"adapter {adapter.directory} is corrupted: {module} has lora_A {format_shape(a_shape)} and lora_B {format_shape(b_shape)}")
         transpose = embedding or module in conv1d
         update_shape = (a_shape[1], b_shape[0]) if transpose else (b_shape[0], a_shape[1])
         if shapes[target] != update_shape:
             raise UsageError(
-                f"{where}: {target} is {_shape(shapes[target])} in the base, the adapter's update is {_shape(update_shape)} "
+                f"{where}: {target} is {format_shape(shapes[target])} in the base, the adapter's update is {format_shape(update_shape)} "
                 "(an adapter for a different model size?)"
             )
         adapter.updates[target] = LoraUpdate(module, found["A"], found["B"], rank, _scale(adapter.config, module, rank), transpose)
 
 
-def _shape(shape: Sequence[int]) -> str:
+def format_shape(shape: Sequence[int]) -> str:
     return "×".join(str(s) for s in shape) if shape else "scalar"
 
 
@@ -313,7 +318,7 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def _info_dtype(info: TensorInfo) -> str:
+def info_dtype_name(info: TensorInfo) -> str:
     """The torch dtype name of a tensor described by a safetensors header (``F16``) or a pickle (``float16``)."""
     return SAFETENSORS_TORCH_DTYPES.get(info.dtype, info.dtype)
 
@@ -324,7 +329,7 @@ def output_layout(infos: dict[str, TensorInfo], shapes: dict[str, tuple[int, ...
 
     layout = []
     for name, info in infos.items():
-        own = getattr(torch, _info_dtype(info), None)
+        own = getattr(torch, info_dtype_name(info), None)
         if not isinstance(own, torch.dtype):
             raise UsageError(f"{info.file}: tensor {name} has an unsupported dtype {info.dtype}")
         out = _torch_dtype(dtype) if dtype and own.is_floating_point else own
@@ -659,7 +664,7 @@ def write_meta_checkpoint(hf_dir: Path, target: Path, *, shards: int = 1, progre
             dim = META_SPLIT_DIM.get(kind)
             if shards > 1 and dim is not None:
                 if tensor.shape[dim] % shards:
-                    raise UsageError(f"{name} ({_shape(tensor.shape)}) cannot be split into {shards} equal shards along dimension {dim}")
+                    raise UsageError(f"{name} ({format_shape(tensor.shape)}) cannot be split into {shards} equal shards along dimension {dim}")
                 tensor = tensor.chunk(shards, dim)[number].clone()
             state[meta] = tensor
         path = target / f"consolidated.{number:02d}.pth"

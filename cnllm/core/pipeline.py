@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cnllm.core.atomic import atomic_dir, write_text
+from cnllm.core.atomic import atomic_dir, check_output, write_text
 from cnllm.core.errors import CnllmError, UsageError
 from cnllm.core.hashing import hash_file
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -257,6 +257,10 @@ def run_pipeline(
     first, last = _check_slice(recipe, start, until)
     if not recipe.base_model.exists():
         raise UsageError(f"base model {recipe.base_model} does not exist")
+    if recipe.workdir.exists() and not recipe.workdir.is_dir():
+        raise UsageError(f"work directory {recipe.workdir} is a file")
+    if not dry_run:
+        check_output(recipe.workdir / "report.md", force=True)
     cache = HashCache(recipe.workdir / ".cnllm-hash-cache.json")
     artifacts = Artifacts(model=recipe.base_model, tokenizer=recipe.base_tokenizer, models={"base": recipe.base_model})
     previous = fingerprint("base", {}, "", {str(p): cache.digest(p) for p in dict.fromkeys([recipe.base_model, recipe.base_tokenizer])})

@@ -394,7 +394,8 @@ class TensorReader:
     """Random access to a checkpoint's tensors by name, one tensor in memory at a time.
 
     Safetensors are read with plain reads (see :func:`stream_tensors`); pickled shards are loaded
-    with ``weights_only`` and memory-mapped where the format allows.
+    with ``weights_only`` (memory-mapped where the format allows), one shard at a time, so reading
+    in checkpoint order holds one shard.
     """
 
     def __init__(self, model: Path | str):
@@ -411,6 +412,9 @@ class TensorReader:
             if path.suffix == ".safetensors":
                 self._open_safetensors(path)
             else:
+                # one pickled shard at a time: old-format pickles cannot be memory-mapped
+                for other in [p for p, (handle, _) in self._open.items() if handle is None]:
+                    del self._open[other]
                 self._open[path] = (None, load_pickled_tensors(path))
         handle, source = self._open[path]
         return source[name] if handle is None else _read_safetensor(handle, path, name, source[name])

@@ -72,3 +72,29 @@ def test_atomic_path_renames_what_a_library_wrote_by_name(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_bytes() == b"GGUF"
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+def test_output_under_a_file_or_missing_folder_is_checked_up_front(tmp_path):
+    from cnllm.core.atomic import check_output
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match="is not a directory"):
+        check_output(blocker / "sub" / "deeper" / "out", force=False)
+    check_output(tmp_path / "new" / "folder" / "out", force=False)
+
+
+def test_leftovers_of_killed_runs_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".model{TEMP_MARK}{pid}-abc"
+    stale.mkdir()
+    (stale / "shard").write_bytes(b"half")
+    other = tmp_path / f".other{TEMP_MARK}{pid}-abc"
+    other.mkdir()
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "ok").write_text("1")
+    assert not stale.exists() and other.exists()

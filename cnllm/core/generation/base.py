@@ -438,6 +438,7 @@ class LoadOptions:
     load_in_8bit: bool = False
     draft_model: Path | None = None
     draft_tokens: int = 4
+    prompt_cache: bool = True  # llama.cpp: reuse the KV cache of a shared prompt prefix (fast multi-turn chat)
     trust_remote_code: bool = False
     verbose: bool = False
 

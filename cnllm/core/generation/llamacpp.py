@@ -126,6 +126,10 @@ class LlamaCppGenerator(Generator):
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Iterator[int]:
         with self._lock:
             llama = self._llama
+            if not self.options.prompt_cache:
+                # A cached prefix is evaluated in a different batch shape than a fresh prompt, which can flip
+                # near-tie greedy choices: without the cache the same request always gets the same answer.
+                llama.reset()
             llama.set_seed(params.resolved_seed())
             if self._draft is not None:
                 self._draft.reset()

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cnllm.core.errors import CnllmError
+from cnllm.core.errors import CnllmError, UsageError
 from cnllm.core.generation.base import ContextOverflow, GenerationStream, Generator, PromptFormat, SamplingParams, TokenLogprob
 from cnllm.core.server import schemas
 from cnllm.core.server.queue import QueueFull, SlotPool
@@ -118,8 +118,10 @@ def create_app(generators: list[Generator], config: ServerConfig) -> FastAPI:
         return error_response(400, exc.message, code="context_length_exceeded")
 
     @app.exception_handler(CnllmError)
-    async def on_usage(request: Request, exc: CnllmError):
-        return error_response(400, exc.message)
+    async def on_cnllm_error(request: Request, exc: CnllmError):
+        if isinstance(exc, UsageError):  # the request asked for something impossible
+            return error_response(400, exc.message)
+        return error_response(500, exc.message, type="server_error")
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
