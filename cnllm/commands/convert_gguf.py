@@ -45,13 +45,10 @@ def convert_gguf(
 
     Example: cnllm convert-gguf chinese-alpaca-merged/ -o chinese-alpaca-f16.gguf --outtype f16
     """
-    import logging
-
     from cnllm.core.gguf.convert import convert_to_gguf
 
     if output_file is None:
         raise UsageError("missing --output/-o: the GGUF file to write")
-    logging.getLogger("gguf").setLevel(logging.ERROR)
     result = convert_to_gguf(
         model_dir,
         output_file,

@@ -36,13 +36,14 @@ def build_demo_base(folder: Path) -> Path:
 
 
 def ask(model: Path, template: str, question: str) -> str:
-    """One greedy answer from the instruction model, through the same generation core as `cnllm chat`."""
+    """One answer from the instruction model, through the same generation core as `cnllm chat`."""
     from cnllm.core.generation.base import SamplingParams, load_generator
 
     with load_generator(model) as generator:
         prompt_format = generator.prompt_format(template)
         prompt = prompt_format.render([{"role": "user", "content": question}], None)
-        params = SamplingParams(max_tokens=48, temperature=0.0, stop=prompt_format.stop)
+        # A fixed seed keeps the answer reproducible; greedy decoding makes a model this small repeat one token.
+        params = SamplingParams(max_tokens=48, temperature=0.7, top_p=0.9, seed=0, repetition_penalty=1.1, stop=prompt_format.stop)
         return generator.complete(prompt, params).text
 
 

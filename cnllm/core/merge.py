@@ -361,6 +361,9 @@ def _vocab_rows(shapes: dict[str, tuple[int, ...]], names: Sequence[str]) -> int
     return next((shapes[n][0] for n in names if n in shapes), None)
 
 
+VOCAB_PAD_MULTIPLE = 64
+
+
 def check_merged_vocab(
     base_shapes: dict, shapes: dict, config: dict, tokenizer_dir: Path | None
 ) -> VocabSizes:
@@ -379,7 +382,9 @@ def check_merged_vocab(
             "an adapter that extends the vocabulary must carry both embed_tokens and lm_head (modules_to_save)"
         )
     if sizes.tokenizer is not None and sizes.embedding is not None:
-        if sizes.tokenizer > sizes.embedding or (resized and sizes.tokenizer != sizes.embedding):
+        # A resized embedding may be padded past the tokenizer to the next multiple of 64 (as pt pads it).
+        padded = -(-sizes.tokenizer // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+        if sizes.tokenizer > sizes.embedding or (resized and sizes.embedding not in (sizes.tokenizer, padded)):
             raise UsageError(
                 f"vocabulary sizes cannot agree: {source} has {sizes.tokenizer} tokens, config.vocab_size is "
                 f"{sizes.config}, the merged embedding has {sizes.embedding} rows; use the tokenizer the adapter "

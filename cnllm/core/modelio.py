@@ -183,3 +183,16 @@ def load_causal_lm(
             model.resize_token_embeddings(needed)
         model = PeftModel.from_pretrained(model, str(lora))
     return model.to(device).eval()
+
+
+SPM_TOKENIZER_FILES = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json")
+
+
+def copy_missing_tokenizer_files(source: Path | str, target: Path | str) -> None:
+    """Copy the tokenizer files ``save_pretrained`` of a fast tokenizer leaves out (``tokenizer.model``
+    above all, which llama.cpp's SentencePiece vocabulary needs), without replacing what is there."""
+    import shutil
+
+    for name in SPM_TOKENIZER_FILES:
+        if (Path(source) / name).is_file() and not (Path(target) / name).exists():
+            shutil.copy2(Path(source) / name, Path(target) / name)

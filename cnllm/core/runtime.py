@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -12,6 +13,8 @@ def quiet_libraries(verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if verbose:
         return
+    # gguf-py warns about LLaMA's own pair template ("<s> $A <s> $B") on every conversion.
+    logging.getLogger("gguf").setLevel(logging.ERROR)
     try:
         import transformers
 

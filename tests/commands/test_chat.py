@@ -11,6 +11,7 @@ import pytest
 from cnllm.commands.chat import run_repl
 from cnllm.core.generation.base import SamplingParams
 from cnllm.core.generation.session import ChatSession
+from tests.core.generation.conftest import tiny_gguf  # noqa: F401 - the GGUF fixture (skips without the converter)
 
 GREEDY = ["--temperature", "0", "--repetition-penalty", "1", "--max-tokens", "6"]
 
@@ -138,9 +139,6 @@ def tiny_generator_dir_session(tiny_llama_dir):
     generator = load_generator(tiny_llama_dir)
     yield generator
     generator.close()
-
-
-from tests.core.generation.conftest import tiny_gguf  # noqa: E402,F401 - the GGUF fixture (skips without the converter)
 
 
 def test_gguf_scripting_mode_is_silent_on_stderr(tiny_gguf):

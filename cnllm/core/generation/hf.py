@@ -30,7 +30,7 @@ class HFGenerator(Generator):
     def __init__(self, path: Path, options: LoadOptions):
         quiet_libraries(options.verbose)
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.path = Path(path)
         self.options = options

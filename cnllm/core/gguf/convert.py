@@ -337,6 +337,9 @@ def convert_to_gguf(
     import gguf
     import numpy as np
 
+    from cnllm.core.runtime import quiet_libraries
+
+    quiet_libraries()
     started = time.perf_counter()
     model_dir, output = Path(model_dir), Path(output)
     check_output(output, force)

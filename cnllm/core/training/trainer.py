@@ -19,7 +19,7 @@ from typing import Any
 
 from cnllm.core.config import dump_yaml
 from cnllm.core.errors import CheckFailed, UsageError
-from cnllm.core.modelio import VocabSizes, check_vocab_agreement, has_tokenizer, load_config, vocab_sizes
+from cnllm.core.modelio import VocabSizes, check_vocab_agreement, copy_missing_tokenizer_files, has_tokenizer, load_config, vocab_sizes
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tensors import read_safetensors_header
@@ -578,6 +578,7 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
         result.perplexity = perplexity(result.eval_loss)
     trainer.save_model(str(work))
     if main:
+        copy_missing_tokenizer_files(plan.tokenizer_dir, work)
         (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; train-config.yaml says the same in YAML
     result.peak_memory_bytes = peak_memory_bytes()
 

@@ -177,3 +177,16 @@ def test_gguf_server_with_two_slots(tiny_gguf):
         stop()
         for generator in generators:
             generator.close()
+
+
+def test_completions_accept_several_prompts_and_token_ids(live_server, tiny_generator):
+    client = live_server.client()
+    ids = tiny_generator.encode_prompt("Hello world")
+    batch = client.completions.create(model="tiny", prompt=["Hello world", "你好"], max_tokens=3, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0)
+    assert by_ids.choices[0].text == batch.choices[0].text
+    status, body = raw(live_server, "POST", "/v1/completions", {"model": "tiny", "prompt": "x", "stream": True, "echo": True})
+    assert status == 400 and body["error"]["param"] == "stream"
+    status, body = raw(live_server, "POST", "/v1/completions", {"model": "tiny", "prompt": [-5]})
+    assert status == 400 and "token" in body["error"]["message"]
