@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server of ``cnllm serve``: app, wire-format schemas, worker slots."""
