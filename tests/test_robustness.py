@@ -348,15 +348,6 @@ _read_only_twins()
 
 # Bugs this sweep found, each kept as a strict xfail until the command is fixed (see the lead's report).
 KNOWN_BUGS = {
-    "chat-truncated-model-dir": "chat: a truncated safetensors shard in a Hugging Face directory exits 1 with "
-    "'unexpected SafetensorError' instead of a usage error (2) naming the file",
-    "serve-truncated-model-dir": "serve: a truncated safetensors shard in a Hugging Face directory exits 1 with "
-    "'unexpected SafetensorError' instead of a usage error (2) naming the file",
-    # Seen when the suite runs without CAP_DAC_OVERRIDE (a normal user, or setpriv); skipped as plain root.
-    "pt-parent-is-read-only": "pt: an output in a read-only folder fails only after tokenising the data ('built N blocks' "
-    "precedes 'permission denied (.out.cnllm-training)') instead of before any work",
-    "sft-parent-is-read-only": "sft: an output in a read-only folder fails only after tokenising the data (truncation "
-    "warnings precede 'permission denied (.out.cnllm-training)') instead of before any work",
 }
 
 

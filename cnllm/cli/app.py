@@ -2,24 +2,96 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from cnllm import __version__
 from cnllm.cli import errors
-from cnllm.commands import checksum
-from cnllm.commands import vocab
-from cnllm.commands import pt, sft
-from cnllm.commands import convert_gguf, quantize
-from cnllm.commands import merge_lora, diff_recover
-from cnllm.commands import eval as eval_cmd
-from cnllm.commands import chat, serve
-from cnllm.commands import demo, pipeline
+
+# Every command, in the order a user walks them: name → (module, attribute, one-line help).
+# Modules are imported only when their command runs (or completes), so `cnllm --help` stays fast;
+# a test checks each line here against the command's own docstring.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "vocab": ("cnllm.commands.vocab", "app", "Train a Chinese vocabulary, merge it into a LLaMA tokenizer, and inspect tokenizers."),
+    "pt": ("cnllm.commands.pt", "pt", 'Continue pre-training a model on raw text with LoRA (text files, directories, JSONL "text").'),
+    "sft": ("cnllm.commands.sft", "sft", "Instruction-tune a model with LoRA; the loss covers the assistant's answers only."),
+    "merge-lora": ("cnllm.commands.merge_lora", "merge_lora", "Merge LoRA adapters into a base model: W += scale·B·A in fp32, one tensor at a time."),
+    "diff-recover": (
+        "cnllm.commands.diff_recover",
+        "diff_recover",
+        "Recover tuned = raw + diff tensor by tensor (config and tokenizer from the diff), or make a diff.",
+    ),
+    "convert-gguf": ("cnllm.commands.convert_gguf", "convert_gguf", "Convert a LLaMA 1/2/3 or Chinese-LLaMA/Alpaca checkpoint to GGUF, one tensor at a time."),
+    "quantize": (
+        "cnllm.commands.quantize",
+        "quantize",
+        "Quantize a GGUF (from cnllm convert-gguf) with llama.cpp's quantizer, then summarize sizes and bits per weight.",
+    ),
+    "chat": ("cnllm.commands.chat", "chat", "Chat with a model (GGUF via llama.cpp, or a Hugging Face directory via transformers)."),
+    "serve": (
+        "cnllm.commands.serve",
+        "serve",
+        "Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not), "
+        "/v1/completions (echo, logprobs), /v1/embeddings, /health.",
+    ),
+    "eval": ("cnllm.commands.eval", "app", "Evaluate a model: perplexity (ppl) and multiple-choice exams (mc)."),
+    "checksum": ("cnllm.commands.checksum", "app", "Create and verify checksum manifests (GNU, BSD, SHA256.md tables, MD5 lists)."),
+    "pipeline": ("cnllm.commands.pipeline", "pipeline", "Run a recipe: vocab → pt → merge_pt → sft → merge_sft → convert → quantize → eval → checksum."),
+    "demo": (
+        "cnllm.commands.demo",
+        "demo",
+        "Run the embedded demo on CPU: tiny LLaMA → Chinese vocabulary → pre-training → SFT → GGUF → Q8_0/Q4_K → eval → checksums.",
+    ),
+}
+
+
+def load_command(name: str) -> click.Command:
+    """Import a command's module and turn its Typer app or function into a Click command."""
+    module_name, attribute, _ = COMMANDS[name]
+    target = getattr(importlib.import_module(module_name), attribute)
+    if not isinstance(target, typer.Typer):
+        single = typer.Typer()
+        single.command(name)(target)
+        target = single
+    command = typer.main.get_command(target)
+    command.name = name
+    return command
+
+
+class LazyGroup(TyperGroup):
+    """The root group: lists commands from :data:`COMMANDS` and imports one only when it is used.
+
+    While the root help is rendered, commands are stand-ins carrying their one-line help.
+    """
+
+    _listing_help = False
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        if self._listing_help:
+            return click.Command(name, help=COMMANDS[name][2], short_help=COMMANDS[name][2])
+        return load_command(name)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing_help = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing_help = False
+
 
 app = typer.Typer(
     name="cnllm",
+    cls=LazyGroup,
     help="Adapt LLaMA-family models to Chinese: vocabulary, training, merging, GGUF, chat, serving, evaluation.",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -46,21 +118,6 @@ def root(
     ] = False,
 ) -> None:
     State.debug = debug
-
-
-app.add_typer(checksum.app, name="checksum")
-app.add_typer(vocab.app, name="vocab")
-app.command("pt")(pt.pt)
-app.command("sft")(sft.sft)
-app.command("convert-gguf")(convert_gguf.convert_gguf)
-app.command("quantize")(quantize.quantize)
-app.command("merge-lora")(merge_lora.merge_lora)
-app.command("diff-recover")(diff_recover.diff_recover)
-app.add_typer(eval_cmd.app, name="eval")
-app.command("chat")(chat.chat)
-app.command("serve")(serve.serve)
-app.command("pipeline")(pipeline.pipeline)
-app.command("demo")(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> None:

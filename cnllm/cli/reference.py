@@ -46,8 +46,9 @@ def _section(command: click.Command, path: list[str], lines: list[str]) -> None:
         lines += [_param_row(p) for p in params]
         lines.append("")
     if isinstance(command, click.Group):
-        for name in sorted(command.commands):
-            _section(command.commands[name], [*path, name], lines)
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            _section(command.get_command(ctx, name), [*path, name], lines)
 
 
 def reference() -> str:

@@ -166,6 +166,7 @@ def load_causal_lm(
 
     quiet_libraries()
     load_config(model_dir)
+    tensor_infos(model_dir)  # a truncated or corrupted shard is a usage error naming the file
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     try:

@@ -2,20 +2,23 @@ import subprocess
 import sys
 import textwrap
 
-from cnllm.cli.app import app
+import pytest
 
-
-def registered_commands() -> set[str]:
-    import typer
-
-    return set(typer.main.get_command(app).commands)
+from cnllm.cli.app import COMMANDS, load_command
 
 
 def test_help_lists_commands(cli):
     result = cli("--help")
     assert result.exit_code == 0
-    for name in registered_commands():
+    for name in COMMANDS:
         assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_listed_help_matches_the_command_itself(name):
+    command = load_command(name)
+    assert command.name == name
+    assert command.get_short_help_str(limit=500) == COMMANDS[name][2]
 
 
 def test_version(cli):
@@ -73,7 +76,7 @@ def test_building_the_app_and_checksum_do_not_import_torch(tmp_path):
                 main(argv)
             except SystemExit as exc:
                 assert exc.code in (0, None), (argv, exc.code)
-        heavy = [m for m in ("torch", "transformers", "peft", "llama_cpp", "datasets") if m in sys.modules]
+        heavy = [m for m in ("torch", "transformers", "peft", "llama_cpp", "datasets", "fastapi") if m in sys.modules]
         assert not heavy, heavy
         """
     )

@@ -78,6 +78,9 @@ class HFGenerator(Generator):
     def _load_model(self, path: Path, kwargs: dict):
         from transformers import AutoModelForCausalLM
 
+        from cnllm.core.tensors import tensor_infos
+
+        tensor_infos(path)  # a truncated or corrupted shard is a usage error naming the file
         try:
             return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError) as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cnllm.core.config import dump_yaml
+from cnllm.core.atomic import check_output
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.modelio import VocabSizes, check_vocab_agreement, copy_missing_tokenizer_files, has_tokenizer, load_config, vocab_sizes
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -97,8 +98,7 @@ def plan_output(options: TrainOptions) -> tuple[Path, bool]:
         raise UsageError(f"output {output} already exists; pass --resume to continue its training or --force to start over")
     if work.exists() and not options.force:
         raise UsageError(f"an interrupted run left checkpoints in {work}; pass --resume to continue it or --force to start over")
-    if output.parent.exists() and not output.parent.is_dir():
-        raise UsageError(f"cannot write {output}: {output.parent} is not a directory")
+    check_output(work, force=True)  # the folder must be writable before any data is tokenised
     return work, False
 
 
