@@ -24,8 +24,7 @@ test-all: install
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m ""
 
 demo: install
-	$(BIN)/cnllm checksum create cnllm/assets -o demo-out/SHA256SUMS --force
-	$(BIN)/cnllm checksum verify demo-out/SHA256SUMS
+	$(BIN)/cnllm demo -o cnllm-demo
 
 bench: install
 	$(BIN)/python bench/bench_cli_startup.py
@@ -35,4 +34,4 @@ completions: install
 	$(BIN)/python -m cnllm.cli.completions
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) cnllm-demo .pytest_cache

@@ -28,7 +28,7 @@ def pt(ctx: typer.Context, **values) -> None:
 
     Example: cnllm pt -m llama-7b -t merged-tokenizer -d corpus/ -o pt-lora --max-steps 1000
 
-    Distributed: torchrun --nproc_per_node 8 -m cnllm pt --config examples/pt-7b-8gpu.yaml
+    Distributed: torchrun --nproc_per_node 8 -m cnllm pt --config examples/training/pt-7b-8gpu-zero2.yaml
     """
     from cnllm.core.training.trainer import run_training
 

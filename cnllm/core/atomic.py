@@ -80,27 +80,6 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path | str, *, force: bool = False, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary sibling of ``path`` for writing; on success fsync and rename it over ``path``."""
-    path = Path(path)
-    check_output(path, force)
-    parent = _prepare_parent(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=parent)
-    tmp = Path(tmp_name)
-    try:
-        encoding = None if "b" in mode else "utf-8"
-        with os.fdopen(fd, mode, encoding=encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        check_output(path, force)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path: Path | str, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path for a library that writes by file name (llama.cpp, GGUFWriter);
     on success it is renamed over ``path``, on failure removed."""
@@ -117,6 +96,16 @@ def atomic_path(path: Path | str, *, force: bool = False) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str, *, force: bool = False, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; on success fsync and rename it over ``path``."""
+    with atomic_path(path, force=force) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager

@@ -163,8 +163,6 @@ def stream_tensors(model: Path | str) -> Iterator[tuple[str, "torch.Tensor"]]:  
     until the file is closed, so a 10 GB shard read through ``safe_open`` can look like 10 GB of
     memory; reading each tensor into its own buffer keeps memory at one tensor.
     """
-    import torch
-
     for path in checkpoint_files(model):
         if path.suffix != ".safetensors":
             state = load_pickled_tensors(path)

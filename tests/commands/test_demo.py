@@ -2,10 +2,7 @@
 
 import json
 
-import pytest
 
-
-@pytest.mark.slow
 def test_demo_runs_every_step_and_reports_before_after(cli, tmp_path):
     result = cli("demo", "-o", tmp_path / "demo", "--json")
     assert result.exit_code == 0, result.stderr
