@@ -346,9 +346,9 @@ def _read_only_twins() -> None:
 
 _read_only_twins()
 
-# Bugs this sweep found, each kept as a strict xfail until the command is fixed (see the lead's report).
-KNOWN_BUGS = {
-}
+# Cases that expose a known, not yet fixed bug: case id → reason, run as strict xfails. Empty: every
+# bug the sweep found (chat/serve on truncated shards, pipeline and pt/sft on unwritable outputs) is fixed.
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _table() -> list:

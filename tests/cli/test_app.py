@@ -87,3 +87,18 @@ def test_building_the_app_and_checksum_do_not_import_torch(tmp_path):
 def test_console_script_entry_point_runs():
     completed = subprocess.run([sys.executable, "-m", "cnllm", "--version"], capture_output=True, text=True)
     assert completed.returncode == 0 and completed.stdout.startswith("cnllm")
+
+
+def test_no_command_module_imports_heavy_libraries_at_import_time():
+    script = textwrap.dedent(
+        """
+        import importlib, sys
+        from cnllm.cli.app import COMMANDS
+        for module, _, _ in COMMANDS.values():
+            importlib.import_module(module)
+        heavy = [m for m in ("torch", "transformers", "peft", "llama_cpp", "datasets", "fastapi", "gguf") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr

@@ -517,6 +517,7 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
     options, work = plan.options, plan.work
     args = training_arguments(plan, has_eval=eval_set is not None)
     main = args.process_index == 0
+    keep_freed_tensor_memory()
     set_seed(options.seed)  # LoRA and resized rows are initialised before the Trainer seeds anything
     model = load_model(options, plan.precision)
     old_rows, new_rows = resize_vocabulary(model, len(tokenizer))
@@ -587,6 +588,38 @@ def _checkpoint_tokens(checkpoint: Path | None) -> int:
     if checkpoint is None:
         return 0
     return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("num_input_tokens_seen", 0))
+
+
+# glibc's own ceiling for its adaptive mmap threshold (64-bit), and the trim threshold it pairs with it.
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 2 * MALLOC_MMAP_THRESHOLD
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters from glibc's malloc.h
+MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_tensor_memory() -> bool:
+    """Let glibc reuse the memory of freed CPU tensors instead of handing it back to the OS every step.
+
+    Each training step frees and reallocates the same few-MiB activations. glibc's adaptive
+    thresholds depend on what the process happened to free before training, and with low ones
+    every step unmaps that memory and faults it in again, zero-filled (measured: 3x the page faults
+    and ~5% of the step time of the same loop in a process whose thresholds had grown). Fixing them
+    at glibc's own ceiling makes the speed independent of that history. A no-op off glibc and when
+    the user tunes malloc through the environment. Returns whether the thresholds were set.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in MALLOC_ENVIRONMENT) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 def peak_memory_bytes() -> int:

@@ -101,6 +101,20 @@ def test_last_complete_checkpoint_ignores_half_written_ones(tmp_path):
     assert trainer.last_complete_checkpoint(tmp_path).name == "checkpoint-10"
 
 
+@pytest.mark.skipif(sys.platform != "linux" or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc only")
+def test_malloc_thresholds_are_fixed_on_glibc_unless_the_user_tunes_them():
+    # A child process: the thresholds are process-wide and this worker runs other tests.
+    code = "from cnllm.core.training.trainer import keep_freed_tensor_memory as k; print(k())"
+    env = {k: v for k, v in os.environ.items() if k not in (*trainer.MALLOC_ENVIRONMENT, "GLIBC_TUNABLES")}
+
+    def run(extra: dict) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra}, check=True).stdout.strip()
+
+    assert run({}) == "True"
+    assert run({"MALLOC_TRIM_THRESHOLD_": "131072"}) == "False"
+    assert run({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}) == "False"
+
+
 # -------------------------------------------------------------------------------------- real runs
 
 
