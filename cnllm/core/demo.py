@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnllm.core.atomic import atomic_dir
 from cnllm.core.pipeline import PipelineResult, recipe_from_dict, run_pipeline
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.tiny import ASSETS, build_spm_tokenizer, build_tiny_llama
@@ -26,12 +27,14 @@ class DemoResult:
     answer: str | None
 
 
-def build_demo_base(folder: Path) -> Path:
-    """The demo's "base LLaMA": English-only tokenizer, random 2-layer model (rebuilt only if missing)."""
+def build_demo_base(folder: Path, progress: Progress = NULL_PROGRESS) -> Path:
+    """The demo's "base LLaMA": English-only tokenizer, random 2-layer model (built once, atomically)."""
     model = folder / "model"
     if not (model / "config.json").exists():
-        tokenizer = build_spm_tokenizer(folder / "tokenizer")
-        build_tiny_llama(model, tokenizer, hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2)
+        progress.log(f"demo: building the tiny base model in {folder}")
+        with atomic_dir(folder, force=True) as temporary:
+            tokenizer = build_spm_tokenizer(temporary / "tokenizer")
+            build_tiny_llama(temporary / "model", tokenizer, hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2)
     return model
 
 
@@ -53,8 +56,7 @@ def run_demo(workdir: Path, *, force: bool = False, progress: Progress = NULL_PR
     from cnllm.core.pipeline import write_report
 
     workdir = Path(workdir)
-    progress.log(f"demo: building the tiny base model in {workdir / '00-base'}")
-    base = build_demo_base(workdir / "00-base")
+    base = build_demo_base(workdir / "00-base", progress)
     data = load_yaml(DEMO_RECIPE)
     data["base"] = {"model": str(base)}
     recipe = recipe_from_dict(data, root=ASSETS, workdir=workdir, source=DEMO_RECIPE)

@@ -48,7 +48,8 @@ def _paths(options: dict, key: str, root: Path) -> None:
         options[key] = [_resolve(v, root) for v in value] if isinstance(value, list) else _resolve(value, root)
 
 
-PATH_KEYS = {"vocab": ("corpus", "add", "measure_text"), "pt": ("data", "validation_data"), "sft": ("data", "validation_data"), "eval": ()}
+TRAIN_PATH_KEYS = ("data", "validation_data", "peft_path", "deepspeed", "cache_dir")
+PATH_KEYS = {"vocab": ("corpus", "add", "measure_text"), "pt": TRAIN_PATH_KEYS, "sft": TRAIN_PATH_KEYS}
 
 
 def recipe_from_dict(data: dict, *, root: Path, workdir: Path | None = None, source: Path | None = None) -> Recipe:
@@ -65,9 +66,9 @@ def recipe_from_dict(data: dict, *, root: Path, workdir: Path | None = None, sou
     for name in STEP_ORDER:
         if name not in data:
             continue
-        options = dict(data[name] or {})
         if not isinstance(data[name] or {}, dict):
             raise UsageError(f"recipe step {name!r} must be a mapping of options")
+        options = dict(data[name] or {})
         for key in PATH_KEYS.get(name, ()):
             _paths(options, key, root)
         if name == "eval":

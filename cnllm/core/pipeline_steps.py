@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cnllm.core.errors import UsageError
+from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.pipeline import Artifacts, Recipe, StepContext, StepKind
 
 TRAIN_KEYS_NOT_IN_RECIPE = {"model", "tokenizer", "output", "force", "resume"}
@@ -116,7 +116,7 @@ def _train_inputs(step: str):
 # --- merge -----------------------------------------------------------------------------------------
 
 
-def _merge(adapter_key: str, model_key: str):
+def _merge(adapter_key: str):
     def run(context: StepContext, options: dict) -> dict:
         from cnllm.core.merge import merge_lora
 
@@ -129,12 +129,14 @@ def _merge(adapter_key: str, model_key: str):
         result = merge_lora(context.artifacts.model, [adapter], context.folder / "model", progress=context.progress, **options)
         merged = context.final_path(context.folder / "model")
         context.artifacts.model = context.artifacts.tokenizer = merged
-        context.artifacts.models[model_key] = merged
-        figures = {"tensors": getattr(result, "tensors", None), "seconds": round(result.seconds, 2) if hasattr(result, "seconds") else None}
-        verify = getattr(result, "verify", None)
-        if verify is not None:
-            figures["max_logit_difference"] = getattr(verify, "max_abs_diff", None)
-        return {k: v for k, v in figures.items() if v is not None}
+        context.artifacts.models[adapter_key] = merged
+        problems = result.problems()
+        if problems:
+            raise CheckFailed(problems[0])
+        figures = {"tensors": result.tensors, "updated": result.updated, "replaced": result.replaced, "vocab_size": result.vocab.embedding}
+        if result.verify is not None:
+            figures["max_logit_difference"] = result.verify.max_abs_diff
+        return figures
 
     return run
 
@@ -247,9 +249,9 @@ def run_checksum(context: StepContext, options: dict) -> dict:
 STEP_KINDS: dict[str, StepKind] = {
     "vocab": StepKind(run_vocab, _vocab_inputs),
     "pt": StepKind(lambda c, o: _train("pt", c, o), _train_inputs("pt")),
-    "merge_pt": StepKind(_merge("pt", "pt"), _no_inputs),
+    "merge_pt": StepKind(_merge("pt"), _no_inputs),
     "sft": StepKind(lambda c, o: _train("sft", c, o), _train_inputs("sft")),
-    "merge_sft": StepKind(_merge("sft", "sft"), _no_inputs),
+    "merge_sft": StepKind(_merge("sft"), _no_inputs),
     "convert": StepKind(run_convert, _no_inputs),
     "quantize": StepKind(run_quantize, _no_inputs),
     "eval": StepKind(run_eval, _eval_inputs),
