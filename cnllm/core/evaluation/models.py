@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 
 from cnllm.core.errors import CnllmError, UsageError
+from cnllm.core.gguf import is_gguf
 
-GGUF_MAGIC = b"GGUF"
 # How one letter can appear as a vocabulary piece: bare, SentencePiece word start, byte-level BPE space, plain space.
 LETTER_SPELLINGS = ("{}", "\u2581{}", "\u0120{}", " {}")
 
@@ -34,13 +34,6 @@ class ModelSpec:
     n_ctx: int = 2048  # llama.cpp context size
     threads: int | None = None
     trust_remote_code: bool = False
-
-
-def is_gguf(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as handle:
-        return handle.read(4) == GGUF_MAGIC
 
 
 def log_softmax_rows(logits: np.ndarray) -> np.ndarray:

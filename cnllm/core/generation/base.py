@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from cnllm.core.errors import UsageError
+from cnllm.core.gguf import is_gguf
 from cnllm.core.templates import ChatTemplate, Message, get_template, normalize_messages
 
 REPLACEMENT = "\ufffd"
-GGUF_MAGIC = b"GGUF"
 
 
 class ContextOverflow(UsageError):
@@ -444,14 +444,6 @@ class LoadOptions:
 
 
 DEFAULT_N_CTX = 4096
-
-
-def is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def load_generator(model: Path | str, options: LoadOptions | None = None) -> Generator:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cnllm.core.atomic import atomic_path, check_output
 from cnllm.core.errors import CheckFailed, UsageError
+from cnllm.core.gguf import is_gguf
 from cnllm.core.progress import NULL_PROGRESS, Progress
 
 UNQUANTIZED = ("F32", "F16", "BF16")
@@ -126,9 +127,8 @@ def read_gguf_summary(path: Path) -> GgufSummary:
 
     if not path.is_file():
         raise UsageError(f"input {path} does not exist" if not path.exists() else f"input {path} is not a file")
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise UsageError(f"{path} is not a GGUF file (no GGUF magic); convert a Hugging Face model with 'cnllm convert-gguf' first")
+    if not is_gguf(path):
+        raise UsageError(f"{path} is not a GGUF file (no GGUF magic); convert a Hugging Face model with 'cnllm convert-gguf' first")
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as exc:

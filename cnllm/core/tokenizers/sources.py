@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from cnllm.core.errors import UsageError
+from cnllm.core.gguf import GGUF_MAGIC
 from cnllm.core.tokenizers.spm import load_proto
 
 SPM, BPE, WORDS = "spm", "bpe", "words"
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass
