@@ -2,18 +2,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet
 # A CPU build of torch on these machines; set TORCH="torch" (or a CUDA wheel spec) elsewhere.
 TORCH ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-all demo bench completions clean
+.PHONY: install test test-all demo check-installed bench completions clean
 
+# One line per stage, so a first run explains where its minutes go.
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $@
+	@echo "==> [1/4] creating the virtual environment in $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@echo "==> [2/4] installing $(TORCH) (a large download the first time: about 1-3 minutes)"
+	@$(PIP) "$(TORCH)"
+	@echo "==> [3/4] installing llama-cpp-python (the first time it compiles llama.cpp: about 6 minutes on 2 cores; later installs reuse pip's cached wheel)"
+	@$(PIP) "llama-cpp-python>=0.3"
+	@echo "==> [4/4] installing cnllm and its other dependencies (about 1 minute)"
+	@$(PIP) -e '.[test]'
+	@touch $@
+	@echo "==> installed: $(BIN)/cnllm (run 'source $(BIN)/activate' to put cnllm on your PATH)"
 
 install: $(BIN)/.installed
 
@@ -25,6 +33,17 @@ test-all: install
 
 demo: install
 	$(BIN)/cnllm demo -o cnllm-demo
+
+# `pip install .` (not editable) into a fresh venv, then the demo from a folder outside the repository:
+# proves the bundled assets ship as package data.
+check-installed: install
+	@set -e; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	echo "==> installing cnllm (pip install .) into a fresh venv in $$dir"; \
+	$(PYTHON) -m venv "$$dir/venv"; \
+	"$$dir/venv/bin/python" -m pip install --quiet "$(TORCH)" "$(CURDIR)"; \
+	echo "==> cnllm demo -o demo-out, run in $$dir"; \
+	cd "$$dir" && venv/bin/cnllm demo -o demo-out; \
+	test -f demo-out/report.md && test -f demo-out/07-quantize/demo-q4_k_m.gguf
 
 bench: install
 	$(BIN)/python bench/bench_cli_startup.py

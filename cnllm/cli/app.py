@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 
 from cnllm import __version__
 from cnllm.cli import errors
+from cnllm.cli.paths import apply_path_rule
 
 # Every command, in the order a user walks them: name → (module, attribute, one-line help).
 # Modules are imported only when their command runs (or completes), so `cnllm --help` stays fast;
@@ -60,7 +61,7 @@ def load_command(name: str) -> click.Command:
         target = single
     command = typer.main.get_command(target)
     command.name = name
-    return command
+    return apply_path_rule(command)
 
 
 class LazyGroup(TyperGroup):

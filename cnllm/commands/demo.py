@@ -23,9 +23,12 @@ def demo(
 
     Example: cnllm demo -o /tmp/cnllm-demo
     """
-    from cnllm.core.demo import run_demo
+    from cnllm.core.demo import next_commands, run_demo
 
     result = run_demo(workdir, force=force, progress=output.CliProgress())
     if not json_ and result.answer is not None:
         output.stdout().print(f"Q: {result.question}\nA: {result.answer}", markup=False, highlight=False)
     render(result.pipeline, json_, dry_run=False)
+    if not json_:
+        lines = [f"  {command}    # {what}" for what, command in next_commands(result.pipeline, result.template)]
+        output.stdout().print("\nNext, try:\n" + "\n".join(lines), markup=False, highlight=False)

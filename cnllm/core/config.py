@@ -46,8 +46,11 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
-def coerce(value: Any, annotation: Any, *, where: str) -> Any:
-    """Convert a YAML value to ``annotation`` (int, float, bool, str, Path, list[...], Optional[...])."""
+def coerce(value: Any, annotation: Any, *, where: str, root: Path | None = None) -> Any:
+    """Convert a YAML value to ``annotation`` (int, float, bool, str, Path, list[...], Optional[...]).
+
+    A relative path is taken relative to ``root`` (the folder of the file it came from) when given.
+    """
     if value is None:
         return None
     target = _unwrap_optional(annotation)
@@ -57,7 +60,7 @@ def coerce(value: Any, annotation: Any, *, where: str) -> Any:
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if not isinstance(items, list):
             raise UsageError(f"{where}: expected a list, got {value!r}")
-        return [coerce(item, item_type, where=where) for item in items]
+        return [coerce(item, item_type, where=where, root=root) for item in items]
     if target is bool:
         if isinstance(value, bool):
             return value
@@ -77,7 +80,7 @@ def coerce(value: Any, annotation: Any, *, where: str) -> Any:
         raise UsageError(f"{where}: expected a number, got {value!r}")
     if target is Path:
         if isinstance(value, str):
-            return Path(value)
+            return root / value if root is not None and not Path(value).is_absolute() else Path(value)
         raise UsageError(f"{where}: expected a path, got {value!r}")
     if target is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -94,7 +97,7 @@ def merge(
 ) -> dict[str, Any]:
     """Values for ``options_type`` (a dataclass): explicit CLI flags, then the file, then CLI defaults.
 
-    Relative paths in the file are relative to the working directory, as on the command line.
+    Relative paths in the file are relative to the file's folder (flags' paths arrive absolute).
     """
     values = dict(cli_values)
     if config_path is None:
@@ -107,7 +110,7 @@ def merge(
             raise UsageError(f"{config_path}: unknown option {key.replace('_', '-')!r}; known options: {known}")
         if key in explicit:
             continue
-        values[key] = coerce(raw, hints[key], where=f"{config_path}: {key.replace('_', '-')}")
+        values[key] = coerce(raw, hints[key], where=f"{config_path}: {key.replace('_', '-')}", root=config_path.absolute().parent)
     return values
 
 

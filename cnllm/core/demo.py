@@ -8,6 +8,7 @@ asks the instruction model one question through the generation core.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class DemoResult:
     pipeline: PipelineResult
     question: str
     answer: str | None
+    template: str  # the sft step's chat template, for the next commands shown to the user
 
 
 def build_demo_base(folder: Path, progress: Progress = NULL_PROGRESS) -> Path:
@@ -55,16 +57,36 @@ def run_demo(workdir: Path, *, force: bool = False, progress: Progress = NULL_PR
     from cnllm.core.config import load_yaml
     from cnllm.core.pipeline import write_report
 
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()
     base = build_demo_base(workdir / "00-base", progress)
     data = load_yaml(DEMO_RECIPE)
     data["base"] = {"model": str(base)}
     recipe = recipe_from_dict(data, root=ASSETS, workdir=workdir, source=DEMO_RECIPE)
     result = run_pipeline(recipe, force=force, progress=progress)
     answer = None
+    template = recipe.steps.get("sft", {}).get("template", "alpaca")
     if result.failed is None:
         model = result.artifacts.models.get("sft", result.artifacts.model)
-        answer = ask(model, recipe.steps.get("sft", {}).get("template", "alpaca"), DEMO_QUESTION)
+        answer = ask(model, template, DEMO_QUESTION)
         result.notes["chat"] = {"model": str(model), "question": DEMO_QUESTION, "answer": answer}
         result.report_md, result.report_json = write_report(result)
-    return DemoResult(result, DEMO_QUESTION, answer)
+    return DemoResult(result, DEMO_QUESTION, answer, template)
+
+
+def next_commands(result: PipelineResult, template: str) -> list[tuple[str, str]]:
+    """What to try next on the demo's own outputs: (what it does, command), paths relative to the current folder."""
+
+    def shown(path: Path) -> str:
+        try:
+            return shlex.quote(str(path.relative_to(Path.cwd())))
+        except ValueError:
+            return shlex.quote(str(path))
+
+    commands = []
+    quantized = result.artifacts.gguf.get("q4_k_m") or next(iter(result.artifacts.gguf.values()), None)
+    if quantized is not None:
+        commands.append(("chat with the 4-bit model", f"cnllm chat {shown(quantized)} --template {template}"))
+        commands.append(("serve it to OpenAI clients", f"cnllm serve {shown(quantized)} --template {template} --port 8000"))
+    if result.report_md is not None:
+        commands.append(("read the report", f"less {shown(result.report_md)}"))
+    return commands

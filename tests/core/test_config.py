@@ -27,13 +27,23 @@ def test_flags_given_on_the_command_line_win(tmp_path):
     config.write_text("model: base\nlora-rank: 16\nlearning_rate: 1e-4\ndata: [a.txt, b.txt]\ntargets: q_proj,v_proj\n", encoding="utf-8")
     cli = {"model": None, "data": [], "lora_rank": 8, "learning_rate": 2e-4, "streaming": False, "targets": []}
     merged = merge(Options, cli, {"lora_rank"}, config)
-    assert merged == {"model": Path("base"), "data": [Path("a.txt"), Path("b.txt")], "lora_rank": 8, "learning_rate": 1e-4,
+    assert merged == {"model": tmp_path / "base", "data": [tmp_path / "a.txt", tmp_path / "b.txt"], "lora_rank": 8, "learning_rate": 1e-4,
                       "streaming": False, "targets": ["q_proj", "v_proj"]}
     assert merge(Options, cli, set(), None) == cli
 
 
+def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "run.yaml"
+    config.write_text("model: ../models/base\ndata: [corpus.txt, /abs/x.txt]\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "configs")
+    merged = merge(Options, {"model": None, "data": []}, set(), Path("run.yaml"))
+    assert merged["model"] == tmp_path / "configs" / ".." / "models" / "base"
+    assert merged["data"] == [tmp_path / "configs" / "corpus.txt", Path("/abs/x.txt")]
+
+
 def test_resolved_config_reads_back(tmp_path):
-    values = {"model": Path("m"), "data": [Path("x.txt")], "lora_rank": 4, "learning_rate": 0.5, "streaming": True, "targets": ["o_proj"]}
+    values = {"model": tmp_path / "m", "data": [tmp_path / "x.txt"], "lora_rank": 4, "learning_rate": 0.5, "streaming": True, "targets": ["o_proj"]}
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(values), encoding="utf-8")
     assert merge(Options, {k: None for k in values}, set(), path) == values
