@@ -35,6 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cnllm.core.gguf.quantize import QuantizeOptions
+from cnllm.core.gguf.convert import ConvertOptions
 from cnllm.core.evaluation.mc import (  # noqa: E402
     LETTERS,
     McOptions,
@@ -224,7 +226,7 @@ def main() -> None:
     from cnllm.core.tiny import build_spm_tokenizer, build_tiny_llama
 
     tiny_dir = build_tiny_llama(work / "tiny", build_spm_tokenizer(work / "tok"))
-    tiny_gguf = convert_to_gguf(tiny_dir, work / "tiny-f32.gguf", outtype="f32").output
+    tiny_gguf = convert_to_gguf(tiny_dir, work / "tiny-f32.gguf", ConvertOptions(outtype="f32")).output
     line, check = ppl_row("tiny LLaMA f32 GGUF (ctx 128)", tiny_gguf, asset("en.txt"), 128, args.threads)
     lines.append(line)
     checks.append(check)
@@ -237,7 +239,7 @@ def main() -> None:
             checks.append(check)
         from cnllm.core.gguf.quantize import quantize_gguf
 
-        gemma_q8 = quantize_gguf(gemma_q4, work / "gemma-q8_0.gguf", quant_type="Q8_0", allow_requantize=True, threads=args.threads).output
+        gemma_q8 = quantize_gguf(gemma_q4, work / "gemma-q8_0.gguf", QuantizeOptions(type="Q8_0", allow_requantize=True, threads=args.threads)).output
         for text in (zh_text, en_text):
             line, check = ppl_row("Gemma 3 270M Q8_0 (from Q4_K_M)", gemma_q8, text, args.ctx, args.threads)
             lines.append(line)

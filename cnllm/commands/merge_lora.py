@@ -9,14 +9,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import ForceOpt, JsonOpt, OutputDirArg
+from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputDirArg
 from cnllm.core.errors import CheckFailed
-
-
-class MergeDType(str, Enum):
-    fp16 = "fp16"
-    bf16 = "bf16"
-    fp32 = "fp32"
 
 
 class MergeFormat(str, Enum):
@@ -30,7 +24,7 @@ def merge_lora(
         List[Path], typer.Option("--lora", "-l", help="PEFT LoRA adapter directory; repeat to apply several in the order given.")
     ],
     output_dir: OutputDirArg,
-    dtype: Annotated[Optional[MergeDType], typer.Option("--dtype", help="Output dtype (default: the base's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help=f"Output dtype: {DTYPE_WORDS} (default: the base's).")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB.")] = "2GB",
     output_format: Annotated[
         MergeFormat, typer.Option("--format", help="hf: Hugging Face directory; pth: Meta consolidated.NN.pth + params.json.")
@@ -51,48 +45,18 @@ def merge_lora(
 
     Example: cnllm merge-lora --base llama-7b --lora chinese-llama-plus-lora --lora chinese-alpaca-plus-lora -o alpaca-plus-7b --dtype fp16
     """
-    from cnllm.core.merge import DTYPES, merge_lora as run_merge
+    from cnllm.core.config import build_options
+    from cnllm.core.merge import MergeOptions, merge_lora as run_merge
 
-    result = run_merge(
-        base,
-        lora,
-        output_dir,
-        dtype=DTYPES[dtype.value] if dtype else None,
-        max_shard_size=max_shard_size,
-        output_format=output_format.value,
-        shards=shards,
-        verify=verify,
-        tolerance=tolerance,
-        force=force,
-        progress=output.CliProgress(),
+    options = build_options(
+        MergeOptions,
+        {"dtype": dtype, "max_shard_size": max_shard_size, "format": output_format.value, "shards": shards, "verify": verify, "tolerance": tolerance},
     )
+    result = run_merge(base, lora, output_dir, options, force=force, progress=output.CliProgress())
     for note in result.notes:
         output.print_note(note)
     if json_:
-        output.print_json(
-            {
-                "output": str(result.output),
-                "format": result.format,
-                "dtype": result.dtype,
-                "adapters": [str(a) for a in result.adapters],
-                "tensors": result.tensors,
-                "updated": result.updated,
-                "replaced": result.replaced,
-                "vocab": {
-                    "tokenizer": result.vocab.tokenizer,
-                    "config": result.vocab.config,
-                    "embedding": result.vocab.embedding,
-                    "lm_head": result.vocab.lm_head,
-                },
-                "tokenizer_from": str(result.tokenizer_from) if result.tokenizer_from else None,
-                "files": result.files,
-                "total_bytes": result.total_bytes,
-                "seconds": round(result.seconds, 3),
-                "verify": None
-                if result.verify is None
-                else {"max_abs_diff": result.verify.max_abs_diff, "tolerance": result.verify.tolerance, "passed": result.verify.passed},
-            }
-        )
+        output.print_json(result.to_dict())
     else:
         console = output.stdout()
         console.print(

@@ -43,7 +43,7 @@ COMMON = [
     param("model", Annotated[Optional[Path], option("--model", "-m", help="Base model directory (Hugging Face format).", panel=MODEL)], None),
     param("data", Annotated[Optional[List[Path]], option("--data", "-d", help="Training data file or directory (repeat for more).", panel=DATA)], None),
     param("output", Annotated[Optional[Path], option("--output", "-o", file_okay=False, help="Output directory (adapter, tokenizer, metrics, loss curve, config).", panel=MODEL)], None),
-    param("tokenizer", Annotated[Optional[Path], option("--tokenizer", "-t", help="Tokenizer directory (default: the --peft-path adapter's, else the model's).", panel=MODEL)], None),
+    param("tokenizer", Annotated[Optional[Path], option("--tokenizer", help="Tokenizer directory (default: the --peft-path adapter's, else the model's).", panel=MODEL)], None),
     param("config", Annotated[Optional[Path], option("--config", "-c", dir_okay=False, help="YAML file of options (keys as the option names); command-line flags override it.", panel=MODEL)], None),
     param("validation_data", Annotated[Optional[List[Path]], option("--validation-data", help="Held-out evaluation data (instead of --validation-split).", panel=DATA)], None),
     param("validation_split", Annotated[float, option("--validation-split", help="Share of the data held out for eval loss and perplexity.", panel=DATA)], 0.01),
@@ -109,7 +109,7 @@ def resolve_options(ctx: click.Context, values: dict[str, Any]) -> TrainOptions:
 
 def render(result, json_: bool) -> None:
     """The run's figures: one JSON document, or a short table."""
-    document = result.as_dict()
+    document = result.to_dict()
     if json_:
         output.print_json(document)
         return

@@ -15,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "training"
 
 @pytest.mark.parametrize("name", ["pt-7b-1gpu.yaml", "sft-7b-1gpu.yaml", "pt-7b-8gpu-zero2.yaml", "sft-7b-8gpu-zero2.yaml"])
 def test_example_config_resolves(name):
-    options = TrainOptions(**merge(TrainOptions, TrainOptions().as_dict(), set(), EXAMPLES / name))
+    options = TrainOptions(**merge(TrainOptions, TrainOptions().to_dict(), set(), EXAMPLES / name))
     assert options.model is not None and options.data and options.output is not None
     assert options.lora_rank == 64 and options.lora_alpha == 128 and options.gradient_checkpointing
     if "8gpu" in name:
