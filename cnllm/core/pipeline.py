@@ -184,13 +184,11 @@ class StepContext:
         return self.final / temporary.relative_to(self.folder)
 
 
-StepFunction = Callable[[StepContext, dict], dict]
-
-
 @dataclass
 class StepKind:
-    run: StepFunction  # (context, options) -> figures; updates context.artifacts
-    inputs: Callable[[Recipe, dict, Artifacts], list[Path]]  # external inputs to fingerprint
+    parse: Callable[[Recipe, str, dict], Any]  # (recipe, step name, recipe options) -> typed options; UsageError naming the key
+    run: Callable[[StepContext, Any], dict]  # (context, typed options) -> figures; updates context.artifacts
+    inputs: Callable[[Recipe, Any], list[Path]]  # (recipe, typed options) -> external inputs to fingerprint
 
 
 @dataclass
@@ -240,6 +238,27 @@ def _check_slice(recipe: Recipe, start: str | None, until: str | None) -> tuple[
     return first, last
 
 
+def check_recipe(recipe: Recipe) -> dict[str, tuple[Any, list[Path]]]:
+    """Every step's typed options and external inputs, checked before anything runs (also by ``--dry-run``).
+
+    A bad option or a missing input is a :class:`UsageError` naming the step, the key and the allowed values.
+    """
+    from cnllm.core.pipeline_steps import STEP_KINDS
+
+    if not recipe.base_model.exists():
+        raise UsageError(f"base model {recipe.base_model} does not exist")
+    plans = {}
+    for name, options in recipe.steps.items():
+        kind = STEP_KINDS[name]
+        parsed = kind.parse(recipe, name, options)
+        inputs = kind.inputs(recipe, parsed)
+        for path in inputs:
+            if not path.exists():
+                raise UsageError(f"recipe step {name}: input {path} does not exist")
+        plans[name] = (parsed, inputs)
+    return plans
+
+
 def run_pipeline(
     recipe: Recipe,
     *,
@@ -251,13 +270,13 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run (or plan, with ``dry_run``) the recipe's steps; stop at the first failure.
 
-    ``force`` re-runs every selected step even when its fingerprint is unchanged.
+    ``force`` re-runs every selected step even when its fingerprint is unchanged. Every step's options
+    and inputs are checked first (:func:`check_recipe`), dry run or not.
     """
     from cnllm.core.pipeline_steps import STEP_KINDS
 
     first, last = _check_slice(recipe, start, until)
-    if not recipe.base_model.exists():
-        raise UsageError(f"base model {recipe.base_model} does not exist")
+    plans = check_recipe(recipe)
     if recipe.workdir.exists() and not recipe.workdir.is_dir():
         raise UsageError(f"work directory {recipe.workdir} is a file")
     if not dry_run:
@@ -273,7 +292,8 @@ def run_pipeline(
         if stopped or index > last:
             outcomes.append(StepOutcome(name, "not-run", folder))
             continue
-        inputs = {str(p): cache.digest(p) for p in kind.inputs(recipe, options, artifacts)}
+        parsed, input_paths = plans[name]
+        inputs = {str(p): cache.digest(p) for p in input_paths}
         step_print = fingerprint(name, options, previous, inputs)
         record = _read_record(folder)
         up_to_date = record is not None and record.get("fingerprint") == step_print
@@ -301,7 +321,7 @@ def run_pipeline(
         try:
             with atomic_dir(folder, force=True) as temporary:
                 context = StepContext(recipe, temporary, folder, artifacts, progress)
-                figures = kind.run(context, options)
+                figures = kind.run(context, parsed)
                 seconds = time.perf_counter() - started
                 record = {
                     "step": name,
