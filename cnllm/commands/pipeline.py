@@ -18,20 +18,7 @@ STATUS_STYLE = {"ran": "green", "skipped": "cyan", "up-to-date": "cyan", "planne
 def render(result: PipelineResult, json_: bool, dry_run: bool) -> None:
     """Print the plan or the outcome; exit 1 when a step failed."""
     if json_:
-        output.print_json(
-            {
-                "recipe": result.recipe.name,
-                "workdir": str(result.recipe.workdir),
-                "dry_run": dry_run,
-                "steps": [
-                    {"step": o.name, "status": o.status, "folder": str(o.folder), "seconds": round(o.seconds, 3), "figures": o.figures, "error": o.error}
-                    for o in result.outcomes
-                ],
-                "report": str(result.report_md) if result.report_md else None,
-                "report_json": str(result.report_json) if result.report_json else None,
-                "notes": result.notes,
-            }
-        )
+        output.print_json({**result.to_dict(), "dry_run": dry_run})
     else:
         rows = [(o.name, f"[{STATUS_STYLE.get(o.status, '')}]{o.status}[/]", f"{o.seconds:.1f}", str(o.folder)) for o in result.outcomes]
         output.print_table(f"{'plan' if dry_run else 'pipeline'}: {result.recipe.name}", ["step", "status", "seconds", "folder"], rows)

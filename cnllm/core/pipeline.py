@@ -200,6 +200,9 @@ class StepOutcome:
     figures: dict = field(default_factory=dict)
     error: str | None = None
 
+    def to_dict(self) -> dict:
+        return {"step": self.name, "status": self.status, "folder": str(self.folder), "seconds": round(self.seconds, 3), "figures": self.figures, "error": self.error}
+
 
 @dataclass
 class PipelineResult:
@@ -213,6 +216,21 @@ class PipelineResult:
     @property
     def failed(self) -> StepOutcome | None:
         return next((o for o in self.outcomes if o.status == "failed"), None)
+
+    def to_dict(self) -> dict:
+        """The one JSON shape of a run: ``report.json`` and ``pipeline --json``."""
+        recipe = self.recipe
+        return {
+            "recipe": recipe.name,
+            "source": str(recipe.source) if recipe.source else None,
+            "workdir": str(recipe.workdir),
+            "base_model": str(recipe.base_model),
+            "steps": [o.to_dict() for o in self.outcomes],
+            "total_seconds": round(sum(o.seconds for o in self.outcomes if o.status == "ran"), 3),
+            "report": str(self.report_md) if self.report_md else None,
+            "report_json": str(self.report_json) if self.report_json else None,
+            "notes": self.notes,
+        }
 
 
 def step_folder(recipe: Recipe, name: str) -> Path:
@@ -375,18 +393,9 @@ def _fmt(value: Any) -> str:
 def write_report(result: PipelineResult) -> tuple[Path, Path]:
     """``WORKDIR/report.md`` and ``report.json``: every step's status, wall time and key figures."""
     recipe = result.recipe
-    document = {
-        "recipe": recipe.name,
-        "source": str(recipe.source) if recipe.source else None,
-        "workdir": str(recipe.workdir),
-        "base_model": str(recipe.base_model),
-        "steps": [
-            {"step": o.name, "status": o.status, "folder": str(o.folder), "seconds": round(o.seconds, 3), "figures": o.figures, "error": o.error}
-            for o in result.outcomes
-        ],
-        "total_seconds": round(sum(o.seconds for o in result.outcomes if o.status == "ran"), 3),
-        **result.notes,
-    }
+    md_path, json_path = recipe.workdir / "report.md", recipe.workdir / "report.json"
+    result.report_md, result.report_json = md_path, json_path
+    document = result.to_dict()
     lines = [f"# cnllm pipeline report: {recipe.name}", "", f"Base model: `{recipe.base_model}`  ", f"Work directory: `{recipe.workdir}`", ""]
     lines += ["| step | status | seconds | folder |", "| --- | --- | --- | --- |"]
     for o in result.outcomes:
@@ -399,7 +408,6 @@ def write_report(result: PipelineResult) -> tuple[Path, Path]:
             lines += _figure_lines(o.name, o.figures)
     for title, note in result.notes.items():
         lines += ["", f"## {title}", ""] + [f"- **{k}**: {_fmt(v)}" for k, v in note.items()]
-    md_path, json_path = recipe.workdir / "report.md", recipe.workdir / "report.json"
     write_text(md_path, "\n".join(lines) + "\n", force=True)
     write_text(json_path, json.dumps(document, ensure_ascii=False, indent=2, default=str) + "\n", force=True)
     return md_path, json_path
