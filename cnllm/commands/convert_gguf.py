@@ -47,13 +47,15 @@ def convert_gguf(
         raise UsageError("missing --output/-o: the GGUF file to write")
     options = build_options(ConvertOptions, {"outtype": outtype, "vocab_only": vocab_only, "pre_tokenizer": pre_tokenizer})
     result = convert_to_gguf(model_dir, output_file, options, force=force, progress=output.CliProgress())
+    document = result.to_dict()
     if json_:
-        output.print_json(result.to_dict())
+        output.print_json(document)
         return
-    what = "vocabulary" if result.vocab_only else f"{result.tensor_count} tensors, {result.parameters:,} parameters"
+    what = "vocabulary" if document["vocab_only"] else f"{document['tensors']} tensors, {document['parameters']:,} parameters"
+    tokenizer = document["tokenizer"]
     output.stdout().print(
-        f"wrote {result.output} ({output.human_bytes(result.bytes_written)}, {result.outtype}, {what}; "
-        f"tokenizer {result.tokenizer_model}/{result.tokenizer_pre}, {result.vocab_size} tokens) in {result.seconds:.1f}s",
+        f"wrote {document['output']} ({output.human_bytes(document['bytes'])}, {document['outtype']}, {what}; "
+        f"tokenizer {tokenizer['model']}/{tokenizer['pre']}, {tokenizer['tokens']} tokens) in {document['seconds']:.1f}s",
         markup=False,
         highlight=False,
     )

@@ -55,27 +55,29 @@ def merge_lora(
     result = run_merge(base, lora, output_dir, options, force=force, progress=output.CliProgress())
     for note in result.notes:
         output.print_note(note)
+    document = result.to_dict()
     if json_:
-        output.print_json(result.to_dict())
+        output.print_json(document)
     else:
         console = output.stdout()
         console.print(
-            f"merged {len(result.adapters)} adapter(s) into {result.output} ({result.format}, {result.dtype}, "
-            f"{len(result.files)} files, {output.human_bytes(result.total_bytes)}) in {result.seconds:.1f}s",
+            f"merged {len(document['adapters'])} adapter(s) into {document['output']} ({document['format']}, {document['dtype']}, "
+            f"{len(document['files'])} files, {output.human_bytes(document['total_bytes'])}) in {document['seconds']:.1f}s",
             markup=False,
             highlight=False,
         )
+        vocab = document["vocab"]
         console.print(
-            f"{result.updated} tensors updated, {result.replaced} replaced; vocabulary {result.vocab.embedding} rows"
-            + (f", tokenizer {result.vocab.tokenizer} from {result.tokenizer_from}" if result.tokenizer_from else ""),
+            f"{document['updated']} tensors updated, {document['replaced']} replaced; vocabulary {vocab['embedding']} rows"
+            + (f", tokenizer {vocab['tokenizer']} from {document['tokenizer_from']}" if document["tokenizer_from"] else ""),
             markup=False,
             highlight=False,
         )
-        if result.verify is not None:
-            status = "OK" if result.verify.passed else "FAILED"
+        verify = document["verify"]
+        if verify is not None:
             console.print(
-                f"verify {status}: max logit difference {result.verify.max_abs_diff:.3g} (tolerance {result.verify.tolerance:g}, "
-                f"{result.verify.tokens} tokens)",
+                f"verify {'OK' if verify['passed'] else 'FAILED'}: max logit difference {verify['max_abs_diff']:.3g} "
+                f"(tolerance {verify['tolerance']:g}, {verify['tokens']} tokens)",
                 markup=False,
                 highlight=False,
             )

@@ -100,17 +100,18 @@ def quantize(
         "imatrix": imatrix,
     }
     result = quantize_gguf(input_file, output_file, build_options(QuantizeOptions, values), force=force, verbose=verbose, progress=output.CliProgress())
+    document = result.to_dict()
     if json_:
-        output.print_json(result.to_dict())
+        output.print_json(document)
         return
-    types = ", ".join(f"{count} {name}" for name, count in sorted(result.tensor_types.items()))
+    types = ", ".join(f"{count} {name}" for name, count in sorted(document["tensor_types"].items()))
     output.stdout().print(
-        f"wrote {result.output} ({result.type}): {output.human_bytes(result.input_size)} -> {output.human_bytes(result.output_size)} "
-        f"({result.ratio:.2f}x smaller), {result.bits_per_weight:.2f} bits per weight, tensors: {types}; {result.seconds:.1f}s",
+        f"wrote {document['output']} ({document['type']}): {output.human_bytes(document['input_bytes'])} -> {output.human_bytes(document['output_bytes'])} "
+        f"({document['ratio']:.2f}x smaller), {document['bits_per_weight']:.2f} bits per weight, tensors: {types}; {document['seconds']:.1f}s",
         markup=False,
         highlight=False,
     )
-    if result.fallbacks:
+    if document["fallback_tensors"]:
         output.print_note(
-            f"{result.fallbacks} tensor(s) had rows not divisible by the type's block and used llama.cpp's fallback type"
+            f"{document['fallback_tensors']} tensor(s) had rows not divisible by the type's block and used llama.cpp's fallback type"
         )

@@ -57,17 +57,18 @@ def train(
         "threads": threads,
     }
     result = train_vocab(corpus, output_file, build_options(TrainVocabOptions, values), force=force, progress=output.CliProgress())
-    stats = result.corpus
-    if stats.invalid_utf8_lines:
-        output.print_warning(f"skipped {stats.invalid_utf8_lines} lines that are not valid UTF-8")
-    if stats.invalid_json_lines:
-        output.print_warning(f"skipped {stats.invalid_json_lines} JSONL lines without a text field")
+    document = result.to_dict()
+    stats = document["corpus"]
+    if stats["invalid_utf8_lines"]:
+        output.print_warning(f"skipped {stats['invalid_utf8_lines']} lines that are not valid UTF-8")
+    if stats["invalid_json_lines"]:
+        output.print_warning(f"skipped {stats['invalid_json_lines']} JSONL lines without a text field")
     if json_:
-        output.print_json(result.to_dict())
+        output.print_json(document)
     else:
         output.stdout().print(
-            f"wrote {result.output}: {result.pieces} pieces ({result.model_type}) in {result.seconds:.1f}s from "
-            f"{stats.lines} lines, {stats.characters} characters ({output.human_bytes(stats.bytes)}) in {stats.files} files",
+            f"wrote {document['output']}: {document['pieces']} pieces ({document['model_type']}) in {document['seconds']:.1f}s from "
+            f"{stats['lines']} lines, {stats['characters']} characters ({output.human_bytes(stats['bytes'])}) in {stats['files']} files",
             markup=False,
             highlight=False,
         )
