@@ -126,11 +126,7 @@ class DiffResult:
             document["bit_identical_recovery"] = self.signed_zeros == 0
             document["negative_zeros_recovered_as_positive"] = self.signed_zeros
         if self.manifest_check is not None:
-            document["verify"] = {
-                "manifest": self.manifest_check.manifest,
-                "passed": self.manifest_check.passed,
-                "files": [{"path": c.path, "status": c.status, "reason": c.reason} for c in self.manifest_check.checks],
-            }
+            document["verify"] = self.manifest_check.to_dict()
         if self.reference_check is not None:
             check = self.reference_check
             document["reference"] = {
