@@ -36,7 +36,7 @@ def pipeline(
     workdir: Annotated[Optional[Path], typer.Option("--workdir", "-o", file_okay=False, help="Work directory [default: the recipe's 'workdir'].")] = None,
     from_step: Annotated[Optional[str], typer.Option("--from", help=f"Start at this step ({', '.join(STEP_ORDER)}); earlier steps must be up to date.")] = None,
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after this step.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (which steps would run) and exit.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every step's options and inputs, print the plan (which steps would run) and exit.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Re-run the selected steps even when up to date.")] = False,
     json_: JsonOpt = False,
 ) -> None:
