@@ -142,9 +142,10 @@ def test_force_replaces_the_output_through_the_atomic_swap_and_cleans_leftovers(
     stale = tmp_path / f".out{TEMP_MARK}{dead}-old"  # what a swap killed midway leaves
     stale.mkdir()
     result = cli("pt", "-m", tiny_llama_dir, "-d", asset("zh.txt"), "-o", out, "--force", "--max-steps", "1", *TINY_RUN,
-                 "--save-steps", "100", "--validation-split", "0", "--cache-dir", tmp_path / "cache")
+                 "--save-steps", "100", "--validation-split", "0", "--cache-dir", tmp_path / "cache", "--precision", "float32")
     assert result.exit_code == 0, result.stderr
     assert (out / "adapter_model.safetensors").exists() and not (out / "old.txt").exists()
+    assert "precision: float32" in (out / "train-config.yaml").read_text()  # any dtype word, echoed back
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]
 
 
