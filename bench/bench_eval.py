@@ -35,8 +35,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cnllm.core.gguf.quantize import QuantizeOptions
-from cnllm.core.gguf.convert import ConvertOptions
 from cnllm.core.evaluation.mc import (  # noqa: E402
     LETTERS,
     McOptions,
@@ -222,7 +220,7 @@ def main() -> None:
     ]
     checks = []
 
-    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
     from cnllm.core.tiny import build_spm_tokenizer, build_tiny_llama
 
     tiny_dir = build_tiny_llama(work / "tiny", build_spm_tokenizer(work / "tok"))
@@ -237,7 +235,7 @@ def main() -> None:
             line, check = ppl_row("Gemma 3 270M Q4_K_M", gemma_q4, text, args.ctx, args.threads)
             lines.append(line)
             checks.append(check)
-        from cnllm.core.gguf.quantize import quantize_gguf
+        from cnllm.core.gguf.quantize import QuantizeOptions, quantize_gguf
 
         gemma_q8 = quantize_gguf(gemma_q4, work / "gemma-q8_0.gguf", QuantizeOptions(type="Q8_0", allow_requantize=True, threads=args.threads)).output
         for text in (zh_text, en_text):
