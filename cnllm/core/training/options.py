@@ -79,7 +79,7 @@ class TrainOptions:
     @property
     def precision_short(self) -> str:
         """``auto``, or fp32/bf16/fp16 whichever word the user chose for it (``precision`` keeps the word)."""
-        return "auto" if self.precision == "auto" else DType(self.precision, where="--precision").short
+        return "auto" if self.precision.lower() == "auto" else DType(self.precision, where="--precision").short
 
     def to_dict(self, mode: str | None = None) -> dict:
         """The options (those that matter to ``mode`` when given: pt has no template, sft no block size)."""
