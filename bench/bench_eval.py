@@ -220,11 +220,11 @@ def main() -> None:
     ]
     checks = []
 
-    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
     from cnllm.core.tiny import build_spm_tokenizer, build_tiny_llama
 
     tiny_dir = build_tiny_llama(work / "tiny", build_spm_tokenizer(work / "tok"))
-    tiny_gguf = convert_to_gguf(tiny_dir, work / "tiny-f32.gguf", outtype="f32").output
+    tiny_gguf = convert_to_gguf(tiny_dir, work / "tiny-f32.gguf", ConvertOptions(outtype="f32")).output
     line, check = ppl_row("tiny LLaMA f32 GGUF (ctx 128)", tiny_gguf, asset("en.txt"), 128, args.threads)
     lines.append(line)
     checks.append(check)
@@ -235,9 +235,9 @@ def main() -> None:
             line, check = ppl_row("Gemma 3 270M Q4_K_M", gemma_q4, text, args.ctx, args.threads)
             lines.append(line)
             checks.append(check)
-        from cnllm.core.gguf.quantize import quantize_gguf
+        from cnllm.core.gguf.quantize import QuantizeOptions, quantize_gguf
 
-        gemma_q8 = quantize_gguf(gemma_q4, work / "gemma-q8_0.gguf", quant_type="Q8_0", allow_requantize=True, threads=args.threads).output
+        gemma_q8 = quantize_gguf(gemma_q4, work / "gemma-q8_0.gguf", QuantizeOptions(type="Q8_0", allow_requantize=True, threads=args.threads)).output
         for text in (zh_text, en_text):
             line, check = ppl_row("Gemma 3 270M Q8_0 (from Q4_K_M)", gemma_q8, text, args.ctx, args.threads)
             lines.append(line)

@@ -137,7 +137,7 @@ def llama3_check(folder: Path, ref_cmd_prefix: list[str], ref_env: dict) -> dict
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
     from cnllm.core.tiny import build_tiny_llama
 
     plain_tok, extended_tok = folder / "llama3-tok", folder / "llama3-zh-tok"
@@ -151,7 +151,7 @@ def llama3_check(folder: Path, ref_cmd_prefix: list[str], ref_env: dict) -> dict
     result = {}
     for name, tok_dir in (("plain", plain_tok), ("extended", extended_tok)):
         model = build_tiny_llama(folder / f"llama3-{name}", tok_dir)
-        ours = convert_to_gguf(model, folder / f"llama3-{name}.gguf", outtype="f16").output
+        ours = convert_to_gguf(model, folder / f"llama3-{name}.gguf", ConvertOptions(outtype="f16")).output
         ref_out = folder / f"llama3-{name}-ref.gguf"
         ref = subprocess.run([*ref_cmd_prefix, str(model), "--outfile", str(ref_out), "--outtype", "f16"], env=ref_env, capture_output=True, text=True)
         entry = {"vocab": len(AutoTokenizer.from_pretrained(str(model))), "reference_exit_code": ref.returncode}
@@ -221,11 +221,11 @@ def main() -> None:
         (folder / "ref.gguf").unlink()
         llama3 = llama3_check(folder, ref_cmd[:2], ref_env)
 
-        from cnllm.core.gguf.quantize import quantize_gguf
+        from cnllm.core.gguf.quantize import QuantizeOptions, quantize_gguf
 
         quant = {}
         for quant_type in ("Q8_0", "Q4_K_M"):
-            result = quantize_gguf(folder / "ours.gguf", folder / f"{quant_type}.gguf", quant_type=quant_type)
+            result = quantize_gguf(folder / "ours.gguf", folder / f"{quant_type}.gguf", QuantizeOptions(type=quant_type))
             quant[quant_type] = {
                 "input_mb": result.input_size / 1e6,
                 "output_mb": result.output_size / 1e6,

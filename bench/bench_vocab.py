@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO))
 
 from cnllm.core.tiny import asset  # noqa: E402
 from cnllm.core.tokenizers.inspect import inspect_tokenizer  # noqa: E402
-from cnllm.core.tokenizers.merge import merge_vocab  # noqa: E402
+from cnllm.core.tokenizers.merge import MergeVocabOptions, merge_vocab  # noqa: E402
 from cnllm.core.tokenizers.spm import model_proto_class  # noqa: E402
-from cnllm.core.tokenizers.train import train_vocab  # noqa: E402
+from cnllm.core.tokenizers.train import TrainVocabOptions, train_vocab  # noqa: E402
 
 
 def published_merge(base_path: Path, add_path: Path, out: Path) -> None:
@@ -94,7 +94,7 @@ def main() -> None:
     # 1. The published merge, timed against the anchor script.
     ranked_dir, zero_dir = work / "ranked", work / "zero"
     result = merge_vocab(base_model, [add_model], ranked_dir)
-    merge_vocab(base_model, [add_model], zero_dir, scores="zero")
+    merge_vocab(base_model, [add_model], zero_dir, MergeVocabOptions(scores="zero"))
     timed_merge = lambda: merge_vocab(base_model, [add_model], work / "timed", force=True)  # noqa: E731
     core_seconds = median_time(timed_merge, args.repeats)
     core_cpu_seconds = median_time(timed_merge, args.repeats, clock=time.process_time)
@@ -144,7 +144,7 @@ def main() -> None:
     (work / "train.txt").write_text("\n".join(l for i, l in enumerate(lines, 1) if i % 20) + "\n", encoding="utf-8")
     (work / "held.txt").write_text("\n".join(l for i, l in enumerate(lines, 1) if i % 20 == 0) + "\n", encoding="utf-8")
     started = time.perf_counter()
-    trained = train_vocab([work / "train.txt"], work / "classical.model", vocab_size=args.llama3_vocab_size, threads=os.cpu_count() or 1)
+    trained = train_vocab([work / "train.txt"], work / "classical.model", TrainVocabOptions(vocab_size=args.llama3_vocab_size, threads=os.cpu_count() or 1))
     train_seconds = time.perf_counter() - started
     llama3_dir = tokenizers / "llama3-bpe"
     started = time.perf_counter()

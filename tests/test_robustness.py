@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from cnllm.core.gguf.convert import ConvertOptions
 from cnllm.core.atomic import TEMP_MARK
 from cnllm.core.tiny import asset
 from tests.lora_fixtures import build_adapter
@@ -64,7 +65,7 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
 
     root = tmp_path_factory.mktemp("robustness-inputs")
     adapter = build_adapter(tiny_llama_dir, root / "adapter", r=2, alpha=4)
-    gguf = convert_to_gguf(tiny_llama_dir, root / "tiny-f16.gguf", outtype="f16").output
+    gguf = convert_to_gguf(tiny_llama_dir, root / "tiny-f16.gguf", ConvertOptions(outtype="f16")).output
     tuned = merge_lora(tiny_llama_dir, [adapter], root / "tuned").output
     diff = make_diff(tiny_llama_dir, tuned, root / "diff").output
 

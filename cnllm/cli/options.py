@@ -7,6 +7,32 @@ from typing import Annotated, Optional
 
 import typer
 
+# Short aliases: one meaning each, in every command that has the option (checked by a test over the
+# whole CLI; the table is printed at the top of docs/cli-reference.md and in the README).
+SHORT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "-h": (("--help",), "every command"),
+    "-o": (("--output", "--workdir"), "where the result goes; --workdir for pipeline and demo, whose output is a work directory"),
+    "-f": (("--force",), "overwrite an existing output (pipeline, demo: re-run up-to-date steps)"),
+    "-j": (("--jobs",), "checksum"),
+    "-v": (("--verbose",), "chat, serve, quantize"),
+    "-c": (("--config",), "pt, sft"),
+    "-m": (("--model",), "pt, sft"),
+    "-d": (("--data",), "pt, sft, eval ppl, eval mc"),
+    "-b": (("--base",), "merge-lora, diff-recover"),
+    "-l": (("--lora",), "merge-lora, chat, serve, eval"),
+    "-t": (("--temperature",), "chat"),
+    "-n": (("--max-tokens",), "chat"),
+    "-p": (("--prompt",), "chat"),
+    "-s": (("--system",), "chat"),
+    "-q": (("--quiet",), "chat"),
+    "-k": (("--shots",), "eval mc"),
+    "-a": (("--algo",), "checksum"),
+    "-r": (("--root",), "checksum verify"),
+}
+
+# The one dtype vocabulary (cnllm.core.dtypes), spelled out in every --dtype / --precision help.
+DTYPE_WORDS = "fp16 (float16, half), bf16 (bfloat16) or fp32 (float32, float)"
+
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print exactly one JSON document on stdout (and nothing else there)."),
@@ -31,7 +57,7 @@ TemplateOpt = Annotated[
 NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window in tokens (default: the model's, at most 4096 for GGUF).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for llama.cpp (default: llama.cpp's choice).")]
 GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", min=-1, help="Layers llama.cpp offloads to the GPU (-1: all).")]
-LoraOpt = Annotated[Optional[Path], typer.Option("--lora", file_okay=False, help="Apply this PEFT LoRA adapter (not merged) to a Hugging Face model.")]
+LoraOpt = Annotated[Optional[Path], typer.Option("--lora", "-l", file_okay=False, help="Apply this PEFT LoRA adapter (not merged) to a Hugging Face model.")]
 LoadIn4bitOpt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantise a Hugging Face model to 4 bits on load (CUDA + bitsandbytes).")]
 LoadIn8bitOpt = Annotated[bool, typer.Option("--load-in-8bit", help="Quantise a Hugging Face model to 8 bits on load (CUDA + bitsandbytes).")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model directory's own Python code to run.")]

@@ -51,6 +51,16 @@ def _section(command: click.Command, path: list[str], lines: list[str]) -> None:
             _section(command.get_command(ctx, name), [*path, name], lines)
 
 
+def short_option_table() -> list[str]:
+    """The short aliases, one meaning each across commands (README shows the same table)."""
+    from cnllm.cli.options import SHORT_OPTIONS
+
+    lines = ["| short | long | where |", "| --- | --- | --- |"]
+    for short, (longs, where) in SHORT_OPTIONS.items():
+        lines.append(f"| `{short}` | {' / '.join(f'`{name}`' for name in longs)} | {where} |")
+    return lines
+
+
 def reference() -> str:
     import typer
 
@@ -58,6 +68,17 @@ def reference() -> str:
 
     root = typer.main.get_command(app)
     lines = ["# cnllm command reference", "", "Generated from the CLI by `python -m cnllm.cli.reference`; do not edit by hand.", ""]
+    lines += [
+        "## Conventions",
+        "",
+        "Results go to stdout (`--json`: exactly one JSON document), progress and logs to stderr. Exit codes: 0 ok,",
+        "1 a check failed, 2 usage or bad input. Dtype options (`--dtype`, `--precision`, `--outtype`) accept one",
+        "vocabulary: fp16 / float16 / half, bf16 / bfloat16, fp32 / float32 / float (fp64 / float64 for diffs), and",
+        "echo back the word given. A short alias has one meaning in every command that has it:",
+        "",
+        *short_option_table(),
+        "",
+    ]
     _section(root, ["cnllm"], lines)
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -44,15 +44,7 @@ def create(
         paths, manifest=output_file, algorithm=algo.value, jobs=jobs, force=force, progress=output.CliProgress()
     )
     if json_:
-        output.print_json(
-            {
-                "manifest": str(result.manifest) if result.manifest else None,
-                "algorithm": result.algorithm,
-                "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in result.files],
-                "total_bytes": result.total_bytes,
-                "seconds": round(result.seconds, 3),
-            }
-        )
+        output.print_json(result.to_dict())
     elif result.manifest is None:
         typer.echo(result.text(), nl=False)
     else:
@@ -82,31 +74,9 @@ def verify(
     result = hashing.verify_manifest(
         manifest, root=root, algorithm=algo.value if algo else None, jobs=jobs, progress=output.CliProgress()
     )
-    summary = {status.lower(): result.count(status) for status in (hashing.OK, hashing.FAILED, hashing.MISSING)}
+    document = result.to_dict()
     if json_:
-        output.print_json(
-            {
-                "manifest": result.manifest,
-                "root": str(result.root),
-                "formats": result.formats,
-                "passed": result.passed,
-                **summary,
-                "malformed": [{"line": m.line, "text": m.text, "reason": m.reason} for m in result.malformed],
-                "files": [
-                    {
-                        "path": c.path,
-                        "status": c.status,
-                        "algorithm": c.algorithm,
-                        "expected": c.expected,
-                        "actual": c.actual,
-                        "reason": c.reason,
-                        "line": c.line,
-                    }
-                    for c in result.checks
-                ],
-                "seconds": round(result.seconds, 3),
-            }
-        )
+        output.print_json(document)
     else:
         for m in result.malformed:
             output.print_warning(f"{result.manifest}:{m.line}: skipped malformed line: {m.reason}")
@@ -116,7 +86,7 @@ def verify(
         ]
         output.print_table(None, ["status", "file", "algorithm", "detail"], rows)
         output.stdout().print(
-            f"{summary['ok']} OK, {summary['failed']} FAILED, {summary['missing']} MISSING"
+            f"{document['ok']} OK, {document['failed']} FAILED, {document['missing']} MISSING"
             + (f", {len(result.malformed)} malformed lines skipped" if result.malformed else ""),
             markup=False,
             highlight=False,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,23 +12,19 @@ from cnllm.cli.options import ForceOpt, JsonOpt
 from cnllm.core.errors import UsageError
 
 
-class OutType(str, Enum):
-    auto = "auto"
-    f32 = "f32"
-    f16 = "f16"
-    bf16 = "bf16"
-    q8_0 = "q8_0"
-
-
 def convert_gguf(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (config.json, weights, tokenizer).")],
     output_file: Annotated[
         Optional[Path], typer.Option("--output", "-o", dir_okay=False, help="The GGUF file to write (atomically).")
     ] = None,
     outtype: Annotated[
-        OutType,
-        typer.Option("--outtype", help="Type of the 2-D weights (norms stay f32); auto keeps the checkpoint's bf16/f16, else f16."),
-    ] = OutType.auto,
+        str,
+        typer.Option(
+            "--outtype",
+            help="Type of the 2-D weights (norms stay f32): f32, f16, bf16, q8_0 or a dtype word (fp16, float16, half, …); "
+            "auto keeps the checkpoint's bf16/f16, else f16.",
+        ),
+    ] = "auto",
     vocab_only: Annotated[bool, typer.Option("--vocab-only", help="Write only the tokenizer and metadata (no tensors).")] = False,
     pre_tokenizer: Annotated[
         Optional[str],
@@ -45,39 +40,22 @@ def convert_gguf(
 
     Example: cnllm convert-gguf chinese-alpaca-merged/ -o chinese-alpaca-f16.gguf --outtype f16
     """
-    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.config import build_options
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
 
     if output_file is None:
         raise UsageError("missing --output/-o: the GGUF file to write")
-    result = convert_to_gguf(
-        model_dir,
-        output_file,
-        outtype=outtype.value,
-        vocab_only=vocab_only,
-        pre_tokenizer=pre_tokenizer,
-        force=force,
-        progress=output.CliProgress(),
-    )
+    options = build_options(ConvertOptions, {"outtype": outtype, "vocab_only": vocab_only, "pre_tokenizer": pre_tokenizer})
+    result = convert_to_gguf(model_dir, output_file, options, force=force, progress=output.CliProgress())
+    document = result.to_dict()
     if json_:
-        output.print_json(
-            {
-                "output": str(result.output),
-                "outtype": result.outtype,
-                "file_type": result.file_type,
-                "vocab_only": result.vocab_only,
-                "tensors": result.tensor_count,
-                "tensor_types": result.tensor_types,
-                "parameters": result.parameters,
-                "bytes": result.bytes_written,
-                "tokenizer": {"model": result.tokenizer_model, "pre": result.tokenizer_pre, "tokens": result.vocab_size},
-                "seconds": round(result.seconds, 3),
-            }
-        )
+        output.print_json(document)
         return
-    what = "vocabulary" if result.vocab_only else f"{result.tensor_count} tensors, {result.parameters:,} parameters"
+    what = "vocabulary" if document["vocab_only"] else f"{document['tensors']} tensors, {document['parameters']:,} parameters"
+    tokenizer = document["tokenizer"]
     output.stdout().print(
-        f"wrote {result.output} ({output.human_bytes(result.bytes_written)}, {result.outtype}, {what}; "
-        f"tokenizer {result.tokenizer_model}/{result.tokenizer_pre}, {result.vocab_size} tokens) in {result.seconds:.1f}s",
+        f"wrote {document['output']} ({output.human_bytes(document['bytes'])}, {document['outtype']}, {what}; "
+        f"tokenizer {tokenizer['model']}/{tokenizer['pre']}, {tokenizer['tokens']} tokens) in {document['seconds']:.1f}s",
         markup=False,
         highlight=False,
     )

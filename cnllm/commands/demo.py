@@ -13,7 +13,7 @@ from cnllm.commands.pipeline import render
 
 
 def demo(
-    workdir: Annotated[Path, typer.Option("--output", "-o", file_okay=False, help="Work directory for every step's output.")] = Path("cnllm-demo"),
+    workdir: Annotated[Path, typer.Option("--workdir", "-o", file_okay=False, help="Work directory for every step's output.")] = Path("cnllm-demo"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Re-run every step even when up to date.")] = False,
     json_: JsonOpt = False,
 ) -> None:

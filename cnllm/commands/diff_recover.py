@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import ForceOpt, JsonOpt, OutputDirArg
+from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputDirArg
 from cnllm.core.errors import CheckFailed, UsageError
-
-
-class DiffDType(str, Enum):
-    fp16 = "fp16"
-    bf16 = "bf16"
-    fp32 = "fp32"
-    fp64 = "fp64"
-
-
-DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 
 
 def diff_recover(
     base: Annotated[Path, typer.Option("--base", "-b", help="The raw (original) model directory.")],
     output_dir: OutputDirArg,
-    diff: Annotated[Optional[Path], typer.Option("--diff", "-d", help="The published diff directory (recover).")] = None,
+    diff: Annotated[Optional[Path], typer.Option("--diff", help="The published diff directory (recover).")] = None,
     make_diff: Annotated[bool, typer.Option("--make-diff", help="Make a diff (TUNED − BASE) instead of recovering.")] = False,
-    tuned: Annotated[Optional[Path], typer.Option("--tuned", "-t", help="The tuned model to make a diff of (--make-diff).")] = None,
+    tuned: Annotated[Optional[Path], typer.Option("--tuned", help="The tuned model to make a diff of (--make-diff).")] = None,
     dtype: Annotated[
-        Optional[DiffDType], typer.Option("--dtype", help="Output dtype (default: the diff's when recovering; fp32 for --make-diff).")
+        Optional[str],
+        typer.Option("--dtype", help=f"Output dtype: {DTYPE_WORDS}, or fp64 (float64) (default: the diff's when recovering; fp32 for --make-diff)."),
     ] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB.")] = "2GB",
     verify: Annotated[
@@ -52,56 +42,25 @@ def diff_recover(
     Example: cnllm diff-recover --make-diff --base llama-7b --tuned my-model -o my-model-diff
     """
     from cnllm.core import diff as diffs
+    from cnllm.core.config import build_options
 
-    dtype_name = DTYPE_NAMES[dtype.value] if dtype else None
     progress = output.CliProgress()
     if make_diff:
         if tuned is None:
             raise UsageError("--make-diff needs --tuned TUNED (the model to publish as a diff)")
         if diff is not None or verify is not None or reference is not None:
             raise UsageError("--diff, --verify and --reference apply when recovering, not with --make-diff")
-        result = diffs.make_diff(base, tuned, output_dir, dtype=dtype_name or "float32", max_shard_size=max_shard_size, force=force, progress=progress)
+        options = build_options(diffs.MakeDiffOptions, {"dtype": dtype or "fp32", "max_shard_size": max_shard_size})
+        result = diffs.make_diff(base, tuned, output_dir, options, force=force, progress=progress)
     else:
         if diff is None:
             raise UsageError("name the diff to recover from with --diff DIFF (or make one with --make-diff --tuned TUNED)")
         if tuned is not None:
             raise UsageError("--tuned applies to --make-diff only")
-        result = diffs.recover(
-            base, diff, output_dir, dtype=dtype_name, max_shard_size=max_shard_size, manifest=verify, reference=reference,
-            tolerance=tolerance, force=force, progress=progress,
-        )
+        values = {"dtype": dtype, "max_shard_size": max_shard_size, "manifest": verify, "reference": reference, "tolerance": tolerance}
+        result = diffs.recover(base, diff, output_dir, build_options(diffs.RecoverOptions, values), force=force, progress=progress)
     if json_:
-        document = {
-            "mode": result.mode,
-            "output": str(result.output),
-            "dtype": result.dtype,
-            "tensors": result.tensors,
-            "extended_rows": result.extended,
-            "files": result.files,
-            "total_bytes": result.total_bytes,
-            "read_bytes": result.read_bytes,
-            "seconds": round(result.seconds, 3),
-            "throughput_bytes_per_s": round(result.throughput),
-        }
-        if result.mode == "make":
-            document["bit_identical_recovery"] = result.signed_zeros == 0
-            document["negative_zeros_recovered_as_positive"] = result.signed_zeros
-        if result.manifest_check is not None:
-            document["verify"] = {
-                "manifest": result.manifest_check.manifest,
-                "passed": result.manifest_check.passed,
-                "files": [{"path": c.path, "status": c.status, "reason": c.reason} for c in result.manifest_check.checks],
-            }
-        if result.reference_check is not None:
-            check = result.reference_check
-            document["reference"] = {
-                "path": str(check.reference),
-                "tolerance": check.tolerance,
-                "max_abs_diff": check.max_abs_diff,
-                "passed": check.passed,
-                "failures": [{"tensor": t.name, "max_abs_diff": t.max_abs_diff, "reason": t.reason} for t in check.failures],
-            }
-        output.print_json(document)
+        output.print_json(result.to_dict())
     else:
         _render(result)
     problems = result.problems()

@@ -10,17 +10,10 @@ from typing import Annotated, List, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import ForceOpt, JsonOpt, OutputFileOpt
+from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputFileOpt
 from cnllm.core.errors import UsageError
 
 app = typer.Typer(help="Evaluate a model: perplexity (ppl) and multiple-choice exams (mc).", no_args_is_help=True)
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
 
 
 class Format(str, Enum):
@@ -31,20 +24,20 @@ class Format(str, Enum):
 
 ModelArg = Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")]
 LoraOpt = Annotated[
-    Optional[Path], typer.Option("--lora", help="PEFT adapter directory applied (unmerged) to a Hugging Face model.")
+    Optional[Path], typer.Option("--lora", "-l", help="PEFT adapter directory applied (unmerged) to a Hugging Face model.")
 ]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="transformers device: cpu, cuda, cuda:1, mps (default: the best available).")]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help="transformers weights dtype (auto: bf16/fp16 on GPUs, fp32 on CPU).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="llama.cpp threads (default: llama.cpp's choice).")]
+DTypeOpt = Annotated[str, typer.Option("--dtype", help=f"transformers weights dtype: auto (bf16/fp16 on GPUs, fp32 on CPU), {DTYPE_WORDS}.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="llama.cpp threads (default: llama.cpp's choice).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a Hugging Face model's own Python code to run.")]
 
 
-def _spec(model: Path, lora: Optional[Path], device: Optional[str], dtype: DType, threads: Optional[int], trust: bool):
+def _spec(model: Path, lora: Optional[Path], device: Optional[str], dtype: str, threads: Optional[int], trust: bool):
+    from cnllm.core.dtypes import DType
     from cnllm.core.evaluation.models import ModelSpec
 
-    return ModelSpec(
-        model, lora=lora, device=device, dtype=None if dtype is DType.auto else dtype.value, threads=threads, trust_remote_code=trust
-    )
+    chosen = None if dtype == "auto" else DType(dtype, where="--dtype")
+    return ModelSpec(model, lora=lora, device=device, dtype=chosen, threads=threads, trust_remote_code=trust)
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
@@ -63,17 +56,17 @@ def _pct(value: Optional[float]) -> str:
 def ppl(
     model: ModelArg,
     data: Annotated[List[Path], typer.Option("--data", "-d", help="Text file to score (plain text, or JSONL with a 'text' field); repeat for more.")],
-    ctx: Annotated[int, typer.Option("--ctx", "-c", min=2, help="Window size in tokens.")] = 512,
+    ctx: Annotated[int, typer.Option("--ctx", min=2, help="Window size in tokens.")] = 512,
     stride: Annotated[
         Optional[int], typer.Option("--stride", min=1, help="Slide windows by this many tokens, scoring only new tokens (default: no overlap).")
     ] = None,
     llamacpp_compatible: Annotated[
         bool, typer.Option("--llamacpp-compatible", help="Score as llama.cpp's perplexity tool: whole chunks, BOS first, second half only.")
     ] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Windows per forward pass (transformers).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass (transformers).")] = 1,
     lora: LoraOpt = None,
     device: DeviceOpt = None,
-    dtype: DTypeOpt = DType.auto,
+    dtype: DTypeOpt = "auto",
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
     output_file: OutputFileOpt = None,
@@ -85,23 +78,19 @@ def ppl(
     Example: cnllm eval ppl chinese-llama/ --data zh_heldout.txt --ctx 512
     Example: cnllm eval ppl model-q4_k_m.gguf -d wiki.test.raw --ctx 512 --llamacpp-compatible
     """
-    from cnllm.core.atomic import check_output, write_text
-    from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity
+    from cnllm.core.atomic import check_output
+    from cnllm.core.config import build_options
+    from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity, write_report
 
-    options = PplOptions(ctx=ctx, stride=stride, llamacpp_compatible=llamacpp_compatible, batch_size=batch_size)
-    options.validate()
+    options = build_options(PplOptions, {"ctx": ctx, "stride": stride, "llamacpp_compatible": llamacpp_compatible, "batch_size": batch_size})
+    spec = _spec(model, lora, device, dtype, threads, trust_remote_code)
     if output_file is not None:
         check_output(output_file, force)
-    result = evaluate_perplexity(
-        _spec(model, lora, device, dtype, threads, trust_remote_code), data, options, progress=output.CliProgress()
-    )
-    document = result.to_dict()
+    result = evaluate_perplexity(spec, data, options, progress=output.CliProgress())
     if output_file is not None:
-        import json
-
-        write_text(output_file, json.dumps(document, ensure_ascii=False, indent=2) + "\n", force=force)
+        write_report(result, output_file, force=force)
     if json_:
-        output.print_json(document)
+        output.print_json(result.to_dict())
         return
     scores = result.files + ([result.total] if len(result.files) > 1 else [])
     rows = [
@@ -131,17 +120,17 @@ def mc(
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (dev/, val/, test/ as published).")],
     format_: Annotated[Format, typer.Option("--format", help="Dataset layout.")] = Format.ceval,
-    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: val; test for cmmlu).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: val; test for cmmlu, which has no val).")] = None,
     shots: Annotated[int, typer.Option("--shots", "-k", min=0, help="Solved dev examples in each prompt (0 or 5 usually).")] = 5,
     subjects: Annotated[Optional[str], typer.Option("--subjects", help="Comma-separated subject keys (default: all in the split).")] = None,
     template: Annotated[
         str, typer.Option("--template", help="Wrap prompts in a chat template: none, alpaca, llama2, llama3, chatml or auto (the model's own).")
     ] = "none",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Questions per forward pass (transformers).")] = 8,
-    ctx: Annotated[int, typer.Option("--ctx", "-c", min=8, help="Longest prompt allowed in tokens (llama.cpp context size).")] = 4096,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Questions per forward pass (transformers).")] = 8,
+    ctx: Annotated[int, typer.Option("--ctx", min=8, help="Longest prompt allowed in tokens (llama.cpp context size).")] = 4096,
     lora: LoraOpt = None,
     device: DeviceOpt = None,
-    dtype: DTypeOpt = DType.auto,
+    dtype: DTypeOpt = "auto",
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
     out_dir: Annotated[
@@ -157,6 +146,7 @@ def mc(
     Example: cnllm eval mc model.gguf --data ceval-exam/ --split test --shots 0 --template alpaca -o ceval-test/
     """
     from cnllm.core.atomic import check_output
+    from cnllm.core.config import build_options
     from cnllm.core.evaluation.mc import (
         McOptions,
         evaluate_multiple_choice,
@@ -169,21 +159,20 @@ def mc(
     chosen = tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else ()
     if subjects is not None and not chosen:
         raise UsageError("--subjects is empty; give comma-separated subject keys")
-    options = McOptions(
-        format=format_.value,
-        split=split or ("test" if format_ is Format.cmmlu else "val"),
-        shots=shots,
-        subjects=chosen,
-        template=None if template == "none" else template,
-        batch_size=batch_size,
-        ctx=ctx,
-    )
-    options.validate()
+    values = {
+        "format": format_.value,
+        "split": split,
+        "shots": shots,
+        "subjects": chosen,
+        "template": None if template == "none" else template,
+        "batch_size": batch_size,
+        "ctx": ctx,
+    }
+    options = build_options(McOptions, values)
+    spec = _spec(model, lora, device, dtype, threads, trust_remote_code)
     if out_dir is not None:
         check_output(out_dir, force)
-    result = evaluate_multiple_choice(
-        _spec(model, lora, device, dtype, threads, trust_remote_code), data, options, progress=output.CliProgress()
-    )
+    result = evaluate_multiple_choice(spec, data, options, progress=output.CliProgress())
     written = write_outputs(result, out_dir, force=force) if out_dir is not None else []
     if json_:
         document = result.to_dict()

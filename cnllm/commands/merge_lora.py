@@ -9,14 +9,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import ForceOpt, JsonOpt, OutputDirArg
+from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputDirArg
 from cnllm.core.errors import CheckFailed
-
-
-class MergeDType(str, Enum):
-    fp16 = "fp16"
-    bf16 = "bf16"
-    fp32 = "fp32"
 
 
 class MergeFormat(str, Enum):
@@ -30,7 +24,7 @@ def merge_lora(
         List[Path], typer.Option("--lora", "-l", help="PEFT LoRA adapter directory; repeat to apply several in the order given.")
     ],
     output_dir: OutputDirArg,
-    dtype: Annotated[Optional[MergeDType], typer.Option("--dtype", help="Output dtype (default: the base's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help=f"Output dtype: {DTYPE_WORDS} (default: the base's).")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB.")] = "2GB",
     output_format: Annotated[
         MergeFormat, typer.Option("--format", help="hf: Hugging Face directory; pth: Meta consolidated.NN.pth + params.json.")
@@ -51,67 +45,39 @@ def merge_lora(
 
     Example: cnllm merge-lora --base llama-7b --lora chinese-llama-plus-lora --lora chinese-alpaca-plus-lora -o alpaca-plus-7b --dtype fp16
     """
-    from cnllm.core.merge import DTYPES, merge_lora as run_merge
+    from cnllm.core.config import build_options
+    from cnllm.core.merge import MergeOptions, merge_lora as run_merge
 
-    result = run_merge(
-        base,
-        lora,
-        output_dir,
-        dtype=DTYPES[dtype.value] if dtype else None,
-        max_shard_size=max_shard_size,
-        output_format=output_format.value,
-        shards=shards,
-        verify=verify,
-        tolerance=tolerance,
-        force=force,
-        progress=output.CliProgress(),
+    options = build_options(
+        MergeOptions,
+        {"dtype": dtype, "max_shard_size": max_shard_size, "format": output_format.value, "shards": shards, "verify": verify, "tolerance": tolerance},
     )
+    result = run_merge(base, lora, output_dir, options, force=force, progress=output.CliProgress())
     for note in result.notes:
         output.print_note(note)
+    document = result.to_dict()
     if json_:
-        output.print_json(
-            {
-                "output": str(result.output),
-                "format": result.format,
-                "dtype": result.dtype,
-                "adapters": [str(a) for a in result.adapters],
-                "tensors": result.tensors,
-                "updated": result.updated,
-                "replaced": result.replaced,
-                "vocab": {
-                    "tokenizer": result.vocab.tokenizer,
-                    "config": result.vocab.config,
-                    "embedding": result.vocab.embedding,
-                    "lm_head": result.vocab.lm_head,
-                },
-                "tokenizer_from": str(result.tokenizer_from) if result.tokenizer_from else None,
-                "files": result.files,
-                "total_bytes": result.total_bytes,
-                "seconds": round(result.seconds, 3),
-                "verify": None
-                if result.verify is None
-                else {"max_abs_diff": result.verify.max_abs_diff, "tolerance": result.verify.tolerance, "passed": result.verify.passed},
-            }
-        )
+        output.print_json(document)
     else:
         console = output.stdout()
         console.print(
-            f"merged {len(result.adapters)} adapter(s) into {result.output} ({result.format}, {result.dtype}, "
-            f"{len(result.files)} files, {output.human_bytes(result.total_bytes)}) in {result.seconds:.1f}s",
+            f"merged {len(document['adapters'])} adapter(s) into {document['output']} ({document['format']}, {document['dtype']}, "
+            f"{len(document['files'])} files, {output.human_bytes(document['total_bytes'])}) in {document['seconds']:.1f}s",
             markup=False,
             highlight=False,
         )
+        vocab = document["vocab"]
         console.print(
-            f"{result.updated} tensors updated, {result.replaced} replaced; vocabulary {result.vocab.embedding} rows"
-            + (f", tokenizer {result.vocab.tokenizer} from {result.tokenizer_from}" if result.tokenizer_from else ""),
+            f"{document['updated']} tensors updated, {document['replaced']} replaced; vocabulary {vocab['embedding']} rows"
+            + (f", tokenizer {vocab['tokenizer']} from {document['tokenizer_from']}" if document["tokenizer_from"] else ""),
             markup=False,
             highlight=False,
         )
-        if result.verify is not None:
-            status = "OK" if result.verify.passed else "FAILED"
+        verify = document["verify"]
+        if verify is not None:
             console.print(
-                f"verify {status}: max logit difference {result.verify.max_abs_diff:.3g} (tolerance {result.verify.tolerance:g}, "
-                f"{result.verify.tokens} tokens)",
+                f"verify {'OK' if verify['passed'] else 'FAILED'}: max logit difference {verify['max_abs_diff']:.3g} "
+                f"(tolerance {verify['tolerance']:g}, {verify['tokens']} tokens)",
                 markup=False,
                 highlight=False,
             )

@@ -18,20 +18,7 @@ STATUS_STYLE = {"ran": "green", "skipped": "cyan", "up-to-date": "cyan", "planne
 def render(result: PipelineResult, json_: bool, dry_run: bool) -> None:
     """Print the plan or the outcome; exit 1 when a step failed."""
     if json_:
-        output.print_json(
-            {
-                "recipe": result.recipe.name,
-                "workdir": str(result.recipe.workdir),
-                "dry_run": dry_run,
-                "steps": [
-                    {"step": o.name, "status": o.status, "folder": str(o.folder), "seconds": round(o.seconds, 3), "figures": o.figures, "error": o.error}
-                    for o in result.outcomes
-                ],
-                "report": str(result.report_md) if result.report_md else None,
-                "report_json": str(result.report_json) if result.report_json else None,
-                "notes": result.notes,
-            }
-        )
+        output.print_json({**result.to_dict(), "dry_run": dry_run})
     else:
         rows = [(o.name, f"[{STATUS_STYLE.get(o.status, '')}]{o.status}[/]", f"{o.seconds:.1f}", str(o.folder)) for o in result.outcomes]
         output.print_table(f"{'plan' if dry_run else 'pipeline'}: {result.recipe.name}", ["step", "status", "seconds", "folder"], rows)
@@ -49,7 +36,7 @@ def pipeline(
     workdir: Annotated[Optional[Path], typer.Option("--workdir", "-o", file_okay=False, help="Work directory [default: the recipe's 'workdir'].")] = None,
     from_step: Annotated[Optional[str], typer.Option("--from", help=f"Start at this step ({', '.join(STEP_ORDER)}); earlier steps must be up to date.")] = None,
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after this step.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (which steps would run) and exit.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every step's options and inputs, print the plan (which steps would run) and exit.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Re-run the selected steps even when up to date.")] = False,
     json_: JsonOpt = False,
 ) -> None:

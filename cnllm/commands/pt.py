@@ -26,7 +26,7 @@ def pt(ctx: typer.Context, **values) -> None:
     A tokenizer larger than the model's vocabulary resizes the embeddings (new rows = mean)
     and trains embed_tokens/lm_head in full.
 
-    Example: cnllm pt -m llama-7b -t merged-tokenizer -d corpus/ -o pt-lora --max-steps 1000
+    Example: cnllm pt -m llama-7b --tokenizer merged-tokenizer -d corpus/ -o pt-lora --max-steps 1000
 
     Distributed: torchrun --nproc_per_node 8 -m cnllm pt --config examples/training/pt-7b-8gpu-zero2.yaml
     """

@@ -49,7 +49,7 @@ def quantize(
     output_file: Annotated[
         Optional[Path], typer.Option("--output", "-o", dir_okay=False, help="The quantized GGUF to write (atomically).")
     ] = None,
-    type_: Annotated[Optional[str], typer.Option("--type", "-t", help="Quantization type, e.g. Q4_K_M or Q8_0 (see --list-types).")] = None,
+    type_: Annotated[Optional[str], typer.Option("--type", help="Quantization type, e.g. Q4_K_M or Q8_0 (see --list-types).")] = None,
     list_types: Annotated[bool, typer.Option("--list-types", help="List the quantization types with bits per weight and exit.")] = False,
     imatrix: Annotated[
         Optional[Path], typer.Option("--imatrix", exists=True, dir_okay=False, help="Importance matrix (GGUF, from llama-imatrix).")
@@ -87,48 +87,31 @@ def quantize(
         raise UsageError("missing --output/-o: the quantized GGUF to write")
     if type_ is None:
         raise UsageError("missing --type, e.g. --type Q4_K_M (see 'cnllm quantize --list-types')")
-    from cnllm.core.gguf.quantize import quantize_gguf
+    from cnllm.core.config import build_options
+    from cnllm.core.gguf.quantize import QuantizeOptions, quantize_gguf
 
-    result = quantize_gguf(
-        input_file,
-        output_file,
-        quant_type=type_,
-        threads=threads,
-        allow_requantize=allow_requantize,
-        leave_output_tensor=leave_output_tensor,
-        output_tensor_type=output_tensor_type,
-        token_embedding_type=token_embedding_type,
-        imatrix=imatrix,
-        force=force,
-        verbose=verbose,
-        progress=output.CliProgress(),
-    )
+    values = {
+        "type": type_,
+        "threads": threads,
+        "allow_requantize": allow_requantize,
+        "leave_output_tensor": leave_output_tensor,
+        "output_tensor_type": output_tensor_type,
+        "token_embedding_type": token_embedding_type,
+        "imatrix": imatrix,
+    }
+    result = quantize_gguf(input_file, output_file, build_options(QuantizeOptions, values), force=force, verbose=verbose, progress=output.CliProgress())
+    document = result.to_dict()
     if json_:
-        output.print_json(
-            {
-                "input": str(result.input),
-                "output": str(result.output),
-                "type": result.type,
-                "input_bytes": result.input_size,
-                "output_bytes": result.output_size,
-                "ratio": round(result.ratio, 4),
-                "parameters": result.parameters,
-                "bits_per_weight": round(result.bits_per_weight, 4),
-                "tensor_types": result.tensor_types,
-                "fallback_tensors": result.fallbacks,
-                "imatrix_entries": result.imatrix_entries,
-                "seconds": round(result.seconds, 3),
-            }
-        )
+        output.print_json(document)
         return
-    types = ", ".join(f"{count} {name}" for name, count in sorted(result.tensor_types.items()))
+    types = ", ".join(f"{count} {name}" for name, count in sorted(document["tensor_types"].items()))
     output.stdout().print(
-        f"wrote {result.output} ({result.type}): {output.human_bytes(result.input_size)} -> {output.human_bytes(result.output_size)} "
-        f"({result.ratio:.2f}x smaller), {result.bits_per_weight:.2f} bits per weight, tensors: {types}; {result.seconds:.1f}s",
+        f"wrote {document['output']} ({document['type']}): {output.human_bytes(document['input_bytes'])} -> {output.human_bytes(document['output_bytes'])} "
+        f"({document['ratio']:.2f}x smaller), {document['bits_per_weight']:.2f} bits per weight, tensors: {types}; {document['seconds']:.1f}s",
         markup=False,
         highlight=False,
     )
-    if result.fallbacks:
+    if document["fallback_tensors"]:
         output.print_note(
-            f"{result.fallbacks} tensor(s) had rows not divisible by the type's block and used llama.cpp's fallback type"
+            f"{document['fallback_tensors']} tensor(s) had rows not divisible by the type's block and used llama.cpp's fallback type"
         )

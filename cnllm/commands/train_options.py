@@ -16,7 +16,8 @@ import typer
 from click.core import ParameterSource
 
 from cnllm.cli import output
-from cnllm.core.config import merge
+from cnllm.cli.options import DTYPE_WORDS
+from cnllm.core.config import build_options, merge
 from cnllm.core.training.options import DEFAULT_LORA_TARGETS, TrainOptions
 
 MODEL = "Model"
@@ -43,7 +44,7 @@ COMMON = [
     param("model", Annotated[Optional[Path], option("--model", "-m", help="Base model directory (Hugging Face format).", panel=MODEL)], None),
     param("data", Annotated[Optional[List[Path]], option("--data", "-d", help="Training data file or directory (repeat for more).", panel=DATA)], None),
     param("output", Annotated[Optional[Path], option("--output", "-o", file_okay=False, help="Output directory (adapter, tokenizer, metrics, loss curve, config).", panel=MODEL)], None),
-    param("tokenizer", Annotated[Optional[Path], option("--tokenizer", "-t", help="Tokenizer directory (default: the --peft-path adapter's, else the model's).", panel=MODEL)], None),
+    param("tokenizer", Annotated[Optional[Path], option("--tokenizer", help="Tokenizer directory (default: the --peft-path adapter's, else the model's).", panel=MODEL)], None),
     param("config", Annotated[Optional[Path], option("--config", "-c", dir_okay=False, help="YAML file of options (keys as the option names); command-line flags override it.", panel=MODEL)], None),
     param("validation_data", Annotated[Optional[List[Path]], option("--validation-data", help="Held-out evaluation data (instead of --validation-split).", panel=DATA)], None),
     param("validation_split", Annotated[float, option("--validation-split", help="Share of the data held out for eval loss and perplexity.", panel=DATA)], 0.01),
@@ -62,7 +63,7 @@ COMMON = [
     param("weight_decay", Annotated[float, option("--weight-decay", help="AdamW weight decay.", panel=OPTIM)], 0.0),
     param("max_grad_norm", Annotated[float, option("--max-grad-norm", help="Gradient clipping norm.", panel=OPTIM)], 1.0),
     param("seed", Annotated[int, option("--seed", help="Random seed (data order, dropout, initialisation).", panel=OPTIM)], 42),
-    param("precision", Annotated[str, option("--precision", help="auto (bf16/fp16 on a GPU, fp32 on CPU), fp32, bf16 or fp16.", panel=OPTIM)], "auto"),
+    param("precision", Annotated[str, option("--precision", help=f"auto (bf16/fp16 on a GPU, fp32 on CPU), {DTYPE_WORDS}.", panel=OPTIM)], "auto"),
     param("gradient_checkpointing", Annotated[bool, option("--gradient-checkpointing", help="Recompute activations in the backward pass to save memory.", panel=OPTIM)], False),
     param("load_in_4bit", Annotated[bool, option("--load-in-4bit", help="QLoRA: load the base model in 4 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)], False),
     param("load_in_8bit", Annotated[bool, option("--load-in-8bit", help="Load the base model in 8 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)], False),
@@ -104,12 +105,12 @@ def resolve_options(ctx: click.Context, values: dict[str, Any]) -> TrainOptions:
     merged = merge(TrainOptions, values, explicit, config)
     if merged.get("lora_targets") is None:
         merged["lora_targets"] = list(DEFAULT_LORA_TARGETS)
-    return TrainOptions(**merged)
+    return build_options(TrainOptions, merged)
 
 
 def render(result, json_: bool) -> None:
     """The run's figures: one JSON document, or a short table."""
-    document = result.as_dict()
+    document = result.to_dict()
     if json_:
         output.print_json(document)
         return

@@ -46,38 +46,29 @@ def train(
 
     Example: cnllm vocab train corpus/ --vocab-size 20000 -o zh.model
     """
-    from cnllm.core.tokenizers.train import train_vocab
+    from cnllm.core.config import build_options
+    from cnllm.core.tokenizers.train import TrainVocabOptions, train_vocab
 
-    result = train_vocab(
-        corpus,
-        output_file,
-        vocab_size=vocab_size,
-        model_type=model_type.value,
-        character_coverage=character_coverage,
-        input_sentence_size=input_sentence_size,
-        threads=threads,
-        force=force,
-        progress=output.CliProgress(),
-    )
-    stats = result.corpus
-    if stats.invalid_utf8_lines:
-        output.print_warning(f"skipped {stats.invalid_utf8_lines} lines that are not valid UTF-8")
-    if stats.invalid_json_lines:
-        output.print_warning(f"skipped {stats.invalid_json_lines} JSONL lines without a text field")
+    values = {
+        "vocab_size": vocab_size,
+        "model_type": model_type.value,
+        "character_coverage": character_coverage,
+        "input_sentence_size": input_sentence_size,
+        "threads": threads,
+    }
+    result = train_vocab(corpus, output_file, build_options(TrainVocabOptions, values), force=force, progress=output.CliProgress())
+    document = result.to_dict()
+    stats = document["corpus"]
+    if stats["invalid_utf8_lines"]:
+        output.print_warning(f"skipped {stats['invalid_utf8_lines']} lines that are not valid UTF-8")
+    if stats["invalid_json_lines"]:
+        output.print_warning(f"skipped {stats['invalid_json_lines']} JSONL lines without a text field")
     if json_:
-        output.print_json(
-            {
-                "output": str(result.output),
-                "pieces": result.pieces,
-                "model_type": result.model_type,
-                "seconds": round(result.seconds, 3),
-                "corpus": {k: v for k, v in vars(stats).items() if k != "skipped_files"},
-            }
-        )
+        output.print_json(document)
     else:
         output.stdout().print(
-            f"wrote {result.output}: {result.pieces} pieces ({result.model_type}) in {result.seconds:.1f}s from "
-            f"{stats.lines} lines, {stats.characters} characters ({output.human_bytes(stats.bytes)}) in {stats.files} files",
+            f"wrote {document['output']}: {document['pieces']} pieces ({document['model_type']}) in {document['seconds']:.1f}s from "
+            f"{stats['lines']} lines, {stats['characters']} characters ({output.human_bytes(stats['bytes'])}) in {stats['files']} files",
             markup=False,
             highlight=False,
         )
@@ -102,39 +93,15 @@ def merge(
 
     Example: cnllm vocab merge --base llama-2/tokenizer.model --add zh.model -o merged-tokenizer/
     """
-    from cnllm.core.tokenizers.merge import merge_vocab
+    from cnllm.core.config import build_options
+    from cnllm.core.tokenizers.merge import MergeVocabOptions, merge_vocab
 
-    result = merge_vocab(
-        base,
-        add,
-        output_dir,
-        scores=scores.value,
-        add_pad_token=add_pad_token,
-        pad_to_multiple_of=pad_to_multiple_of,
-        force=force,
-        progress=output.CliProgress(),
-    )
+    values = {"scores": scores.value, "add_pad_token": add_pad_token, "pad_to_multiple_of": pad_to_multiple_of}
+    result = merge_vocab(base, add, output_dir, build_options(MergeVocabOptions, values), force=force, progress=output.CliProgress())
     for warning in result.warnings:
         output.print_warning(warning)
     if json_:
-        output.print_json(
-            {
-                "output": str(result.output),
-                "family": result.family,
-                "base_size": result.base_size,
-                "final_size": result.final_size,
-                "added": result.added,
-                "already_present": result.already_present,
-                "skipped": result.skipped,
-                "unreachable": result.unreachable,
-                "unproducible": result.unproducible,
-                "padding": result.padding,
-                "pad_token_id": result.pad_token_id,
-                "scores": result.scores,
-                "sources": [vars(s) for s in result.sources],
-                "seconds": round(result.seconds, 3),
-            }
-        )
+        output.print_json(result.to_dict())
         return
     output.print_table(
         None,
@@ -183,7 +150,7 @@ def inspect(
         results.append(inspect_tokenizer(compare, text))
     ratio = token_ratio(results[0], results[1]) if len(results) == 2 else None
     if json_:
-        document = {"tokenizers": [r.as_dict() for r in results]}
+        document = {"tokenizers": [r.to_dict() for r in results]}
         if compare is not None:
             document["token_ratio"] = round(ratio, 4) if ratio is not None else None
         output.print_json(document)

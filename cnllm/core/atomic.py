@@ -122,22 +122,37 @@ def atomic_dir(path: Path | str, *, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         check_output(path, force)
-        old = None
-        if path.exists() or path.is_symlink():
-            old = parent / f"{_temp_prefix(path)}old"
-            _remove(old)
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)
-            raise
-        if old is not None:
-            _remove(old)
+        _swap_in(tmp, path, parent)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def replace_dir(source: Path | str, path: Path | str, *, force: bool = False) -> None:
+    """Move the finished directory ``source`` (a sibling of ``path``) to ``path``, as :func:`atomic_dir` does:
+    an existing ``path`` (only with ``force``) is moved aside, put back if the move fails, deleted after;
+    leftovers of killed runs are removed first. For outputs built in a directory of their own (training)."""
+    path = Path(path)
+    check_output(path, force)
+    _swap_in(Path(source), path, _prepare_parent(path))
+
+
+def _swap_in(source: Path, path: Path, parent: Path) -> None:
+    """Rename ``source`` over ``path``; the old ``path`` waits under a temporary name that
+    :func:`_remove_stale_temporaries` recognises, so a killed swap never loses or leaks it."""
+    old = None
+    if path.exists() or path.is_symlink():
+        old = parent / f"{_temp_prefix(path)}old"
+        _remove(old)
+        os.replace(path, old)
+    try:
+        os.replace(source, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        _remove(old)
 
 
 def write_text(path: Path | str, text: str, *, force: bool = False) -> None:

@@ -10,15 +10,19 @@ recovering from the diff it writes reproduces the tuned weights bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from cnllm.core.atomic import atomic_dir, check_output
+from cnllm.core.config import coerce_fields
+from cnllm.core.dtypes import WideDType
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.hashing import VerifyResult, create_manifest, verify_manifest
-from cnllm.core.merge import DTYPES, VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, output_layout, write_config
+from cnllm.core.merge import VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, output_layout, write_config
 from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, check_vocab_agreement, has_tokenizer, load_config, tokenizer_length
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
@@ -55,6 +59,41 @@ class ReferenceReport:
 
 
 @dataclass
+class RecoverOptions:
+    """How :func:`recover` writes and checks ``raw + diff``."""
+
+    dtype: Optional[WideDType] = None  # None: the diff's
+    max_shard_size: str = "2GB"
+    manifest: Optional[Path] = None  # a published checksum list to verify the output against
+    reference: Optional[Path] = None  # a reference model to compare every tensor with
+    tolerance: float = 1e-3
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def validate(self) -> None:
+        parse_size(self.max_shard_size)
+        if self.tolerance < 0:
+            raise UsageError(f"--tolerance must be at least 0, got {self.tolerance}")
+        if self.reference is not None and not self.reference.is_dir():
+            raise UsageError(f"--reference {self.reference} is not a model directory")
+
+
+@dataclass
+class MakeDiffOptions:
+    """How :func:`make_diff` writes ``tuned − raw`` (fp32 by default: exact for fp16/bf16 models)."""
+
+    dtype: WideDType = WideDType("float32")
+    max_shard_size: str = "2GB"
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def validate(self) -> None:
+        parse_size(self.max_shard_size)
+
+
+@dataclass
 class DiffResult:
     mode: str
     output: Path
@@ -68,6 +107,36 @@ class DiffResult:
     manifest_check: VerifyResult | None = None
     reference_check: ReferenceReport | None = None
     signed_zeros: int = 0
+
+    def to_dict(self) -> dict:
+        """The one JSON shape of a recovery or a diff: ``--json``, the provenance record and the pipeline report."""
+        document = {
+            "mode": self.mode,
+            "output": str(self.output),
+            "dtype": self.dtype,
+            "tensors": self.tensors,
+            "extended_rows": self.extended,
+            "files": self.files,
+            "total_bytes": self.total_bytes,
+            "read_bytes": self.read_bytes,
+            "seconds": round(self.seconds, 3),
+            "throughput_bytes_per_s": round(self.throughput),
+        }
+        if self.mode == "make":
+            document["bit_identical_recovery"] = self.signed_zeros == 0
+            document["negative_zeros_recovered_as_positive"] = self.signed_zeros
+        if self.manifest_check is not None:
+            document["verify"] = self.manifest_check.to_dict()
+        if self.reference_check is not None:
+            check = self.reference_check
+            document["reference"] = {
+                "path": str(check.reference),
+                "tolerance": check.tolerance,
+                "max_abs_diff": check.max_abs_diff,
+                "passed": check.passed,
+                "failures": [{"tensor": t.name, "max_abs_diff": t.max_abs_diff, "reason": t.reason} for t in check.failures],
+            }
+        return document
 
     def problems(self) -> list[str]:
         """Failed checks (the output is complete and in place; the caller decides the exit code)."""
@@ -147,6 +216,10 @@ def _add_into(target, source, alpha: int = 1) -> None:
     target.add_(source.to(target.dtype), alpha=alpha)
 
 
+def _dtype_names(layout: list) -> str:
+    return ",".join(sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point}))
+
+
 def _write(writer: StreamingShardWriter, name: str, first: int | None, block) -> None:
     if first is None:
         writer.add(name, block)
@@ -178,38 +251,29 @@ def _finish_output(
     return [f.path for f in manifest.files] + ["SHA256SUMS"], manifest.total_bytes
 
 
-def _check_options(output: Path, dtype: str | None, max_shard_size: str | int, force: bool) -> None:
-    if dtype is not None and dtype not in DTYPES.values() and dtype != "float64":
-        raise UsageError(f"unknown dtype {dtype!r}; choose fp16, bf16, fp32 or fp64")
-    parse_size(max_shard_size)
-    check_output(output, force)
-
-
 def recover(
     base: Path | str,
     diff: Path | str,
     output: Path | str,
+    options: RecoverOptions | None = None,
     *,
-    dtype: str | None = None,
-    max_shard_size: str | int = "2GB",
-    manifest: Path | str | None = None,
-    reference: Path | str | None = None,
-    tolerance: float = 1e-3,
     force: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> DiffResult:
     """``tuned = raw + diff`` for every tensor, in the diff's precision unless ``dtype``; config and tokenizer from the diff.
 
-    With ``manifest`` the written files are checked against a published checksum list; with
-    ``reference`` every tensor is compared with a reference model (max absolute difference).
+    With ``options.manifest`` the written files are checked against a published checksum list; with
+    ``options.reference`` every tensor is compared with a reference model (max absolute difference).
     Both checks run on the complete output; failures are reported in :meth:`DiffResult.problems`
     and the output is kept (published hashes depend on library versions).
     """
     started = time.perf_counter()
+    options = options or RecoverOptions()
+    options.validate()
+    dtype = options.dtype.name if options.dtype is not None else None
+    max_shard_size, manifest, reference, tolerance = options.max_shard_size, options.manifest, options.reference, options.tolerance
     base, diff, output = Path(base), Path(diff), Path(output)
-    _check_options(output, dtype, max_shard_size, force)
-    if reference is not None and not Path(reference).is_dir():
-        raise UsageError(f"--reference {reference} is not a model directory")
+    check_output(output, force)
     config = load_config(diff)
     raw_infos, diff_infos = tensor_infos(base), tensor_infos(diff)
     shapes, extended = plan_shapes(raw_infos, diff_infos, raw_dir=base, other_dir=diff, other_label="diff")
@@ -247,10 +311,10 @@ def recover(
             layout=layout,
             kind="diff-recover",
             inputs=[base, diff],
-            options={"dtype": dtype, "max_shard_size": max_shard_size, "manifest": manifest, "reference": reference, "tolerance": tolerance},
+            options=dataclasses.asdict(options),
             results=results,
         )
-    dtypes = ",".join(sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point}))
+    dtypes = str(options.dtype) if options.dtype is not None else _dtype_names(layout)
     return DiffResult("recover", output, len(layout), extended, dtypes, files, total, read_bytes, time.perf_counter() - started, manifest_check, reference_check)
 
 
@@ -283,22 +347,24 @@ def make_diff(
     base: Path | str,
     tuned: Path | str,
     output: Path | str,
+    options: MakeDiffOptions | None = None,
     *,
-    dtype: str | None = "float32",
-    max_shard_size: str | int = "2GB",
     force: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> DiffResult:
     """``diff = tuned − raw`` (rows beyond the raw vocabulary as-is), checked per tensor to recover ``tuned`` bit for bit.
 
     The check repeats exactly what :func:`recover` computes; a tensor whose difference cannot
-    carry the tuned values exactly in ``dtype`` is refused (use a wider ``dtype``). The one
+    carry the tuned values exactly in ``options.dtype`` is refused (use a wider dtype). The one
     thing addition cannot restore is the sign of an exact zero (``r + (−r)`` is ``+0.0``): such
     values are counted in ``signed_zeros`` rather than refused.
     """
     started = time.perf_counter()
+    options = options or MakeDiffOptions()
+    options.validate()
+    dtype, max_shard_size = options.dtype.name, options.max_shard_size
     base, tuned, output = Path(base), Path(tuned), Path(output)
-    _check_options(output, dtype, max_shard_size, force)
+    check_output(output, force)
     config = load_config(tuned)
     raw_infos, tuned_infos = tensor_infos(base), tensor_infos(tuned)
     shapes, extended = plan_shapes(raw_infos, tuned_infos, raw_dir=base, other_dir=tuned, other_label="tuned model")
@@ -343,7 +409,7 @@ def make_diff(
             layout=layout,
             kind="make-diff",
             inputs=[base, tuned],
-            options={"dtype": dtype, "max_shard_size": max_shard_size},
+            options=dataclasses.asdict(options),
             results={
                 "tensors": len(layout),
                 "extended_rows": extended,
@@ -351,5 +417,4 @@ def make_diff(
                 "negative_zeros_recovered_as_positive": signed_zeros,
             },
         )
-    dtypes = ",".join(sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point}))
-    return DiffResult("make", output, len(layout), extended, dtypes, files, total, read_bytes, time.perf_counter() - started, signed_zeros=signed_zeros)
+    return DiffResult("make", output, len(layout), extended, str(options.dtype), files, total, read_bytes, time.perf_counter() - started, signed_zeros=signed_zeros)

@@ -120,6 +120,16 @@ class CreateResult:
     def text(self) -> str:
         return "".join(format_gnu_line(f.digest, f.path) for f in self.files)
 
+    def to_dict(self) -> dict:
+        """The one JSON shape of a manifest creation (``checksum create --json``)."""
+        return {
+            "manifest": str(self.manifest) if self.manifest else None,
+            "algorithm": self.algorithm,
+            "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in self.files],
+            "total_bytes": self.total_bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
 
 def format_gnu_line(digest: str, path: str) -> str:
     """One coreutils line; names with a backslash or newline are escaped the way sha256sum does."""
@@ -349,6 +359,22 @@ class VerifyResult:
     @property
     def passed(self) -> bool:
         return all(c.status == OK for c in self.checks)
+
+    def to_dict(self) -> dict:
+        """The one JSON shape of a verification (``checksum verify --json``, diff-recover's ``verify``)."""
+        return {
+            "manifest": self.manifest,
+            "root": str(self.root),
+            "formats": self.formats,
+            "passed": self.passed,
+            **{status.lower(): self.count(status) for status in (OK, FAILED, MISSING)},
+            "malformed": [{"line": m.line, "text": m.text, "reason": m.reason} for m in self.malformed],
+            "files": [
+                {"path": c.path, "status": c.status, "algorithm": c.algorithm, "expected": c.expected, "actual": c.actual, "reason": c.reason, "line": c.line}
+                for c in self.checks
+            ],
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def read_manifest_text(manifest: Path | str) -> str:

@@ -10,6 +10,7 @@ the order given, and full ``modules_to_save`` tensors (extended vocabularies) re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -17,9 +18,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Optional, Sequence
 
 from cnllm.core.atomic import atomic_dir, check_output
+from cnllm.core.config import coerce_fields
+from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
 from cnllm.core.hashing import create_manifest
 from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, has_tokenizer, load_config, tokenizer_length
@@ -27,7 +30,7 @@ from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tensors import SAFETENSORS_TORCH_DTYPES, StreamingShardWriter, TensorInfo, TensorReader, parse_size, stream_tensors, tensor_infos
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+RECORD_OMITS = ("output", "files", "total_bytes", "seconds")  # the record is written before these are known
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
 BLOCK_BYTES = 16 << 20  # a merged tensor is produced this many fp32 bytes of rows at a time
 VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. 中文大模型，你好！"
@@ -84,6 +87,9 @@ class VerifyReport:
     def passed(self) -> bool:
         return self.max_abs_diff <= self.tolerance
 
+    def to_dict(self) -> dict:
+        return {"max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance, "tokens": self.tokens, "passed": self.passed}
+
 
 @dataclass
 class MergeResult:
@@ -102,6 +108,25 @@ class MergeResult:
     verify: VerifyReport | None = None
     notes: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict:
+        """The one JSON shape of a merge: ``--json``, the provenance record and the pipeline report."""
+        return {
+            "output": str(self.output),
+            "format": self.format,
+            "dtype": self.dtype,
+            "adapters": [str(a) for a in self.adapters],
+            "tensors": self.tensors,
+            "updated": self.updated,
+            "replaced": self.replaced,
+            "vocab": dataclasses.asdict(self.vocab),
+            "tokenizer_from": str(self.tokenizer_from) if self.tokenizer_from else None,
+            "files": self.files,
+            "total_bytes": self.total_bytes,
+            "seconds": round(self.seconds, 3),
+            "verify": None if self.verify is None else self.verify.to_dict(),
+            "notes": self.notes,
+        }
+
     def problems(self) -> list[str]:
         """Failed checks (the output is complete and in place; the caller decides the exit code)."""
         if self.verify is None or self.verify.passed:
@@ -110,6 +135,28 @@ class MergeResult:
             f"merged output differs from base+adapters: max logit difference {self.verify.max_abs_diff:.3g} "
             f"> tolerance {self.verify.tolerance:g} (output kept at {self.output})"
         ]
+
+
+@dataclass
+class MergeOptions:
+    """How :func:`merge_lora` writes its output: ``cnllm merge-lora`` flags and a recipe's merge steps."""
+
+    dtype: Optional[DType] = None  # None: the base's
+    max_shard_size: str = "2GB"
+    format: Literal["hf", "pth"] = "hf"
+    shards: int = 1
+    verify: bool = False
+    tolerance: Optional[float] = None  # None: VERIFY_TOLERANCE of the output dtype
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def validate(self) -> None:
+        if self.shards < 1 or (self.shards > 1 and self.format != "pth"):
+            raise UsageError("--shards applies to --format pth only, and must be at least 1")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise UsageError(f"--tolerance must be at least 0, got {self.tolerance}")
+        parse_size(self.max_shard_size)
 
 
 # --- reading adapters ---------------------------------------------------------------------------
@@ -397,32 +444,24 @@ def merge_lora(
     base: Path | str,
     adapters: Sequence[Path | str],
     output: Path | str,
+    options: MergeOptions | None = None,
     *,
-    dtype: str | None = None,
-    max_shard_size: str | int = "2GB",
-    output_format: str = "hf",
-    shards: int = 1,
-    verify: bool = False,
-    tolerance: float | None = None,
     force: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> MergeResult:
     """Merge LoRA adapters into ``base`` (in order) and write ``output``; see the module docstring.
 
-    With ``verify`` the merged output is compared with PEFT's base+adapters before it is moved
+    With ``options.verify`` the merged output is compared with PEFT's base+adapters before it is moved
     into place; a difference above tolerance is reported in :meth:`MergeResult.problems`.
     """
     started = time.perf_counter()
+    options = options or MergeOptions()
+    options.validate()
+    output_format, max_shard_size, shards = options.format, options.max_shard_size, options.shards
+    dtype = options.dtype.name if options.dtype is not None else None
     base, output = Path(base), Path(output)
     if not adapters:
         raise UsageError("name at least one adapter with --lora")
-    if dtype is not None and dtype not in DTYPES.values():
-        raise UsageError(f"unknown dtype {dtype!r}; choose fp16, bf16 or fp32")
-    if output_format not in ("hf", "pth"):
-        raise UsageError(f"unknown format {output_format!r}; choose hf or pth")
-    if shards < 1 or (shards > 1 and output_format != "pth"):
-        raise UsageError("--shards applies to --format pth only, and must be at least 1")
-    parse_size(max_shard_size)
     check_output(output, force)
     config = load_config(base)
     infos = tensor_infos(base)
@@ -469,8 +508,8 @@ def merge_lora(
             shutil.copy2(base / "generation_config.json", hf_dir / "generation_config.json")
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, hf_dir)
-        if verify:
-            limit = tolerance if tolerance is not None else max(VERIFY_TOLERANCE[d] for d in out_dtypes)
+        if options.verify:
+            limit = options.tolerance if options.tolerance is not None else max(VERIFY_TOLERANCE[d] for d in out_dtypes)
             report = verify_merge(base, [a.directory for a in loaded_adapters], hf_dir, tolerance=limit, progress=progress)
         if output_format == "pth":
             write_meta_checkpoint(hf_dir, tmp, shards=shards, progress=progress)
@@ -480,7 +519,7 @@ def merge_lora(
         result = MergeResult(
             output=output,
             format=output_format,
-            dtype=",".join(out_dtypes),
+            dtype=str(options.dtype) if options.dtype is not None else ",".join(out_dtypes),
             adapters=[a.directory for a in loaded_adapters],
             tensors=len(layout),
             updated=len({n for a in loaded_adapters for n in a.updates}),
@@ -497,21 +536,8 @@ def merge_lora(
             tmp,
             "merge",
             inputs=[base, *result.adapters],
-            options={
-                "adapter_order": [str(a) for a in result.adapters],
-                "dtype": result.dtype,
-                "format": output_format,
-                "shards": shards,
-                "max_shard_size": max_shard_size,
-                "tokenizer_from": tokenizer_dir,
-            },
-            results={
-                "tensors": result.tensors,
-                "updated": result.updated,
-                "replaced": result.replaced,
-                "vocab_size": sizes.embedding,
-                "verify": None if report is None else {"max_abs_diff": report.max_abs_diff, "tolerance": report.tolerance},
-            },
+            options={"adapter_order": [str(a) for a in result.adapters], **dataclasses.asdict(options)},
+            results={k: v for k, v in result.to_dict().items() if k not in RECORD_OMITS},
         )
         manifest = create_manifest([tmp], manifest=tmp / "SHA256SUMS")
         result.files = [f.path for f in manifest.files] + ["SHA256SUMS"]

@@ -184,13 +184,11 @@ class StepContext:
         return self.final / temporary.relative_to(self.folder)
 
 
-StepFunction = Callable[[StepContext, dict], dict]
-
-
 @dataclass
 class StepKind:
-    run: StepFunction  # (context, options) -> figures; updates context.artifacts
-    inputs: Callable[[Recipe, dict, Artifacts], list[Path]]  # external inputs to fingerprint
+    parse: Callable[[Recipe, str, dict], Any]  # (recipe, step name, recipe options) -> typed options; UsageError naming the key
+    run: Callable[[StepContext, Any], dict]  # (context, typed options) -> figures; updates context.artifacts
+    inputs: Callable[[Recipe, Any], list[Path]]  # (recipe, typed options) -> external inputs to fingerprint
 
 
 @dataclass
@@ -201,6 +199,9 @@ class StepOutcome:
     seconds: float = 0.0
     figures: dict = field(default_factory=dict)
     error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"step": self.name, "status": self.status, "folder": str(self.folder), "seconds": round(self.seconds, 3), "figures": self.figures, "error": self.error}
 
 
 @dataclass
@@ -215,6 +216,21 @@ class PipelineResult:
     @property
     def failed(self) -> StepOutcome | None:
         return next((o for o in self.outcomes if o.status == "failed"), None)
+
+    def to_dict(self) -> dict:
+        """The one JSON shape of a run: ``report.json`` and ``pipeline --json``."""
+        recipe = self.recipe
+        return {
+            "recipe": recipe.name,
+            "source": str(recipe.source) if recipe.source else None,
+            "workdir": str(recipe.workdir),
+            "base_model": str(recipe.base_model),
+            "steps": [o.to_dict() for o in self.outcomes],
+            "total_seconds": round(sum(o.seconds for o in self.outcomes if o.status == "ran"), 3),
+            "report": str(self.report_md) if self.report_md else None,
+            "report_json": str(self.report_json) if self.report_json else None,
+            "notes": self.notes,
+        }
 
 
 def step_folder(recipe: Recipe, name: str) -> Path:
@@ -240,6 +256,27 @@ def _check_slice(recipe: Recipe, start: str | None, until: str | None) -> tuple[
     return first, last
 
 
+def check_recipe(recipe: Recipe) -> dict[str, tuple[Any, list[Path]]]:
+    """Every step's typed options and external inputs, checked before anything runs (also by ``--dry-run``).
+
+    A bad option or a missing input is a :class:`UsageError` naming the step, the key and the allowed values.
+    """
+    from cnllm.core.pipeline_steps import STEP_KINDS
+
+    if not recipe.base_model.exists():
+        raise UsageError(f"base model {recipe.base_model} does not exist")
+    plans = {}
+    for name, options in recipe.steps.items():
+        kind = STEP_KINDS[name]
+        parsed = kind.parse(recipe, name, options)
+        inputs = kind.inputs(recipe, parsed)
+        for path in inputs:
+            if not path.exists():
+                raise UsageError(f"recipe step {name}: input {path} does not exist")
+        plans[name] = (parsed, inputs)
+    return plans
+
+
 def run_pipeline(
     recipe: Recipe,
     *,
@@ -251,13 +288,13 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run (or plan, with ``dry_run``) the recipe's steps; stop at the first failure.
 
-    ``force`` re-runs every selected step even when its fingerprint is unchanged.
+    ``force`` re-runs every selected step even when its fingerprint is unchanged. Every step's options
+    and inputs are checked first (:func:`check_recipe`), dry run or not.
     """
     from cnllm.core.pipeline_steps import STEP_KINDS
 
     first, last = _check_slice(recipe, start, until)
-    if not recipe.base_model.exists():
-        raise UsageError(f"base model {recipe.base_model} does not exist")
+    plans = check_recipe(recipe)
     if recipe.workdir.exists() and not recipe.workdir.is_dir():
         raise UsageError(f"work directory {recipe.workdir} is a file")
     if not dry_run:
@@ -273,7 +310,8 @@ def run_pipeline(
         if stopped or index > last:
             outcomes.append(StepOutcome(name, "not-run", folder))
             continue
-        inputs = {str(p): cache.digest(p) for p in kind.inputs(recipe, options, artifacts)}
+        parsed, input_paths = plans[name]
+        inputs = {str(p): cache.digest(p) for p in input_paths}
         step_print = fingerprint(name, options, previous, inputs)
         record = _read_record(folder)
         up_to_date = record is not None and record.get("fingerprint") == step_print
@@ -301,7 +339,7 @@ def run_pipeline(
         try:
             with atomic_dir(folder, force=True) as temporary:
                 context = StepContext(recipe, temporary, folder, artifacts, progress)
-                figures = kind.run(context, options)
+                figures = kind.run(context, parsed)
                 seconds = time.perf_counter() - started
                 record = {
                     "step": name,
@@ -355,18 +393,9 @@ def _fmt(value: Any) -> str:
 def write_report(result: PipelineResult) -> tuple[Path, Path]:
     """``WORKDIR/report.md`` and ``report.json``: every step's status, wall time and key figures."""
     recipe = result.recipe
-    document = {
-        "recipe": recipe.name,
-        "source": str(recipe.source) if recipe.source else None,
-        "workdir": str(recipe.workdir),
-        "base_model": str(recipe.base_model),
-        "steps": [
-            {"step": o.name, "status": o.status, "folder": str(o.folder), "seconds": round(o.seconds, 3), "figures": o.figures, "error": o.error}
-            for o in result.outcomes
-        ],
-        "total_seconds": round(sum(o.seconds for o in result.outcomes if o.status == "ran"), 3),
-        **result.notes,
-    }
+    md_path, json_path = recipe.workdir / "report.md", recipe.workdir / "report.json"
+    result.report_md, result.report_json = md_path, json_path
+    document = result.to_dict()
     lines = [f"# cnllm pipeline report: {recipe.name}", "", f"Base model: `{recipe.base_model}`  ", f"Work directory: `{recipe.workdir}`", ""]
     lines += ["| step | status | seconds | folder |", "| --- | --- | --- | --- |"]
     for o in result.outcomes:
@@ -379,7 +408,6 @@ def write_report(result: PipelineResult) -> tuple[Path, Path]:
             lines += _figure_lines(o.name, o.figures)
     for title, note in result.notes.items():
         lines += ["", f"## {title}", ""] + [f"- **{k}**: {_fmt(v)}" for k, v in note.items()]
-    md_path, json_path = recipe.workdir / "report.md", recipe.workdir / "report.json"
     write_text(md_path, "\n".join(lines) + "\n", force=True)
     write_text(json_path, json.dumps(document, ensure_ascii=False, indent=2, default=str) + "\n", force=True)
     return md_path, json_path

@@ -1,59 +1,101 @@
 """The pipeline's steps: each calls one command's core function and records its key figures.
 
-A step reads and updates :class:`~cnllm.core.pipeline.Artifacts` (current model, tokenizer,
+A step first parses its recipe options into that function's typed options (``MergeOptions``,
+``TrainOptions``, …) through :func:`~cnllm.core.config.build_options`, the coercion and validation
+the commands' flags and ``--config`` files go through; the pipeline does this for every step
+before any runs, so ``--dry-run`` names the step, key and allowed values of a bad option. A step reads and updates :class:`~cnllm.core.pipeline.Artifacts` (current model, tokenizer,
 adapters, GGUF files) and returns the figures that go into the report. Paths it records are the
 final ones (``context.final_path``), since it writes into a temporary folder renamed on success.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
+from cnllm.core.config import build_options, coerce_fields, option_names
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.pipeline import Artifacts, Recipe, StepContext, StepKind
 
 TRAIN_KEYS_NOT_IN_RECIPE = {"model", "tokenizer", "output", "force", "resume"}
+MERGE_KEYS_NOT_IN_RECIPE = {"format", "shards"}  # later steps need a Hugging Face directory
+CONVERT_KEYS_NOT_IN_RECIPE = {"vocab_only"}  # later steps need the weights
 
 
-def _files(options: dict, key: str, step: str) -> list[Path]:
-    value = options.get(key)
-    if not value:
-        raise UsageError(f"recipe step {step} needs '{key}': one path or a list of paths")
-    return [Path(v) for v in (value if isinstance(value, list) else [value])]
+def split_options(options: dict, where: str, *parts: tuple[type, dict]) -> list[Any]:
+    """Build several option dataclasses from one recipe mapping: each key goes to the dataclass that
+    has it (``(type, extra)`` pairs; ``extra`` may exclude or fix fields); a key none has is an error."""
+    owners: dict[str, type] = {}
+    for options_type, extra in parts:
+        for name in option_names(options_type):
+            if name not in extra.get("exclude", ()) and name not in extra.get("fixed", {}):
+                owners.setdefault(name, options_type)
+    unknown = [k for k in options if str(k).replace("-", "_") not in owners]
+    if unknown:
+        known = ", ".join(n.replace("_", "-") for n in owners)
+        raise UsageError(f"{where}: unknown option {str(unknown[0]).replace('_', '-')!r}; known options: {known}")
+    built = []
+    for options_type, extra in parts:
+        mine = {k: v for k, v in options.items() if owners[str(k).replace("-", "_")] is options_type}
+        built.append(build_options(options_type, mine, where=where, exclude=extra.get("exclude", ()), **extra.get("fixed", {})))
+    return built
 
 
-def _no_inputs(recipe: Recipe, options: dict, artifacts: Artifacts) -> list[Path]:
-    return []
+def _needs(recipe: Recipe, step: str, before: str) -> None:
+    if before not in recipe.steps:
+        raise UsageError(f"recipe step {step} needs the {before} step before it")
+
+
+def _check_files(paths: list[Path], key: str) -> None:
+    if not paths:
+        raise UsageError(f"'{key}' needs one path or a list of paths")
 
 
 # --- vocab ---------------------------------------------------------------------------------------
 
-VOCAB_TRAIN_KEYS = ("vocab_size", "model_type", "character_coverage", "input_sentence_size", "threads")
-VOCAB_MERGE_KEYS = ("scores", "add_pad_token", "pad_to_multiple_of")
+
+@dataclass
+class VocabInputs:
+    """The vocab step's own inputs: the corpus to train on, extra pieces to add, a text to measure on."""
+
+    corpus: list[Path] = field(default_factory=list)
+    add: list[Path] = field(default_factory=list)
+    measure_text: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def validate(self) -> None:
+        _check_files(self.corpus, "corpus")
 
 
-def run_vocab(context: StepContext, options: dict) -> dict:
+@dataclass
+class VocabStep:
+    inputs: VocabInputs
+    train: Any  # TrainVocabOptions
+    merge: Any  # MergeVocabOptions
+
+
+def parse_vocab(recipe: Recipe, name: str, options: dict) -> VocabStep:
+    from cnllm.core.tokenizers.merge import MergeVocabOptions
+    from cnllm.core.tokenizers.train import TrainVocabOptions
+
+    return VocabStep(*split_options(options, f"recipe step {name}", (VocabInputs, {}), (TrainVocabOptions, {}), (MergeVocabOptions, {})))
+
+
+def run_vocab(context: StepContext, step: VocabStep) -> dict:
     """Train a Chinese SentencePiece model on ``corpus`` and merge it into the base tokenizer."""
     from cnllm.core.tokenizers.inspect import inspect_tokenizer
     from cnllm.core.tokenizers.merge import merge_vocab
     from cnllm.core.tokenizers.train import train_vocab
 
-    unknown = set(options) - {"corpus", "add", "measure_text", *VOCAB_TRAIN_KEYS, *VOCAB_MERGE_KEYS}
-    if unknown:
-        raise UsageError(f"recipe step vocab: unknown option(s) {', '.join(sorted(unknown))}")
-    corpus = _files(options, "corpus", "vocab")
-    trained = train_vocab(corpus, context.folder / "chinese_sp.model", progress=context.progress, **{k: options[k] for k in VOCAB_TRAIN_KEYS if k in options})
-    extra = [Path(p) for p in options.get("add", [])]
-    merged = merge_vocab(
-        context.artifacts.tokenizer,
-        [trained.output, *extra],
-        context.folder / "tokenizer",
-        progress=context.progress,
-        **{k: options[k] for k in VOCAB_MERGE_KEYS if k in options},
-    )
+    trained = train_vocab(step.inputs.corpus, context.folder / "chinese_sp.model", step.train, progress=context.progress)
+    merged = merge_vocab(context.artifacts.tokenizer, [trained.output, *step.inputs.add], context.folder / "tokenizer", step.merge, progress=context.progress)
     context.artifacts.tokenizer = context.final_path(merged.output)
     figures = {"trained_pieces": trained.pieces, "base_vocab": merged.base_size, "merged_vocab": merged.final_size, "added": merged.added}
-    measure_text = options.get("measure_text")
+    measure_text = step.inputs.measure_text
     if measure_text:
         before = inspect_tokenizer(context.artifacts.models["base"] if context.recipe.base_tokenizer == context.recipe.base_model else context.recipe.base_tokenizer, measure_text).text
         after = inspect_tokenizer(merged.output, measure_text).text
@@ -62,80 +104,83 @@ def run_vocab(context: StepContext, options: dict) -> dict:
     return figures
 
 
-def _vocab_inputs(recipe: Recipe, options: dict, artifacts: Artifacts) -> list[Path]:
-    paths = _files(options, "corpus", "vocab") + [Path(p) for p in options.get("add", [])]
-    if options.get("measure_text"):
-        paths.append(Path(options["measure_text"]))
+def _vocab_inputs(recipe: Recipe, step: VocabStep) -> list[Path]:
+    paths = [*step.inputs.corpus, *step.inputs.add]
+    if step.inputs.measure_text:
+        paths.append(step.inputs.measure_text)
     return paths + [recipe.base_tokenizer]
 
 
 # --- pt / sft --------------------------------------------------------------------------------------
 
 
-def _train(mode: str, context: StepContext, options: dict) -> dict:
-    import dataclasses
-
+def _parse_train(recipe: Recipe, name: str, options: dict):
+    """The step's TrainOptions, validated with the step folder as output (model and tokenizer are set when it runs)."""
+    from cnllm.core.pipeline import step_folder
     from cnllm.core.training.options import TrainOptions
+
+    where = f"recipe step {name}"
+    fixed = {"model": recipe.base_model, "tokenizer": recipe.base_tokenizer, "output": step_folder(recipe, name) / "adapter"}
+    train_options = build_options(TrainOptions, options, where=where, exclude=TRAIN_KEYS_NOT_IN_RECIPE, **fixed)
+    try:
+        train_options.validate(name)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc.message}") from None
+    return train_options
+
+
+def _train(mode: str, context: StepContext, train_options) -> dict:
     from cnllm.core.training.trainer import run_training
 
-    known = {f.name for f in dataclasses.fields(TrainOptions)} - TRAIN_KEYS_NOT_IN_RECIPE
-    unknown = set(options) - known
-    if unknown:
-        raise UsageError(f"recipe step {mode}: unknown option(s) {', '.join(sorted(unknown))}")
-    values = dict(options)
-    for key in ("data", "validation_data"):
-        if key in values:
-            values[key] = [Path(p) for p in (values[key] if isinstance(values[key], list) else [values[key]])]
-    for key in ("peft_path", "deepspeed", "cache_dir"):
-        if values.get(key):
-            values[key] = Path(values[key])
-    train_options = TrainOptions(model=context.artifacts.model, tokenizer=context.artifacts.tokenizer, output=context.folder / "adapter", **values)
+    train_options = dataclasses.replace(train_options, model=context.artifacts.model, tokenizer=context.artifacts.tokenizer, output=context.folder / "adapter")
     result = run_training(mode, train_options, progress=context.progress)
     context.artifacts.adapters[mode] = context.final_path(result.output)
-    figures = {
-        "steps": result.steps,
-        "train_loss": result.train_loss,
-        "eval_loss": {"before": result.eval_loss_before, "after": result.eval_loss},
-        "perplexity": {"before": result.perplexity_before, "after": result.perplexity},
-        "tokens_per_second": result.tokens_per_second,
-        "trainable_parameters": result.trainable_parameters,
-    }
+    document = result.to_dict()
+    figures = {key: document[key] for key in ("steps", "train_loss", "tokens_per_second", "trainable_parameters")}
+    figures["eval_loss"] = {"before": document["eval_loss_before"], "after": document["eval_loss"]}
+    figures["perplexity"] = {"before": document["perplexity_before"], "after": document["perplexity"]}
     curve = result.output / "loss.png"
     if curve.exists():
         figures["loss_curve"] = str(context.final_path(curve).relative_to(context.recipe.workdir))
     return figures
 
 
-def _train_inputs(step: str):
-    def inputs(recipe: Recipe, options: dict, artifacts: Artifacts) -> list[Path]:
-        return _files(options, "data", step) + [Path(p) for p in options.get("validation_data", []) or []]
-
-    return inputs
+def _train_inputs(recipe: Recipe, train_options) -> list[Path]:
+    return [*train_options.data, *train_options.validation_data]
 
 
 # --- merge -----------------------------------------------------------------------------------------
 
 
+def _parse_merge(adapter_key: str):
+    def parse(recipe: Recipe, name: str, options: dict):
+        from cnllm.core.merge import MergeOptions
+
+        _needs(recipe, name, adapter_key)
+        return build_options(MergeOptions, options, where=f"recipe step {name}", exclude=MERGE_KEYS_NOT_IN_RECIPE)
+
+    return parse
+
+
 def _merge(adapter_key: str):
-    def run(context: StepContext, options: dict) -> dict:
+    def run(context: StepContext, merge_options) -> dict:
         from cnllm.core.merge import merge_lora
 
         adapter = context.artifacts.adapters.get(adapter_key)
         if adapter is None:
             raise UsageError(f"recipe step merge_{adapter_key} needs the {adapter_key} step before it")
-        unknown = set(options) - {"dtype", "max_shard_size", "verify"}
-        if unknown:
-            raise UsageError(f"recipe step merge_{adapter_key}: unknown option(s) {', '.join(sorted(unknown))}")
-        result = merge_lora(context.artifacts.model, [adapter], context.folder / "model", progress=context.progress, **options)
+        result = merge_lora(context.artifacts.model, [adapter], context.folder / "model", merge_options, progress=context.progress)
         merged = context.final_path(context.folder / "model")
         context.artifacts.model = context.artifacts.tokenizer = merged
         context.artifacts.models[adapter_key] = merged
         problems = result.problems()
         if problems:
             raise CheckFailed(problems[0])
-        figures = {"tensors": result.tensors, "updated": result.updated, "replaced": result.replaced, "vocab_size": result.vocab.embedding}
+        document = result.to_dict()
+        figures = {key: document[key] for key in ("dtype", "tensors", "updated", "replaced")}
+        figures["vocab_size"] = document["vocab"]["embedding"]
         if result.verify is not None:
-            figures["max_logit_difference"] = result.verify.max_abs_diff
+            figures["max_logit_difference"] = document["verify"]["max_abs_diff"]
         return figures
 
     return run
@@ -144,27 +189,58 @@ def _merge(adapter_key: str):
 # --- convert / quantize ----------------------------------------------------------------------------
 
 
-def run_convert(context: StepContext, options: dict) -> dict:
-    from cnllm.core.gguf.convert import convert_to_gguf
+def parse_convert(recipe: Recipe, name: str, options: dict):
+    from cnllm.core.gguf.convert import ConvertOptions
 
-    outtype = options.get("outtype", "f16")
-    result = convert_to_gguf(context.artifacts.model, context.folder / f"{context.recipe.name}-{outtype}.gguf", outtype=outtype, progress=context.progress)
-    context.artifacts.gguf[result.outtype] = context.final_path(result.output)
-    return {"outtype": result.outtype, "size_bytes": result.bytes_written, "tensors": result.tensor_count, "tokenizer": f"{result.tokenizer_model}/{result.tokenizer_pre}"}
+    return build_options(ConvertOptions, options, where=f"recipe step {name}", exclude=CONVERT_KEYS_NOT_IN_RECIPE)
 
 
-def run_quantize(context: StepContext, options: dict) -> dict:
+def run_convert(context: StepContext, convert_options) -> dict:
+    from cnllm.core.gguf.convert import convert_to_gguf, resolve_outtype
+    from cnllm.core.tensors import tensor_infos
+
+    gguf_type = resolve_outtype(convert_options.outtype, tensor_infos(context.artifacts.model))
+    output = context.folder / f"{context.recipe.name}-{gguf_type}.gguf"
+    result = convert_to_gguf(context.artifacts.model, output, convert_options, progress=context.progress)
+    context.artifacts.gguf[gguf_type] = context.final_path(result.output)
+    document = result.to_dict()
+    return {
+        "outtype": document["outtype"],
+        "size_bytes": document["bytes"],
+        "tensors": document["tensors"],
+        "tokenizer": f"{document['tokenizer']['model']}/{document['tokenizer']['pre']}",
+    }
+
+
+@dataclass
+class QuantizeStep:
+    types: list[str]
+    options: list[Any]  # QuantizeOptions, one per type
+
+
+def parse_quantize(recipe: Recipe, name: str, options: dict) -> QuantizeStep:
+    from cnllm.core.config import coerce
+    from cnllm.core.gguf.quantize import QuantizeOptions
+
+    where = f"recipe step {name}"
+    _needs(recipe, name, "convert")
+    settings = dict(options)
+    types = coerce(settings.pop("types", None), list[str], where=f"{where}: types") or ["q4_k_m"]
+    return QuantizeStep(types, [build_options(QuantizeOptions, settings, where=where, type=t) for t in types])
+
+
+def run_quantize(context: StepContext, step: QuantizeStep) -> dict:
     from cnllm.core.gguf.quantize import quantize_gguf
 
     if not context.artifacts.gguf:
         raise UsageError("recipe step quantize needs the convert step before it")
     source_type, source = next(iter(context.artifacts.gguf.items()))
-    types = options.get("types") or ["q4_k_m"]
     figures: dict = {"source": {"type": source_type, "size_bytes": source.stat().st_size}}
-    for quant_type in types:
-        result = quantize_gguf(source, context.folder / f"{context.recipe.name}-{quant_type.lower()}.gguf", quant_type=quant_type, progress=context.progress)
+    for quant_type, quant_options in zip(step.types, step.options):
+        result = quantize_gguf(source, context.folder / f"{context.recipe.name}-{quant_type.lower()}.gguf", quant_options, progress=context.progress)
         context.artifacts.gguf[quant_type.lower()] = context.final_path(result.output)
-        figures[quant_type.lower()] = {"size_bytes": result.output_size, "bits_per_weight": round(result.bits_per_weight, 3), "seconds": round(result.seconds, 2)}
+        document = result.to_dict()
+        figures[quant_type.lower()] = {"size_bytes": document["output_bytes"], "bits_per_weight": round(document["bits_per_weight"], 3), "seconds": round(document["seconds"], 2)}
     return figures
 
 
@@ -173,11 +249,76 @@ def run_quantize(context: StepContext, options: dict) -> dict:
 EVAL_TARGET_DEFAULT = "all"
 
 
-def _eval_targets(artifacts: Artifacts, wanted) -> dict[str, Path]:
+@dataclass
+class EvalData:
+    """What an eval part scores: text files (``ppl``) or an exam folder (``mc``)."""
+
+    data: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def validate(self) -> None:
+        _check_files(self.data, "data")
+
+
+@dataclass
+class EvalStep:
+    models: Optional[list[str]]  # None: every model of the run
+    ppl: Optional[tuple[EvalData, Any]] = None  # (files, PplOptions)
+    mc: Optional[tuple[Path, Any]] = None  # (folder, McOptions)
+
+
+def _model_names(recipe: Recipe) -> set[str] | None:
+    """The names ``eval.models`` may use, from the recipe's steps (None when a GGUF type is only known at run time)."""
+    from cnllm.core.gguf.convert import gguf_outtype
+
+    names = {"base"} | {name for name in ("pt", "sft") if f"merge_{name}" in recipe.steps}
+    if "convert" in recipe.steps:
+        outtype = gguf_outtype(str(recipe.steps["convert"].get("outtype", "auto")))
+        if outtype == "auto":
+            return None
+        names.add(f"gguf-{outtype}")
+    if "quantize" in recipe.steps:
+        names |= {f"gguf-{str(t).lower()}" for t in recipe.steps["quantize"].get("types") or ["q4_k_m"]}
+    return names
+
+
+def parse_eval(recipe: Recipe, name: str, options: dict) -> EvalStep:
+    from cnllm.core.config import coerce
+    from cnllm.core.evaluation.mc import McOptions
+    from cnllm.core.evaluation.ppl import PplOptions
+
+    where = f"recipe step {name}"
+    unknown = set(options) - {"ppl", "mc", "models"}
+    if unknown or not ({"ppl", "mc"} & set(options)):
+        raise UsageError(f"{where} takes 'ppl: {{data: [...], ctx: N}}', 'mc: {{data: DIR, format: ceval, ...}}' and optionally 'models: [...]'")
+    models = options.get("models")
+    models = None if models in (None, EVAL_TARGET_DEFAULT) else coerce(models, list[str], where=f"{where}: models")
+    known = _model_names(recipe)
+    if models is not None and known is not None and set(models) - known:
+        missing = ", ".join(sorted(set(models) - known))
+        raise UsageError(f"{where}: models: no model named {missing} in this recipe (available: {', '.join(sorted(known))})")
+    step = EvalStep(models)
+    for part in ("ppl", "mc"):
+        if part in options and not isinstance(options[part], dict):
+            raise UsageError(f"{where}: {part} must be a mapping of options")
+    if "ppl" in options:
+        step.ppl = tuple(split_options(options["ppl"], f"{where}: ppl", (EvalData, {}), (PplOptions, {})))
+    if "mc" in options:
+        settings = dict(options["mc"])
+        folder = coerce(settings.pop("data", None), Path, where=f"{where}: mc: data")
+        if folder is None:
+            raise UsageError(f"{where}: mc: 'data' needs the exam folder (dev/, val/, test/)")
+        step.mc = (folder, build_options(McOptions, settings, where=f"{where}: mc"))
+    return step
+
+
+def _eval_targets(artifacts: Artifacts, wanted: list[str] | None) -> dict[str, Path]:
     """Every model the run produced (base, pt, sft, each GGUF), or the names the recipe lists."""
     targets = {name: path for name, path in artifacts.models.items()}
     targets.update({f"gguf-{kind}": path for kind, path in artifacts.gguf.items()})
-    if wanted in (None, EVAL_TARGET_DEFAULT):
+    if wanted is None:
         return targets
     missing = [name for name in wanted if name not in targets]
     if missing:
@@ -185,54 +326,52 @@ def _eval_targets(artifacts: Artifacts, wanted) -> dict[str, Path]:
     return {name: targets[name] for name in wanted}
 
 
-def run_eval(context: StepContext, options: dict) -> dict:
+def run_eval(context: StepContext, step: EvalStep) -> dict:
     """Perplexity (``ppl``) and multiple-choice accuracy (``mc``) of every model of the run, side by side."""
     import json
 
-    from cnllm.core.evaluation.mc import McOptions, evaluate_multiple_choice
+    from cnllm.core.evaluation.mc import evaluate_multiple_choice
     from cnllm.core.evaluation.models import ModelSpec
-    from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity
+    from cnllm.core.evaluation.ppl import evaluate_perplexity
 
-    unknown = set(options) - {"ppl", "mc", "models"}
-    if unknown or not ({"ppl", "mc"} & set(options)):
-        raise UsageError("recipe step eval takes 'ppl: {data: [...], ctx: N}', 'mc: {data: DIR, format: ceval, ...}' and optionally 'models: [...]'")
-    targets = _eval_targets(context.artifacts, options.get("models"))
+    targets = _eval_targets(context.artifacts, step.models)
     figures: dict = {}
-    if "ppl" in options:
-        settings = dict(options["ppl"])
-        files = _files(settings, "data", "eval.ppl")
-        ppl_options = PplOptions(**{k: v for k, v in settings.items() if k != "data"})
+    if step.ppl is not None:
+        files, ppl_options = step.ppl
         figures["perplexity"], figures["bits_per_byte"] = {}, {}
         for name, path in targets.items():
-            result = evaluate_perplexity(ModelSpec(Path(path)), files, ppl_options, progress=context.progress)
-            total = result.total
-            figures["perplexity"][name] = round(total.ppl, 3)
-            figures["bits_per_byte"][name] = round(total.bits_per_byte, 4)
-            (context.folder / f"ppl-{name}.json").write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
-    if "mc" in options:
-        settings = dict(options["mc"])
-        data = Path(settings.pop("data"))
-        if "subjects" in settings:
-            settings["subjects"] = tuple(settings["subjects"])
-        mc_options = McOptions(**settings)
+            result = evaluate_perplexity(ModelSpec(Path(path)), files.data, ppl_options, progress=context.progress)
+            document = result.to_dict()
+            figures["perplexity"][name] = round(document["total"]["ppl"], 3)
+            figures["bits_per_byte"][name] = round(document["total"]["bits_per_byte"], 4)
+            (context.folder / f"ppl-{name}.json").write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")
+    if step.mc is not None:
+        data, mc_options = step.mc
         figures["mc_accuracy"] = {}
         for name, path in targets.items():
             result = evaluate_multiple_choice(ModelSpec(Path(path)), data, mc_options, progress=context.progress)
-            figures["mc_accuracy"][name] = round(result.average, 4) if result.average is not None else None
-            (context.folder / f"mc-{name}.json").write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+            document = result.to_dict()
+            figures["mc_accuracy"][name] = round(document["average"], 4) if document["average"] is not None else None
+            (context.folder / f"mc-{name}.json").write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")
     return figures
 
 
-def _eval_inputs(recipe: Recipe, options: dict, artifacts: Artifacts) -> list[Path]:
+def _eval_inputs(recipe: Recipe, step: EvalStep) -> list[Path]:
     paths: list[Path] = []
-    if isinstance(options.get("ppl"), dict):
-        paths += _files(options["ppl"], "data", "eval.ppl")
-    if isinstance(options.get("mc"), dict) and options["mc"].get("data"):
-        paths.append(Path(options["mc"]["data"]))
+    if step.ppl is not None:
+        paths += step.ppl[0].data
+    if step.mc is not None:
+        paths.append(step.mc[0])
     return paths
 
 
 # --- checksum --------------------------------------------------------------------------------------
+
+
+def parse_checksum(recipe: Recipe, name: str, options: dict) -> dict:
+    if options:
+        raise UsageError(f"recipe step {name}: unknown option {next(iter(options))!r}; the checksum step takes no options")
+    return {}
 
 
 def run_checksum(context: StepContext, options: dict) -> dict:
@@ -246,14 +385,18 @@ def run_checksum(context: StepContext, options: dict) -> dict:
     return {"files": len(result.files), "total_bytes": result.total_bytes, "manifest": str((context.final / "SHA256SUMS").relative_to(context.recipe.workdir))}
 
 
+def _no_inputs(recipe: Recipe, step: Any) -> list[Path]:
+    return []
+
+
 STEP_KINDS: dict[str, StepKind] = {
-    "vocab": StepKind(run_vocab, _vocab_inputs),
-    "pt": StepKind(lambda c, o: _train("pt", c, o), _train_inputs("pt")),
-    "merge_pt": StepKind(_merge("pt"), _no_inputs),
-    "sft": StepKind(lambda c, o: _train("sft", c, o), _train_inputs("sft")),
-    "merge_sft": StepKind(_merge("sft"), _no_inputs),
-    "convert": StepKind(run_convert, _no_inputs),
-    "quantize": StepKind(run_quantize, _no_inputs),
-    "eval": StepKind(run_eval, _eval_inputs),
-    "checksum": StepKind(run_checksum, _no_inputs),
+    "vocab": StepKind(parse_vocab, run_vocab, _vocab_inputs),
+    "pt": StepKind(_parse_train, lambda c, o: _train("pt", c, o), _train_inputs),
+    "merge_pt": StepKind(_parse_merge("pt"), _merge("pt"), _no_inputs),
+    "sft": StepKind(_parse_train, lambda c, o: _train("sft", c, o), _train_inputs),
+    "merge_sft": StepKind(_parse_merge("sft"), _merge("sft"), _no_inputs),
+    "convert": StepKind(parse_convert, run_convert, _no_inputs),
+    "quantize": StepKind(parse_quantize, run_quantize, _no_inputs),
+    "eval": StepKind(parse_eval, run_eval, _eval_inputs),
+    "checksum": StepKind(parse_checksum, run_checksum, _no_inputs),
 }

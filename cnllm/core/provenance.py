@@ -1,7 +1,9 @@
-"""Provenance records: every output directory says what made it.
+"""Provenance records: every output says what made it.
 
-A record ``cnllm-<kind>.json`` holds the command, its options, each input with size and
-SHA-256, the versions of cnllm and its main libraries, and any result figures.
+A record holds the command, its options, each input with size and SHA-256, the versions of
+cnllm and its main libraries, and the result (the result's ``to_dict()``). An output directory
+carries it inside as ``cnllm-<kind>.json``; a single-file output (a ``.gguf``, a ``.model``, a
+JSON report) carries it beside it as ``<file>.cnllm.json`` (:func:`write_file_record`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from cnllm.core.hashing import hash_file
 
+FILE_RECORD_SUFFIX = ".cnllm.json"
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "sentencepiece", "tokenizers", "gguf", "llama_cpp_python")
 
 
@@ -88,6 +91,25 @@ def write_record(directory: Path | str, kind: str, **fields: Any) -> Path:
     target = Path(directory) / record_name(kind)
     target.write_text(json.dumps(build_record(kind, **fields), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return target
+
+
+def file_record_path(path: Path | str) -> Path:
+    """Where the record of a single-file output lives: ``X.gguf`` → ``X.gguf.cnllm.json``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{FILE_RECORD_SUFFIX}")
+
+
+def write_file_record(path: Path | str, kind: str, **fields: Any) -> Path:
+    """Write the record of the single file ``path`` beside it, atomically (replacing a stale one)."""
+    from cnllm.core.atomic import write_text
+
+    target = file_record_path(path)
+    write_text(target, json.dumps(build_record(kind, **fields), ensure_ascii=False, indent=2) + "\n", force=True)
+    return target
+
+
+def read_file_record(path: Path | str) -> dict[str, Any]:
+    return json.loads(file_record_path(path).read_text(encoding="utf-8"))
 
 
 def read_record(directory: Path | str, kind: str) -> dict[str, Any]:

@@ -102,3 +102,40 @@ def test_no_command_module_imports_heavy_libraries_at_import_time():
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
+
+
+def _options(command, path):
+    import click
+
+    for param in command.params:
+        if isinstance(param, click.Option):
+            yield path, param
+    if isinstance(command, click.Group):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            yield from _options(command.get_command(ctx, name), f"{path} {name}")
+
+
+def test_short_aliases_have_one_meaning_across_commands():
+    import typer
+
+    from cnllm.cli.app import app
+    from cnllm.cli.options import SHORT_OPTIONS
+
+    root = typer.main.get_command(app)
+    ctx = typer.main.get_command(app).make_context("cnllm", [], resilient_parsing=True)
+    seen = {}
+    for name in COMMANDS:
+        for where, param in _options(root.get_command(ctx, name), f"cnllm {name}"):
+            longs = [o for o in param.opts if o.startswith("--")]
+            for short in (o for o in param.opts if len(o) == 2):
+                assert short in SHORT_OPTIONS, f"{where}: {short} is not in the alias table"
+                assert longs[0] in SHORT_OPTIONS[short][0], f"{where}: {short} means {longs[0]}, the table says {SHORT_OPTIONS[short][0]}"
+                seen.setdefault(short, set()).add(longs[0])
+    assert set(seen) == set(SHORT_OPTIONS) - {"-h"}  # no stale rows
+    assert seen["-t"] == {"--temperature"} and seen["-o"] == {"--output", "--workdir"}
+
+
+def test_pipeline_and_demo_name_the_work_directory_alike(cli):
+    for command in ("pipeline", "demo"):
+        assert "--workdir" in cli(command, "--help").stdout

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+from cnllm.core.provenance import read_file_record
+
 
 def test_converts_and_reports_json(cli, tmp_path, tiny_llama_dir):
     out = tmp_path / "model-f16.gguf"
@@ -15,6 +17,18 @@ def test_converts_and_reports_json(cli, tmp_path, tiny_llama_dir):
     assert report["file_type"] == "MOSTLY_F16"
     assert report["tensor_types"] == {"F32": 5, "F16": 16}
     assert report["tokenizer"] == {"model": "llama", "pre": "default", "tokens": 1000}
+    record = read_file_record(out)  # X.gguf.cnllm.json: what made the file
+    assert record["cnllm_record"] == "convert-gguf" and record["results"] == report and record["options"]["outtype"] == "f16"
+    assert record["inputs"][0]["path"] == str(tiny_llama_dir)
+
+
+def test_dtype_words_name_gguf_types_and_come_back(cli, tmp_path, tiny_llama_dir):
+    result = cli("convert-gguf", tiny_llama_dir, "-o", tmp_path / "m.gguf", "--outtype", "half", "--vocab-only", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["outtype"] == "half" and report["file_type"] == "MOSTLY_F16"
+    bad = cli("convert-gguf", tiny_llama_dir, "-o", tmp_path / "x.gguf", "--outtype", "q2")
+    assert bad.exit_code == 2 and "--outtype 'q2' is not one of f32, f16, bf16, q8_0, auto" in bad.stderr
 
 
 def test_bpe_model_and_human_output(cli, tmp_path, tiny_llama3_dir):

@@ -35,10 +35,10 @@ def test_make_then_recover(cli, tmp_path, tiny_llama_dir, tuned):
 
 
 def test_verify_manifest_mismatch_exits_1(cli, tmp_path, tiny_llama_dir, tuned):
-    cli("diff-recover", "--make-diff", "-b", tiny_llama_dir, "-t", tuned, "-o", tmp_path / "diff")
+    cli("diff-recover", "--make-diff", "-b", tiny_llama_dir, "--tuned", tuned, "-o", tmp_path / "diff")
     manifest = tmp_path / "published.sha256"
     manifest.write_text("0" * 64 + "  model.safetensors\n")
-    result = cli("diff-recover", "-b", tiny_llama_dir, "-d", tmp_path / "diff", "-o", tmp_path / "out", "--verify", manifest)
+    result = cli("diff-recover", "-b", tiny_llama_dir, "--diff", tmp_path / "diff", "-o", tmp_path / "out", "--verify", manifest)
     assert result.exit_code == 1
     assert "FAILED" in result.stdout and "model.safetensors" in result.stdout
     assert "do not match" in result.stderr and (tmp_path / "out" / "model.safetensors").exists()
@@ -63,8 +63,8 @@ def test_option_errors(cli, tmp_path, tiny_llama_dir, tuned, args, message):
 def test_layer_mismatch_exits_2(cli, tmp_path, spm_tokenizer_dir, tiny_llama_dir, tuned):
     from cnllm.core.tiny import build_tiny_llama
 
-    cli("diff-recover", "--make-diff", "-b", tiny_llama_dir, "-t", tuned, "-o", tmp_path / "diff")
+    cli("diff-recover", "--make-diff", "-b", tiny_llama_dir, "--tuned", tuned, "-o", tmp_path / "diff")
     deeper = build_tiny_llama(tmp_path / "deeper", spm_tokenizer_dir, layers=3)
-    result = cli("diff-recover", "-b", deeper, "-d", tmp_path / "diff", "-o", tmp_path / "out")
+    result = cli("diff-recover", "-b", deeper, "--diff", tmp_path / "diff", "-o", tmp_path / "out")
     assert result.exit_code == 2 and "do not hold the same tensors" in result.stderr
     assert not (tmp_path / "out").exists()

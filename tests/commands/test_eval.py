@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from cnllm.core.provenance import read_file_record
+
 from cnllm.core.tiny import asset
 from tests.core.evaluation.exam_data import write_ceval, write_cmmlu, write_mmlu
 
@@ -29,6 +31,8 @@ def test_ppl_json_and_output_file(cli, tiny_llama_dir, small_text, tmp_path):
     assert document["files"][0]["ppl"] == pytest.approx(document["total"]["ppl"])
     assert {"ppl", "mean_nll", "tokens_scored", "bits_per_byte", "tokens_per_second"} <= set(document["total"])
     assert json.loads(out.read_text(encoding="utf-8")) == document
+    record = read_file_record(out)  # the result's provenance, beside it
+    assert record["cnllm_record"] == "eval-ppl" and record["results"] == document["total"] and record["inputs"][0]["sha256"]
     again = cli("eval", "ppl", tiny_llama_dir, "--data", small_text, "-o", out)
     assert again.exit_code == 2 and "already exists" in again.stderr
 

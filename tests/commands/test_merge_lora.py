@@ -34,8 +34,19 @@ def test_human_output_and_pth_format(cli, tmp_path, tiny_llama_dir, adapter):
     out = tmp_path / "pth"
     result = cli("merge-lora", "-b", tiny_llama_dir, "-l", adapter, "-o", out, "--format", "pth", "--shards", "2", "--dtype", "fp16")
     assert result.exit_code == 0, result.stderr
-    assert "merged 1 adapter(s)" in result.stdout and "float16" in result.stdout
+    assert "merged 1 adapter(s)" in result.stdout and "(pth, fp16," in result.stdout  # the word given comes back
     assert (out / "consolidated.01.pth").exists() and (out / "params.json").exists()
+
+
+@pytest.mark.parametrize("word, canonical", [("half", "float16"), ("bfloat16", "bfloat16"), ("float", "float32")])
+def test_every_dtype_spelling_is_accepted_and_echoed(cli, tmp_path, tiny_llama_dir, adapter, word, canonical):
+    out = tmp_path / "merged"
+    result = cli("merge-lora", "-b", tiny_llama_dir, "-l", adapter, "-o", out, "--dtype", word, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["dtype"] == word
+    assert json.loads((out / "config.json").read_text())["dtype"] == canonical
+    bad = cli("merge-lora", "-b", tiny_llama_dir, "-l", adapter, "-o", tmp_path / "bad", "--dtype", "fp8")
+    assert bad.exit_code == 2 and "--dtype 'fp8' is not a dtype; choose one of fp16, float16, half" in bad.stderr
 
 
 def test_verify_failure_exits_1_and_keeps_the_output(cli, tmp_path, tiny_llama_dir, adapter):

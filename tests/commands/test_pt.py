@@ -27,7 +27,7 @@ def bigger_tokenizer(tmp_path_factory, tiny_llama_dir) -> Path:
 
 def test_pt_writes_adapter_tokenizer_metrics_curve_config_and_provenance(cli, tmp_path, tiny_llama_dir, bigger_tokenizer):
     out = tmp_path / "pt"
-    args = ["pt", "-m", tiny_llama_dir, "-t", bigger_tokenizer, "-d", asset("zh.txt"), "-o", out, *TINY_RUN,
+    args = ["pt", "-m", tiny_llama_dir, "--tokenizer", bigger_tokenizer, "-d", asset("zh.txt"), "-o", out, *TINY_RUN,
             "--max-steps", "6", "--save-steps", "3", "--validation-split", "0.05", "--cache-dir", tmp_path / "cache", "--json"]
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
@@ -91,7 +91,7 @@ def _empty(tmp_path: Path) -> Path:
         (lambda t, m: ["-d", _empty(t)], "empty.txt is empty"),
         (lambda t, m: ["-d", _not_utf8(t)], r"gbk.txt:1 is not UTF-8"),
         (lambda t, m: ["-d", asset("zh.txt"), "--lora-targets", "q_proj,attn"], "LoRA target attn is not a linear layer of the model; its linear layers are: down_proj, gate_proj, k_proj, lm_head"),
-        (lambda t, m: ["-d", asset("zh.txt"), "-t", t / "small-tok"], "fewer than the model's 1000 embedding rows"),
+        (lambda t, m: ["-d", asset("zh.txt"), "--tokenizer", t / "small-tok"], "fewer than the model's 1000 embedding rows"),
         (lambda t, m: ["-d", asset("zh.txt"), "--load-in-4bit"], "needs a CUDA GPU"),
         (lambda t, m: ["-d", asset("zh.txt"), "--streaming"], "set --max-steps"),
         (lambda t, m: ["-d", asset("zh.txt"), "--resume"], "nothing to resume"),
@@ -127,6 +127,26 @@ def test_existing_output_is_refused_without_resume_or_force(cli, tmp_path, tiny_
     assert result.exit_code == 2
     assert "already exists; pass --resume to continue its training or --force to start over" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_force_replaces_the_output_through_the_atomic_swap_and_cleans_leftovers(cli, tmp_path, tiny_llama_dir):
+    import subprocess
+    import sys
+
+    from cnllm.core.atomic import TEMP_MARK
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier run")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    stale = tmp_path / f".out{TEMP_MARK}{dead}-old"  # what a swap killed midway leaves
+    stale.mkdir()
+    result = cli("pt", "-m", tiny_llama_dir, "-d", asset("zh.txt"), "-o", out, "--force", "--max-steps", "1", *TINY_RUN,
+                 "--save-steps", "100", "--validation-split", "0", "--cache-dir", tmp_path / "cache", "--precision", "float32")
+    assert result.exit_code == 0, result.stderr
+    assert (out / "adapter_model.safetensors").exists() and not (out / "old.txt").exists()
+    assert "precision: float32" in (out / "train-config.yaml").read_text()  # any dtype word, echoed back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]
 
 
 def test_full_finetune_writes_a_loadable_model(cli, tmp_path, tiny_llama_dir):

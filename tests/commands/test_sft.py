@@ -31,7 +31,7 @@ def test_sft_continues_a_pt_adapter_with_its_tokenizer(cli, tmp_path, tiny_llama
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     tokenizer.add_tokens(["中国", "天气", "语言"])
     tokenizer.save_pretrained(str(tmp_path / "tok"))
-    pt = cli("pt", "-m", tiny_llama_dir, "-t", tmp_path / "tok", "-d", asset("zh.txt"), "-o", tmp_path / "pt", "--block-size", "64",
+    pt = cli("pt", "-m", tiny_llama_dir, "--tokenizer", tmp_path / "tok", "-d", asset("zh.txt"), "-o", tmp_path / "pt", "--block-size", "64",
              "--max-steps", "2", "--save-steps", "100", "--lora-rank", "4", "--validation-split", "0", "--cache-dir", tmp_path / "cache")
     assert pt.exit_code == 0, pt.stderr
     sft = cli("sft", "-m", tiny_llama_dir, "--peft-path", tmp_path / "pt", "-d", asset("alpaca_zh.json"), "-o", tmp_path / "sft",

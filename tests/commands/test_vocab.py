@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cnllm.core.provenance import read_file_record
+
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".cnllm-tmp-" in p.name)
@@ -25,6 +27,8 @@ def test_train_merge_inspect(cli, tmp_path, assets, spm_tokenizer_dir):
     assert result.exit_code == 0, result.stderr
     trained = json.loads(result.stdout)
     assert trained["pieces"] == 2000 and trained["corpus"]["lines"] == 144 and model.is_file()
+    record = read_file_record(model)
+    assert record["cnllm_record"] == "vocab-train" and record["results"] == trained and record["options"]["vocab_size"] == 2000
 
     out = tmp_path / "merged"
     result = cli("vocab", "merge", "--base", spm_tokenizer_dir, "--add", model, "-o", out, "--pad-to-multiple-of", "64", "--add-pad-token", "--json")

@@ -98,3 +98,33 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path):
     with atomic_dir(tmp_path / "model") as tmp:
         (tmp / "ok").write_text("1")
     assert not stale.exists() and other.exists()
+
+
+def test_replace_dir_restores_the_old_output_when_the_move_fails(tmp_path, monkeypatch):
+    import os
+
+    from cnllm.core import atomic
+
+    out, built = tmp_path / "out", tmp_path / ".out.building"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    built.mkdir()
+    (built / "new.txt").write_text("new")
+    real_replace = os.replace
+
+    def failing(source, target):
+        if source == built:
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OSError):
+        atomic.replace_dir(built, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and built.is_dir()
+    assert not [p for p in tmp_path.iterdir() if TEMP_MARK in p.name]
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    with pytest.raises(OutputExistsError):
+        atomic.replace_dir(built, out)
+    atomic.replace_dir(built, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and not built.exists()
+    assert not [p for p in tmp_path.iterdir() if TEMP_MARK in p.name]

@@ -69,3 +69,42 @@ def test_bad_config_is_one_clear_line(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         merge(Options, {}, set(), tmp_path / "absent.yaml")
+
+
+# --- one coercion for flags, --config files and recipes ---------------------------------------
+
+
+def test_build_options_coerces_recipe_strings_and_names_the_key():
+    from cnllm.core.config import build_options
+    from cnllm.core.training.options import TrainOptions
+
+    options = build_options(TrainOptions, {"learning_rate": "2e-4", "data": "a.txt", "precision": "half"}, where="recipe step pt")
+    assert options.learning_rate == 2e-4 and isinstance(options.learning_rate, float)
+    assert options.data == [Path("a.txt")] and options.precision == "half" and options.precision_short == "fp16"
+    with pytest.raises(UsageError, match=r"recipe step pt: learning-rate: expected a number, got 'fast'"):
+        build_options(TrainOptions, {"learning_rate": "fast"}, where="recipe step pt")
+    with pytest.raises(UsageError, match=r"recipe step pt: unknown option 'learning-rat'; known options: .*learning-rate"):
+        build_options(TrainOptions, {"learning-rat": 1}, where="recipe step pt")
+
+
+def test_build_options_checks_choices_and_dtypes_with_the_allowed_values():
+    from cnllm.core.config import build_options
+    from cnllm.core.merge import MergeOptions
+    from cnllm.core.tokenizers.merge import MergeVocabOptions
+
+    with pytest.raises(UsageError, match=r"recipe step merge_pt: dtype 'fp8' is not a dtype; choose one of fp16, float16, half"):
+        build_options(MergeOptions, {"dtype": "fp8"}, where="recipe step merge_pt")
+    with pytest.raises(UsageError, match=r"--scores 'high' is not one of ranked, zero"):
+        build_options(MergeVocabOptions, {"scores": "high"})
+    with pytest.raises(UsageError, match=r"recipe step merge_pt: --shards applies to --format pth only"):
+        build_options(MergeOptions, {"shards": 2}, where="recipe step merge_pt")
+    assert build_options(MergeOptions, {"dtype": "bfloat16"}).dtype.name == "bfloat16"
+
+
+def test_options_built_in_python_get_the_same_types():
+    from cnllm.core.evaluation.mc import McOptions
+    from cnllm.core.merge import MergeOptions
+
+    assert MergeOptions(dtype="fp16").dtype.name == "float16"
+    assert McOptions(format="cmmlu").split == "test" and McOptions().split == "val"
+    assert McOptions(subjects="a, b").subjects == ("a", "b")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnllm.core.diff import MakeDiffOptions, RecoverOptions
 from cnllm.core import diff
 from cnllm.core.errors import CheckFailed, OutputExistsError, UsageError
-from cnllm.core.merge import merge_lora
+from cnllm.core.merge import MergeOptions, merge_lora
 from cnllm.core.provenance import read_record
 from cnllm.core.tensors import iter_tensors
 from tests.lora_fixtures import build_adapter, extend_tokenizer, load_fp32
@@ -31,7 +32,7 @@ def tuned(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir):
     return {
         "plain": merge_lora(tiny_llama_dir, [plain], root / "plain").output,
         "extended": merge_lora(tiny_llama_dir, [extended], root / "extended").output,
-        "fp16": merge_lora(tiny_llama_dir, [plain], root / "fp16", dtype="float16").output,
+        "fp16": merge_lora(tiny_llama_dir, [plain], root / "fp16", MergeOptions(dtype="float16")).output,
     }
 
 
@@ -50,7 +51,7 @@ def _assert_bit_identical(a: Path, b: Path, dtype=None):
 @pytest.mark.parametrize("which", ["plain", "extended"])
 def test_recover_of_make_is_bit_identical(tmp_path, tiny_llama_dir, tuned, which):
     made = diff.make_diff(tiny_llama_dir, tuned[which], tmp_path / "diff")
-    recovered = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered", max_shard_size="100KB")
+    recovered = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered", RecoverOptions(max_shard_size="100KB"))
     _assert_bit_identical(tuned[which], tmp_path / "recovered")
     assert made.dtype == recovered.dtype == "float32"
     expected_extended = ["lm_head.weight", "model.embed_tokens.weight"] if which == "extended" else []
@@ -67,7 +68,7 @@ def test_round_trip_in_small_row_blocks(tmp_path, tiny_llama_dir, tuned, monkeyp
     """Tensors are processed a block of rows at a time; blocks straddling the raw vocabulary's end included."""
     monkeypatch.setattr(diff, "BLOCK_BYTES", 7 * 64 * 4)
     diff.make_diff(tiny_llama_dir, tuned["extended"], tmp_path / "diff")
-    result = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered", reference=tuned["extended"])
+    result = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered", RecoverOptions(reference=tuned["extended"]))
     _assert_bit_identical(tuned["extended"], tmp_path / "recovered")
     assert result.reference_check.passed and result.reference_check.max_abs_diff == 0.0
 
@@ -83,29 +84,29 @@ def test_extra_rows_are_carried_as_is(tmp_path, tiny_llama_dir, tuned):
 def test_fp16_model_round_trips_through_an_fp32_diff(tmp_path, tiny_llama_dir, tuned):
     diff.make_diff(tiny_llama_dir, tuned["fp16"], tmp_path / "diff")
     assert {t.dtype for _, t in iter_tensors(tmp_path / "diff")} == {torch.float32}
-    result = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered", dtype="float16")
+    result = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered", RecoverOptions(dtype="float16"))
     assert result.dtype == "float16"
     _assert_bit_identical(tuned["fp16"], tmp_path / "recovered")
 
 
 def test_make_diff_refuses_a_diff_that_cannot_recover_exactly(tmp_path, tiny_llama_dir, tuned):
     with pytest.raises(CheckFailed, match="cannot be recovered bit for bit from a torch.float16 difference"):
-        diff.make_diff(tiny_llama_dir, tuned["plain"], tmp_path / "diff", dtype="float16")
+        diff.make_diff(tiny_llama_dir, tuned["plain"], tmp_path / "diff", MakeDiffOptions(dtype="float16"))
     assert not (tmp_path / "diff").exists()
 
 
 def test_reference_and_manifest_checks(tmp_path, tiny_llama_dir, tuned):
     diff.make_diff(tiny_llama_dir, tuned["plain"], tmp_path / "diff")
-    first = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "first", reference=tuned["plain"])
+    first = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "first", RecoverOptions(reference=tuned["plain"]))
     assert first.reference_check.passed and first.reference_check.max_abs_diff == 0.0 and not first.problems()
     published = tmp_path / "SHA256.md"
     rows = [line.split() for line in (tmp_path / "first" / "SHA256SUMS").read_text().splitlines() if ".safetensors" in line]
     published.write_text("| file | sha256 |\n| --- | --- |\n" + "".join(f"| {name} | {digest} |\n" for digest, name in rows))
-    second = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "second", manifest=published)
+    second = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "second", RecoverOptions(manifest=published))
     assert second.manifest_check.passed and [c.path for c in second.manifest_check.checks] == [name for _, name in rows]
 
     published.write_text(published.read_text().replace(rows[0][0], "0" * 64))
-    third = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "third", manifest=published, reference=tiny_llama_dir)
+    third = diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "third", RecoverOptions(manifest=published, reference=tiny_llama_dir))
     problems = third.problems()
     assert len(problems) == 2 and "do not match" in problems[0] and "differ from" in problems[1]
     assert (tmp_path / "third" / "config.json").exists(), "a failed check keeps the complete output"

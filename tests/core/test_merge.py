@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnllm.core.merge import MergeOptions
 from cnllm.core import merge
 from cnllm.core.errors import OutputExistsError, UsageError
 from cnllm.core.hashing import verify_manifest
@@ -51,7 +52,7 @@ def _max_diff(a, b) -> float:
 
 def test_merge_matches_peft_logits_and_proves_itself(tmp_path, tiny_llama_dir, adapters):
     out = tmp_path / "merged"
-    result = merge.merge_lora(tiny_llama_dir, [adapters["plain"]], out, max_shard_size="150KB")
+    result = merge.merge_lora(tiny_llama_dir, [adapters["plain"]], out, MergeOptions(max_shard_size="150KB"))
     assert result.updated == 14 and result.replaced == 0
     assert _max_diff(model_logits(out), peft_logits(tiny_llama_dir, [adapters["plain"]])) < 1e-3
     assert _max_diff(model_logits(out), model_logits(tiny_llama_dir)) > 1e-2, "the adapter must change the model"
@@ -59,7 +60,7 @@ def test_merge_matches_peft_logits_and_proves_itself(tmp_path, tiny_llama_dir, a
     assert verify_manifest(out / "SHA256SUMS").passed
     record = read_record(out, "merge")
     assert record["options"]["adapter_order"] == [str(adapters["plain"])]
-    assert record["options"]["dtype"] == "float32"
+    assert record["options"]["dtype"] is None and record["results"]["dtype"] == "float32"  # the base's, none asked for
     assert all(f["sha256"] for item in record["inputs"] for f in item["files"])
 
 
@@ -80,7 +81,7 @@ def test_extended_vocabulary_replaces_embeddings_and_takes_the_adapter_tokenizer
 def test_two_adapters_apply_in_order_like_peft(tmp_path, tiny_llama_dir, adapters):
     out = tmp_path / "merged"
     order = [adapters["extended"], adapters["second"]]
-    result = merge.merge_lora(tiny_llama_dir, order, out, verify=True)
+    result = merge.merge_lora(tiny_llama_dir, order, out, MergeOptions(verify=True))
     ids = [1, 1099, 17, 1042, 300]
     assert _max_diff(model_logits(out, ids), peft_logits(tiny_llama_dir, order, ids)) < 1e-3
     assert result.verify is not None and result.verify.passed and result.verify.max_abs_diff < 1e-3
@@ -142,7 +143,7 @@ def test_two_adapters_in_small_row_blocks(tmp_path, tiny_llama_dir, adapters, mo
 
 def test_fp16_output(tmp_path, tiny_llama_dir, adapters):
     out = tmp_path / "merged"
-    result = merge.merge_lora(tiny_llama_dir, [adapters["plain"]], out, dtype="float16", verify=True)
+    result = merge.merge_lora(tiny_llama_dir, [adapters["plain"]], out, MergeOptions(dtype="float16", verify=True))
     assert {t.dtype for _, t in iter_tensors(out)} == {torch.float16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert result.verify.passed and result.verify.tolerance == merge.VERIFY_TOLERANCE["float16"]
@@ -164,7 +165,7 @@ def test_meta_pth_layout_attends_like_hf(tmp_path, tiny_llama_dir, adapters, sha
 
     hf_out, pth_out = tmp_path / "hf", tmp_path / "pth"
     merge.merge_lora(tiny_llama_dir, [adapters["plain"]], hf_out)
-    merge.merge_lora(tiny_llama_dir, [adapters["plain"]], pth_out, output_format="pth", shards=shards)
+    merge.merge_lora(tiny_llama_dir, [adapters["plain"]], pth_out, MergeOptions(format="pth", shards=shards))
     params = json.loads((pth_out / "params.json").read_text())
     config = json.loads((hf_out / "config.json").read_text())
     assert (params["n_heads"], params["n_kv_heads"], params["dim"]) == (4, 2, 64)

@@ -62,12 +62,48 @@ def test_slices(tmp_path, tiny_llama_dir, assets):
 
 
 def test_failed_step_stops_and_keeps_earlier_outputs(tmp_path, tiny_llama_dir, assets):
-    recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir, assets, extra="merge_pt: {}\n"))
+    exams = tmp_path / "exams"
+    exams.mkdir()
+    recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir, assets, extra=f"eval:\n  mc: {{data: {exams}}}\n"))
     result = run_pipeline(recipe)
     assert [o.status for o in result.outcomes] == ["ran", "failed", "not-run"]
-    assert "needs the pt step" in result.failed.error
+    assert "no 'val' split" in result.failed.error
     assert (tmp_path / "work" / "01-vocab" / "cnllm-step.json").exists()
-    assert not (tmp_path / "work" / "03-merge_pt").exists()
+    assert not (tmp_path / "work" / "08-eval").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("merge_pt: {}\n", "recipe step merge_pt needs the pt step before it"),
+        ("quantize: {types: [q4_k_m]}\n", "recipe step quantize needs the convert step before it"),
+        ("merge_pt: {dtype: fp8}\npt: {data: [DATA]}\n", "recipe step merge_pt: dtype 'fp8' is not a dtype; choose one of fp16, float16, half"),
+        ("pt: {data: [DATA], learning_rate: fast}\n", "recipe step pt: learning-rate: expected a number, got 'fast'"),
+        ("pt: {data: [DATA], precision: fp8}\n", "recipe step pt: --precision 'fp8' is not one of auto, fp16"),
+        ("pt: {data: [MISSING]}\n", "recipe step pt: input .*missing.txt does not exist"),
+        ("convert: {outtype: q2}\n", "--outtype 'q2' is not one of f32, f16, bf16, q8_0, auto"),
+        ("eval: {models: [sft], ppl: {data: [DATA]}}\n", r"recipe step eval: models: no model named sft in this recipe \(available: base\)"),
+        ("eval: {mc: {data: DIR, format: cmmlu, split: val}}\n", "recipe step eval: mc: cmmlu has no 'val' split; choose one of dev, test"),
+        ("checksum: {algo: md5}\n", "recipe step checksum: unknown option 'algo'"),
+    ],
+)
+def test_every_step_is_checked_before_anything_runs(tmp_path, tiny_llama_dir, assets, extra, message):
+    extra = extra.replace("DATA", str(assets / "zh.txt")).replace("MISSING", str(tmp_path / "missing.txt")).replace("DIR", str(tmp_path))
+    recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir, assets, extra=extra))
+    for dry_run in (True, False):
+        with pytest.raises(UsageError, match=message):
+            run_pipeline(recipe, dry_run=dry_run)
+    assert not (tmp_path / "work" / "01-vocab").exists()  # the vocab step before it never ran
+
+
+def test_step_defaults_come_from_core(tmp_path, tiny_llama_dir, assets):
+    from cnllm.core.pipeline import check_recipe
+
+    extra = f"merge_pt: {{dtype: fp16}}\npt: {{data: [{assets / 'zh.txt'}], learning_rate: '2e-4'}}\neval: {{mc: {{data: {tmp_path}, format: cmmlu}}}}\n"
+    plans = check_recipe(load_recipe(write_recipe(tmp_path, tiny_llama_dir, assets, extra=extra)))
+    assert plans["merge_pt"][0].dtype.name == "float16" and plans["merge_pt"][0].dtype == "fp16"
+    assert plans["pt"][0].learning_rate == 2e-4
+    assert plans["eval"][0].mc[1].split == "test"  # cmmlu has no val split
 
 
 def test_recipe_validation(tmp_path):

@@ -22,10 +22,11 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
 from cnllm.core.evaluation.models import ModelSpec, ScoringModel, load_model
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -33,6 +34,7 @@ from cnllm.core.progress import NULL_PROGRESS, Progress
 LETTERS = ("A", "B", "C", "D")
 FORMATS = ("ceval", "cmmlu", "mmlu")
 SPLITS = {"ceval": ("dev", "val", "test"), "cmmlu": ("dev", "test"), "mmlu": ("dev", "val", "test")}
+DEFAULT_SPLIT = {"ceval": "val", "cmmlu": "test", "mmlu": "val"}
 HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
 MAPPING_FILE = "subject_mapping.json"
 
@@ -106,12 +108,17 @@ class GroupScore:
 @dataclass(frozen=True)
 class McOptions:
     format: str = "ceval"
-    split: str = "val"
+    split: Optional[str] = None  # None: the format's default (DEFAULT_SPLIT: val; test for cmmlu, which has no val)
     shots: int = 5
     subjects: tuple[str, ...] = ()
     template: str | None = None  # None: the plain prompt; a built-in template name or "auto" (the model's own)
     batch_size: int = 8
     ctx: int = 4096  # longest prompt allowed, in tokens (also the llama.cpp context size)
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if self.split is None:
+            object.__setattr__(self, "split", DEFAULT_SPLIT.get(self.format, "val"))
 
     def validate(self) -> None:
         if self.format not in FORMATS:

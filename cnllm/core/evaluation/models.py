@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cnllm.core.dtypes import DType
 from cnllm.core.errors import CnllmError, UsageError
 from cnllm.core.gguf import is_gguf
 
@@ -30,7 +31,7 @@ class ModelSpec:
     path: Path
     lora: Path | None = None
     device: str | None = None
-    dtype: str | None = None  # None: bf16/fp16 on accelerators, fp32 on CPU
+    dtype: str | None = None  # a dtype word (fp16, bfloat16, …; echoed back); None: bf16/fp16 on accelerators, fp32 on CPU
     n_ctx: int = 2048  # llama.cpp context size
     threads: int | None = None
     trust_remote_code: bool = False
@@ -107,7 +108,7 @@ class TransformersModel(ScoringModel):
         from cnllm.core.modelio import load_causal_lm, load_tokenizer
 
         self.path, self.spec = spec.path, spec
-        dtype = getattr(torch, spec.dtype) if spec.dtype else None
+        dtype = DType(spec.dtype, where="--dtype").torch if spec.dtype else None
         try:
             self.tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
             self.model = load_causal_lm(spec.path, lora=spec.lora, device=spec.device, dtype=dtype, trust_remote_code=spec.trust_remote_code)
@@ -181,7 +182,7 @@ class TransformersModel(ScoringModel):
             "backend": self.backend,
             "lora": str(self.spec.lora) if self.spec.lora else None,
             "device": str(self.device),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(self.spec.dtype) if self.spec.dtype else str(next(self.model.parameters()).dtype).removeprefix("torch."),
         }
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from cnllm.core.config import coerce_fields
 from cnllm.core.corpus import CorpusStats, iter_documents
 from cnllm.core.errors import UsageError
 from cnllm.core.evaluation.models import ModelSpec, ScoringModel, load_model
@@ -32,6 +33,9 @@ class PplOptions:
     stride: int | None = None
     llamacpp_compatible: bool = False
     batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
 
     def validate(self) -> None:
         if self.ctx < 2:
@@ -222,3 +226,16 @@ def evaluate_perplexity(
         for path, text in texts:
             result.files.append(score_text(model, text, options, name=str(path), progress=progress))
     return result
+
+
+def write_report(result: PplResult, path: Path, *, force: bool = False) -> None:
+    """The result as JSON at ``path`` (atomically) with its provenance record beside it (``path.cnllm.json``)."""
+    import json
+
+    from cnllm.core.atomic import write_text
+    from cnllm.core.provenance import write_file_record
+
+    document = result.to_dict()
+    write_text(path, json.dumps(document, ensure_ascii=False, indent=2) + "\n", force=force)
+    # the model is named, not hashed (as eval mc): hashing gigabytes would dwarf a quick evaluation
+    write_file_record(path, "eval-ppl", inputs=[f.path for f in result.files], options={"model": result.model, **document["settings"]}, results=document["total"])

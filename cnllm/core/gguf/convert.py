@@ -9,13 +9,16 @@ headers before a byte is written; the output appears under its final name only w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from cnllm.core.atomic import atomic_path, check_output
+from cnllm.core.config import coerce_fields
+from cnllm.core.dtypes import FLOAT_DTYPES, WORDS, DType, words_for
 from cnllm.core.errors import UsageError
 from cnllm.core.gguf.vocab import TokenizerVocab, build_vocab, check_added_tokens
 from cnllm.core.modelio import check_vocab_agreement, has_tokenizer, load_config, vocab_sizes
@@ -42,6 +45,32 @@ class PlannedTensor:
 
 
 @dataclass
+class ConvertOptions:
+    """What :func:`convert_to_gguf` writes. ``outtype`` is a GGUF type (f32, f16, bf16, q8_0, auto) or any
+    dtype word (fp16, float16, half, …), echoed back as given."""
+
+    outtype: str = "auto"
+    vocab_only: bool = False
+    pre_tokenizer: Optional[str] = None  # llama.cpp BPE pre-tokenizer name when tokenizer.json does not tell
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def validate(self) -> None:
+        gguf_outtype(self.outtype)
+
+
+def gguf_outtype(outtype: str) -> str:
+    """The GGUF type an ``--outtype`` word names (``fp16``/``float16``/``half`` → ``f16``)."""
+    word = outtype.strip().lower()
+    if word in OUTTYPES:
+        return word
+    if WORDS.get(word) in FLOAT_DTYPES:
+        return DType(word).gguf
+    raise UsageError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)} or a dtype word ({', '.join(words_for(FLOAT_DTYPES))})")
+
+
+@dataclass
 class ConvertResult:
     output: Path
     outtype: str
@@ -55,6 +84,21 @@ class ConvertResult:
     vocab_size: int
     tensor_types: dict[str, int]
     seconds: float
+
+    def to_dict(self) -> dict:
+        """The one JSON shape of a conversion: ``--json``, the provenance record and the pipeline report."""
+        return {
+            "output": str(self.output),
+            "outtype": self.outtype,
+            "file_type": self.file_type,
+            "vocab_only": self.vocab_only,
+            "tensors": self.tensor_count,
+            "tensor_types": self.tensor_types,
+            "parameters": self.parameters,
+            "bytes": self.bytes_written,
+            "tokenizer": {"model": self.tokenizer_model, "pre": self.tokenizer_pre, "tokens": self.vocab_size},
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def _find(hparams: dict, keys: tuple[str, ...]) -> Any:
@@ -109,8 +153,7 @@ def _llama3_rope_factors(params: dict, head_dim: int) -> list[float]:
 
 def resolve_outtype(outtype: str, infos: dict[str, TensorInfo]) -> str:
     """``auto`` keeps the checkpoint's 16-bit type (bf16 or f16) and otherwise writes f16, as the reference does."""
-    if outtype not in OUTTYPES:
-        raise UsageError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    outtype = gguf_outtype(outtype)
     if outtype != "auto":
         return outtype
     for info in infos.values():
@@ -326,25 +369,29 @@ def preflight(model_dir: Path) -> tuple[dict, dict[str, TensorInfo]]:
 def convert_to_gguf(
     model_dir: Path | str,
     output: Path | str,
+    options: ConvertOptions | None = None,
     *,
-    outtype: str = "auto",
-    vocab_only: bool = False,
-    pre_tokenizer: str | None = None,
     force: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> ConvertResult:
-    """Write ``output`` (GGUF) from a Hugging Face LLaMA directory; see the module docstring."""
+    """Write ``output`` (GGUF) from a Hugging Face LLaMA directory, and its provenance record beside it
+    (``output.cnllm.json``); see the module docstring."""
     import gguf
     import numpy as np
 
     from cnllm.core.runtime import quiet_libraries
 
+    from cnllm.core.provenance import write_file_record
+
     quiet_libraries()
     started = time.perf_counter()
+    options = options or ConvertOptions()
+    options.validate()
+    vocab_only, pre_tokenizer = options.vocab_only, options.pre_tokenizer
     model_dir, output = Path(model_dir), Path(output)
     check_output(output, force)
     hparams, infos = preflight(model_dir)
-    outtype = resolve_outtype(outtype, infos)
+    outtype = resolve_outtype(options.outtype, infos)
     file_type = _file_type(outtype)
     vocab: TokenizerVocab = build_vocab(model_dir, hparams["vocab_size"], pre_tokenizer=pre_tokenizer)
     plan = [] if vocab_only else plan_tensors(infos, hparams, outtype)
@@ -385,9 +432,9 @@ def convert_to_gguf(
     types: dict[str, int] = {}
     for planned in plan:
         types[planned.qtype.name] = types.get(planned.qtype.name, 0) + 1
-    return ConvertResult(
+    result = ConvertResult(
         output=output,
-        outtype=outtype,
+        outtype=outtype if options.outtype == "auto" else options.outtype,
         file_type=file_type.name,
         vocab_only=vocab_only,
         tensor_count=len(plan),
@@ -399,3 +446,5 @@ def convert_to_gguf(
         tensor_types=types,
         seconds=time.perf_counter() - started,
     )
+    write_file_record(output, "convert-gguf", inputs=[model_dir], options=dataclasses.asdict(options), results=result.to_dict())
+    return result

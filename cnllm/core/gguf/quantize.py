@@ -11,12 +11,15 @@ the output atomic.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from cnllm.core.atomic import atomic_path, check_output
+from cnllm.core.config import coerce_fields
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.gguf import is_gguf
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -230,6 +233,32 @@ class _LlamaLog:
 
 
 @dataclass
+class QuantizeOptions:
+    """How :func:`quantize_gguf` quantizes (``cnllm quantize`` flags; a recipe's quantize step per type)."""
+
+    type: str  # Q4_K_M, Q8_0, … (see QUANT_TYPES and ALIASES)
+    threads: Optional[int] = None  # None: all cores
+    allow_requantize: bool = False
+    leave_output_tensor: bool = False
+    output_tensor_type: Optional[str] = None
+    token_embedding_type: Optional[str] = None
+    imatrix: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def validate(self) -> None:
+        get_quant_type(self.type)
+        for name in (self.output_tensor_type, self.token_embedding_type):
+            if name is not None:
+                ggml_type_id(name)
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        if self.imatrix is not None and not self.imatrix.is_file():
+            raise UsageError(f"--imatrix {self.imatrix} is not a file")
+
+
+@dataclass
 class QuantizeResult:
     input: Path
     output: Path
@@ -247,6 +276,23 @@ class QuantizeResult:
     def ratio(self) -> float:
         return self.input_size / self.output_size if self.output_size else 0.0
 
+    def to_dict(self) -> dict:
+        """The one JSON shape of a quantization: ``--json``, the provenance record and the pipeline report."""
+        return {
+            "input": str(self.input),
+            "output": str(self.output),
+            "type": self.type,
+            "input_bytes": self.input_size,
+            "output_bytes": self.output_size,
+            "ratio": round(self.ratio, 4),
+            "parameters": self.parameters,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "tensor_types": self.tensor_types,
+            "fallback_tensors": self.fallbacks,
+            "imatrix_entries": self.imatrix_entries,
+            "seconds": round(self.seconds, 3),
+        }
+
 
 def _imatrix_array(entries: dict[str, "np.ndarray"]):  # noqa: F821
     """A null-terminated ``llama_model_imatrix_data`` array (the arrays it points into must stay alive)."""
@@ -263,24 +309,24 @@ def _imatrix_array(entries: dict[str, "np.ndarray"]):  # noqa: F821
 def quantize_gguf(
     input_path: Path | str,
     output: Path | str,
+    options: QuantizeOptions,
     *,
-    quant_type: str,
-    threads: int | None = None,
-    allow_requantize: bool = False,
-    leave_output_tensor: bool = False,
-    output_tensor_type: str | None = None,
-    token_embedding_type: str | None = None,
-    imatrix: Path | str | None = None,
     force: bool = False,
     verbose: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> QuantizeResult:
-    """Quantize ``input_path`` into ``output`` with llama.cpp; see the module docstring."""
+    """Quantize ``input_path`` into ``output`` with llama.cpp, its provenance record beside it
+    (``output.cnllm.json``); see the module docstring."""
     import llama_cpp
 
+    from cnllm.core.provenance import write_file_record
+
     started = time.perf_counter()
+    options.validate()
+    threads, allow_requantize, imatrix = options.threads, options.allow_requantize, options.imatrix
+    output_tensor_type, token_embedding_type = options.output_tensor_type, options.token_embedding_type
     input_path, output = Path(input_path), Path(output)
-    quant = get_quant_type(quant_type)
+    quant = get_quant_type(options.type)
     check_output(output, force)
     before = read_gguf_summary(input_path)
     if before.quantized and not allow_requantize:
@@ -295,7 +341,7 @@ def quantize_gguf(
     params.ftype = quant.ftype_id
     params.nthread = threads or 0
     params.allow_requantize = allow_requantize
-    params.quantize_output_tensor = not leave_output_tensor
+    params.quantize_output_tensor = not options.leave_output_tensor
     if output_tensor_type is not None:
         params.output_tensor_type = ggml_type_id(output_tensor_type)
     if token_embedding_type is not None:
@@ -313,7 +359,7 @@ def quantize_gguf(
                 raise UsageError(f"{quant.name}: {reason}; pass --imatrix FILE (computed with llama-imatrix) or pick a k-quant such as Q4_K_M")
             raise CheckFailed(f"quantizing {input_path} to {quant.name} failed: {reason}")
         after = read_gguf_summary(tmp)
-    return QuantizeResult(
+    result = QuantizeResult(
         input=input_path,
         output=output,
         type=quant.name,
@@ -326,3 +372,5 @@ def quantize_gguf(
         imatrix_entries=len(entries),
         seconds=time.perf_counter() - started,
     )
+    write_file_record(output, "quantize", inputs=[input_path, *([imatrix] if imatrix else [])], options=dataclasses.asdict(options), results=result.to_dict())
+    return result

@@ -49,7 +49,7 @@ class TextStats:
     def unknown_rate(self) -> float:
         return self.unknown_tokens / self.tokens if self.tokens else 0.0
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {
             **vars(self),
             "chars_per_token": round(self.chars_per_token, 4),
@@ -69,14 +69,14 @@ class Inspection:
     text: TextStats | None = None
     extra: dict = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {
             "path": str(self.path),
             "type": self.kind,
             "vocab_size": self.vocab_size,
             "special_tokens": self.special_tokens,
             **self.extra,
-            "text": self.text.as_dict() if self.text else None,
+            "text": self.text.to_dict() if self.text else None,
         }
 
 

@@ -15,9 +15,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Optional, Sequence
 
 from cnllm.core.atomic import atomic_dir, check_output
+from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
@@ -50,6 +51,22 @@ class SourceCount:
 
 
 @dataclass
+class MergeVocabOptions:
+    """How :func:`merge_vocab` extends the base (``cnllm vocab merge`` flags; a recipe's vocab step)."""
+
+    scores: Literal["ranked", "zero"] = SCORES_RANKED
+    add_pad_token: bool = False
+    pad_to_multiple_of: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    def validate(self) -> None:
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise UsageError("--pad-to-multiple-of must be a positive integer")
+
+
+@dataclass
 class MergeResult:
     output: Path
     family: str
@@ -66,6 +83,26 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     unreachable: int = 0  # BPE: offered tokens that could not get merges (not added)
     unproducible: int = 0  # SentencePiece: new pieces that no text can produce (kept, as the published method keeps them)
+
+    def to_dict(self) -> dict:
+        """The one JSON shape of a vocabulary merge: ``--json``, the provenance record and the pipeline report."""
+        return {
+            "output": str(self.output),
+            "family": self.family,
+            "base_size": self.base_size,
+            "final_size": self.final_size,
+            "added": self.added,
+            "already_present": self.already_present,
+            "skipped": self.skipped,
+            "unreachable": self.unreachable,
+            "unproducible": self.unproducible,
+            "padding": self.padding,
+            "pad_token_id": self.pad_token_id,
+            "scores": self.scores,
+            "sources": [vars(s) for s in self.sources],
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def spm_candidates(source: sources.TokenizerSource) -> tuple[list[str], int]:
@@ -194,20 +231,17 @@ def merge_vocab(
     base_path: Path | str,
     add_paths: Iterable[Path | str],
     output: Path | str,
+    options: MergeVocabOptions | None = None,
     *,
-    scores: str = SCORES_RANKED,
-    add_pad_token: bool = False,
-    pad_to_multiple_of: int | None = None,
     force: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> MergeResult:
     """Merge every ADD into BASE and write OUTPUT as a complete Hugging Face tokenizer directory."""
     output = Path(output)
     add_paths = [Path(p) for p in add_paths]
-    if scores not in (SCORES_RANKED, SCORES_ZERO):
-        raise UsageError(f"--scores must be {SCORES_RANKED} or {SCORES_ZERO}, not {scores}")
-    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-        raise UsageError("--pad-to-multiple-of must be a positive integer")
+    options = options or MergeVocabOptions()
+    options.validate()
+    scores, add_pad_token, pad_to_multiple_of = options.scores, options.add_pad_token, options.pad_to_multiple_of
     if not add_paths:
         raise UsageError("give at least one --add model or word list")
     check_output(output, force)
@@ -305,16 +339,5 @@ def _record(tmp: Path, base, adds, result: MergeResult, **options) -> None:
         "vocab",
         inputs=[base.path, *(a.path for a in adds)],
         options={"base": base.path, "add": [a.path for a in adds], "family": result.family, **options},
-        results={
-            "base_size": result.base_size,
-            "final_size": result.final_size,
-            "added": result.added,
-            "already_present": result.already_present,
-            "skipped": result.skipped,
-            "padding": result.padding,
-            "pad_token_id": result.pad_token_id,
-            "unreachable": result.unreachable,
-            "unproducible": result.unproducible,
-            "per_source": [vars(s) for s in result.sources],
-        },
+        results={k: v for k, v in result.to_dict().items() if k not in ("output", "seconds")},
     )

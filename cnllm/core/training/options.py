@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from cnllm.core.config import coerce_fields
+from cnllm.core.dtypes import FLOAT_DTYPES, DType, words_for
 from cnllm.core.errors import UsageError
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", *words_for(FLOAT_DTYPES))
 PT_ONLY = ("block_size", "streaming", "cache_dir")
 SFT_ONLY = ("template", "system", "max_seq_length", "packing", "skip_invalid")
 
@@ -71,7 +73,15 @@ class TrainOptions:
     packing: bool = False
     skip_invalid: bool = False
 
-    def as_dict(self, mode: str | None = None) -> dict:
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+    @property
+    def precision_short(self) -> str:
+        """``auto``, or fp32/bf16/fp16 whichever word the user chose for it (``precision`` keeps the word)."""
+        return "auto" if self.precision.lower() == "auto" else DType(self.precision, where="--precision").short
+
+    def to_dict(self, mode: str | None = None) -> dict:
         """The options (those that matter to ``mode`` when given: pt has no template, sft no block size)."""
         skip = {"pt": SFT_ONLY, "sft": PT_ONLY}.get(mode or "", ())
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
@@ -84,7 +94,7 @@ class TrainOptions:
             raise UsageError("--data is required (on the command line or in --config)")
         if self.output is None:
             raise UsageError("--output is required (on the command line or in --config)")
-        if self.precision not in PRECISIONS:
+        if self.precision.lower() not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.load_in_4bit and self.load_in_8bit:
             raise UsageError("choose one of --load-in-4bit and --load-in-8bit")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cnllm.core.config import dump_yaml
-from cnllm.core.atomic import check_output
+from cnllm.core.atomic import check_output, replace_dir
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.modelio import VocabSizes, check_vocab_agreement, copy_missing_tokenizer_files, has_tokenizer, load_config, vocab_sizes
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -57,7 +57,7 @@ class TrainResult:
     seconds: float = 0.0
     main_process: bool = True
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "main_process"}
 
 
@@ -461,7 +461,7 @@ def plan_run(mode: str, options: TrainOptions) -> Plan:
         check_lora_targets(options.model, options.lora_targets, options.trust_remote_code)
     check_quantization(options)
     check_optional_packages(options)
-    precision = choose_precision(options.precision)
+    precision = choose_precision(options.precision_short)
     rows = sizes.embedding if sizes.embedding is not None else sizes.config
     needs_resize = sizes.tokenizer is not None and rows is not None and sizes.tokenizer > rows
     if options.peft_path is not None:
@@ -656,14 +656,7 @@ def _finish_output(plan: Plan, result: TrainResult) -> None:
         targets = [] if options.peft_path else list(options.lora_targets)
         result.data["adapter"] = verify_adapter(work, targets, plan.train_embeddings and not options.peft_path)
     plot_loss_curve(work / METRICS_NAME, work / LOSS_PNG, f"cnllm {mode}: {options.model.name}")
-    (work / CONFIG_NAME).write_text(dump_yaml(options.as_dict(mode)), encoding="utf-8")
+    (work / CONFIG_NAME).write_text(dump_yaml(options.to_dict(mode)), encoding="utf-8")
     inputs = [*plan.train_files, *plan.validation_files, options.model / "config.json"]
-    write_record(work, "train", inputs=inputs, options={"mode": mode, **options.as_dict(mode)}, results=result.as_dict())
-    output = options.output
-    old = None
-    if output.exists() or output.is_symlink():
-        old = output.parent / f".{output.name}.cnllm-tmp-old-{os.getpid()}"
-        os.replace(output, old)
-    os.replace(work, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    write_record(work, "train", inputs=inputs, options={"mode": mode, **options.to_dict(mode)}, results=result.to_dict())
+    replace_dir(work, options.output, force=True)  # plan_output refused an existing output without --force/--resume

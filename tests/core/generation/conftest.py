@@ -20,7 +20,7 @@ def tiny_generator(tiny_llama_dir):
 def tiny_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
     """The tiny model as an f32 GGUF, written by cnllm's own converter (skips where that core is absent)."""
     try:
-        from cnllm.core.gguf.convert import convert_to_gguf
+        from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
     except ImportError:
         pytest.skip("cnllm.core.gguf.convert is not available; GGUF backend tests need it to build a test GGUF")
-    return convert_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", outtype="f32").output
+    return convert_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", ConvertOptions(outtype="f32")).output

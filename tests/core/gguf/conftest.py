@@ -9,13 +9,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_spm_f32_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
-    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
 
-    return convert_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "spm-f32.gguf", outtype="f32").output
+    return convert_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "spm-f32.gguf", ConvertOptions(outtype="f32")).output
 
 
 @pytest.fixture(scope="session")
 def tiny_bpe_f32_gguf(tmp_path_factory, tiny_llama3_dir) -> Path:
-    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
 
-    return convert_to_gguf(tiny_llama3_dir, tmp_path_factory.mktemp("gguf") / "bpe-f32.gguf", outtype="f32").output
+    return convert_to_gguf(tiny_llama3_dir, tmp_path_factory.mktemp("gguf") / "bpe-f32.gguf", ConvertOptions(outtype="f32")).output

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cnllm.core.errors import UsageError
-from cnllm.core.gguf.convert import convert_to_gguf, permute_for_rope
+from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf, permute_for_rope
 from tests.core.gguf.util import copy_model, gguf_fields, gguf_tensors
 
 TEXTS = {
@@ -109,7 +109,7 @@ def test_bpe_metadata(tiny_llama3_dir, tiny_bpe_f32_gguf):
 def test_tensors_named_permuted_and_typed_like_llama_cpp(tmp_path, tiny_llama_dir):
     from safetensors.torch import load_file
 
-    out = convert_to_gguf(tiny_llama_dir, tmp_path / "f16.gguf", outtype="f16").output
+    out = convert_to_gguf(tiny_llama_dir, tmp_path / "f16.gguf", ConvertOptions(outtype="f16")).output
     tensors = gguf_tensors(out)
     state = {}
     for shard in tiny_llama_dir.glob("*.safetensors"):
@@ -130,7 +130,7 @@ def test_tensors_named_permuted_and_typed_like_llama_cpp(tmp_path, tiny_llama_di
 def test_auto_outtype_and_q8_0(tmp_path, tiny_llama_dir):
     auto = convert_to_gguf(tiny_llama_dir, tmp_path / "auto.gguf")
     assert (auto.outtype, auto.file_type) == ("f16", "MOSTLY_F16")
-    q8 = convert_to_gguf(tiny_llama_dir, tmp_path / "q8.gguf", outtype="q8_0")
+    q8 = convert_to_gguf(tiny_llama_dir, tmp_path / "q8.gguf", ConvertOptions(outtype="q8_0"))
     types = {name: t for name, (t, _, _) in gguf_tensors(q8.output).items()}
     assert types["blk.0.ffn_down.weight"] == "Q8_0"
     assert types["blk.0.ffn_norm.weight"] == "F32"
@@ -162,7 +162,7 @@ def _with_config(source: Path, target: Path, **changes) -> Path:
 )
 def test_rope_scaling_metadata(tmp_path, tiny_llama_dir, rope, expected):
     model = _with_config(tiny_llama_dir, tmp_path / "model", rope_parameters=rope)
-    fields = gguf_fields(convert_to_gguf(model, tmp_path / "vocab.gguf", vocab_only=True).output)
+    fields = gguf_fields(convert_to_gguf(model, tmp_path / "vocab.gguf", ConvertOptions(vocab_only=True)).output)
     for key, value in expected.items():
         assert fields[key] == pytest.approx(value) if isinstance(value, float) else fields[key] == value
 
@@ -171,14 +171,14 @@ def test_llama3_rope_writes_rope_freqs_and_still_matches(tmp_path, tiny_llama3_d
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64, "rope_theta": 500000.0}
     model = _with_config(tiny_llama3_dir, tmp_path / "model", rope_parameters=rope)
-    out = convert_to_gguf(model, tmp_path / "m.gguf", outtype="f32").output
+    out = convert_to_gguf(model, tmp_path / "m.gguf", ConvertOptions(outtype="f32")).output
     tensors = gguf_tensors(out)
     assert tensors["rope_freqs.weight"][:2] == ("F32", (8,))
     assert float(tensors["rope_freqs.weight"][2].max()) == pytest.approx(8.0)
 
 
 def test_vocab_only_has_metadata_and_no_tensors(tmp_path, tiny_llama_dir):
-    result = convert_to_gguf(tiny_llama_dir, tmp_path / "vocab.gguf", vocab_only=True)
+    result = convert_to_gguf(tiny_llama_dir, tmp_path / "vocab.gguf", ConvertOptions(vocab_only=True))
     assert result.tensor_count == 0
     assert gguf_tensors(result.output) == {}
     assert gguf_fields(result.output)["tokenizer.ggml.model"] == "llama"
@@ -190,7 +190,7 @@ def test_chat_template_is_written_when_the_tokenizer_has_one(tmp_path, tiny_llam
     config = json.loads(config_path.read_text())
     config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     config_path.write_text(json.dumps(config))
-    fields = gguf_fields(convert_to_gguf(model, tmp_path / "v.gguf", vocab_only=True).output)
+    fields = gguf_fields(convert_to_gguf(model, tmp_path / "v.gguf", ConvertOptions(vocab_only=True)).output)
     assert fields["tokenizer.chat_template"] == config["chat_template"]
 
 
@@ -261,7 +261,7 @@ def test_bf16_checkpoint_converts_to_bf16(tmp_path, tiny_llama_dir):
 
 def test_pickled_checkpoint_gives_the_same_tensors(tmp_path, tiny_llama_dir, tiny_spm_f32_gguf):
     model = _resaved(tiny_llama_dir, tmp_path / "bin", pickle=True)
-    out = convert_to_gguf(model, tmp_path / "bin.gguf", outtype="f32").output
+    out = convert_to_gguf(model, tmp_path / "bin.gguf", ConvertOptions(outtype="f32")).output
     expected = gguf_tensors(tiny_spm_f32_gguf)
     actual = gguf_tensors(out)
     assert actual.keys() == expected.keys()
@@ -290,7 +290,7 @@ def test_chinese_llama_2_vocabulary_tokenizes_in_llama_cpp_like_sentencepiece(tm
     (model / "config.json").write_text(json.dumps(config))
     zeros = np.zeros((rows, hidden), dtype=np.float16)
     save_file({"model.embed_tokens.weight": zeros, "lm_head.weight": zeros}, str(model / "model.safetensors"))
-    out = convert_to_gguf(model, tmp_path / "vocab.gguf", vocab_only=True).output
+    out = convert_to_gguf(model, tmp_path / "vocab.gguf", ConvertOptions(vocab_only=True)).output
     sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
     llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
     try:

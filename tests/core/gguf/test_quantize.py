@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnllm.core.gguf.convert import ConvertOptions
 from cnllm.core.errors import UsageError
-from cnllm.core.gguf.quantize import QUANT_TYPES, get_quant_type, load_imatrix, quantize_gguf, read_gguf_summary
+from cnllm.core.gguf.quantize import QUANT_TYPES, QuantizeOptions, get_quant_type, load_imatrix, quantize_gguf, read_gguf_summary
 from tests.core.gguf.util import gguf_tensors
 
 
@@ -16,7 +17,7 @@ from tests.core.gguf.util import gguf_tensors
 def f16_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
     from cnllm.core.gguf.convert import convert_to_gguf
 
-    return convert_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("q") / "f16.gguf", outtype="f16").output
+    return convert_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("q") / "f16.gguf", ConvertOptions(outtype="f16")).output
 
 
 def test_type_table_matches_llama_cpp_constants():
@@ -34,7 +35,7 @@ def test_type_table_matches_llama_cpp_constants():
 
 
 def test_k_quant_falls_back_per_tensor_on_rows_not_divisible_by_256(tmp_path, f16_gguf):
-    result = quantize_gguf(f16_gguf, tmp_path / "q4.gguf", quant_type="Q4_K_M")
+    result = quantize_gguf(f16_gguf, tmp_path / "q4.gguf", QuantizeOptions(type="Q4_K_M"))
     assert result.fallbacks > 0
     assert result.output_size < result.input_size
     types = {t for t, _, _ in gguf_tensors(result.output).values()}
@@ -43,7 +44,7 @@ def test_k_quant_falls_back_per_tensor_on_rows_not_divisible_by_256(tmp_path, f1
 
 
 def test_leave_output_tensor_and_type_overrides(tmp_path, f16_gguf):
-    result = quantize_gguf(f16_gguf, tmp_path / "q.gguf", quant_type="Q8_0", leave_output_tensor=True, token_embedding_type="f16")
+    result = quantize_gguf(f16_gguf, tmp_path / "q.gguf", QuantizeOptions(type="Q8_0", leave_output_tensor=True, token_embedding_type="f16"))
     tensors = gguf_tensors(result.output)
     assert tensors["output.weight"][0] == "F16"
     assert tensors["token_embd.weight"][0] == "F16"
@@ -71,22 +72,22 @@ class RecordingProgress:
 
 def test_llama_cpp_log_becomes_progress_and_is_silent_unless_verbose(tmp_path, f16_gguf, capfd):
     quiet = RecordingProgress()
-    quantize_gguf(f16_gguf, tmp_path / "a.gguf", quant_type="Q8_0", progress=quiet)
+    quantize_gguf(f16_gguf, tmp_path / "a.gguf", QuantizeOptions(type="Q8_0"), progress=quiet)
     assert quiet.total == 21 and len(quiet.advanced) == 21
     assert {"token_embd.weight", "blk.1.ffn_down.weight"} <= {fields["tensor"] for fields in quiet.advanced}
     assert quiet.logged == []
     assert "llama_model_quantize" not in capfd.readouterr().err
     loud = RecordingProgress()
-    quantize_gguf(f16_gguf, tmp_path / "b.gguf", quant_type="Q8_0", verbose=True, progress=loud)
+    quantize_gguf(f16_gguf, tmp_path / "b.gguf", QuantizeOptions(type="Q8_0"), verbose=True, progress=loud)
     assert any("quant size" in line for line in loud.logged)
 
 
 def test_requantizing_needs_allow_requantize(tmp_path, f16_gguf):
-    q8 = quantize_gguf(f16_gguf, tmp_path / "q8.gguf", quant_type="Q8_0").output
+    q8 = quantize_gguf(f16_gguf, tmp_path / "q8.gguf", QuantizeOptions(type="Q8_0")).output
     with pytest.raises(UsageError, match="already quantized.*--allow-requantize"):
-        quantize_gguf(q8, tmp_path / "q4.gguf", quant_type="Q4_0")
+        quantize_gguf(q8, tmp_path / "q4.gguf", QuantizeOptions(type="Q4_0"))
     assert not (tmp_path / "q4.gguf").exists()
-    assert quantize_gguf(q8, tmp_path / "q4.gguf", quant_type="Q4_0", allow_requantize=True).output.exists()
+    assert quantize_gguf(q8, tmp_path / "q4.gguf", QuantizeOptions(type="Q4_0", allow_requantize=True)).output.exists()
 
 
 def test_non_gguf_and_truncated_inputs_are_usage_errors(tmp_path, f16_gguf):
@@ -97,7 +98,7 @@ def test_non_gguf_and_truncated_inputs_are_usage_errors(tmp_path, f16_gguf):
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(f16_gguf.read_bytes()[: f16_gguf.stat().st_size // 2])
     with pytest.raises(UsageError, match="truncated"):
-        quantize_gguf(truncated, tmp_path / "out.gguf", quant_type="Q8_0")
+        quantize_gguf(truncated, tmp_path / "out.gguf", QuantizeOptions(type="Q8_0"))
     assert list(tmp_path.glob("*out.gguf*")) == []
 
 
@@ -121,7 +122,7 @@ def test_imatrix_is_loaded_and_passed_to_llama_cpp(tmp_path, f16_gguf):
     entries = load_imatrix(tmp_path / "imatrix.gguf")
     assert set(entries) == set(names)
     assert np.allclose(entries["blk.0.ffn_down.weight"], 2.0) and entries["blk.0.ffn_down.weight"].size == 128
-    result = quantize_gguf(f16_gguf, tmp_path / "iq.gguf", quant_type="IQ4_NL", imatrix=tmp_path / "imatrix.gguf")
+    result = quantize_gguf(f16_gguf, tmp_path / "iq.gguf", QuantizeOptions(type="IQ4_NL", imatrix=tmp_path / "imatrix.gguf"))
     assert result.imatrix_entries == len(names)
     assert result.output.exists()
 
@@ -138,8 +139,8 @@ def test_vocabulary_not_divisible_by_256_gets_real_k_quants(tmp_path, spm_tokeni
     from cnllm.core.tiny import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "model", spm_tokenizer_dir, hidden_size=256, intermediate_size=512, layers=1)
-    f16 = convert_to_gguf(model, tmp_path / "f16.gguf", outtype="f16").output
-    result = quantize_gguf(f16, tmp_path / "q4_k_m.gguf", quant_type="Q4_K_M")
+    f16 = convert_to_gguf(model, tmp_path / "f16.gguf", ConvertOptions(outtype="f16")).output
+    result = quantize_gguf(f16, tmp_path / "q4_k_m.gguf", QuantizeOptions(type="Q4_K_M"))
     tensors = gguf_tensors(result.output)
     assert tensors["token_embd.weight"][1] == (1000, 256)
     assert tensors["token_embd.weight"][0] in ("Q4_K", "Q6_K")

@@ -28,9 +28,9 @@ def sample_texts(assets: Path, per_file: int = 40) -> list[str]:
 @pytest.fixture(scope="session")
 def zh_spm_model(tmp_path_factory, assets) -> Path:
     """A 2,000-piece Chinese BPE SentencePiece model trained on cnllm/assets/zh.txt."""
-    from cnllm.core.tokenizers.train import train_vocab
+    from cnllm.core.tokenizers.train import TrainVocabOptions, train_vocab
 
-    return train_vocab([assets / "zh.txt"], tmp_path_factory.mktemp("zh-spm") / "zh.model", vocab_size=2000).output
+    return train_vocab([assets / "zh.txt"], tmp_path_factory.mktemp("zh-spm") / "zh.model", TrainVocabOptions(vocab_size=2000)).output
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from cnllm.core.errors import UsageError
-from cnllm.core.tokenizers.merge import merge_vocab
+from cnllm.core.tokenizers.merge import MergeVocabOptions, merge_vocab
 from tests.conftest import read_vectors
 from tests.core.tokenizers.conftest import sample_texts
 
@@ -20,7 +20,7 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
 @pytest.fixture(scope="module")
 def extended_bpe(bpe_tokenizer_dir, zh_spm_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("bpe-merge") / "out"
-    return merge_vocab(bpe_tokenizer_dir, [zh_spm_model], out, add_pad_token=True, pad_to_multiple_of=64)
+    return merge_vocab(bpe_tokenizer_dir, [zh_spm_model], out, MergeVocabOptions(add_pad_token=True, pad_to_multiple_of=64))
 
 
 def test_base_ids_kept_and_new_tokens_are_regular_vocab(bpe_tokenizer_dir, extended_bpe):
@@ -95,7 +95,7 @@ def test_bpe_add_into_bpe_refused(bpe_tokenizer_dir, zh_spm_model, tmp_path):
     with pytest.raises(UsageError, match="cannot be merged into a byte-level BPE base"):
         merge_vocab(bpe_tokenizer_dir, [bpe_tokenizer_dir / "tokenizer.json"], tmp_path / "out")
     with pytest.raises(UsageError, match="--scores applies to SentencePiece bases"):
-        merge_vocab(bpe_tokenizer_dir, [zh_spm_model], tmp_path / "out", scores="zero")
+        merge_vocab(bpe_tokenizer_dir, [zh_spm_model], tmp_path / "out", MergeVocabOptions(scores="zero"))
     assert list(tmp_path.iterdir()) == []
 
 

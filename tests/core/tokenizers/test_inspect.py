@@ -20,7 +20,7 @@ def test_spm_base_and_merge_on_chinese(spm_tokenizer_dir, merged_spm_dir, assets
     assert merged.text.cjk_per_token > 2 * base.text.cjk_per_token
     assert base.text.roundtrip_failures == merged.text.roundtrip_failures == 0
     assert token_ratio(merged, base) == pytest.approx(merged.text.tokens / base.text.tokens)
-    assert merged.as_dict()["text"]["roundtrip_ok"] is True
+    assert merged.to_dict()["text"]["roundtrip_ok"] is True
 
 
 def test_byte_level_bpe(bpe_tokenizer_dir, assets):

@@ -9,9 +9,10 @@ import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer
 
+from cnllm.core.tokenizers.train import TrainVocabOptions
 from cnllm.core.errors import OutputExistsError, UsageError
 from cnllm.core.provenance import read_record
-from cnllm.core.tokenizers.merge import merge_vocab, unused_names
+from cnllm.core.tokenizers.merge import MergeVocabOptions, merge_vocab, unused_names
 from cnllm.core.tokenizers.spm import PIECE_CONTROL, PIECE_UNUSED, load_proto
 from tests.conftest import read_vectors
 from tests.core.tokenizers.conftest import sample_texts
@@ -68,7 +69,7 @@ def test_merge_shortens_chinese(spm_tokenizer_dir, merged_spm_dir, assets):
 
 
 def test_zero_scores_reproduce_published_method(spm_tokenizer_dir, zh_spm_model, tmp_path):
-    result = merge_vocab(spm_tokenizer_dir, [zh_spm_model], tmp_path / "out", scores="zero")
+    result = merge_vocab(spm_tokenizer_dir, [zh_spm_model], tmp_path / "out", MergeVocabOptions(scores="zero"))
     merged = load_proto(tmp_path / "out" / "tokenizer.model")
     base_size = len(load_proto(spm_tokenizer_dir / "tokenizer.model").pieces)
     assert all(p.score == 0.0 for p in merged.pieces[base_size:])
@@ -78,7 +79,7 @@ def test_zero_scores_reproduce_published_method(spm_tokenizer_dir, zh_spm_model,
 def test_pad_token_and_padding(spm_tokenizer_dir, zh_spm_model, tmp_path, assets):
     from transformers import AutoTokenizer
 
-    result = merge_vocab(spm_tokenizer_dir, [zh_spm_model], tmp_path / "out", add_pad_token=True, pad_to_multiple_of=64)
+    result = merge_vocab(spm_tokenizer_dir, [zh_spm_model], tmp_path / "out", MergeVocabOptions(add_pad_token=True, pad_to_multiple_of=64))
     merged = load_proto(tmp_path / "out" / "tokenizer.model")
     base_size = len(load_proto(spm_tokenizer_dir / "tokenizer.model").pieces)
     assert len(merged.pieces) % 64 == 0 and result.final_size == len(merged.pieces)
@@ -143,7 +144,7 @@ def test_bpe_add_into_spm_base_refused(spm_tokenizer_dir, bpe_tokenizer_dir, tmp
 def test_unigram_base_refused(zh_spm_model, tmp_path, assets):
     from cnllm.core.tokenizers.train import train_vocab
 
-    unigram = train_vocab([assets / "zh.txt"], tmp_path / "uni.model", vocab_size=2000, model_type="unigram").output
+    unigram = train_vocab([assets / "zh.txt"], tmp_path / "uni.model", TrainVocabOptions(vocab_size=2000, model_type="unigram")).output
     with pytest.raises(UsageError, match="non-BPE SentencePiece"):
         merge_vocab(unigram, [zh_spm_model], tmp_path / "out")
 
@@ -168,7 +169,7 @@ def published(shared_fixtures, tmp_path_factory):
     base, add = tokenizers / "llama2-spm" / "tokenizer.model", tokenizers / "chinese-llama-sp" / "chinese_sp.model"
     out = tmp_path_factory.mktemp("published")
     ranked = merge_vocab(base, [add], out / "ranked")
-    zero = merge_vocab(base, [add], out / "zero", scores="zero")
+    zero = merge_vocab(base, [add], out / "zero", MergeVocabOptions(scores="zero"))
     return tokenizers, ranked, zero
 
 

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from cnllm.core.config import merge
+from cnllm.core.config import build_options, merge
 from cnllm.core.training.options import TrainOptions
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "training"
 
 
-@pytest.mark.parametrize("name", ["pt-7b-1gpu.yaml", "sft-7b-1gpu.yaml", "pt-7b-8gpu-zero2.yaml", "sft-7b-8gpu-zero2.yaml"])
-def test_example_config_resolves(name):
-    options = TrainOptions(**merge(TrainOptions, TrainOptions().as_dict(), set(), EXAMPLES / name))
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_example_config_resolves(name, monkeypatch):
+    monkeypatch.chdir(EXAMPLES.parents[1])  # the configs name paths from the repository root, as their comments say
+    options = build_options(TrainOptions, merge(TrainOptions, TrainOptions().to_dict(), set(), EXAMPLES / name))
+    options.validate(name.split("-")[0])  # what the run checks before loading anything
     assert options.model is not None and options.data and options.output is not None
     assert options.lora_rank == 64 and options.lora_alpha == 128 and options.gradient_checkpointing
     if "8gpu" in name:
