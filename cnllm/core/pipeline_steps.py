@@ -1,6 +1,6 @@
 """The pipeline's steps: each calls one command's core function and records its key figures.
 
-A step reads and updates :class:`~cnllm.core.pipeline.Artifacts` (current model, tokenizer,
+A step reads and updates :class:`~cnllm.core.pipeline_types.Artifacts` (current model, tokenizer,
 adapters, GGUF files) and returns the figures that go into the report. Paths it records are the
 final ones (``context.final_path``), since it writes into a temporary folder renamed on success.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cnllm.core.errors import CheckFailed, UsageError
-from cnllm.core.pipeline import Artifacts, Recipe, StepContext, StepKind
+from cnllm.core.pipeline_types import Artifacts, Recipe, StepContext, StepKind
 
 TRAIN_KEYS_NOT_IN_RECIPE = {"model", "tokenizer", "output", "force", "resume"}
 
