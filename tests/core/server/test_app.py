@@ -134,7 +134,7 @@ def wait_until_idle(server, limit=30.0) -> dict:
 
 
 def test_full_queue_is_503_and_a_disconnect_frees_the_slot(tiny_llama_dir):
-    from cnllm.core.generation.base import load_generator
+    from cnllm.core.backends import load_generator
 
     with load_generator(tiny_llama_dir) as generator:
         server, stop = start_server([generator], max_waiting=0)
@@ -155,7 +155,7 @@ def test_full_queue_is_503_and_a_disconnect_frees_the_slot(tiny_llama_dir):
 def test_gguf_server_with_two_slots(tiny_gguf):
     from concurrent.futures import ThreadPoolExecutor
 
-    from cnllm.core.generation.base import load_generator
+    from cnllm.core.backends import load_generator
 
     first = load_generator(tiny_gguf)
     generators = [first, first.for_slot()]
