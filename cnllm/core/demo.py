@@ -38,12 +38,14 @@ def build_demo_base(folder: Path, progress: Progress = NULL_PROGRESS) -> Path:
     return model
 
 
-def ask(model: Path, template: str, question: str) -> str:
-    """One answer from the instruction model, through the same generation core as `cnllm chat`."""
-    from cnllm.core.generation.base import SamplingParams, load_generator
+def ask(model: Path, question: str) -> str:
+    """One answer from the instruction model, through the same generation core as `cnllm chat`, in the
+    template sft recorded in the model (``--template auto``)."""
+    from cnllm.core.backends import load_generator
+    from cnllm.core.generation.base import SamplingParams
 
     with load_generator(model) as generator:
-        prompt_format = generator.prompt_format(template)
+        prompt_format = generator.prompt_format("auto")
         prompt = prompt_format.render([{"role": "user", "content": question}], None)
         # A fixed seed keeps the answer reproducible; greedy decoding makes a model this small repeat one token.
         params = SamplingParams(max_tokens=48, temperature=0.7, top_p=0.9, seed=0, repetition_penalty=1.1, stop=prompt_format.stop)
@@ -64,7 +66,7 @@ def run_demo(workdir: Path, *, force: bool = False, progress: Progress = NULL_PR
     answer = None
     if result.failed is None:
         model = result.artifacts.models.get("sft", result.artifacts.model)
-        answer = ask(model, recipe.steps.get("sft", {}).get("template", "alpaca"), DEMO_QUESTION)
+        answer = ask(model, DEMO_QUESTION)
         result.notes["chat"] = {"model": str(model), "question": DEMO_QUESTION, "answer": answer}
         result.report_md, result.report_json = write_report(result)
     return DemoResult(result, DEMO_QUESTION, answer)

@@ -65,7 +65,7 @@ def test_mc_test_split_json(cli, tiny_llama_dir, exam, tmp_path):
     "args, message",
     [
         (["--subjects", "nope"], "nope_val.csv does not exist"),
-        (["--template", "vicuna"], "unknown --template"),
+        (["--template", "vicuna"], "'vicuna' is not one of"),
         (["--format", "cmmlu", "--split", "val"], "no 'val' split"),
         (["--subjects", " , "], "--subjects is empty"),
     ],
