@@ -124,29 +124,30 @@ def _llama2(messages, system, bos, eos, generation_prompt):
     return out
 
 
-def _llama3(messages, system, bos, eos, generation_prompt):
-    out = []
-    if system:
-        out.append(Segment(f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"))
-    for user, answer in _pairs(messages):
-        header = "<|start_header_id|>assistant<|end_header_id|>\n\n" if answer is not None or generation_prompt else ""
-        out.append(Segment(f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>{header}"))
-        if answer is not None:
-            out.append(Segment(f"{answer}<|eot_id|>", trainable=True))
-    return out
+def _role_blocks(system_block: tuple[str, str], user_block: tuple[str, str], assistant_header: str, answer_end: str, after_answer: str = ""):
+    """Segments for templates that wrap each role's text in markers (Llama-3, ChatML): ``(open, close)`` pairs."""
+
+    def segments(messages, system, bos, eos, generation_prompt):
+        out = [Segment(system_block[0] + system + system_block[1])] if system else []
+        for user, answer in _pairs(messages):
+            header = assistant_header if answer is not None or generation_prompt else ""
+            out.append(Segment(user_block[0] + user + user_block[1] + header))
+            if answer is not None:
+                out.append(Segment(answer + answer_end, trainable=True))
+                if after_answer:
+                    out.append(Segment(after_answer))
+        return out
+
+    return segments
 
 
-def _chatml(messages, system, bos, eos, generation_prompt):
-    out = []
-    if system:
-        out.append(Segment(f"<|im_start|>system\n{system}<|im_end|>\n"))
-    for user, answer in _pairs(messages):
-        header = "<|im_start|>assistant\n" if answer is not None or generation_prompt else ""
-        out.append(Segment(f"<|im_start|>user\n{user}<|im_end|>\n{header}"))
-        if answer is not None:
-            out.append(Segment(f"{answer}<|im_end|>", trainable=True))
-            out.append(Segment("\n"))
-    return out
+_llama3 = _role_blocks(
+    ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>"),
+    ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<|eot_id|>",
+)
+_chatml = _role_blocks(("<|im_start|>system\n", "<|im_end|>\n"), ("<|im_start|>user\n", "<|im_end|>\n"), "<|im_start|>assistant\n", "<|im_end|>", "\n")
 
 
 # The Jinja twins of the segment functions above (tests render both and compare bytes). Every one

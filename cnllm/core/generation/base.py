@@ -357,7 +357,7 @@ class Generator(ABC):
 
 @dataclass
 class LoadOptions:
-    """Everything ``chat``/``serve``/``eval`` may say about loading a model."""
+    """Everything ``chat``/``serve`` may say about loading a model (eval scorers take a ``ModelSpec``)."""
 
     n_ctx: int | None = None
     threads: int | None = None
