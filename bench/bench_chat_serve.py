@@ -149,7 +149,7 @@ def hf_tiny(tokens: int, rounds: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from cnllm.core.backends import load_generator
-from cnllm.core.generation.base import SamplingParams
+    from cnllm.core.generation.base import SamplingParams
     from cnllm.core.tiny import build_spm_tokenizer, build_tiny_llama
 
     with tempfile.TemporaryDirectory() as scratch:

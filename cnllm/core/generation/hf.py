@@ -55,17 +55,12 @@ class HFGenerator(Generator):
             self.draft = self._load_draft(Path(options.draft_model))
 
     def _load_model(self, path: Path, *, lora: Path | None = None):
-        """Through the one loader; on a CPU in fp32 (half precision is slow or unsupported there)."""
-        import torch
+        """Through the one loader, with its device and dtype rules (bf16/fp16 on accelerators, fp32 on CPU)."""
+        from cnllm.core.modelio import load_causal_lm
 
-        from cnllm.core.modelio import default_device, load_causal_lm
-
-        device = default_device()
         return load_causal_lm(
             path,
             lora=lora,
-            device=device,
-            dtype=torch.float32 if device == "cpu" else None,
             load_in_4bit=self.options.load_in_4bit,
             load_in_8bit=self.options.load_in_8bit,
             trust_remote_code=self.options.trust_remote_code,
