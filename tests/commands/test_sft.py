@@ -76,7 +76,7 @@ def test_malformed_record_names_file_and_line_and_skip_invalid_counts(cli, tmp_p
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--template", "vicuna"], "unknown template 'vicuna'; choose one of alpaca, llama2, llama3, chatml, auto"),
+        (["--template", "vicuna"], "'vicuna' is not one of 'alpaca', 'llama2', 'llama3', 'chatml', 'auto'"),
         (["--template", "auto"], "the tokenizer has no chat template"),
         (["--lora-targets", "wq"], "LoRA target wq is not a linear layer"),
     ],
