@@ -247,9 +247,8 @@ def chat(
     )
     with load_generator(model, options) as generator:
         prompt_format = generator.prompt_format(template)
-        if prompt_format.is_plain:
-            if template == "auto":
-                output.print_note(f"note: {model} has no chat template; running it as plain continuation (choose one with --template)")
+        if prompt_format.is_plain and template == "auto":
+            output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")
         session = ChatSession(generator, prompt_format, params, system=system)
         if interactive:
             try:

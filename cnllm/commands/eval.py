@@ -179,7 +179,7 @@ def mc(
         _spec(model, lora, device, dtype, threads, trust_remote_code), data, options, progress=output.CliProgress()
     )
     if template == "auto" and result.model.get("template") == "none":
-        output.print_note(f"note: {model} has no chat template; prompts are plain text (--template auto falls back to none)")
+        output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")
     written = write_outputs(result, out_dir, force=force) if out_dir is not None else []
     if json_:
         document = result.to_dict()

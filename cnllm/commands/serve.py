@@ -76,7 +76,7 @@ def serve(
         name = model_name or (model.stem if model.is_file() else model.resolve().name)
         app = create_app(generators, ServerConfig(model_name=name, api_key=api_key, template=template, max_waiting=queue_size))
         if app.state.prompt_format.is_plain and template == "auto":
-            output.print_note(f"note: {model} has no chat template; chat requests are rendered as plain text (choose one with --template)")
+            output.print_note(f"note: {model} has no chat template; chat requests are plain continuation, as with --template none (choose one with --template)")
         if host not in LOOPBACK and not api_key:
             output.print_warning(f"listening on {host} without --api-key: anyone who can reach this machine can use the model")
         bound_host, bound_port = sock.getsockname()[:2]
