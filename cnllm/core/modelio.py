@@ -159,14 +159,12 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
-AUTO_DEVICE = "auto"
-
-
 def load_causal_lm(
     model_dir: Path | str,
     *,
     lora: Path | str | Sequence[Path | str] | None = None,
-    device: str | None = AUTO_DEVICE,
+    device: str | None = None,
+    place: bool = True,
     dtype=None,
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
@@ -174,8 +172,8 @@ def load_causal_lm(
 ):
     """The one Hugging Face causal-LM loader: training, generation, evaluation and merge verification.
 
-    ``device``: ``"auto"`` (CUDA, else MPS, else CPU), a device name, or None to leave the weights where
-    transformers puts them (training: the Trainer places the model). ``dtype``: a torch dtype, default
+    ``device``: a device name, default CUDA, else MPS, else CPU; ``place=False`` leaves the weights where
+    transformers loads them (training: the Trainer places the model). ``dtype``: a torch dtype, default
     bf16/fp16 on accelerators and fp32 on CPU. ``load_in_4bit``/``load_in_8bit`` need CUDA (bitsandbytes;
     NF4 with double quantisation, ``dtype`` as compute dtype) and put the model on this rank's GPU.
     ``lora``: PEFT adapters applied in order, the base's embeddings first resized to each adapter's own
@@ -200,9 +198,8 @@ def load_causal_lm(
     quantized = load_in_4bit or load_in_8bit
     if quantized and not torch.cuda.is_available():
         raise UsageError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes); none is available")
-    if device == AUTO_DEVICE:
-        device = default_device()
-    dtype = dtype or default_dtype(device or "cpu")
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if quantized:
         from transformers import BitsAndBytesConfig
@@ -219,7 +216,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"cannot load model {model_dir}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not quantized and device is not None:
+    if place and not quantized:
         model = model.to(device)
     for number, adapter in enumerate(adapters):
         from peft import PeftModel

@@ -193,7 +193,7 @@ def load_model(options: TrainOptions, precision: str):
     dtype = (half or torch.float32) if quantized else half if (half is not None and not options.full_finetune) else torch.float32
     return load_causal_lm(
         options.model,
-        device=None,
+        place=False,
         dtype=dtype,
         load_in_4bit=options.load_in_4bit,
         load_in_8bit=options.load_in_8bit,
