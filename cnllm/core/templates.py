@@ -13,6 +13,7 @@ model through merge-lora and convert-gguf. :func:`bos_needed` is the one BOS rul
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -225,6 +226,13 @@ def get_template(name: str) -> ChatTemplate:
         raise UsageError(f"unknown template {name!r}; choose one of {', '.join(PROMPT_TEMPLATE_NAMES)}") from None
 
 
+def recorded_template(jinja_source: str) -> ChatTemplate | None:
+    """The built-in whose Jinja twin ``jinja_source`` is (the first line names it), so ``auto`` on a model
+    sft trained also stops at that template's end marker, as the named template would."""
+    match = re.match(r"\{#- cnllm template: (\w+) -#\}", jinja_source)
+    return TEMPLATES.get(match.group(1)) if match else None
+
+
 def check_template_name(name: str, *, allowed: Sequence[str] = PROMPT_TEMPLATE_NAMES) -> str:
     """Validate a ``--template`` word before anything loads."""
     if name not in allowed:
@@ -354,7 +362,8 @@ def resolve_template(name: str | None, *, jinja_source: str | None, bos_token: s
         )
     if name == AUTO and jinja_source:
         render = jinja_renderer(jinja_source, bos_token=bos_token, eos_token=eos_token)
-        stops = (eos_token,) if eos_token else ()
+        recorded = recorded_template(jinja_source)
+        stops = tuple(dict.fromkeys(((eos_token,) if eos_token else ()) + (recorded.stop if recorded else ())))
         return PromptFormat(
             AUTO, stops, lambda messages, system, generation: jinja_segments(render, messages, system=system, add_generation_prompt=generation)
         )

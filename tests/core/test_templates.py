@@ -123,6 +123,13 @@ def test_auto_renders_the_models_own_template_and_falls_back_to_none():
     assert fallback.is_plain and fallback.name == "none"
 
 
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_auto_on_a_recorded_built_in_stops_like_the_built_in(name):
+    auto = resolve_template("auto", jinja_source=TEMPLATES[name].jinja(), bos_token="<s>", eos_token="</s>")
+    assert auto.name == "auto" and set(TEMPLATES[name].stop) <= set(auto.stop) and "</s>" in auto.stop
+    assert auto.render(MULTI_TURN) == TEMPLATES[name].render(MULTI_TURN, bos_token="<s>", eos_token="</s>")
+
+
 def test_none_is_plain_continuation_even_when_the_model_has_a_template():
     plain = resolve_template("none", jinja_source="{{ 'templated' }}", bos_token="<s>", eos_token="</s>")
     assert plain.is_plain and plain.render(ONE_TURN) == "你好"
