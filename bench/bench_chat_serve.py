@@ -148,7 +148,8 @@ def hf_tiny(tokens: int, rounds: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cnllm.core.generation.base import SamplingParams, load_generator
+    from cnllm.core.backends import load_generator
+    from cnllm.core.generation.base import SamplingParams
     from cnllm.core.tiny import build_spm_tokenizer, build_tiny_llama
 
     with tempfile.TemporaryDirectory() as scratch:

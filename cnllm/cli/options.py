@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+
+from cnllm.core.templates import PROMPT_TEMPLATE_NAMES
 
 # Short aliases: one meaning each, in every command that has the option (checked by a test over the
 # whole CLI; the table is printed at the top of docs/cli-reference.md and in the README).
@@ -52,7 +55,12 @@ OutputDirArg = Annotated[Path, typer.Option("--output", "-o", file_okay=False, h
 ModelArg = Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp) or a Hugging Face model directory (transformers).")]
 TemplateOpt = Annotated[
     str,
-    typer.Option("--template", help="Chat template: alpaca, llama2, llama3, chatml, or auto (the model's own; plain completion if it has none)."),
+    typer.Option(
+        "--template",
+        click_type=click.Choice(PROMPT_TEMPLATE_NAMES),
+        help="Prompt template: a built-in one; auto (the model's own chat template, plain continuation if it has none); "
+        "none (plain continuation, no template).",
+    ),
 ]
 NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window in tokens (default: the model's, at most 4096 for GGUF).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for llama.cpp (default: llama.cpp's choice).")]

@@ -207,7 +207,7 @@ def chat(
 
     Example: cnllm chat chinese-alpaca-q4.gguf --template alpaca -p "用一句话介绍北京"
     """
-    from cnllm.core.generation.base import load_generator
+    from cnllm.core.backends import load_generator
     from cnllm.core.generation.session import ChatSession
 
     params = SamplingParams(
@@ -247,8 +247,8 @@ def chat(
     )
     with load_generator(model, options) as generator:
         prompt_format = generator.prompt_format(template)
-        if prompt_format.is_plain:
-            output.print_note(f"note: {model} has no chat template; running it as plain completion (choose one with --template)")
+        if prompt_format.is_plain and template == "auto":
+            output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")
         session = ChatSession(generator, prompt_format, params, system=system)
         if interactive:
             try:

@@ -30,5 +30,5 @@ def demo(
         output.stdout().print(f"Q: {result.question}\nA: {result.answer}", markup=False, highlight=False)
     render(result.pipeline, json_, dry_run=False)
     if not json_:
-        lines = [f"  {command}    # {what}" for what, command in next_commands(result.pipeline, result.template)]
+        lines = [f"  {command}    # {what}" for what, command in next_commands(result.pipeline)]
         output.stdout().print("\nNext, try:\n" + "\n".join(lines), markup=False, highlight=False)

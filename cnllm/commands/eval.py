@@ -10,7 +10,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputFileOpt
+from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputFileOpt, TemplateOpt
 from cnllm.core.errors import UsageError
 
 app = typer.Typer(help="Evaluate a model: perplexity (ppl) and multiple-choice exams (mc).", no_args_is_help=True)
@@ -123,9 +123,7 @@ def mc(
     split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: val; test for cmmlu, which has no val).")] = None,
     shots: Annotated[int, typer.Option("--shots", "-k", min=0, help="Solved dev examples in each prompt (0 or 5 usually).")] = 5,
     subjects: Annotated[Optional[str], typer.Option("--subjects", help="Comma-separated subject keys (default: all in the split).")] = None,
-    template: Annotated[
-        str, typer.Option("--template", help="Wrap prompts in a chat template: none, alpaca, llama2, llama3, chatml or auto (the model's own).")
-    ] = "none",
+    template: TemplateOpt = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Questions per forward pass (transformers).")] = 8,
     ctx: Annotated[int, typer.Option("--ctx", min=8, help="Longest prompt allowed in tokens (llama.cpp context size).")] = 4096,
     lora: LoraOpt = None,
@@ -152,10 +150,6 @@ def mc(
         evaluate_multiple_choice,
         write_outputs,
     )
-    from cnllm.core.templates import TEMPLATE_NAMES
-
-    if template != "none" and template not in TEMPLATE_NAMES:
-        raise UsageError(f"unknown --template {template!r}; choose none or one of {', '.join(TEMPLATE_NAMES)}")
     chosen = tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else ()
     if subjects is not None and not chosen:
         raise UsageError("--subjects is empty; give comma-separated subject keys")
@@ -164,7 +158,7 @@ def mc(
         "split": split,
         "shots": shots,
         "subjects": chosen,
-        "template": None if template == "none" else template,
+        "template": template,
         "batch_size": batch_size,
         "ctx": ctx,
     }
@@ -173,6 +167,8 @@ def mc(
     if out_dir is not None:
         check_output(out_dir, force)
     result = evaluate_multiple_choice(spec, data, options, progress=output.CliProgress())
+    if template == "auto" and result.model.get("template") == "none":
+        output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")
     written = write_outputs(result, out_dir, force=force) if out_dir is not None else []
     if json_:
         document = result.to_dict()
@@ -183,7 +179,7 @@ def mc(
         (s.name, s.display_name if s.display_name != s.name else "", s.category or "", s.questions, _count(s.correct), _pct(s.accuracy))
         for s in result.subjects
     ]
-    title = f"{options.format} {options.split}, {options.shots}-shot, template {options.template or 'none'}: {model.name}"
+    title = f"{options.format} {options.split}, {options.shots}-shot, template {result.model.get('template', 'none')}: {model.name}"
     output.print_table(title, ["subject", "name", "category", "questions", "correct", "accuracy %"], rows)
     if result.categories:
         output.print_table(

@@ -53,7 +53,7 @@ def serve(
 
     Example: cnllm serve chinese-alpaca-q4.gguf --template alpaca --port 8000 --parallel 2
     """
-    from cnllm.core.generation.base import load_generator
+    from cnllm.core.backends import load_generator
     from cnllm.core.server.app import ServerConfig, bind_socket, create_app, make_server
 
     sock = bind_socket(host, port)
@@ -75,8 +75,8 @@ def serve(
             generators.append(generators[0].for_slot())
         name = model_name or (model.stem if model.is_file() else model.resolve().name)
         app = create_app(generators, ServerConfig(model_name=name, api_key=api_key, template=template, max_waiting=queue_size))
-        if app.state.prompt_format.is_plain:
-            output.print_note(f"note: {model} has no chat template; chat requests are rendered as plain text (choose one with --template)")
+        if app.state.prompt_format.is_plain and template == "auto":
+            output.print_note(f"note: {model} has no chat template; chat requests are plain continuation, as with --template none (choose one with --template)")
         if host not in LOOPBACK and not api_key:
             output.print_warning(f"listening on {host} without --api-key: anyone who can reach this machine can use the model")
         bound_host, bound_port = sock.getsockname()[:2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from cnllm.cli import output
@@ -11,7 +12,8 @@ from cnllm.commands.train_options import DATA, OPTIM, option, param, render, res
 from cnllm.core.templates import TEMPLATE_NAMES
 
 SFT_OPTIONS = [
-    param("template", Annotated[str, option("--template", help=f"Chat template: {', '.join(TEMPLATE_NAMES)} (auto: the tokenizer's own).", panel=DATA)], "alpaca"),
+    param("template", Annotated[str, option("--template", click_type=click.Choice(TEMPLATE_NAMES), panel=DATA,
+                                            help="Chat template (auto: the tokenizer's own); recorded in the adapter's tokenizer.")], "alpaca"),
     param("system", Annotated[Optional[str], option("--system", help="System prompt replacing the template's default.", panel=DATA)], None),
     param("max_seq_length", Annotated[int, option("--max-seq-length", help="Longer samples are truncated (and counted).", panel=DATA)], 1024),
     param("packing", Annotated[bool, option("--packing", help="Join whole samples into sequences of up to --max-seq-length tokens.", panel=DATA)], False),

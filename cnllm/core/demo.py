@@ -26,7 +26,6 @@ class DemoResult:
     pipeline: PipelineResult
     question: str
     answer: str | None
-    template: str  # the sft step's chat template, for the next commands shown to the user
 
 
 def build_demo_base(folder: Path, progress: Progress = NULL_PROGRESS) -> Path:
@@ -40,12 +39,14 @@ def build_demo_base(folder: Path, progress: Progress = NULL_PROGRESS) -> Path:
     return model
 
 
-def ask(model: Path, template: str, question: str) -> str:
-    """One answer from the instruction model, through the same generation core as `cnllm chat`."""
-    from cnllm.core.generation.base import SamplingParams, load_generator
+def ask(model: Path, question: str) -> str:
+    """One answer from the instruction model, through the same generation core as `cnllm chat`, in the
+    template sft recorded in the model (``--template auto``)."""
+    from cnllm.core.backends import load_generator
+    from cnllm.core.generation.base import SamplingParams
 
     with load_generator(model) as generator:
-        prompt_format = generator.prompt_format(template)
+        prompt_format = generator.prompt_format("auto")
         prompt = prompt_format.render([{"role": "user", "content": question}], None)
         # A fixed seed keeps the answer reproducible; greedy decoding makes a model this small repeat one token.
         params = SamplingParams(max_tokens=48, temperature=0.7, top_p=0.9, seed=0, repetition_penalty=1.1, stop=prompt_format.stop)
@@ -64,17 +65,19 @@ def run_demo(workdir: Path, *, force: bool = False, progress: Progress = NULL_PR
     recipe = recipe_from_dict(data, root=ASSETS, workdir=workdir, source=DEMO_RECIPE)
     result = run_pipeline(recipe, force=force, progress=progress)
     answer = None
-    template = recipe.steps.get("sft", {}).get("template", "alpaca")
     if result.failed is None:
         model = result.artifacts.models.get("sft", result.artifacts.model)
-        answer = ask(model, template, DEMO_QUESTION)
+        answer = ask(model, DEMO_QUESTION)
         result.notes["chat"] = {"model": str(model), "question": DEMO_QUESTION, "answer": answer}
         result.report_md, result.report_json = write_report(result)
-    return DemoResult(result, DEMO_QUESTION, answer, template)
+    return DemoResult(result, DEMO_QUESTION, answer)
 
 
-def next_commands(result: PipelineResult, template: str) -> list[tuple[str, str]]:
-    """What to try next on the demo's own outputs: (what it does, command), paths relative to the current folder."""
+def next_commands(result: PipelineResult) -> list[tuple[str, str]]:
+    """What to try next on the demo's own outputs: (what it does, command), paths relative to the current folder.
+
+    No ``--template``: the sft step's template travels with the model into its GGUF files.
+    """
 
     def shown(path: Path) -> str:
         try:
@@ -85,8 +88,8 @@ def next_commands(result: PipelineResult, template: str) -> list[tuple[str, str]
     commands = []
     quantized = result.artifacts.gguf.get("q4_k_m") or next(iter(result.artifacts.gguf.values()), None)
     if quantized is not None:
-        commands.append(("chat with the 4-bit model", f"cnllm chat {shown(quantized)} --template {template}"))
-        commands.append(("serve it to OpenAI clients", f"cnllm serve {shown(quantized)} --template {template} --port 8000"))
+        commands.append(("chat with the 4-bit model", f"cnllm chat {shown(quantized)}"))
+        commands.append(("serve it to OpenAI clients", f"cnllm serve {shown(quantized)} --port 8000"))
     if result.report_md is not None:
         commands.append(("read the report", f"less {shown(result.report_md)}"))
     return commands

@@ -559,43 +559,24 @@ def _prompt_ids(tokenizer_dir: Path, vocab: int) -> list[int]:
     return [(7 * i + 3) % vocab for i in range(16)]
 
 
-def reference_model(base: Path, adapters: Sequence[Path]):
-    """Base + adapters applied by PEFT in order: earlier ones merged by PEFT itself, the last one left unmerged."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    for number, directory in enumerate(adapters):
-        rows = [info.shape[0] for key, info in tensor_infos(read_adapter(directory).weights_file).items()
-                if _classify(key)[0] == "replace" and _classify(key)[1] in EMBEDDING_NAMES]
-        if rows and rows[0] != model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(rows[0], mean_resizing=False)
-        model = PeftModel.from_pretrained(model, str(directory))
-        if number < len(adapters) - 1:
-            model = model.merge_and_unload()
-    return model.eval()
-
-
 def verify_merge(base: Path, adapters: Sequence[Path], merged: Path, *, tolerance: float, progress: Progress = NULL_PROGRESS) -> VerifyReport:
     """Max absolute logit difference between PEFT's base+adapters and the merged checkpoint, on a short prompt."""
     import gc
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from cnllm.core.runtime import quiet_libraries
+    from cnllm.core.modelio import load_causal_lm
 
-    quiet_libraries()
     progress.log("verifying: base + adapters (PEFT, unmerged) against the merged output")
     vocab = load_config(merged).get("vocab_size") or 0
     ids = torch.tensor([_prompt_ids(merged, vocab)])
     with torch.no_grad():
-        model = reference_model(base, adapters)
+        # PEFT applies the adapters in order: earlier ones merged by PEFT itself, the last one left unmerged.
+        model = load_causal_lm(base, lora=adapters, device="cpu", dtype=torch.float32)
         expected = model(ids).logits.float()
         del model
         gc.collect()
-        model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+        model = load_causal_lm(merged, device="cpu", dtype=torch.float32)
         actual = model(ids).logits.float()
         del model
         gc.collect()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from cnllm.core.errors import UsageError
 from cnllm.core.tensors import tensor_infos
@@ -109,11 +110,12 @@ def check_vocab_agreement(sizes: VocabSizes, *, where: str = "") -> None:
 
 
 def adapter_vocab_rows(adapter_dir: Path | str) -> int | None:
-    """Rows of the full embedding/lm_head an adapter carries (``modules_to_save``), if any."""
+    """Rows of the full embedding/lm_head an adapter carries (``modules_to_save`` copies, or a resized
+    LoRA-target embedding's ``base_layer``), if any: the size the base must have before PEFT applies it."""
     rows = [
         info.shape[0]
         for name, info in tensor_infos(adapter_dir).items()
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")) and len(info.shape) == 2 and "lora_" not in name
+        if ("embed_tokens" in name or "lm_head" in name) and name.endswith(".weight") and len(info.shape) == 2 and "lora_" not in name
     ]
     return max(rows) if rows else None
 
@@ -148,18 +150,40 @@ def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether a Hugging Face tokenizer puts its BOS before a text (the model's own rule, which the one
+    BOS rule of :func:`cnllm.core.templates.bos_needed` follows)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    probe = tokenizer("a")["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
 def load_causal_lm(
     model_dir: Path | str,
     *,
-    lora: Path | str | None = None,
+    lora: Path | str | Sequence[Path | str] | None = None,
     device: str | None = None,
+    place: bool = True,
     dtype=None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
     trust_remote_code: bool = False,
 ):
-    """A Hugging Face causal LM for inference (eval mode), optionally with a PEFT adapter applied unmerged.
+    """The one Hugging Face causal-LM loader: training, generation, evaluation and merge verification.
 
+    ``device``: a device name, default CUDA, else MPS, else CPU; ``place=False`` leaves the weights where
+    transformers loads them (training: the Trainer places the model). ``dtype``: a torch dtype, default
+    bf16/fp16 on accelerators and fp32 on CPU. ``load_in_4bit``/``load_in_8bit`` need CUDA (bitsandbytes;
+    NF4 with double quantisation, ``dtype`` as compute dtype) and put the model on this rank's GPU.
+    ``lora``: PEFT adapters applied in order, the base's embeddings first resized to each adapter's own
+    rows (:func:`adapter_vocab_rows`); all but the last are merged in, the last stays unmerged.
     Weights load from safetensors, or from ``.bin`` with ``weights_only`` (transformers' default).
+    The model comes back in eval mode.
     """
+    import os
+
+    import torch
     from transformers import AutoModelForCausalLM
 
     from cnllm.core.runtime import quiet_libraries
@@ -167,23 +191,46 @@ def load_causal_lm(
     quiet_libraries()
     load_config(model_dir)
     tensor_infos(model_dir)  # a truncated or corrupted shard is a usage error naming the file
+    adapters = [] if lora is None else [Path(lora)] if isinstance(lora, (str, Path)) else [Path(a) for a in lora]
+    for adapter in adapters:
+        if not (adapter / "adapter_config.json").exists():
+            raise UsageError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    quantized = load_in_4bit or load_in_8bit
+    if quantized and not torch.cuda.is_available():
+        raise UsageError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes); none is available")
     device = device or default_device()
     dtype = dtype or default_dtype(device)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load model {model_dir}: {str(exc).splitlines()[0]}") from exc
-    if lora is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"cannot load model {model_dir}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if place and not quantized:
+        model = model.to(device)
+    for number, adapter in enumerate(adapters):
         from peft import PeftModel
 
-        if not (Path(lora) / "adapter_config.json").exists():
-            raise UsageError(f"{lora} is not a PEFT adapter (no adapter_config.json)")
-        rows = model.get_input_embeddings().weight.shape[0]
-        needed = adapter_vocab_rows(lora) or rows
-        if needed > rows:
-            model.resize_token_embeddings(needed)
-        model = PeftModel.from_pretrained(model, str(lora))
-    return model.to(device).eval()
+        rows = adapter_vocab_rows(adapter)
+        if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(rows, mean_resizing=False)
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"could not apply the LoRA adapter {adapter}: {str(exc).splitlines()[0]}") from None
+        if number < len(adapters) - 1:
+            model = model.merge_and_unload()
+    return model.eval()
 
 
 SPM_TOKENIZER_FILES = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json")

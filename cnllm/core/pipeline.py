@@ -16,26 +16,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cnllm.core.atomic import atomic_dir, check_output, write_text
 from cnllm.core.errors import CnllmError, UsageError
 from cnllm.core.hashing import hash_file
+from cnllm.core.pipeline_types import STEP_ORDER, Artifacts, Recipe, StepContext, step_folder
 from cnllm.core.progress import NULL_PROGRESS, Progress
 
-STEP_ORDER = ("vocab", "pt", "merge_pt", "sft", "merge_sft", "convert", "quantize", "eval", "checksum")
 RECIPE_KEYS = {"name", "workdir", "base", *STEP_ORDER}
 STEP_RECORD = "cnllm-step.json"
-
-
-@dataclass
-class Recipe:
-    name: str
-    workdir: Path
-    base_model: Path
-    base_tokenizer: Path
-    steps: dict[str, dict[str, Any]]
-    source: Path | None = None
 
 
 def _resolve(value: Any, root: Path) -> Any:
@@ -142,56 +132,6 @@ def fingerprint(step: str, options: dict, previous: str, inputs: dict[str, str])
 
 
 @dataclass
-class Artifacts:
-    """What flows from step to step: the current model, tokenizer, adapters and GGUF files."""
-
-    model: Path
-    tokenizer: Path
-    models: dict[str, Path] = field(default_factory=dict)
-    adapters: dict[str, Path] = field(default_factory=dict)
-    gguf: dict[str, Path] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {
-            "model": str(self.model),
-            "tokenizer": str(self.tokenizer),
-            "models": {k: str(v) for k, v in self.models.items()},
-            "adapters": {k: str(v) for k, v in self.adapters.items()},
-            "gguf": {k: str(v) for k, v in self.gguf.items()},
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Artifacts":
-        return cls(
-            model=Path(data["model"]),
-            tokenizer=Path(data["tokenizer"]),
-            models={k: Path(v) for k, v in data["models"].items()},
-            adapters={k: Path(v) for k, v in data["adapters"].items()},
-            gguf={k: Path(v) for k, v in data["gguf"].items()},
-        )
-
-
-@dataclass
-class StepContext:
-    recipe: Recipe
-    folder: Path  # the temporary folder the step writes into; final location is ``final``
-    final: Path
-    artifacts: Artifacts
-    progress: Progress
-
-    def final_path(self, temporary: Path) -> Path:
-        """Where a file written under ``folder`` will live once the step succeeds."""
-        return self.final / temporary.relative_to(self.folder)
-
-
-@dataclass
-class StepKind:
-    parse: Callable[[Recipe, str, dict], Any]  # (recipe, step name, recipe options) -> typed options; UsageError naming the key
-    run: Callable[[StepContext, Any], dict]  # (context, typed options) -> figures; updates context.artifacts
-    inputs: Callable[[Recipe, Any], list[Path]]  # (recipe, typed options) -> external inputs to fingerprint
-
-
-@dataclass
 class StepOutcome:
     name: str
     status: str  # ran | skipped | failed | planned | up-to-date | not-run
@@ -231,10 +171,6 @@ class PipelineResult:
             "report_json": str(self.report_json) if self.report_json else None,
             "notes": self.notes,
         }
-
-
-def step_folder(recipe: Recipe, name: str) -> Path:
-    return recipe.workdir / f"{STEP_ORDER.index(name) + 1:02d}-{name}"
 
 
 def _read_record(folder: Path) -> dict | None:

@@ -3,7 +3,8 @@
 A step first parses its recipe options into that function's typed options (``MergeOptions``,
 ``TrainOptions``, …) through :func:`~cnllm.core.config.build_options`, the coercion and validation
 the commands' flags and ``--config`` files go through; the pipeline does this for every step
-before any runs, so ``--dry-run`` names the step, key and allowed values of a bad option. A step reads and updates :class:`~cnllm.core.pipeline.Artifacts` (current model, tokenizer,
+before any runs, so ``--dry-run`` names the step, key and allowed values of a bad option. A step
+reads and updates :class:`~cnllm.core.pipeline_types.Artifacts` (current model, tokenizer,
 adapters, GGUF files) and returns the figures that go into the report. Paths it records are the
 final ones (``context.final_path``), since it writes into a temporary folder renamed on success.
 """
@@ -17,7 +18,7 @@ from typing import Any, Optional
 
 from cnllm.core.config import build_options, coerce_fields, option_names
 from cnllm.core.errors import CheckFailed, UsageError
-from cnllm.core.pipeline import Artifacts, Recipe, StepContext, StepKind
+from cnllm.core.pipeline_types import Artifacts, Recipe, StepContext, StepKind, step_folder
 
 TRAIN_KEYS_NOT_IN_RECIPE = {"model", "tokenizer", "output", "force", "resume"}
 MERGE_KEYS_NOT_IN_RECIPE = {"format", "shards"}  # later steps need a Hugging Face directory
@@ -116,7 +117,6 @@ def _vocab_inputs(recipe: Recipe, step: VocabStep) -> list[Path]:
 
 def _parse_train(recipe: Recipe, name: str, options: dict):
     """The step's TrainOptions, validated with the step folder as output (model and tokenizer are set when it runs)."""
-    from cnllm.core.pipeline import step_folder
     from cnllm.core.training.options import TrainOptions
 
     where = f"recipe step {name}"

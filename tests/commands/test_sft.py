@@ -76,7 +76,7 @@ def test_malformed_record_names_file_and_line_and_skip_invalid_counts(cli, tmp_p
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--template", "vicuna"], "unknown template 'vicuna'; choose one of alpaca, llama2, llama3, chatml, auto"),
+        (["--template", "vicuna"], "'vicuna' is not one of 'alpaca', 'llama2', 'llama3', 'chatml', 'auto'"),
         (["--template", "auto"], "the tokenizer has no chat template"),
         (["--lora-targets", "wq"], "LoRA target wq is not a linear layer"),
     ],
@@ -88,3 +88,35 @@ def test_bad_sft_input_is_exit_2_and_nothing_trained(cli, tmp_path, tiny_llama_d
     assert message in " ".join(result.stderr.split())
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / ".out.cnllm-training").exists()
+
+
+def test_the_sft_template_travels_through_merge_and_gguf_to_chat(cli, tmp_path, tiny_llama_dir):
+    """sft records its template in the adapter's tokenizer; merge-lora and convert-gguf carry it; chat's
+    --template auto then renders with it, without being told."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from cnllm.core.templates import TEMPLATES
+
+    sft = cli("sft", "-m", tiny_llama_dir, "-d", asset("alpaca_zh.json"), "--template", "llama2", "--system", "简短回答。", "-o", tmp_path / "sft",
+              "--max-steps", "1", "--save-steps", "100", "--max-seq-length", "96", "--lora-rank", "4", "--validation-split", "0")
+    assert sft.exit_code == 0, sft.stderr
+    recorded = TEMPLATES["llama2"].jinja(default_system="简短回答。")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "sft")).chat_template == recorded
+    merged = cli("merge-lora", "--base", tiny_llama_dir, "--lora", tmp_path / "sft", "-o", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.stderr
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "merged")).chat_template == recorded
+    converted = cli("convert-gguf", tmp_path / "merged", "-o", tmp_path / "model.gguf", "--outtype", "f32")
+    assert converted.exit_code == 0, converted.stderr
+    llama = Llama(model_path=str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
+    try:
+        assert llama.metadata["tokenizer.chat_template"] == recorded
+    finally:
+        llama.close()
+    for model in (tmp_path / "merged", tmp_path / "model.gguf"):
+        chat = cli("chat", model, "-p", "你好", "-t", "0", "-n", "2", "--json")
+        assert chat.exit_code == 0, chat.stderr
+        document = json.loads(chat.stdout)
+        assert document["template"] == "auto" and "no chat template" not in chat.stderr
+        llama2 = json.loads(cli("chat", model, "-p", "你好", "-t", "0", "-n", "2", "--json", "--template", "llama2", "--system", "简短回答。").stdout)
+        assert document["prompt_tokens"] == llama2["prompt_tokens"]

@@ -28,8 +28,10 @@ import numpy as np
 
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
-from cnllm.core.evaluation.models import ModelSpec, ScoringModel, load_model
+from cnllm.core.backends import load_scorer
+from cnllm.core.evaluation.models import ModelSpec, ScoringModel
 from cnllm.core.progress import NULL_PROGRESS, Progress
+from cnllm.core.templates import NONE, Message, PromptFormat, bos_needed, check_template_name
 
 LETTERS = ("A", "B", "C", "D")
 FORMATS = ("ceval", "cmmlu", "mmlu")
@@ -111,7 +113,7 @@ class McOptions:
     split: Optional[str] = None  # None: the format's default (DEFAULT_SPLIT: val; test for cmmlu, which has no val)
     shots: int = 5
     subjects: tuple[str, ...] = ()
-    template: str | None = None  # None: the plain prompt; a built-in template name or "auto" (the model's own)
+    template: str | None = None  # None or "none": the plain prompt; a built-in name or "auto" (the model's own, else none)
     batch_size: int = 8
     ctx: int = 4096  # longest prompt allowed, in tokens (also the llama.cpp context size)
 
@@ -133,6 +135,7 @@ class McOptions:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.ctx < 8:
             raise UsageError(f"--ctx must be at least 8, got {self.ctx}")
+        check_template_name(self.template or NONE)
 
 
 @dataclass
@@ -338,21 +341,9 @@ def build_prompt(subject: Subject, question: Question) -> str:
     return HEADER.format(subject=subject.name) + shots + format_example(question, include_answer=False)
 
 
-def wrap_prompt(model: ScoringModel, text: str, template: str | None) -> str:
-    """The prompt as one user turn of a chat template (instruction models), or unchanged."""
-    if template is None:
-        return text
-    if template == "auto":
-        return model.render_own_template(text)
-    from cnllm.core.templates import get_template
-
-    return get_template(template).render([{"role": "user", "content": text}], eos_token=model.eos_token)
-
-
 def tokenize_prompt(model: ScoringModel, text: str, templated: bool) -> list[int]:
-    """Templated prompts carry special-token text; a template that writes BOS itself must not get a second one."""
-    add_bos = not (templated and model.bos_token and text.startswith(model.bos_token))
-    return model.tokenize(text, add_bos=add_bos, special=templated)
+    """Prompt ids under the one BOS rule; templated prompts carry special-token text, plain ones are read literally."""
+    return model.tokenize(text, add_bos=bos_needed(text, bos_token=model.bos_token, adds_bos=model.adds_bos), special=templated)
 
 
 def letter_candidates(model: ScoringModel, text: str, ids: Sequence[int], templated: bool) -> list[list[int]]:
@@ -389,14 +380,15 @@ class _Item:
     probabilities: np.ndarray | None = field(default=None)
 
 
-def _prepare(model: ScoringModel, subjects: Sequence[Subject], options: McOptions, progress: Progress) -> list[_Item]:
-    templated = options.template is not None
+def _prepare(model: ScoringModel, prompt_format: PromptFormat, subjects: Sequence[Subject], options: McOptions, progress: Progress) -> list[_Item]:
+    """Each question as one user turn of the chat template (or as plain text with ``none``), tokenised."""
+    templated = not prompt_format.is_plain
     items = []
     progress.start(sum(len(s.questions) for s in subjects), "building prompts", unit="question")
     try:
         for subject in subjects:
             for question in subject.questions:
-                text = wrap_prompt(model, build_prompt(subject, question), options.template)
+                text = prompt_format.render([Message("user", build_prompt(subject, question))])
                 ids = tokenize_prompt(model, text, templated)
                 if len(ids) >= options.ctx:
                     raise UsageError(
@@ -452,12 +444,13 @@ def evaluate_multiple_choice(spec: ModelSpec, data_dir: Path, options: McOptions
     options.validate()
     data_dir = Path(data_dir)
     subjects = load_subjects(data_dir, options)
-    with load_model(replace(spec, n_ctx=options.ctx)) as model:
-        items = _prepare(model, subjects, options, progress)
+    with load_scorer(replace(spec, n_ctx=options.ctx)) as model:
+        prompt_format = model.prompt_format(options.template or NONE)
+        items = _prepare(model, prompt_format, subjects, options, progress)
         started = time.perf_counter()
         _score(model, items, options.batch_size, progress)
         seconds = time.perf_counter() - started
-        described = model.describe()
+        described = {**model.describe(), "template": prompt_format.name}
     predictions = [
         Prediction(
             item.question.id,

@@ -2,8 +2,9 @@
 next-token log-probabilities after many prompts (multiple choice) — on transformers and on llama.cpp.
 
 The chat/serve generators stream tokens one request at a time; scoring needs whole logit matrices, batches with
-left padding (transformers) and a reused llama.cpp context, so these thin scorers sit beside them and share only
-the loaders (:func:`cnllm.core.modelio.load_causal_lm`) and llama.cpp's log silencing.
+left padding (transformers) and a reused llama.cpp context, so these thin scorers sit beside them and share the
+dispatcher (:func:`cnllm.core.backends.load_scorer`), the Hugging Face loader (:func:`cnllm.core.modelio.load_causal_lm`),
+the prompt renderer and BOS rule (:mod:`cnllm.core.templates`) and llama.cpp's log silencing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import CnllmError, UsageError
-from cnllm.core.gguf import is_gguf
+from cnllm.core.templates import PromptFormat, resolve_template
 
 # How one letter can appear as a vocabulary piece: bare, SentencePiece word start, byte-level BPE space, plain space.
 LETTER_SPELLINGS = ("{}", "\u2581{}", "\u0120{}", " {}")
@@ -49,6 +50,7 @@ class ScoringModel(ABC):
     path: Path
     bos_token: str
     eos_token: str
+    adds_bos: bool  # whether the model's tokenizer puts BOS before a text
     bos_id: int | None  # the BOS id when the model's tokenizer adds one, else None
 
     @abstractmethod
@@ -79,15 +81,9 @@ class ScoringModel(ABC):
     def describe(self) -> dict:
         """What was loaded, for results files."""
 
-    def render_own_template(self, text: str) -> str:
-        """``text`` as one user turn in the model's own chat template, ending with the assistant's prompt."""
-        from cnllm.core.generation.base import jinja_renderer
-
-        source = self.chat_template_source()
-        if not source:
-            raise UsageError(f"{self.path} has no chat template of its own; choose a built-in --template")
-        render = jinja_renderer(source, bos_token=self.bos_token, eos_token=self.eos_token)
-        return render([{"role": "user", "content": text}], True)
+    def prompt_format(self, template: str | None) -> PromptFormat:
+        """The renderer for ``template`` (a built-in name, ``auto`` or ``none``) on this model."""
+        return resolve_template(template, jinja_source=self.chat_template_source(), bos_token=self.bos_token, eos_token=self.eos_token)
 
     def close(self) -> None:
         """Free the model now."""
@@ -105,7 +101,7 @@ class TransformersModel(ScoringModel):
     def __init__(self, spec: ModelSpec):
         import torch
 
-        from cnllm.core.modelio import load_causal_lm, load_tokenizer
+        from cnllm.core.modelio import load_causal_lm, load_tokenizer, tokenizer_adds_bos
 
         self.path, self.spec = spec.path, spec
         dtype = DType(spec.dtype, where="--dtype").torch if spec.dtype else None
@@ -119,8 +115,7 @@ class TransformersModel(ScoringModel):
         self.device = next(self.model.parameters()).device
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
-        probe = self.tokenizer("a")["input_ids"]
-        self.adds_bos = self.tokenizer.bos_token_id is not None and bool(probe) and probe[0] == self.tokenizer.bos_token_id
+        self.adds_bos = tokenizer_adds_bos(self.tokenizer)
         self.bos_id = self.tokenizer.bos_token_id if self.adds_bos else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._vocab: dict[str, int] | None = None
@@ -171,11 +166,6 @@ class TransformersModel(ScoringModel):
     def chat_template_source(self) -> str | None:
         return getattr(self.tokenizer, "chat_template", None) or None
 
-    def render_own_template(self, text: str) -> str:
-        if not self.chat_template_source():
-            raise UsageError(f"{self.path} has no chat template of its own; choose a built-in --template")
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-
     def describe(self) -> dict:
         return {
             "path": str(self.path),
@@ -218,7 +208,8 @@ class LlamaCppModel(ScoringModel):
         self.n_vocab = self.llm.n_vocab()
         self.bos_token = self._piece(self.llm.token_bos(), special=True).decode("utf-8", errors="replace")
         self.eos_token = self._piece(self.llm.token_eos(), special=True).decode("utf-8", errors="replace")
-        self.bos_id = self.llm.token_bos() if llama_cpp.llama_vocab_get_add_bos(self.vocab) and self.llm.token_bos() >= 0 else None
+        self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab)) and self.llm.token_bos() >= 0
+        self.bos_id = self.llm.token_bos() if self.adds_bos else None
         self._piece_sizes: dict[int, int] = {}
         self._letters: dict[str, set[int]] | None = None
         self._context: list[int] = []  # tokens whose KV entries the context currently holds (prefix reuse)
@@ -295,20 +286,3 @@ class LlamaCppModel(ScoringModel):
         if getattr(self, "llm", None) is not None:
             self.llm.close()
             self.llm = None
-
-
-def load_model(spec: ModelSpec, *, logits_all: bool = False) -> ScoringModel:
-    """A scorer for ``spec.path``: GGUF files go to llama.cpp, Hugging Face directories to transformers."""
-    path = spec.path
-    if is_gguf(path):
-        if spec.lora is not None:
-            raise UsageError("--lora applies to Hugging Face model directories; merge the adapter (cnllm merge-lora) and convert it to GGUF")
-        return LlamaCppModel(spec, logits_all=logits_all)
-    if path.is_dir() and (path / "config.json").exists():
-        from cnllm.core.runtime import quiet_libraries
-
-        quiet_libraries()
-        return TransformersModel(spec)
-    if not path.exists():
-        raise UsageError(f"model {path} does not exist")
-    raise UsageError(f"{path} is neither a GGUF file nor a Hugging Face model directory (config.json)")

@@ -23,7 +23,8 @@ from typing import Sequence
 from cnllm.core.config import coerce_fields
 from cnllm.core.corpus import CorpusStats, iter_documents
 from cnllm.core.errors import UsageError
-from cnllm.core.evaluation.models import ModelSpec, ScoringModel, load_model
+from cnllm.core.backends import load_scorer
+from cnllm.core.evaluation.models import ModelSpec, ScoringModel
 from cnllm.core.progress import NULL_PROGRESS, Progress
 
 
@@ -221,7 +222,7 @@ def evaluate_perplexity(
     if not files:
         raise UsageError("no text files given (--data FILE)")
     texts = [(Path(f), read_text(Path(f), progress)) for f in files]
-    with load_model(replace(spec, n_ctx=options.ctx), logits_all=True) as model:
+    with load_scorer(replace(spec, n_ctx=options.ctx), logits_all=True) as model:
         result = PplResult(model.describe(), options)
         for path, text in texts:
             result.files.append(score_text(model, text, options, name=str(path), progress=progress))

@@ -1,8 +1,9 @@
-"""The generation core shared by ``chat``, ``serve`` and ``eval``: one :class:`Generator` interface, two backends.
+"""The generation core shared by ``chat`` and ``serve``: one :class:`Generator` interface, two backends
+(``hf.py``, ``llamacpp.py``; :mod:`cnllm.core.backends` picks one for a model path).
 
 A backend supplies tokenize/decode, a raw token-id stream, prompt log-probabilities and embeddings;
 this module adds what every front end needs on top: sampling parameters, stop strings, EOS and
-length limits, timing, chat prompts from :mod:`cnllm.core.templates`, and an incremental
+length limits, timing, prompts from :mod:`cnllm.core.templates` (one renderer, one BOS rule), and an incremental
 detokenizer that never emits half a character (a Chinese character split across byte-fallback
 tokens is held back until its last byte arrives).
 """
@@ -18,8 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from cnllm.core.errors import UsageError
-from cnllm.core.gguf import is_gguf
-from cnllm.core.templates import ChatTemplate, Message, get_template, normalize_messages
+from cnllm.core.templates import PromptFormat, bos_needed, resolve_template
 
 REPLACEMENT = "\ufffd"
 
@@ -277,78 +277,6 @@ class GenerationStream:
             result.speculative = self.generator.speculative_stats()
 
 
-@dataclass
-class PromptFormat:
-    """How a conversation becomes a prompt: a built-in template, the model's own Jinja template, or plain text."""
-
-    name: str
-    render: Callable[[Sequence[Message | dict], str | None], str]
-    stop: tuple[str, ...] = ()
-
-    @property
-    def is_plain(self) -> bool:
-        return self.name == "plain"
-
-
-def jinja_renderer(source: str, *, bos_token: str, eos_token: str) -> Callable[[list[dict], bool], str]:
-    """A chat-template renderer with the sandbox and helpers transformers gives Jinja templates."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    try:
-        template = env.from_string(source)
-    except TemplateError as exc:
-        raise UsageError(f"the model's chat template does not parse: {exc}; choose a built-in --template") from None
-
-    def render(messages: list[dict], add_generation_prompt: bool) -> str:
-        try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
-        except TemplateError as exc:
-            raise UsageError(f"the model's chat template rejected the conversation: {exc}") from None
-
-    return render
-
-
-def plain_render(messages: Sequence[Message | dict], system: str | None) -> str:
-    """A base model's "chat": the conversation as running text, each answer continuing its prompt."""
-    msgs = normalize_messages(messages)
-    if msgs[0].role == "system":
-        system = system if system is not None else msgs[0].content
-        msgs = msgs[1:]
-    text = f"{system}\n\n" if system else ""
-    for message in msgs:
-        text += message.content if message.role == "assistant" else ("\n" if text and not text.endswith("\n") else "") + message.content
-    return text
-
-
-def resolve_prompt_format(template: str | None, *, jinja_source: str | None, bos_token: str, eos_token: str) -> PromptFormat:
-    """``template`` is a built-in name or ``auto``/None (the model's Jinja template, else plain completion)."""
-    if template and template != "auto":
-        built_in: ChatTemplate = get_template(template)
-        return PromptFormat(
-            built_in.name,
-            lambda messages, system: built_in.render(messages, system=system, eos_token=eos_token),
-            built_in.stop,
-        )
-    if jinja_source:
-        render = jinja_renderer(jinja_source, bos_token=bos_token, eos_token=eos_token)
-
-        def render_conversation(messages, system):
-            msgs = normalize_messages(messages)
-            if system is not None:
-                msgs = [Message("system", system)] + [m for m in msgs if m.role != "system"]
-            return render([{"role": m.role, "content": m.content} for m in msgs], True)
-
-        stops = (eos_token,) if eos_token else ()
-        return PromptFormat("auto", render_conversation, stops)
-    return PromptFormat("plain", plain_render)
-
-
 class Generator(ABC):
     """A loaded model that can stream tokens, score prompts and embed texts. Close it when done."""
 
@@ -358,6 +286,7 @@ class Generator(ABC):
     eos_ids: frozenset[int]
     bos_token: str
     eos_token: str
+    adds_bos: bool  # whether the model's tokenizer puts BOS before a text (llama.cpp: the GGUF's add_bos_token)
 
     @abstractmethod
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
@@ -403,12 +332,12 @@ class Generator(ABC):
         return len(self.tokenize(text, add_bos=False))
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Prompt ids with BOS added once (chat templates that write the BOS text themselves don't get a second)."""
-        add_bos = not (self.bos_token and text.startswith(self.bos_token))
-        return self.tokenize(text, add_bos=add_bos)
+        """Prompt ids under the one BOS rule (:func:`cnllm.core.templates.bos_needed`)."""
+        return self.tokenize(text, add_bos=bos_needed(text, bos_token=self.bos_token, adds_bos=self.adds_bos))
 
     def prompt_format(self, template: str | None) -> PromptFormat:
-        return resolve_prompt_format(template, jinja_source=self.chat_template_source(), bos_token=self.bos_token, eos_token=self.eos_token)
+        """The renderer for ``template`` (a built-in name, ``auto`` or ``none``) on this model."""
+        return resolve_template(template, jinja_source=self.chat_template_source(), bos_token=self.bos_token, eos_token=self.eos_token)
 
     def stream(self, prompt: str | list[int], params: SamplingParams, *, strip_leading_space: bool = False) -> GenerationStream:
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
@@ -428,7 +357,7 @@ class Generator(ABC):
 
 @dataclass
 class LoadOptions:
-    """Everything ``chat``/``serve``/``eval`` may say about loading a model."""
+    """Everything ``chat``/``serve`` may say about loading a model (eval scorers take a ``ModelSpec``)."""
 
     n_ctx: int | None = None
     threads: int | None = None
@@ -444,26 +373,3 @@ class LoadOptions:
 
 
 DEFAULT_N_CTX = 4096
-
-
-def load_generator(model: Path | str, options: LoadOptions | None = None) -> Generator:
-    """Pick the backend by what ``model`` is: a GGUF file → llama.cpp, a Hugging Face directory → transformers."""
-    options = options or LoadOptions()
-    path = Path(model)
-    if not path.exists():
-        raise UsageError(f"model {path} does not exist")
-    if path.is_file():
-        if not is_gguf(path):
-            raise UsageError(f"{path} is not a GGUF file (no GGUF magic); pass a .gguf file or a Hugging Face model directory")
-        if options.lora or options.load_in_4bit or options.load_in_8bit:
-            raise UsageError("--lora/--load-in-4bit/--load-in-8bit apply to Hugging Face models; a GGUF is already merged and quantised")
-        from cnllm.core.generation.llamacpp import LlamaCppGenerator
-
-        return LlamaCppGenerator(path, options)
-    if (path / "config.json").exists():
-        from cnllm.core.generation.hf import HFGenerator
-
-        return HFGenerator(path, options)
-    ggufs = sorted(path.glob("*.gguf"))
-    hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
-    raise UsageError(f"{path} is neither a .gguf file nor a Hugging Face model directory with config.json{hint}")

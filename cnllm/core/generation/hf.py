@@ -1,4 +1,5 @@
-"""The transformers backend for Hugging Face model directories (optionally with a LoRA adapter applied through PEFT).
+"""The transformers backend for Hugging Face model directories (optionally with a LoRA adapter applied through PEFT),
+loaded by :func:`cnllm.core.modelio.load_causal_lm` like every other Hugging Face model in cnllm.
 
 ``model.generate`` runs in a worker thread and hands each new id to a queue streamer; a stopping
 criterion watches the cancel flag, so stop strings, ``max_tokens`` and disconnected clients end it
@@ -14,7 +15,7 @@ from typing import Iterator, Sequence
 
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import ContextOverflow, Generator, LoadOptions, SamplingParams, SpeculativeStats, TokenLogprob
-from cnllm.core.modelio import has_tokenizer, tokenizer_length
+from cnllm.core.modelio import has_tokenizer, load_tokenizer, tokenizer_adds_bos, tokenizer_length
 from cnllm.core.runtime import quiet_libraries
 
 
@@ -29,37 +30,14 @@ class HFGenerator(Generator):
 
     def __init__(self, path: Path, options: LoadOptions):
         quiet_libraries(options.verbose)
-        import torch
-        from transformers import AutoTokenizer
-
         self.path = Path(path)
         self.options = options
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        quantized = options.load_in_4bit or options.load_in_8bit
-        if quantized and self.device != "cuda":
-            raise UsageError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes); none is available")
-        if options.lora is not None and not (Path(options.lora) / "adapter_config.json").exists():
-            raise UsageError(f"--lora {options.lora} is not a PEFT adapter directory (no adapter_config.json)")
         tokenizer_dir = options.lora if options.lora is not None and has_tokenizer(options.lora) else self.path
-        if not has_tokenizer(tokenizer_dir):
-            raise UsageError(f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=options.trust_remote_code)
+            self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=options.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise UsageError(f"could not load the tokenizer in {tokenizer_dir}: {exc}") from None
-        kwargs: dict = {"trust_remote_code": options.trust_remote_code}
-        if self.device == "cuda":
-            kwargs.update(dtype="auto", device_map={"": 0})
-            if quantized:
-                from transformers import BitsAndBytesConfig
-
-                kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit)
-        else:
-            kwargs["dtype"] = torch.float32  # half precision is slow or unsupported on CPUs
-        self.model = self._load_model(self.path, kwargs)
-        if options.lora is not None:
-            self.model = self._apply_lora(self.model, Path(options.lora))
-        self.model.eval()
+        self.model = self._load_model(self.path, lora=options.lora)
         config = self.model.config
         trained = getattr(config, "max_position_embeddings", None) or 2048
         self.context_length = min(options.n_ctx, trained) if options.n_ctx else trained
@@ -67,37 +45,28 @@ class HFGenerator(Generator):
         self.eos_ids = frozenset(_id_list(getattr(generation_config, "eos_token_id", None)) + _id_list(self.tokenizer.eos_token_id))
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
+        self.adds_bos = tokenizer_adds_bos(self.tokenizer)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self._lock = threading.Lock()
         self.draft = None
         self._counter = None
         self._last_generated = 0
         if options.draft_model is not None:
-            self.draft = self._load_draft(Path(options.draft_model), kwargs)
+            self.draft = self._load_draft(Path(options.draft_model))
 
-    def _load_model(self, path: Path, kwargs: dict):
-        from transformers import AutoModelForCausalLM
+    def _load_model(self, path: Path, *, lora: Path | None = None):
+        """Through the one loader, with its device and dtype rules (bf16/fp16 on accelerators, fp32 on CPU)."""
+        from cnllm.core.modelio import load_causal_lm
 
-        from cnllm.core.tensors import tensor_infos
+        return load_causal_lm(
+            path,
+            lora=lora,
+            load_in_4bit=self.options.load_in_4bit,
+            load_in_8bit=self.options.load_in_8bit,
+            trust_remote_code=self.options.trust_remote_code,
+        )
 
-        tensor_infos(path)  # a truncated or corrupted shard is a usage error naming the file
-        try:
-            return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise UsageError(f"transformers could not load {path}: {exc}") from None
-
-    def _apply_lora(self, model, adapter: Path):
-        """Wrap the model with the adapter (not merged); resize embeddings first when the adapter brought its own tokenizer."""
-        from peft import PeftModel
-
-        if model.get_input_embeddings().weight.shape[0] != len(self.tokenizer):
-            model.resize_token_embeddings(len(self.tokenizer))
-        try:
-            return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"could not apply the LoRA adapter {adapter}: {exc}") from None
-
-    def _load_draft(self, draft_path: Path, kwargs: dict):
+    def _load_draft(self, draft_path: Path):
         from cnllm.core.generation.speculative import ForwardCounter
 
         if not (draft_path / "config.json").is_file():
@@ -107,7 +76,7 @@ class HFGenerator(Generator):
                 f"draft model {draft_path} has {tokenizer_length(draft_path)} tokens but the target's tokenizer has "
                 f"{len(self.tokenizer)}; a draft model must share the target's vocabulary"
             )
-        draft = self._load_model(draft_path, kwargs).eval()
+        draft = self._load_model(draft_path)
         draft.generation_config.num_assistant_tokens = self.options.draft_tokens
         self._counter = ForwardCounter(self.model, draft)
         return draft

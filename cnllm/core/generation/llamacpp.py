@@ -87,6 +87,7 @@ class LlamaCppGenerator(Generator):
         self.eos_ids = frozenset(i for i in range(self._llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i))
         self.bos_token = self._special_text(self._llama.token_bos())
         self.eos_token = self._special_text(self._llama.token_eos())
+        self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and self._llama.token_bos() >= 0
 
     def _load(self, path: Path, *, n_ctx: int, embedding: bool = False, draft_model=None):
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama

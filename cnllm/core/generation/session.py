@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cnllm.core.errors import UsageError
-from cnllm.core.generation.base import ContextOverflow, GenerationStream, Generator, PromptFormat, SamplingParams
-from cnllm.core.templates import Message
+from cnllm.core.generation.base import ContextOverflow, GenerationStream, Generator, SamplingParams
+from cnllm.core.templates import Message, PromptFormat
 
 SESSION_FORMAT = "cnllm-chat-session/1"
 

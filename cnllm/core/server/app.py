@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cnllm.core.errors import CnllmError, UsageError
-from cnllm.core.generation.base import ContextOverflow, GenerationStream, Generator, PromptFormat, SamplingParams, TokenLogprob
+from cnllm.core.generation.base import ContextOverflow, GenerationStream, Generator, SamplingParams, TokenLogprob
+from cnllm.core.templates import PromptFormat
 from cnllm.core.server import schemas
 from cnllm.core.server.queue import QueueFull, SlotPool
 

@@ -20,7 +20,7 @@ from typing import Sequence
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.tokenizers import sources
 from cnllm.core.tokenizers.hf_export import SPIECE_UNDERLINE
-from cnllm.core.tokenizers.merge import PAD_PIECE, padded_size, spm_candidates
+from cnllm.core.tokenizers.sources import PAD_PIECE, padded_size, spm_candidates
 
 UNUSED_TEMPLATE = "<|cnllm_unused_{}|>"
 

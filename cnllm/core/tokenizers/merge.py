@@ -23,7 +23,8 @@ from cnllm.core.errors import UsageError
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tokenizers import sources
-from cnllm.core.tokenizers.hf_export import SPIECE_UNDERLINE, write_spm_tokenizer_dir
+from cnllm.core.tokenizers.sources import PAD_PIECE, padded_size, spm_candidates
+from cnllm.core.tokenizers.hf_export import write_spm_tokenizer_dir
 from cnllm.core.tokenizers.spm import (
     PIECE_CONTROL,
     PIECE_NORMAL,
@@ -33,7 +34,6 @@ from cnllm.core.tokenizers.spm import (
 )
 
 SCORES_RANKED, SCORES_ZERO = "ranked", "zero"
-PAD_PIECE = "<pad>"
 SPM_TYPE_BPE = 2
 ZERO_SCORES_WARNING = (
     "--scores zero gives every new piece score 0 (the published method): sentencepiece then breaks ties by "
@@ -105,14 +105,6 @@ class MergeResult:
         }
 
 
-def spm_candidates(source: sources.TokenizerSource) -> tuple[list[str], int]:
-    """Pieces ADD offers to a SentencePiece base, in ADD's order, and how many were not mergeable (bytes, control)."""
-    if source.kind == sources.WORDS:
-        return [word.replace(" ", SPIECE_UNDERLINE) for word in source.words], 0
-    pieces = [p.piece for p in source.proto.pieces if p.type in (PIECE_NORMAL, PIECE_USER_DEFINED)]
-    return pieces, len(source.proto.pieces) - len(pieces)
-
-
 def unused_names(taken: set[str], count: int) -> list[str]:
     """``count`` names for padding pieces that no text can produce: absent from ``taken`` and not
     splittable into two existing pieces (so no BPE merge can ever form them)."""
@@ -138,10 +130,6 @@ def unproducible_count(proto, start: int) -> int:
         if len(piece) == 1 or any(piece[:cut] in producible and piece[cut:] in producible for cut in range(1, len(piece))):
             producible.add(piece)
     return sum(1 for p in proto.pieces[start:] if p.type == PIECE_NORMAL and p.piece not in producible)
-
-
-def padded_size(size: int, multiple: int | None) -> int:
-    return size if not multiple else int(math.ceil(size / multiple) * multiple)
 
 
 def extend_spm(

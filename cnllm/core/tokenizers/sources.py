@@ -4,15 +4,18 @@ or a plain word list — recognised from the content, so a wrong file gets one c
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cnllm.core.errors import UsageError
 from cnllm.core.gguf import GGUF_MAGIC
-from cnllm.core.tokenizers.spm import load_proto
+from cnllm.core.tokenizers.hf_export import SPIECE_UNDERLINE
+from cnllm.core.tokenizers.spm import PIECE_NORMAL, PIECE_USER_DEFINED, load_proto
 
 SPM, BPE, WORDS = "spm", "bpe", "words"
+PAD_PIECE = "<pad>"
 
 
 @dataclass
@@ -106,3 +109,15 @@ def load_source(path: Path | str, *, allow_words: bool = False) -> TokenizerSour
             return TokenizerSource(path, WORDS, words=_read_words(path, data))
         raise UsageError(f"{path} is not a tokenizer: not a SentencePiece model or a tokenizer.json") from None
     return TokenizerSource(path, SPM, proto=proto, directory=path.parent if path.name == "tokenizer.model" else None)
+
+
+def spm_candidates(source: TokenizerSource) -> tuple[list[str], int]:
+    """Pieces ADD offers to a SentencePiece base, in ADD's order, and how many were not mergeable (bytes, control)."""
+    if source.kind == WORDS:
+        return [word.replace(" ", SPIECE_UNDERLINE) for word in source.words], 0
+    pieces = [p.piece for p in source.proto.pieces if p.type in (PIECE_NORMAL, PIECE_USER_DEFINED)]
+    return pieces, len(source.proto.pieces) - len(pieces)
+
+
+def padded_size(size: int, multiple: int | None) -> int:
+    return size if not multiple else int(math.ceil(size / multiple) * multiple)

@@ -5,7 +5,7 @@ cut into ``block_size`` blocks. The blocks are saved as a datasets/Arrow folder 
 files' contents, the tokenizer and the block size, so a second run starts training immediately.
 
 sft: Alpaca records, ``messages`` conversations or ShareGPT ``conversations`` become messages,
-a chat template (core/templates.py) turns them into segments, and only the assistant segments
+the one renderer of core/templates.py turns them into segments, and only the assistant segments
 are trainable: every other token is labelled -100.
 """
 
@@ -25,7 +25,7 @@ from cnllm.core.atomic import atomic_dir
 from cnllm.core.corpus import CorpusStats, corpus_files, iter_documents
 from cnllm.core.errors import UsageError
 from cnllm.core.hashing import hash_file
-from cnllm.core.templates import Message, Segment, get_template, jinja_segments, normalize_messages
+from cnllm.core.templates import AUTO, TEMPLATE_NAMES, TEMPLATES, Message, Segment, bos_needed, check_template_name, normalize_messages, resolve_template
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 1
@@ -340,25 +340,21 @@ class SftStats:
 
 
 def segment_function(template: str, tokenizer, system: str | None) -> Callable[[list[Message]], list[Segment]]:
-    """The template as ``messages → segments`` (``auto``: the tokenizer's own Jinja chat template)."""
-    if template == "auto":
-        if not getattr(tokenizer, "chat_template", None):
-            raise UsageError("--template auto: the tokenizer has no chat template; choose alpaca, llama2, llama3 or chatml")
-
-        def render(messages: list[dict], add_generation_prompt: bool) -> str:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-        return lambda messages: jinja_segments(render, messages, system=system)
-    chat = get_template(template)
-    eos = tokenizer.eos_token or "</s>"
-    return lambda messages: chat.segments(messages, system=system, eos_token=eos, add_generation_prompt=False)
+    """The template as ``messages → segments`` through the one renderer (``auto``: the tokenizer's own Jinja
+    chat template). sft needs a template: it teaches where an answer ends (``none`` is for chat, serve, eval)."""
+    check_template_name(template, allowed=TEMPLATE_NAMES)
+    source = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
+    if template == AUTO and not source:
+        raise UsageError(f"--template auto: the tokenizer has no chat template; choose {', '.join(TEMPLATES)}")
+    prompt_format = resolve_template(template, jinja_source=source, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "</s>")
+    return lambda messages: prompt_format.segments(messages, system, add_generation_prompt=False)
 
 
 def encode_conversation(segments: list[Segment], tokenizer, *, add_bos: bool) -> Example:
     """Token ids and labels: trainable segments keep their ids as labels, the rest is -100."""
     ids: list[int] = []
     labels: list[int] = []
-    if add_bos and tokenizer.bos_token_id is not None:
+    if add_bos:
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
     encoded = tokenizer([s.text for s in segments], add_special_tokens=False)["input_ids"]
@@ -371,15 +367,20 @@ def encode_conversation(segments: list[Segment], tokenizer, *, add_bos: bool) ->
 def tokenize_records(
     records: list[SftRecord], tokenizer, *, template: str, system: str | None, max_seq_length: int, stats: SftStats
 ) -> list[Example]:
-    """Examples cut to ``max_seq_length``; samples left without a trainable token are dropped (they make NaN losses)."""
+    """Examples cut to ``max_seq_length``; samples left without a trainable token are dropped (they make NaN losses).
+    BOS follows the one rule chat and serve follow (:func:`cnllm.core.templates.bos_needed`)."""
+    from cnllm.core.modelio import tokenizer_adds_bos
+
     to_segments = segment_function(template, tokenizer, system)
+    adds_bos, bos_token = tokenizer_adds_bos(tokenizer), tokenizer.bos_token or ""
     examples = []
     for record in records:
         try:
             segments = to_segments(record.messages)
         except UsageError as exc:
             raise UsageError(f"{record.where}: {exc.message}") from None
-        example = encode_conversation(segments, tokenizer, add_bos=template != "auto")
+        add_bos = bos_needed(segments[0].text if segments else "", bos_token=bos_token, adds_bos=adds_bos)
+        example = encode_conversation(segments, tokenizer, add_bos=add_bos)
         stats.samples += 1
         if len(example.input_ids) > max_seq_length:
             stats.truncated += 1

@@ -20,7 +20,15 @@ from typing import Any
 from cnllm.core.config import dump_yaml
 from cnllm.core.atomic import check_output, replace_dir
 from cnllm.core.errors import CheckFailed, UsageError
-from cnllm.core.modelio import VocabSizes, check_vocab_agreement, copy_missing_tokenizer_files, has_tokenizer, load_config, vocab_sizes
+from cnllm.core.modelio import (
+    VocabSizes,
+    adapter_vocab_rows,
+    check_vocab_agreement,
+    copy_missing_tokenizer_files,
+    has_tokenizer,
+    load_config,
+    vocab_sizes,
+)
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tensors import read_safetensors_header
@@ -174,28 +182,23 @@ def choose_precision(requested: str) -> str:
 
 
 def load_model(options: TrainOptions, precision: str):
+    """The base through the one loader, left for the Trainer to place. LoRA freezes the base: keep it in half
+    precision on a GPU; full fine-tuning keeps fp32 master weights; 4/8-bit computes in the half type."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+    from cnllm.core.modelio import load_causal_lm
+
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if options.load_in_4bit or options.load_in_8bit:
-        from transformers import BitsAndBytesConfig
-
-        compute = half or torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=options.load_in_4bit,
-            load_in_8bit=options.load_in_8bit,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-        )
-        kwargs["dtype"] = compute
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    else:
-        # LoRA freezes the base: keep it in half precision on a GPU; full fine-tuning keeps fp32 master weights.
-        kwargs["dtype"] = half if (half is not None and not options.full_finetune) else torch.float32
-    return AutoModelForCausalLM.from_pretrained(str(options.model), **kwargs)
+    quantized = options.load_in_4bit or options.load_in_8bit
+    dtype = (half or torch.float32) if quantized else half if (half is not None and not options.full_finetune) else torch.float32
+    return load_causal_lm(
+        options.model,
+        place=False,
+        dtype=dtype,
+        load_in_4bit=options.load_in_4bit,
+        load_in_8bit=options.load_in_8bit,
+        trust_remote_code=options.trust_remote_code,
+    )
 
 
 def resize_vocabulary(model, tokenizer_length: int) -> tuple[int, int]:
@@ -212,14 +215,6 @@ def resize_vocabulary(model, tokenizer_length: int) -> tuple[int, int]:
                 weight = layer.weight
                 weight[old_rows:] = weight[:old_rows].float().mean(dim=0, keepdim=True).to(weight.dtype)
     return old_rows, model.get_input_embeddings().weight.shape[0]
-
-
-def adapter_embedding_rows(peft_path: Path) -> int | None:
-    weights = peft_path / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        return None
-    header = read_safetensors_header(weights)
-    return next((info["shape"][0] for name, info in header.items() if name != "__metadata__" and "embed_tokens" in name), None)
 
 
 def apply_peft(model, options: TrainOptions, train_embeddings: bool, precision: str):
@@ -446,10 +441,10 @@ def plan_run(mode: str, options: TrainOptions) -> Plan:
     work, resuming = plan_output(options)
     train_files = check_data_files(options.data)
     validation_files = check_data_files(options.validation_data, what="validation data") if options.validation_data else []
-    if mode == "sft" and options.template != "auto":
-        from cnllm.core.templates import get_template
+    if mode == "sft":
+        from cnllm.core.templates import TEMPLATE_NAMES, check_template_name
 
-        get_template(options.template)
+        check_template_name(options.template, allowed=TEMPLATE_NAMES)
     load_config(options.model)
     tokenizer_dir = options.tokenizer
     if tokenizer_dir is None:
@@ -465,7 +460,7 @@ def plan_run(mode: str, options: TrainOptions) -> Plan:
     rows = sizes.embedding if sizes.embedding is not None else sizes.config
     needs_resize = sizes.tokenizer is not None and rows is not None and sizes.tokenizer > rows
     if options.peft_path is not None:
-        adapter_rows = adapter_embedding_rows(options.peft_path)
+        adapter_rows = adapter_vocab_rows(options.peft_path)
         expected = round_up(sizes.tokenizer, VOCAB_MULTIPLE) if needs_resize else rows
         if adapter_rows is not None and adapter_rows != expected:
             raise UsageError(
@@ -474,6 +469,16 @@ def plan_run(mode: str, options: TrainOptions) -> Plan:
             )
     train_embeddings = options.train_embeddings if options.train_embeddings is not None else needs_resize
     return Plan(mode, options, work, resuming, train_files, validation_files, Path(tokenizer_dir), sizes, precision, train_embeddings)
+
+
+def record_template(tokenizer, template: str, system: str | None) -> None:
+    """The template travels with the model: the adapter's tokenizer (saved beside it, then copied by merge-lora
+    into the merged model and by convert-gguf into ``tokenizer.chat_template``) carries the one sft trained with,
+    as Jinja, so ``--template auto`` finds it. ``auto`` keeps the tokenizer's own template."""
+    from cnllm.core.templates import TEMPLATES
+
+    if template in TEMPLATES:
+        tokenizer.chat_template = TEMPLATES[template].jinja(default_system=system)
 
 
 def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PROGRESS) -> TrainResult:
@@ -489,6 +494,8 @@ def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PRO
     plan = plan_run(mode, options)
     result = TrainResult(output=options.output, mode=mode, main_process=world_rank() == 0)
     tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir), trust_remote_code=options.trust_remote_code)
+    if mode == "sft":
+        record_template(tokenizer, options.template, options.system)
     # Arguments first: they join the process group, so the main process can build the data cache before the others.
     args = training_arguments(plan, has_eval=False)
     main = args.process_index == 0

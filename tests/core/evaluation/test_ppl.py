@@ -156,5 +156,5 @@ def test_missing_file_and_unloadable_model(tiny_llama_dir, tmp_path):
     fake.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(UsageError, match="cannot load"):
         evaluate_perplexity(ModelSpec(fake), [asset("en.txt")], PplOptions())
-    with pytest.raises(UsageError, match="neither a GGUF"):
+    with pytest.raises(UsageError, match="neither a .gguf file"):
         evaluate_perplexity(ModelSpec(tmp_path), [asset("en.txt")], PplOptions())

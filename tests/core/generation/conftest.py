@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_llama_dir):
-    from cnllm.core.generation.base import load_generator
+    from cnllm.core.backends import load_generator
 
     generator = load_generator(tiny_llama_dir)
     yield generator

@@ -1,4 +1,4 @@
-"""The backend-independent parts: UTF-8-safe detokenizing, stop strings, limits, prompt formats, model detection."""
+"""The backend-independent parts: UTF-8-safe detokenizing, stop strings, limits, and the prompt through the one BOS rule."""
 
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ from cnllm.core.generation.base import (
     IncrementalDetokenizer,
     SamplingParams,
     StopMatcher,
-    load_generator,
-    plain_render,
-    resolve_prompt_format,
 )
 
 EOS = 256
@@ -28,6 +25,7 @@ class ByteGenerator(Generator):
     backend = "test"
     bos_token = ""
     eos_token = ""
+    adds_bos = False
 
     def __init__(self, script: bytes, *, eos: bool = True, context_length: int = 64):
         self.script = list(script) + ([EOS] if eos else [])
@@ -146,34 +144,3 @@ def test_cancel_stops_the_backend():
 def test_invalid_sampling_params(params, message):
     with pytest.raises(UsageError, match=message):
         params.validate()
-
-
-def test_prompt_formats():
-    messages = [{"role": "user", "content": "你好"}]
-    alpaca = resolve_prompt_format("alpaca", jinja_source=None, bos_token="<s>", eos_token="</s>")
-    assert alpaca.render(messages, None).endswith("### Instruction:\n你好\n\n### Response: ")
-    assert alpaca.stop == ("### Instruction:",)
-    source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-    auto = resolve_prompt_format("auto", jinja_source=source, bos_token="<s>", eos_token="</s>")
-    assert auto.render(messages, "sys") == "<system>sys<user>你好<assistant>"
-    plain = resolve_prompt_format("auto", jinja_source=None, bos_token="<s>", eos_token="</s>")
-    assert plain.is_plain and plain.render(messages, None) == "你好"
-    assert plain_render([{"role": "user", "content": "a"}, {"role": "assistant", "content": " b"}, {"role": "user", "content": "c"}], None) == "a b\nc"
-    with pytest.raises(UsageError, match="unknown template"):
-        resolve_prompt_format("vicuna", jinja_source=None, bos_token="", eos_token="")
-
-
-def test_load_generator_rejects_what_it_cannot_run(tmp_path):
-    with pytest.raises(UsageError, match="does not exist"):
-        load_generator(tmp_path / "missing.gguf")
-    text = tmp_path / "model.bin"
-    text.write_bytes(b"not a model")
-    with pytest.raises(UsageError, match="not a GGUF file"):
-        load_generator(text)
-    (tmp_path / "x.gguf").write_bytes(b"GGUF")
-    with pytest.raises(UsageError, match="pass that file"):
-        load_generator(tmp_path)
-    truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 7)
-    with pytest.raises(UsageError, match="truncated.gguf"):
-        load_generator(truncated)

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from cnllm.core.backends import load_generator
 from cnllm.core.errors import UsageError
-from cnllm.core.generation.base import ContextOverflow, LoadOptions, SamplingParams, load_generator
+from cnllm.core.generation.base import ContextOverflow, LoadOptions, SamplingParams
 from cnllm.core.generation.session import ChatSession
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.0)
@@ -109,3 +110,24 @@ def test_auto_template_comes_from_the_tokenizer(tiny_generator, monkeypatch):
     assert (auto.name, prompt, auto.stop) == ("auto", "<s>[system]sys[user]你好[assistant]", ("</s>",))
     ids = tiny_generator.encode_prompt(prompt)
     assert ids.count(tiny_generator.tokenizer.bos_token_id) == 1  # the template's BOS is not doubled
+
+
+@pytest.mark.parametrize("template", ["alpaca", "llama2", "chatml", "auto-with-bos", "auto-without-bos"])
+def test_training_samples_start_with_the_prompt_chat_sends(tiny_generator, monkeypatch, template):
+    """One renderer and one BOS rule: the ids sft trains on before the answer are the ids chat sends."""
+    from cnllm.core.training import data
+
+    sources = {
+        "auto-with-bos": "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
+        "auto-without-bos": "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
+    }
+    if template in sources:
+        monkeypatch.setattr(tiny_generator.tokenizer, "chat_template", sources[template])
+        template = "auto"
+    record = data.SftRecord("test", [data.Message("user", "Name a color."), data.Message("assistant", "Blue.")])
+    [example] = data.tokenize_records([record], tiny_generator.tokenizer, template=template, system=None, max_seq_length=512, stats=data.SftStats())
+    prompt = [i for i, label in zip(example.input_ids, example.labels) if label == -100]
+    chat_prompt = tiny_generator.encode_prompt(tiny_generator.prompt_format(template).render([{"role": "user", "content": "Name a color."}]))
+    assert example.input_ids[: len(chat_prompt)] == chat_prompt
+    assert prompt[: len(chat_prompt)] == chat_prompt
+    assert example.input_ids.count(tiny_generator.tokenizer.bos_token_id) == 1

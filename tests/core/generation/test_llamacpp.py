@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from cnllm.core.backends import load_generator
 from cnllm.core.errors import UsageError
-from cnllm.core.generation.base import LoadOptions, SamplingParams, load_generator
+from cnllm.core.generation.base import LoadOptions, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.0)
 

@@ -134,7 +134,7 @@ def wait_until_idle(server, limit=30.0) -> dict:
 
 
 def test_full_queue_is_503_and_a_disconnect_frees_the_slot(tiny_llama_dir):
-    from cnllm.core.generation.base import load_generator
+    from cnllm.core.backends import load_generator
 
     with load_generator(tiny_llama_dir) as generator:
         server, stop = start_server([generator], max_waiting=0)
@@ -155,7 +155,7 @@ def test_full_queue_is_503_and_a_disconnect_frees_the_slot(tiny_llama_dir):
 def test_gguf_server_with_two_slots(tiny_gguf):
     from concurrent.futures import ThreadPoolExecutor
 
-    from cnllm.core.generation.base import load_generator
+    from cnllm.core.backends import load_generator
 
     first = load_generator(tiny_gguf)
     generators = [first, first.for_slot()]
@@ -190,3 +190,19 @@ def test_completions_accept_several_prompts_and_token_ids(live_server, tiny_gene
     assert status == 400 and body["error"]["param"] == "stream"
     status, body = raw(live_server, "POST", "/v1/completions", {"model": "tiny", "prompt": [-5]})
     assert status == 400 and "token" in body["error"]["message"]
+
+
+def test_template_none_serves_chat_as_plain_continuation(tiny_generator, monkeypatch):
+    """``--template none``: chat requests are the plain conversation text even when the model has a chat template."""
+    from fastapi.testclient import TestClient
+
+    from cnllm.core.server.app import ServerConfig, create_app
+
+    monkeypatch.setattr(tiny_generator.tokenizer, "chat_template", "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 2, "temperature": 0}
+    for template, prompt in (("none", "Hello there"), ("auto", "<user>Hello there")):
+        app = create_app([tiny_generator], ServerConfig(model_name="tiny", template=template))
+        assert app.state.prompt_format.name == template
+        with TestClient(app) as client:
+            answer = client.post("/v1/chat/completions", json=body).json()
+        assert answer["usage"]["prompt_tokens"] == len(tiny_generator.encode_prompt(prompt))

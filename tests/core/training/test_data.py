@@ -223,3 +223,9 @@ def test_auto_template_uses_the_tokenizers_chat_template(tiny_llama_dir):
     prompt = [i for i, label in zip(example.input_ids, example.labels) if label == -100]
     assert tokenizer.decode(labelled).replace(" ", "") == "Blue.<|im_end|>\n"
     assert "Name a color." in tokenizer.decode(prompt)
+
+
+def test_sft_needs_a_template(tokenizer):
+    """none (plain continuation) is for chat, serve and eval: training needs a template to learn where answers end."""
+    with pytest.raises(UsageError, match="unknown template 'none'; choose one of alpaca, llama2, llama3, chatml, auto$"):
+        data.segment_function("none", tokenizer, None)
