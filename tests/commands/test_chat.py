@@ -160,14 +160,14 @@ def chatml_gguf(tmp_path_factory, tiny_llama_dir):
     """The tiny model as a GGUF with a ChatML template in its metadata (``tokenizer.chat_template``)."""
     import shutil
 
-    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
     from cnllm.core.templates import TEMPLATES
 
     folder = tmp_path_factory.mktemp("chatml")
     model = folder / "model"
     shutil.copytree(tiny_llama_dir, model)
     (model / "chat_template.jinja").write_text(TEMPLATES["chatml"].jinja(), encoding="utf-8")
-    return convert_to_gguf(model, folder / "chatml.gguf", outtype="f32").output
+    return convert_to_gguf(model, folder / "chatml.gguf", ConvertOptions(outtype="f32")).output
 
 
 def greedy_completion(gguf, text: str, max_tokens: int) -> str:
