@@ -1,27 +1,34 @@
 """The one place that turns exceptions into a single message line and an exit code.
 
-0 success · 1 the operation or a check failed · 2 usage error · 130 interrupted.
-Tracebacks only with the root option ``--debug``.
+0 success · 1 the operation or a check failed · 2 usage error · 130 interrupted · 143 terminated.
+Tracebacks only with the root option ``--debug``. SIGTERM is turned into :class:`Terminated` while a
+command runs, so it cleans up exactly as Ctrl-C does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
+import threading
 import traceback
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import click
 
 from cnllm.cli import output
-from cnllm.core.errors import CnllmError
+from cnllm.core.errors import CnllmError, Terminated
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 def _os_error_message(exc: OSError) -> tuple[str, int]:
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
     if exc.errno == errno.ENOSPC:
-        return f"no space left on the device{where}; free some space and run again", EXIT_FAILED
+        from cnllm.core.atomic import disk_full_error
+
+        return disk_full_error(Path(exc.filename) if exc.filename else Path.cwd()).message, EXIT_FAILED
     if exc.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied{where}", EXIT_USAGE
     if exc.errno == errno.ENOENT:
@@ -40,6 +47,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return exc.format_message(), exc.exit_code
     if isinstance(exc, (KeyboardInterrupt, click.Abort)):
         return "interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, Terminated):
+        return "terminated", EXIT_TERMINATED
     if isinstance(exc, MemoryError):
         return "out of memory", EXIT_FAILED
     if isinstance(exc, OSError):
@@ -47,10 +56,29 @@ def describe(exc: BaseException) -> tuple[str, int]:
     return f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_FAILED
 
 
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`Terminated` in the main thread (restored afterwards)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(command: click.Command, args: list[str], *, debug: Callable[[], bool]) -> int:
     """Run the Click command without its own error printing; return the process exit code."""
     try:
-        result = command.main(args=args, prog_name="cnllm", standalone_mode=False)
+        with sigterm_raises():
+            result = command.main(args=args, prog_name="cnllm", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError:
         # ``cnllm checksum`` alone: its help was already shown; still a usage error for scripts.
         return EXIT_USAGE

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
+from rich.markup import escape
 
 from cnllm.cli import output
 from cnllm.cli.options import ForceOpt, JobsOpt, JsonOpt, OutputFileOpt
@@ -43,6 +44,8 @@ def create(
     result = hashing.create_manifest(
         paths, manifest=output_file, algorithm=algo.value, jobs=jobs, force=force, progress=output.CliProgress()
     )
+    if result.manifest is not None and any(hashing.outside_reason(f.path) for f in result.files):
+        output.print_warning(f"{result.manifest} lists files outside its folder; check it with 'cnllm checksum verify --allow-outside'")
     if json_:
         output.print_json(
             {
@@ -72,15 +75,27 @@ def verify(
     algo: Annotated[
         Optional[Algorithm], typer.Option("--algo", "-a", help="Force the algorithm [default: from each digest's length or tag].")
     ] = None,
+    allow_outside: Annotated[
+        bool, typer.Option("--allow-outside", help="Also check listed paths outside the root (absolute or ../); refused by default.")
+    ] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="List every file (default: the summary and the files that are not OK).")] = False,
     jobs: JobsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check files against a manifest: OK / FAILED / MISSING per file; exit 1 if any is not OK.
 
+    Paths that lead outside the manifest's folder (or --root) and files that are not regular files
+    (FIFOs, devices) are FAILED with the reason, without being read.
+
     Example: cnllm checksum verify SHA256.md --root downloads/
     """
     result = hashing.verify_manifest(
-        manifest, root=root, algorithm=algo.value if algo else None, jobs=jobs, progress=output.CliProgress()
+        manifest,
+        root=root,
+        algorithm=algo.value if algo else None,
+        jobs=jobs,
+        allow_outside=allow_outside,
+        progress=output.CliProgress(),
     )
     summary = {status.lower(): result.count(status) for status in (hashing.OK, hashing.FAILED, hashing.MISSING)}
     if json_:
@@ -110,11 +125,10 @@ def verify(
     else:
         for m in result.malformed:
             output.print_warning(f"{result.manifest}:{m.line}: skipped malformed line: {m.reason}")
-        rows = [
-            (f"[{STATUS_STYLE[c.status]}]{c.status}[/]", c.path, c.algorithm, c.reason or "")
-            for c in result.checks
-        ]
-        output.print_table(None, ["status", "file", "algorithm", "detail"], rows)
+        shown = result.checks if show_all else [c for c in result.checks if c.status != hashing.OK]
+        if shown:
+            rows = [(f"[{STATUS_STYLE[c.status]}]{c.status}[/]", escape(c.path), c.algorithm, escape(c.reason or "")) for c in shown]
+            output.print_table(None, ["status", "file", "algorithm", "detail"], rows)
         output.stdout().print(
             f"{summary['ok']} OK, {summary['failed']} FAILED, {summary['missing']} MISSING"
             + (f", {len(result.malformed)} malformed lines skipped" if result.malformed else ""),

@@ -91,7 +91,7 @@ def ppl(
     options = PplOptions(ctx=ctx, stride=stride, llamacpp_compatible=llamacpp_compatible, batch_size=batch_size)
     options.validate()
     if output_file is not None:
-        check_output(output_file, force)
+        check_output(output_file, force, inputs=[model, lora, *data])
     result = evaluate_perplexity(
         _spec(model, lora, device, dtype, threads, trust_remote_code), data, options, progress=output.CliProgress()
     )
@@ -180,7 +180,7 @@ def mc(
     )
     options.validate()
     if out_dir is not None:
-        check_output(out_dir, force)
+        check_output(out_dir, force, inputs=[model, lora, data])
     result = evaluate_multiple_choice(
         _spec(model, lora, device, dtype, threads, trust_remote_code), data, options, progress=output.CliProgress()
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.hashing import VerifyResult, create_manifest, verify_manifest
-from cnllm.core.merge import DTYPES, VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, output_layout, write_config
+from cnllm.core.merge import DTYPES, VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, layout_bytes, output_layout, write_config
 from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, check_vocab_agreement, has_tokenizer, load_config, tokenizer_length
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
@@ -170,7 +170,7 @@ def _finish_output(
     out_dtypes = sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point})
     write_config(config, tmp, vocab_size=vocab_size, dtype=out_dtypes[0] if dtype and len(out_dtypes) == 1 else None)
     if (source / "generation_config.json").exists():
-        shutil.copy2(source / "generation_config.json", tmp / "generation_config.json")
+        shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
     if has_tokenizer(source):
         copy_tokenizer(source, tmp)
     write_record(tmp, kind, inputs=inputs, options=options, results=results)
@@ -178,11 +178,11 @@ def _finish_output(
     return [f.path for f in manifest.files] + ["SHA256SUMS"], manifest.total_bytes
 
 
-def _check_options(output: Path, dtype: str | None, max_shard_size: str | int, force: bool) -> None:
+def _check_options(output: Path, dtype: str | None, max_shard_size: str | int, force: bool, inputs: list) -> None:
     if dtype is not None and dtype not in DTYPES.values() and dtype != "float64":
         raise UsageError(f"unknown dtype {dtype!r}; choose fp16, bf16, fp32 or fp64")
     parse_size(max_shard_size)
-    check_output(output, force)
+    check_output(output, force, inputs=inputs)
 
 
 def recover(
@@ -207,7 +207,7 @@ def recover(
     """
     started = time.perf_counter()
     base, diff, output = Path(base), Path(diff), Path(output)
-    _check_options(output, dtype, max_shard_size, force)
+    _check_options(output, dtype, max_shard_size, force, [base, diff, manifest, reference])
     if reference is not None and not Path(reference).is_dir():
         raise UsageError(f"--reference {reference} is not a model directory")
     config = load_config(diff)
@@ -219,7 +219,7 @@ def recover(
     read_bytes = sum(f.stat().st_size for f in {i.file for i in raw_infos.values()} | {i.file for i in diff_infos.values()})
     progress.start(sum(f.stat().st_size for f in {i.file for i in diff_infos.values()}), "recovering", unit="B")
     manifest_check = reference_check = None
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
         with TensorReader(base) as raw, TensorReader(diff) as deltas:
             for name in diff_infos:
@@ -298,7 +298,7 @@ def make_diff(
     """
     started = time.perf_counter()
     base, tuned, output = Path(base), Path(tuned), Path(output)
-    _check_options(output, dtype, max_shard_size, force)
+    _check_options(output, dtype, max_shard_size, force, [base, tuned])
     config = load_config(tuned)
     raw_infos, tuned_infos = tensor_infos(base), tensor_infos(tuned)
     shapes, extended = plan_shapes(raw_infos, tuned_infos, raw_dir=base, other_dir=tuned, other_label="tuned model")
@@ -307,7 +307,7 @@ def make_diff(
     read_bytes = sum(f.stat().st_size for f in {i.file for i in raw_infos.values()} | {i.file for i in tuned_infos.values()})
     progress.start(sum(f.stat().st_size for f in {i.file for i in tuned_infos.values()}), "making the diff", unit="B")
     signed_zeros = 0
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
         with TensorReader(base) as raw, TensorReader(tuned) as tuned_reader:
             for name in tuned_infos:

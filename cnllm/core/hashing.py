@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,11 +39,19 @@ def hash_file(
     on_bytes: Callable[[int], None] | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> str:
-    """Hex digest of one file, calling ``on_bytes(n)`` after each chunk read."""
+    """Hex digest of one file, calling ``on_bytes(n)`` after each chunk read.
+
+    Only regular files are read (a FIFO or ``/dev/zero`` named in a manifest would block or never end);
+    each thread reuses one buffer, so a manifest of many small files costs no allocation per file.
+    """
     hasher = hashlib.new(algorithm)
-    buffer = bytearray(chunk_size)
+    buffer = _buffer(chunk_size)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb", buffering=0) as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(0, f"not a regular file ({file_kind(mode)})", str(path))
         while True:
             read = handle.readinto(buffer)
             if not read:
@@ -50,6 +60,22 @@ def hash_file(
             if on_bytes is not None:
                 on_bytes(read)
     return hasher.hexdigest()
+
+
+_local = threading.local()
+
+
+def _buffer(size: int) -> bytearray:
+    if len(getattr(_local, "buffer", b"")) != size:
+        _local.buffer = bytearray(size)
+    return _local.buffer
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((word for test, word in kinds if test(mode)), "not a regular file")
 
 
 def hash_files(
@@ -148,7 +174,17 @@ def collect_files(paths: Iterable[Path | str], *, exclude: Iterable[Path] = ()) 
         resolved = path.resolve()
         if resolved not in excluded and resolved not in unique:
             unique[resolved] = path
+            _check_utf8_name(path)
     return list(unique.values())
+
+
+def _check_utf8_name(path: Path) -> None:
+    """A manifest is UTF-8 text: a file name in another encoding cannot be listed in it (nor verified later)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise UsageError(f"file name {shown} is not valid UTF-8 and cannot be listed in a manifest; rename the file") from None
 
 
 def create_manifest(
@@ -158,11 +194,13 @@ def create_manifest(
     algorithm: str = "sha256",
     jobs: int | None = None,
     force: bool = False,
+    relative_to: Path | None = None,
     progress: Progress = NULL_PROGRESS,
 ) -> CreateResult:
     """Hash ``paths`` and, when ``manifest`` is given, write a GNU-format manifest atomically.
 
-    Paths in the manifest are relative to its folder (to the current folder without one).
+    Paths in the manifest are relative to ``relative_to`` (default: its folder; the current folder
+    without one): the root ``verify`` confines them to.
     """
     if algorithm not in ALGORITHMS:
         raise UsageError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -173,7 +211,7 @@ def create_manifest(
     files = collect_files(paths, exclude=[manifest] if manifest is not None else [])
     if not files:
         raise UsageError("nothing to hash: the directories given contain no files")
-    base = (manifest.parent if manifest is not None else Path(".")).resolve()
+    base = (relative_to or (manifest.parent if manifest is not None else Path("."))).resolve()
     started = time.perf_counter()
     digests = hash_files([(f, algorithm) for f in files], jobs=jobs, progress=progress)
     hashed = []
@@ -372,15 +410,30 @@ def read_manifest_text(manifest: Path | str) -> str:
         raise UsageError(f"manifest {path} is not UTF-8 text") from None
 
 
+def outside_reason(name: str) -> str | None:
+    """Why a listed path leads out of the folder it is relative to (absolute, or climbing with ``..``), if it does."""
+    if os.path.isabs(name) or name.startswith("\\"):
+        return "absolute path"
+    normal = os.path.normpath(name)
+    if normal == ".." or normal.startswith("../"):
+        return "path leads outside"
+    return None
+
+
 def verify_manifest(
     manifest: Path | str,
     *,
     root: Path | None = None,
     algorithm: str | None = None,
     jobs: int | None = None,
+    allow_outside: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> VerifyResult:
-    """Check every file a manifest lists; paths resolve against ``root`` (default: the manifest's folder)."""
+    """Check every file a manifest lists; paths resolve against ``root`` (default: the manifest's folder).
+
+    A published manifest is untrusted input: paths that leave ``root`` (absolute, ``../``) are FAILED
+    unless ``allow_outside``, and only regular files are read (never a FIFO or a device).
+    """
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise UsageError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     text = read_manifest_text(manifest)
@@ -402,16 +455,25 @@ def verify_manifest(
     for entry in parsed.entries:
         target = Path(entry.path) if Path(entry.path).is_absolute() else root / entry.path
         check = FileCheck(entry.path, OK, entry.algorithm, entry.digest, line=entry.line)
-        if not target.exists():
-            check.status, check.reason = MISSING, "no such file"
-            targets.append(None)
-        elif target.is_dir():
-            check.status, check.reason = FAILED, "is a directory"
-            targets.append(None)
-        else:
-            tasks.append((target, entry.algorithm))
-            targets.append(target)
         checks.append(check)
+        targets.append(None)
+        outside = None if allow_outside else outside_reason(entry.path)
+        if outside:
+            check.status, check.reason = FAILED, f"{outside} of {root}; not read (allow with --allow-outside)"
+            continue
+        try:
+            mode = target.stat().st_mode
+        except FileNotFoundError:
+            check.status, check.reason = MISSING, "no such file"
+            continue
+        except OSError as exc:
+            check.status, check.reason = FAILED, f"cannot read: {describe_os_error(exc)}"
+            continue
+        if not stat.S_ISREG(mode):
+            check.status, check.reason = FAILED, f"{file_kind(mode)}, not a regular file; not read"
+            continue
+        tasks.append((target, entry.algorithm))
+        targets[-1] = target
     digests = hash_files(tasks, jobs=jobs, progress=progress, description="verifying")
     for check, target in zip(checks, targets):
         if target is None:

@@ -18,6 +18,6 @@ def test_demo_runs_every_step_and_reports_before_after(cli, tmp_path):
     assert document["notes"]["chat"]["answer"] is not None
     report = tmp_path / "demo" / "report.md"
     assert report.exists() and (tmp_path / "demo" / "report.json").exists()
-    assert cli("checksum", "verify", tmp_path / "demo" / "09-checksum" / "SHA256SUMS").exit_code == 0
+    assert cli("checksum", "verify", tmp_path / "demo" / "09-checksum" / "SHA256SUMS", "--root", tmp_path / "demo").exit_code == 0
     again = json.loads(cli("demo", "-o", tmp_path / "demo", "--json").stdout)
     assert {s["status"] for s in again["steps"]} == {"skipped"}

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import ContextOverflow, Generator, LoadOptions, SamplingParams, SpeculativeStats, TokenLogprob
-from cnllm.core.modelio import has_tokenizer, tokenizer_length
+from cnllm.core.modelio import check_lora_adapter, check_tokenizer_files, has_tokenizer, load_config, tokenizer_length
 from cnllm.core.runtime import quiet_libraries
 
 
@@ -38,11 +38,11 @@ class HFGenerator(Generator):
         quantized = options.load_in_4bit or options.load_in_8bit
         if quantized and self.device != "cuda":
             raise UsageError("--load-in-4bit/--load-in-8bit need a CUDA GPU (bitsandbytes); none is available")
-        if options.lora is not None and not (Path(options.lora) / "adapter_config.json").exists():
-            raise UsageError(f"--lora {options.lora} is not a PEFT adapter directory (no adapter_config.json)")
+        load_config(self.path)
+        if options.lora is not None:
+            check_lora_adapter(options.lora)
         tokenizer_dir = options.lora if options.lora is not None and has_tokenizer(options.lora) else self.path
-        if not has_tokenizer(tokenizer_dir):
-            raise UsageError(f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
+        check_tokenizer_files(tokenizer_dir)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=options.trust_remote_code)
         except (OSError, ValueError) as exc:

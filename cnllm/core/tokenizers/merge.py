@@ -210,7 +210,7 @@ def merge_vocab(
         raise UsageError("--pad-to-multiple-of must be a positive integer")
     if not add_paths:
         raise UsageError("give at least one --add model or word list")
-    check_output(output, force)
+    check_output(output, force, inputs=[base_path, *add_paths])
     started = time.perf_counter()
     base = sources.load_source(base_path)
     adds = [sources.load_source(path, allow_words=True) for path in add_paths]

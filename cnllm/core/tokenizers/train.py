@@ -55,7 +55,8 @@ def train_vocab(
         raise UsageError("--character-coverage must be in (0, 1]")
     if 0 < input_sentence_size <= 100:
         raise UsageError("--input-sentence-size must be 0 (use every line) or more than 100")
-    check_output(output, force)
+    corpus = list(corpus)
+    check_output(output, force, inputs=corpus)
     files = corpus_files(corpus)
     if not files:
         raise UsageError("the corpus holds no text files (.txt, .jsonl, .md)")

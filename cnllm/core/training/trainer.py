@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cnllm.core.config import dump_yaml
-from cnllm.core.atomic import check_output
-from cnllm.core.errors import CheckFailed, UsageError
+from cnllm.core.atomic import check_not_input, check_output
+from cnllm.core.errors import CheckFailed, Terminated, UsageError
 from cnllm.core.modelio import VocabSizes, check_vocab_agreement, copy_missing_tokenizer_files, has_tokenizer, load_config, vocab_sizes
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
@@ -89,6 +89,7 @@ def world_rank() -> int:
 def plan_output(options: TrainOptions) -> tuple[Path, bool]:
     """The working directory and whether an earlier run is continued; refuses to clobber anything."""
     output = options.output
+    check_not_input(output, [options.model, options.tokenizer, options.peft_path, options.deepspeed, *options.data, *options.validation_data])
     work = work_dir_for(output)
     if options.resume:
         if work.is_dir() or last_complete_checkpoint(output):
@@ -562,7 +563,7 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
     cpu_at_start = time.process_time()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         if last_complete_checkpoint(work) is not None:
             progress.log(f"checkpoints are in {work}: rerun with --resume to continue")
         raise
