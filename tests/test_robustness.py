@@ -919,3 +919,8 @@ def test_checksum_verify_prints_the_summary_and_only_the_failures_by_default(cli
     (release / "part-07.bin").write_bytes(b"part 7\n")
     passed = cli("checksum", "verify", manifest)
     assert passed.exit_code == 0 and passed.stdout.strip() == "40 OK, 0 FAILED, 0 MISSING"
+    gone = tmp_path / "GONE"
+    gone.write_text("".join(f"{'0' * 64}  missing-{n}.bin\n" for n in range(600)))
+    many = cli("checksum", "verify", gone)
+    assert many.exit_code == 1 and many.stdout.count("\n") == 601, "one plain line per failure, then the summary"
+    assert many.stdout.startswith("MISSING\tmissing-0.bin\tsha256\tno such file\n")

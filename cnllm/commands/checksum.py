@@ -24,6 +24,7 @@ class Algorithm(str, Enum):
 
 
 STATUS_STYLE = {hashing.OK: "green", hashing.FAILED: "bold red", hashing.MISSING: "yellow"}
+TABLE_ROWS = 500  # longer reports are plain tab-separated lines: a Rich table of 100,000 rows takes minutes
 
 
 @app.command()
@@ -126,7 +127,9 @@ def verify(
         for m in result.malformed:
             output.print_warning(f"{result.manifest}:{m.line}: skipped malformed line: {m.reason}")
         shown = result.checks if show_all else [c for c in result.checks if c.status != hashing.OK]
-        if shown:
+        if len(shown) > TABLE_ROWS:
+            typer.echo("".join(f"{c.status}\t{c.path}\t{c.algorithm}\t{c.reason or ''}\n" for c in shown), nl=False)
+        elif shown:
             rows = [(f"[{STATUS_STYLE[c.status]}]{c.status}[/]", escape(c.path), c.algorithm, escape(c.reason or "")) for c in shown]
             output.print_table(None, ["status", "file", "algorithm", "detail"], rows)
         output.stdout().print(

@@ -9,6 +9,7 @@ tables of ``SHA256.md`` files, and plain MD5 lists.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import stat
@@ -28,6 +29,7 @@ HEX_LENGTH = {"md5": 32, "sha1": 40, "sha256": 64, "blake2b": 128}
 ALGORITHM_BY_HEX_LENGTH = {length: name for name, length in HEX_LENGTH.items()}
 BSD_TAGS = {"MD5": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA2-256": "sha256", "BLAKE2B": "blake2b", "BLAKE2B-512": "blake2b"}
 CHUNK_SIZE = 4 << 20
+SMALL_READ = 64 << 10  # reads after a small file's expected end (it grew, or to see EOF)
 
 OK, FAILED, MISSING = "OK", "FAILED", "MISSING"
 
@@ -41,25 +43,37 @@ def hash_file(
 ) -> str:
     """Hex digest of one file, calling ``on_bytes(n)`` after each chunk read.
 
-    Only regular files are read (a FIFO or ``/dev/zero`` named in a manifest would block or never end);
-    each thread reuses one buffer, so a manifest of many small files costs no allocation per file.
+    Only regular files are read (a FIFO or ``/dev/zero`` named in a manifest would block or never end).
+    Small files take one plain read; large ones are read into a buffer each thread reuses.
     """
     hasher = hashlib.new(algorithm)
-    buffer = _buffer(chunk_size)
-    view = memoryview(buffer)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with open(fd, "rb", buffering=0) as handle:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(0, f"not a regular file ({file_kind(mode)})", str(path))
-        while True:
-            read = handle.readinto(buffer)
-            if not read:
-                break
-            hasher.update(view[:read])
-            if on_bytes is not None:
-                on_bytes(read)
-    return hasher.hexdigest()
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(0, f"{file_kind(info.st_mode)}, not a regular file", str(path))
+        if info.st_size < chunk_size:
+            data = os.read(fd, info.st_size + 1)
+            while data:
+                hasher.update(data)
+                if on_bytes is not None:
+                    on_bytes(len(data))
+                data = os.read(fd, SMALL_READ)
+            return hasher.hexdigest()
+        buffer = _buffer(chunk_size)
+        view = memoryview(buffer)
+        with open(fd, "rb", buffering=0, closefd=False) as handle:
+            while read := handle.readinto(buffer):
+                hasher.update(view[:read])
+                if on_bytes is not None:
+                    on_bytes(read)
+        return hasher.hexdigest()
+    finally:
+        os.close(fd)
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device, socket or directory where a file to hash was expected; it is never read."""
 
 
 _local = threading.local()
@@ -88,31 +102,46 @@ def hash_files(
     """Hash each ``(path, algorithm)`` once; a file that cannot be read maps to its ``OSError``.
 
     Files are started largest first so that threads finish together; progress counts bytes
-    across all files.
+    across all files. Each thread takes the next file from a shared counter (no task object per
+    file: manifests list 100,000 small files), and all stop at the next file once interrupted.
     """
     jobs = max(1, jobs or os.cpu_count() or 1)
     unique = list(dict.fromkeys(tasks))
     sizes = {}
     for path, _ in unique:
         try:
-            sizes[path] = path.stat().st_size
+            sizes[path] = os.stat(path).st_size
         except OSError:
             sizes[path] = 0
     unique.sort(key=lambda task: sizes[task[0]], reverse=True)
     progress.start(sum(sizes[p] for p, _ in unique), description, unit="B")
+    results: list[str | OSError | None] = [None] * len(unique)
+    positions = itertools.count()
+    stop = threading.Event()
 
-    def run(task: tuple[Path, str]) -> str | OSError:
-        try:
-            return hash_file(task[0], task[1], on_bytes=progress.advance)
-        except OSError as exc:
-            return exc
+    def work() -> None:
+        while not stop.is_set():
+            index = next(positions)
+            if index >= len(unique):
+                return
+            path, algorithm = unique[index]
+            try:
+                results[index] = hash_file(path, algorithm, on_bytes=progress.advance)
+            except OSError as exc:
+                results[index] = exc
 
     try:
-        if jobs == 1 or len(unique) <= 1:
-            results = [run(task) for task in unique]
+        workers = min(jobs, len(unique))
+        if workers <= 1:
+            work()
         else:
-            with ThreadPoolExecutor(max_workers=min(jobs, len(unique))) as pool:
-                results = list(pool.map(run, unique))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                try:
+                    for future in [pool.submit(work) for _ in range(workers)]:
+                        future.result()
+                except BaseException:
+                    stop.set()
+                    raise
     finally:
         progress.finish()
     return dict(zip(unique, results))
@@ -461,17 +490,6 @@ def verify_manifest(
         if outside:
             check.status, check.reason = FAILED, f"{outside} of {root}; not read (allow with --allow-outside)"
             continue
-        try:
-            mode = target.stat().st_mode
-        except FileNotFoundError:
-            check.status, check.reason = MISSING, "no such file"
-            continue
-        except OSError as exc:
-            check.status, check.reason = FAILED, f"cannot read: {describe_os_error(exc)}"
-            continue
-        if not stat.S_ISREG(mode):
-            check.status, check.reason = FAILED, f"{file_kind(mode)}, not a regular file; not read"
-            continue
         tasks.append((target, entry.algorithm))
         targets[-1] = target
     digests = hash_files(tasks, jobs=jobs, progress=progress, description="verifying")
@@ -479,7 +497,11 @@ def verify_manifest(
         if target is None:
             continue
         digest = digests[(target, check.algorithm)]
-        if isinstance(digest, OSError):
+        if isinstance(digest, FileNotFoundError):
+            check.status, check.reason = MISSING, "no such file"
+        elif isinstance(digest, NotRegularFile):
+            check.status, check.reason = FAILED, f"{digest.strerror}; not read"
+        elif isinstance(digest, OSError):
             check.status, check.reason = FAILED, f"cannot read: {describe_os_error(digest)}"
         elif digest != check.expected:
             check.status, check.actual, check.reason = FAILED, digest, "checksum mismatch"
