@@ -7,10 +7,14 @@ command runs, so it cleans up exactly as Ctrl-C does.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
+import os
 import signal
+import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Iterator
@@ -57,21 +61,43 @@ def describe(exc: BaseException) -> tuple[str, int]:
 
 
 def _terminate(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
     raise Terminated()
+
+
+def _redeliver_swallowed(unraisable) -> None:
+    """An interruption raised inside a callback from C (llama.cpp's log during quantizing) is swallowed
+    there; send the signal again shortly, until it lands in Python code that can unwind."""
+    signum = {Terminated: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}.get(type(unraisable.exc_value))
+    if signum is None:
+        sys.__unraisablehook__(unraisable)
+        return
+    for _ in range(100):
+        try:  # the signal sent again may itself land in here: then send it once more
+            _thread.start_new_thread(_send_later, (signum,))
+            return
+        except (Terminated, KeyboardInterrupt):
+            continue
+
+
+def _send_later(signum: int) -> None:
+    time.sleep(0.05)
+    os.kill(os.getpid(), signum)
 
 
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """While the command runs, SIGTERM raises :class:`Terminated` in the main thread (restored afterwards)."""
+    """While the command runs, SIGTERM raises :class:`Terminated` in the main thread, and an interruption
+    swallowed by a C callback is delivered again (both restored afterwards)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous, previous_hook = signal.signal(signal.SIGTERM, _terminate), sys.unraisablehook
+    sys.unraisablehook = _redeliver_swallowed
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
 
 
 def run(command: click.Command, args: list[str], *, debug: Callable[[], bool]) -> int:
