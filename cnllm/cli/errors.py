@@ -60,50 +60,67 @@ def describe(exc: BaseException) -> tuple[str, int]:
     return f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_FAILED
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
+class _Signals:
+    """Interruptions swallowed by C callbacks, and whether one is being sent again."""
+
+    swallowed = 0
+    signum = signal.SIGTERM
+    sending = False
+
+
+def _raise_for(signum: int, frame) -> None:
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _redeliver_swallowed(unraisable) -> None:
     """An interruption raised inside a callback from C (llama.cpp's log during quantizing) is swallowed
-    there; send the signal again shortly, until it lands in Python code that can unwind."""
+    there: send the signal again until one lands in Python code that unwinds."""
     signum = {Terminated: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}.get(type(unraisable.exc_value))
     if signum is None:
         sys.__unraisablehook__(unraisable)
         return
-    for _ in range(100):
-        try:  # the signal sent again may itself land in here: then send it once more
-            _thread.start_new_thread(_send_later, (signum,))
+    _Signals.swallowed += 1
+    _Signals.signum = signum
+    if not _Signals.sending:
+        _Signals.sending = True
+        _thread.start_new_thread(_send_while_swallowed, ())
+
+
+def _send_while_swallowed() -> None:
+    """Every 50 ms, send the signal again if the last one sent was swallowed too (else it is unwinding)."""
+    seen = 0
+    while True:
+        while _Signals.swallowed != seen:
+            seen = _Signals.swallowed
+            os.kill(os.getpid(), _Signals.signum)
+            time.sleep(0.05)
+        _Signals.sending = False
+        if _Signals.swallowed == seen:  # else one was swallowed just now, before the hook could see a sender
             return
-        except (Terminated, KeyboardInterrupt):
-            continue
-
-
-def _send_later(signum: int) -> None:
-    time.sleep(0.05)
-    os.kill(os.getpid(), signum)
+        _Signals.sending = True
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """While the command runs, SIGTERM raises :class:`Terminated` in the main thread, and an interruption
-    swallowed by a C callback is delivered again (both restored afterwards)."""
+def interruptions_unwind() -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`Terminated` (SIGINT ``KeyboardInterrupt``) in the main
+    thread, and one swallowed by a C callback is delivered again (all restored afterwards)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous, previous_hook = signal.signal(signal.SIGTERM, _terminate), sys.unraisablehook
-    sys.unraisablehook = _redeliver_swallowed
+    previous = {signum: signal.signal(signum, _raise_for) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         sys.unraisablehook = previous_hook
 
 
 def run(command: click.Command, args: list[str], *, debug: Callable[[], bool]) -> int:
     """Run the Click command without its own error printing; return the process exit code."""
     try:
-        with sigterm_raises():
+        with interruptions_unwind():
             result = command.main(args=args, prog_name="cnllm", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError:
         # ``cnllm checksum`` alone: its help was already shown; still a usage error for scripts.
