@@ -721,6 +721,7 @@ OVERLAPS = {
     "vocab-merge-output-contains-the-base": ("spm", ["vocab", "merge", "--base", "{in}", "--add", "{spm}", "-o", "{tmp}/work", "--force"], "contains the input"),
     "vocab-train-output-is-the-corpus": ("text", ["vocab", "train", "{in}", "-o", "{in}", "--vocab-size", "400", "--force"], "is the input"),
     "pt-output-inside-the-model": ("model", ["pt", "-m", "{in}", "-d", "{text}", "-o", "{in}/adapter", *PT_QUICK], "lies inside the input"),
+    "pipeline-workdir-inside-the-base": ("model", ["pipeline", "{tmp}/recipe.yaml", "-o", "{in}/work"], "lies inside the input"),
     "eval-ppl-output-is-the-data": ("text", ["eval", "ppl", "{model}", "-d", "{in}", "--ctx", "32", "-o", "{in}", "--force"], "is the input"),
 }
 
@@ -733,6 +734,7 @@ def test_output_that_overlaps_an_input_is_refused_before_any_work(cli, inputs, t
     work.mkdir()
     copy = work / source.name
     (shutil.copytree if source.is_dir() else shutil.copy2)(source, copy)
+    (tmp_path / "recipe.yaml").write_text(f"name: overlap\nbase: {{model: {copy}}}\nconvert: {{outtype: f16}}\n")
     before = {str(p.relative_to(tmp_path)): p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))}
     result = cli(*[a.replace("{in}", str(copy)).format(tmp=tmp_path, **vars(inputs)) for a in template])
     case = Case(template, 2, needle)
