@@ -69,6 +69,9 @@ class _Signals:
 
 
 def _raise_for(signum: int, frame) -> None:
+    if frame is not None and frame.f_code is _redeliver_swallowed.__code__:
+        _Signals.swallowed += 1  # raising in the hook would be swallowed too: let the sender send it again
+        return
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
@@ -92,8 +95,8 @@ def _send_while_swallowed() -> None:
     while True:
         while _Signals.swallowed != seen:
             seen = _Signals.swallowed
-            os.kill(os.getpid(), _Signals.signum)
             time.sleep(0.05)
+            os.kill(os.getpid(), _Signals.signum)
         _Signals.sending = False
         if _Signals.swallowed == seen:  # else one was swallowed just now, before the hook could see a sender
             return

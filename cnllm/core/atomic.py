@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
-import signal
-import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -97,20 +96,6 @@ def _prepare_parent(path: Path) -> Path:
     return parent
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (``os.umask`` sets it to read it)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def free_bytes(path: Path) -> int:
     """Bytes an unprivileged user may still write on the file system holding ``path``."""
     return shutil.disk_usage(path).free
@@ -154,19 +139,11 @@ def _check_space(path: Path, parent: Path, needed: int | None) -> None:
         raise disk_full_error(path, needed)
 
 
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a temporary is created and named, so an interruption always finds it
-    inside the ``try`` that removes it (they are delivered as soon as this block ends)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+def _temp_sibling(path: Path, parent: Path) -> Path:
+    """A fresh temporary name beside ``path``. It is named before it is created, so an interruption at
+    any point finds it in the ``try`` that removes it; created with the modes a plain ``open``/``mkdir``
+    gives under the umask (``mkstemp``/``mkdtemp`` would make it private)."""
+    return parent / f"{_temp_prefix(path)}{secrets.token_hex(8)}"
 
 
 def _remove(path: Path) -> None:
@@ -186,20 +163,15 @@ def atomic_path(path: Path | str, *, force: bool = False, needed: int | None = N
     check_output(path, force)
     parent = _prepare_parent(path)
     _check_space(path, parent, needed)
-    tmp = None
+    tmp = _temp_sibling(path, parent)
     try:
-        with _signals_held():
-            fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=parent)
-            tmp = Path(tmp_name)
-            os.fchmod(fd, 0o666 & ~_umask())
-            os.close(fd)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
         check_output(path, force)
         os.replace(tmp, path)
     except BaseException as exc:
         full = _is_disk_full(exc, parent)
-        if tmp is not None:
-            _remove(tmp)
+        _remove(tmp)
         if full:
             raise disk_full_error(path, needed) from exc
         raise
@@ -227,11 +199,9 @@ def atomic_dir(path: Path | str, *, force: bool = False, needed: int | None = No
     check_output(path, force)
     parent = _prepare_parent(path)
     _check_space(path, parent, needed)
-    tmp = None
+    tmp = _temp_sibling(path, parent)
     try:
-        with _signals_held():
-            tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent))
-            os.chmod(tmp, 0o777 & ~_umask())
+        os.mkdir(tmp, 0o777)
         yield tmp
         check_output(path, force)
         old = None
@@ -249,8 +219,7 @@ def atomic_dir(path: Path | str, *, force: bool = False, needed: int | None = No
             _remove(old)
     except BaseException as exc:
         full = _is_disk_full(exc, parent)
-        if tmp is not None:
-            _remove(tmp)
+        _remove(tmp)
         if full:
             raise disk_full_error(path, needed) from exc
         raise
