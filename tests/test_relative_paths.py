@@ -147,7 +147,7 @@ def test_demo_from_a_fresh_folder_with_a_relative_output(tmp_path):
     bits = steps["eval"]["figures"]["bits_per_byte"]
     assert bits["pt"] < bits["base"] and {"gguf-q8_0", "gguf-q4_k_m"} <= set(bits)
     assert document["notes"]["chat"]["answer"] is not None
-    assert cnllm(tmp_path, "checksum", "verify", "cnllm-demo/09-checksum/SHA256SUMS").returncode == 0
+    assert cnllm(tmp_path, "checksum", "verify", "cnllm-demo/09-checksum/SHA256SUMS", "--root", "cnllm-demo").returncode == 0
 
     again = json.loads(cnllm(tmp_path, "demo", "-o", "cnllm-demo", "--json").stdout)
     assert {s["status"] for s in again["steps"]} == {"skipped"}

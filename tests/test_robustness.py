@@ -16,6 +16,8 @@ import os
 import random
 import shutil
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import time
@@ -55,6 +57,28 @@ def _largest(folder: Path, pattern: str) -> Path:
     return max(folder.glob(pattern), key=lambda p: p.stat().st_size)
 
 
+def _edit_safetensors_header(path: Path, change) -> Path:
+    """Rewrite the JSON header of a safetensors file through ``change(header)``; the data stays as it was."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
+    return path
+
+
+def _first_tensor(header: dict) -> dict:
+    return header[next(name for name in header if name != "__metadata__")]
+
+
+class PickleThatRuns:
+    """An object whose unpickling would run code: what a malicious ``adapter_model.bin`` carries."""
+
+    def __reduce__(self):
+        return (print, ("the pickle ran",))
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespace:
     """Good inputs (the tiny model, an adapter, a GGUF, a diff, a recipe) and broken variants of each."""
@@ -82,6 +106,27 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
     _truncate(_largest(truncated_diff, "*.safetensors"))
     truncated_gguf = _truncate(Path(shutil.copy2(gguf, root / "truncated.gguf")))
     truncated_spm = _truncate(Path(shutil.copy2(spm_tokenizer_dir / "tokenizer.model", root / "truncated-spm.model")))
+
+    # Malformed in ways a loader must not trip over (issue 13): header entries, config types, tokenizer, pickles, names.
+    no_offsets_model = shutil.copytree(tiny_llama_dir, root / "no-offsets-model")
+    _edit_safetensors_header(_largest(no_offsets_model, "*.safetensors"), lambda h: _first_tensor(h).pop("data_offsets"))
+    text_offsets_model = shutil.copytree(tiny_llama_dir, root / "text-offsets-model")
+    _edit_safetensors_header(_largest(text_offsets_model, "*.safetensors"), lambda h: _first_tensor(h).update(data_offsets="0-64"))
+    list_config_model = shutil.copytree(tiny_llama_dir, root / "list-config-model")
+    (list_config_model / "config.json").write_text("[1, 2, 3]\n")
+    typed_config_model = shutil.copytree(tiny_llama_dir, root / "typed-config-model")
+    config = json.loads((typed_config_model / "config.json").read_text())
+    (typed_config_model / "config.json").write_text(json.dumps({**config, "vocab_size": "many", "hidden_size": 64.5}))
+    garbage_spm_model = shutil.copytree(tiny_llama_dir, root / "garbage-spm-model")
+    _random_bytes(garbage_spm_model / "tokenizer.model")
+    pickled_adapter = shutil.copytree(adapter, root / "pickled-adapter")
+    (pickled_adapter / "adapter_model.safetensors").unlink()
+    import torch
+
+    torch.save({"base_model.model.lm_head.weight": PickleThatRuns()}, pickled_adapter / "adapter_model.bin")
+    latin1_names = root / "latin1-names"
+    latin1_names.mkdir()
+    (latin1_names / os.fsdecode(b"caf\xe9.bin")).write_bytes(b"bytes\n")
 
     notes = root / "notes.txt"
     notes.write_text("These are a user's notes, not a model.\n", encoding="utf-8")
@@ -129,6 +174,13 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
         truncated_diff=truncated_diff,
         truncated_gguf=truncated_gguf,
         truncated_spm=truncated_spm,
+        no_offsets_model=no_offsets_model,
+        text_offsets_model=text_offsets_model,
+        list_config_model=list_config_model,
+        typed_config_model=typed_config_model,
+        garbage_spm_model=garbage_spm_model,
+        pickled_adapter=pickled_adapter,
+        latin1_names=latin1_names,
         truncated_manifest=truncated_release / "SHA256SUMS",
         truncated_recipe=truncated_recipe,
         truncated_zh=truncated_zh,
@@ -209,6 +261,9 @@ CASES: dict[str, dict[str, Case]] = {
         "truncated-data": Case(["pt", "-m", "{model}", "-d", "{truncated_zh}", "-o", "{tmp}/out", *PT_QUICK], 2, "truncated-zh.txt", output="{tmp}/out"),
         "output-exists": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK], 2, "already exists", output="{tmp}/out", existing="dir"),
         "parent-is-a-file": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/blocker/out", *PT_QUICK], 2, "blocker", output="{tmp}/blocker/out"),
+        "negative-max-steps": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK, "--max-steps", "-5"], 2, "--max-steps", output="{tmp}/out"),
+        "negative-epochs": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK, "--epochs", "-1"], 2, "--epochs", output="{tmp}/out"),
+        "nan-learning-rate": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK, "--learning-rate", "nan"], 2, "--learning-rate", output="{tmp}/out"),
     },
     "sft": {
         "missing-model": Case(["sft", "-m", "{tmp}/nope-model", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK], 2, "nope-model", output="{tmp}/out"),
@@ -220,6 +275,9 @@ CASES: dict[str, dict[str, Case]] = {
         "truncated-data": Case(["sft", "-m", "{model}", "-d", "{truncated_alpaca}", "-o", "{tmp}/out", *SFT_QUICK], 2, "truncated-alpaca.json", output="{tmp}/out"),
         "output-exists": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK], 2, "already exists", output="{tmp}/out", existing="dir"),
         "parent-is-a-file": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/blocker/out", *SFT_QUICK], 2, "blocker", output="{tmp}/blocker/out"),
+        "zero-epochs": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK, "--epochs", "0"], 2, "--epochs", output="{tmp}/out"),
+        "zero-max-steps": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK, "--max-steps", "0"], 2, "--max-steps", output="{tmp}/out"),
+        "infinite-max-grad-norm": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK, "--max-grad-norm", "inf"], 2, "--max-grad-norm", output="{tmp}/out"),
     },
     "merge-lora": {
         "missing-base": Case(["merge-lora", "--base", "{tmp}/nope-model", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "nope-model", output="{tmp}/merged"),
@@ -233,6 +291,10 @@ CASES: dict[str, dict[str, Case]] = {
         "force-with-truncated-lora-keeps-existing": Case(["merge-lora", "--base", "{model}", "--lora", "{truncated_adapter}", "-o", "{tmp}/merged", "--force"], 2, "truncated-adapter", output="{tmp}/merged", existing="dir"),
         "output-exists": Case(["merge-lora", "--base", "{model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "already exists", output="{tmp}/merged", existing="dir"),
         "parent-is-a-file": Case(["merge-lora", "--base", "{model}", "--lora", "{adapter}", "-o", "{tmp}/blocker/merged"], 2, "blocker", output="{tmp}/blocker/merged"),
+        "safetensors-entry-without-data-offsets": Case(["merge-lora", "--base", "{no_offsets_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "data_offsets", output="{tmp}/merged"),
+        "safetensors-offsets-as-text": Case(["merge-lora", "--base", "{text_offsets_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "data_offsets", output="{tmp}/merged"),
+        "config-is-a-list": Case(["merge-lora", "--base", "{list_config_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "config.json", output="{tmp}/merged"),
+        "config-of-wrong-types": Case(["merge-lora", "--base", "{typed_config_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "vocab_size", output="{tmp}/merged"),
     },
     "diff-recover": {
         "missing-base": Case(["diff-recover", "--base", "{tmp}/nope-model", "--diff", "{diff}", "-o", "{tmp}/recovered"], 2, "nope-model", output="{tmp}/recovered"),
@@ -256,6 +318,10 @@ CASES: dict[str, dict[str, Case]] = {
         "force-with-truncated-weights-keeps-existing": Case(["convert-gguf", "{truncated_model}", "-o", "{tmp}/out.gguf", "--force"], 2, "truncated-model", output="{tmp}/out.gguf", existing="file"),
         "output-exists": Case(["convert-gguf", "{model}", "-o", "{tmp}/out.gguf"], 2, "already exists", output="{tmp}/out.gguf", existing="file"),
         "parent-is-a-file": Case(["convert-gguf", "{model}", "-o", "{tmp}/blocker/out.gguf"], 2, "blocker", output="{tmp}/blocker/out.gguf"),
+        "safetensors-entry-without-data-offsets": Case(["convert-gguf", "{no_offsets_model}", "-o", "{tmp}/out.gguf"], 2, "data_offsets", output="{tmp}/out.gguf"),
+        "config-is-a-list": Case(["convert-gguf", "{list_config_model}", "-o", "{tmp}/out.gguf"], 2, "config.json", output="{tmp}/out.gguf"),
+        "config-of-wrong-types": Case(["convert-gguf", "{typed_config_model}", "-o", "{tmp}/out.gguf"], 2, "vocab_size", output="{tmp}/out.gguf"),
+        "garbage-tokenizer-model": Case(["convert-gguf", "{garbage_spm_model}", "-o", "{tmp}/out.gguf"], 2, "tokenizer.model", output="{tmp}/out.gguf"),
     },
     "quantize": {
         "missing": Case(["quantize", "{tmp}/nope.gguf", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], 2, "nope.gguf", output="{tmp}/q8.gguf"),
@@ -277,6 +343,12 @@ CASES: dict[str, dict[str, Case]] = {
         "truncated-model-dir": Case(["chat", "{truncated_model}", "-p", "hi", "-n", "2"], 2, "truncated-model"),
         "random-bytes-config": Case(["chat", "{bad_config_model}", "-p", "hi", "-n", "2"], 2, "config.json"),
         "missing-lora": Case(["chat", "{model}", "--lora", "{tmp}/nope-lora", "-p", "hi", "-n", "2"], 2, "nope-lora"),
+        "pickled-lora": Case(["chat", "{model}", "--lora", "{pickled_adapter}", "-p", "hi", "-n", "2"], 2, "refusing to execute its pickle"),
+        "garbage-tokenizer-model": Case(["chat", "{garbage_spm_model}", "-p", "hi", "-n", "2"], 2, "tokenizer.model"),
+        "config-is-a-list": Case(["chat", "{list_config_model}", "-p", "hi", "-n", "2"], 2, "config.json"),
+        "safetensors-offsets-as-text": Case(["chat", "{text_offsets_model}", "-p", "hi", "-n", "2"], 2, "data_offsets"),
+        "nan-temperature": Case(["chat", "{model}", "-p", "hi", "-n", "2", "--temperature", "nan"], 2, "temperature must be a finite number"),
+        "infinite-repetition-penalty": Case(["chat", "{model}", "-p", "hi", "-n", "2", "--repetition-penalty", "inf"], 2, "repetition_penalty must be a finite number"),
     },
     "eval-ppl": {
         "missing-model": Case(["eval", "ppl", "{tmp}/nope-model", "-d", "{text}", "-o", "{tmp}/ppl.json"], 2, "nope-model", output="{tmp}/ppl.json"),
@@ -305,6 +377,8 @@ CASES: dict[str, dict[str, Case]] = {
         "missing-json": Case(["checksum", "create", "{tmp}/nope-dir", "-o", "{tmp}/SUMS", "--json"], 2, "nope-dir", output="{tmp}/SUMS", json=True),
         "output-exists": Case(["checksum", "create", "{notes}", "-o", "{tmp}/SUMS"], 2, "already exists", output="{tmp}/SUMS", existing="file"),
         "parent-is-a-file": Case(["checksum", "create", "{notes}", "-o", "{tmp}/blocker/SUMS"], 2, "blocker", output="{tmp}/blocker/SUMS"),
+        "non-utf8-file-name": Case(["checksum", "create", "{latin1_names}", "-o", "{tmp}/SUMS"], 2, "not valid UTF-8", output="{tmp}/SUMS"),
+        "non-utf8-file-name-to-stdout": Case(["checksum", "create", "{latin1_names}"], 2, "not valid UTF-8"),
     },
     "checksum-verify": {
         "missing": Case(["checksum", "verify", "{tmp}/nope.sha256"], 2, "nope.sha256"),
@@ -493,9 +567,11 @@ main(sys.argv[2:])
 """
 
 
-def kill_while_writing(args: Sequence[object], final: Path, *, wait_for: str | None = None, timeout: float = 180) -> Path:
-    """Start ``cnllm ARGS`` in a subprocess; SIGKILL it once ``wait_for`` (a glob beside ``final``; default: the
-    temporary sibling of ``final``) appears, and return what appeared."""
+def kill_while_writing(
+    args: Sequence[object], final: Path, *, wait_for: str | None = None, timeout: float = 180, sig: int = signal.SIGKILL
+) -> tuple[Path, int, str]:
+    """Start ``cnllm ARGS`` in a subprocess; send ``sig`` once ``wait_for`` (a glob beside ``final``; default: the
+    temporary sibling of ``final``) appears; return what appeared, the exit status and stderr."""
     pattern = wait_for or f".{final.name}{TEMP_MARK}*"
     process = subprocess.Popen(
         [sys.executable, "-c", KILLABLE_CNLLM, str(final), *map(str, args)],
@@ -513,13 +589,13 @@ def kill_while_writing(args: Sequence[object], final: Path, *, wait_for: str | N
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {pattern} appeared beside {final} within {timeout}s")
             time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-        process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    return found[0]
+            process.communicate(timeout=60)
+    return found[0], process.returncode, stderr.decode()
 
 
 def _gguf_tensor_count(path: Path) -> int:
@@ -557,7 +633,7 @@ KILLED = {
     "checksum-create": (
         ["checksum", "create", "{model}", "-o", "{tmp}/SHA256SUMS"],
         "SHA256SUMS",
-        lambda cli, out: cli("checksum", "verify", out).exit_code == 0,
+        lambda cli, out: cli("checksum", "verify", out, "--allow-outside").exit_code == 0,
     ),
     "vocab-merge": (
         ["vocab", "merge", "--base", "{spm}", "--add", "{spm}", "-o", "{tmp}/merged-tokenizer"],
@@ -572,8 +648,8 @@ def test_killed_mid_write_leaves_no_output_and_the_rerun_succeeds(cli, inputs, t
     template, name, is_whole = KILLED[command]
     args = [fill(a, inputs, tmp_path) for a in template]
     out = tmp_path / name
-    partial = kill_while_writing(args, out)
-    assert partial.exists() and not out.exists()
+    partial, code, _ = kill_while_writing(args, out)
+    assert code == -signal.SIGKILL and partial.exists() and not out.exists()
     rerun = cli(*args)
     assert rerun.exit_code == 0, rerun.stderr
     assert is_whole(cli, out)
@@ -588,13 +664,14 @@ def test_pipeline_killed_mid_step_keeps_earlier_steps_and_reruns(cli, inputs, tm
     work = tmp_path / "work"
     loaded = load_recipe(recipe, workdir=work)
     convert, quantize = step_folder(loaded, "convert"), step_folder(loaded, "quantize")
-    partial = kill_while_writing(["pipeline", recipe, "-o", work], quantize)
-    assert partial.exists() and (convert / "cnllm-step.json").exists() and not quantize.exists()
+    partial, code, _ = kill_while_writing(["pipeline", recipe, "-o", work], quantize)
+    assert code == -signal.SIGKILL and partial.exists() and (convert / "cnllm-step.json").exists() and not quantize.exists()
     rerun = cli("pipeline", recipe, "-o", work, "--json")
     assert rerun.exit_code == 0, rerun.stderr
     statuses = {s["step"]: s["status"] for s in json.loads(rerun.stdout)["steps"]}
     assert statuses == {"convert": "skipped", "quantize": "ran", "checksum": "ran"}
-    assert _manifest_passes(cli, step_folder(loaded, "checksum"))
+    manifest = step_folder(loaded, "checksum") / "SHA256SUMS"  # the final model is the base, outside the working folder
+    assert cli("checksum", "verify", manifest, "--root", work, "--allow-outside").exit_code == 0
 
 
 @pytest.mark.slow
@@ -604,7 +681,8 @@ def test_pt_killed_after_a_checkpoint_asks_for_resume_then_resumes(cli, inputs, 
     args = ["pt", "-m", inputs.model, "-d", inputs.text, "-o", out, *[fill(a, inputs, tmp_path) for a in PT_QUICK]]
     args[args.index("--max-steps") + 1] = "3"
     args += ["--save-steps", "1"]
-    kill_while_writing(args, out, wait_for=".pt-out.cnllm-training/checkpoint-*/trainer_state.json")
+    _, code, _ = kill_while_writing(args, out, wait_for=".pt-out.cnllm-training/checkpoint-*/trainer_state.json")
+    assert code == -signal.SIGKILL
     assert not out.exists()
     again = cli(*args)
     assert again.exit_code == 2 and "--resume" in again.stderr and again.stdout == ""
@@ -613,3 +691,240 @@ def test_pt_killed_after_a_checkpoint_asks_for_resume_then_resumes(cli, inputs, 
     assert resumed.exit_code == 0, resumed.stderr
     document = json.loads(resumed.stdout)
     assert document["steps"] == 3 and document["resumed_from"]
+
+
+# --- SIGTERM (a timeout, docker stop, Slurm) cleans up like Ctrl-C -------------------------------------------
+
+TERMINATED = {name: KILLED[name] for name in ("merge-lora", "quantize", "checksum-create")}  # atomic_dir, atomic_path, atomic_file
+
+
+@pytest.mark.parametrize("command", list(TERMINATED))
+def test_sigterm_mid_write_exits_143_and_removes_temporaries(inputs, tmp_path, command):
+    template, name, _ = TERMINATED[command]
+    out = tmp_path / name
+    partial, code, stderr = kill_while_writing([fill(a, inputs, tmp_path) for a in template], out, sig=signal.SIGTERM)
+    assert code == 143, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: terminated", stderr
+    assert not partial.exists() and not out.exists() and _leftovers(out) == []
+
+
+# --- outputs never overwrite, enter or contain an input -----------------------------------------------------
+
+# name → (the input copied to {tmp}/work/<its name>, the command with that copy as {in}, what the error says)
+OVERLAPS = {
+    "quantize-output-is-the-input": ("gguf", ["quantize", "{in}", "-o", "{in}", "--type", "Q8_0", "--force"], "is the input"),
+    "merge-lora-output-is-the-base": ("model", ["merge-lora", "--base", "{in}", "--lora", "{adapter}", "-o", "{in}", "--force"], "is the input"),
+    "merge-lora-output-is-the-adapter": ("adapter", ["merge-lora", "--base", "{model}", "--lora", "{in}", "-o", "{in}", "--force"], "is the input"),
+    "merge-lora-output-contains-the-base": ("model", ["merge-lora", "--base", "{in}", "--lora", "{adapter}", "-o", "{tmp}/work", "--force"], "contains the input"),
+    "convert-gguf-output-over-the-weights": ("model", ["convert-gguf", "{in}", "-o", "{in}/config.json", "--force"], "lies inside the input"),
+    "convert-gguf-output-inside-the-input": ("model", ["convert-gguf", "{in}", "-o", "{in}/model.gguf"], "lies inside the input"),
+    "diff-recover-output-is-the-diff": ("diff", ["diff-recover", "--base", "{model}", "--diff", "{in}", "-o", "{in}", "--force"], "is the input"),
+    "vocab-merge-output-contains-the-base": ("spm", ["vocab", "merge", "--base", "{in}", "--add", "{spm}", "-o", "{tmp}/work", "--force"], "contains the input"),
+    "vocab-train-output-is-the-corpus": ("text", ["vocab", "train", "{in}", "-o", "{in}", "--vocab-size", "400", "--force"], "is the input"),
+    "pt-output-inside-the-model": ("model", ["pt", "-m", "{in}", "-d", "{text}", "-o", "{in}/adapter", *PT_QUICK], "lies inside the input"),
+    "pipeline-workdir-inside-the-base": ("model", ["pipeline", "{tmp}/recipe.yaml", "-o", "{in}/work"], "lies inside the input"),
+    "eval-ppl-output-is-the-data": ("text", ["eval", "ppl", "{model}", "-d", "{in}", "--ctx", "32", "-o", "{in}", "--force"], "is the input"),
+}
+
+
+@pytest.mark.parametrize("name", list(OVERLAPS))
+def test_output_that_overlaps_an_input_is_refused_before_any_work(cli, inputs, tmp_path, name):
+    source_field, template, needle = OVERLAPS[name]
+    source = Path(getattr(inputs, source_field))
+    work = tmp_path / "work"
+    work.mkdir()
+    copy = work / source.name
+    (shutil.copytree if source.is_dir() else shutil.copy2)(source, copy)
+    (tmp_path / "recipe.yaml").write_text(f"name: overlap\nbase: {{model: {copy}}}\nconvert: {{outtype: f16}}\n")
+    before = {str(p.relative_to(tmp_path)): p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))}
+    result = cli(*[a.replace("{in}", str(copy)).format(tmp=tmp_path, **vars(inputs)) for a in template])
+    case = Case(template, 2, needle)
+    assert_clean_failure(result, case, needle=needle, output=None, before=None)
+    assert "inputs are never modified" in result.stderr
+    after = {str(p.relative_to(tmp_path)): p.read_bytes() if p.is_file() else None for p in sorted(tmp_path.rglob("*"))}
+    assert after == before, "the input (or its folder) was changed"
+
+
+def test_output_that_is_a_hard_link_to_the_input_is_refused(cli, inputs, tmp_path):
+    model = Path(shutil.copy2(inputs.gguf, tmp_path / "model.gguf"))
+    os.link(model, tmp_path / "same.gguf")
+    before = model.read_bytes()
+    result = cli("quantize", model, "-o", tmp_path / "same.gguf", "--type", "Q8_0", "--force")
+    assert result.exit_code == 2 and "is the input" in result.stderr, result.stderr
+    assert model.read_bytes() == before
+
+
+# --- permissions follow the umask -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_outputs_get_the_permissions_the_umask_gives(cli, inputs, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        results = [
+            cli("merge-lora", "--base", inputs.model, "--lora", inputs.adapter, "-o", tmp_path / "merged"),
+            cli("quantize", inputs.gguf, "-o", tmp_path / "q8.gguf", "--type", "Q8_0"),
+            cli("checksum", "create", inputs.text, "-o", tmp_path / "SUMS"),
+        ]
+    finally:
+        os.umask(previous)
+    assert [r.exit_code for r in results] == [0, 0, 0], [r.stderr for r in results]
+    written = [tmp_path / "merged", *(tmp_path / "merged").rglob("*"), tmp_path / "q8.gguf", tmp_path / "SUMS"]
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in written}
+    expected = {name: (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask for name in modes}
+    assert modes == expected
+    assert modes["merged/SHA256SUMS"] == modes["merged/config.json"]
+
+
+# --- a full disk says so, with the space needed and free --------------------------------------------------
+
+
+def _free_space(monkeypatch, *values: int) -> None:
+    """``free_bytes`` answers ``values`` in turn, then the last one for good."""
+    from cnllm.core import atomic
+
+    answers = list(values)
+    monkeypatch.setattr(atomic, "free_bytes", lambda path: answers.pop(0) if len(answers) > 1 else answers[0])
+
+
+def test_disk_filling_up_mid_write_says_no_space_left_with_sizes(cli, inputs, tmp_path, monkeypatch):
+    """safetensors reports a short write as "N requested and M written"; the user sees the device, needed and free."""
+    from cnllm.core import tensors
+
+    def short_write(self, name, first, block):
+        raise RuntimeError("1572864 requested and 405664 written")
+
+    monkeypatch.setattr(tensors.StreamingShardWriter, "add_rows", short_write)
+    _free_space(monkeypatch, 1 << 40, 4096)
+    out = tmp_path / "merged"
+    result = cli("merge-lora", "--base", inputs.model, "--lora", inputs.adapter, "-o", out)
+    case = Case([], 1, "no space left on ")
+    assert_clean_failure(result, case, needle="no space left on ", output=out, before=None)
+    assert "(needed ~" in result.stderr and "free 4.0 KiB)" in result.stderr and "requested" not in result.stderr
+
+
+def test_disk_too_full_for_the_output_is_refused_before_writing(cli, inputs, tmp_path, monkeypatch):
+    _free_space(monkeypatch, 1000)
+    out = tmp_path / "model.gguf"
+    result = cli("convert-gguf", inputs.model, "-o", out, "--outtype", "f16")
+    assert_clean_failure(result, Case([], 1, ""), needle="no space left on ", output=out, before=None)
+    assert "(needed ~" in result.stderr and "free 1000 B)" in result.stderr
+
+
+def test_enospc_outside_an_atomic_output_names_the_device_and_free_space(cli, inputs, tmp_path, monkeypatch):
+    import errno
+
+    from cnllm.core import hashing
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "SUMS"))
+
+    monkeypatch.setattr(hashing, "create_manifest", full)
+    _free_space(monkeypatch, 0)
+    result = cli("checksum", "create", inputs.text, "-o", tmp_path / "SUMS")
+    assert_clean_failure(result, Case([], 1, ""), needle="no space left on ", output=None, before=None)
+    assert "free 0 B)" in result.stderr
+
+
+# --- merge-lora and tensors the config does not describe ----------------------------------------------------
+
+
+def test_merge_lora_leaves_out_a_tensor_the_config_does_not_describe_and_names_it(cli, inputs, tmp_path):
+    """transformers ignores such a tensor when loading the base; copying it (48 GB in the wild) would only cost disk."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cnllm.core.tensors import tensor_infos
+
+    base = shutil.copytree(inputs.model, tmp_path / "base")
+    save_file({"stray.projection.weight": torch.ones(64, 64)}, str(base / "stray.safetensors"))
+    index_path = base / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"]["stray.projection.weight"] = "stray.safetensors"
+        index_path.write_text(json.dumps(index))
+    out = tmp_path / "merged"
+    result = cli("merge-lora", "--base", base, "--lora", inputs.adapter, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "stray.projection.weight" in result.stderr and "config.json does not describe" in result.stderr
+    merged = tensor_infos(out)
+    assert "stray.projection.weight" not in merged and set(merged) == set(tensor_infos(inputs.model))
+    assert _manifest_passes(cli, out)
+
+
+# --- checksum verify: confined to its folder, regular files only, a short report ------------------------------
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_checksum_verify_refuses_paths_outside_its_folder_unless_allowed(cli, tmp_path):
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "weights.bin").write_bytes(b"weights\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the release\n")
+    manifest = release / "SHA256SUMS"
+    manifest.write_text(
+        f"{_digest(release / 'weights.bin')}  weights.bin\n{_digest(secret)}  ../secret.txt\n{_digest(secret)}  {secret}\n"
+    )
+    result = cli("checksum", "verify", manifest, "--json")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    files = {f["path"]: f for f in json.loads(result.stdout)["files"]}
+    assert files["weights.bin"]["status"] == "OK"
+    for name, reason in (("../secret.txt", "path leads outside"), (str(secret), "absolute path")):
+        assert files[name]["status"] == "FAILED" and files[name]["actual"] is None
+        assert reason in files[name]["reason"] and "--allow-outside" in files[name]["reason"]
+    table = cli("checksum", "verify", manifest)
+    assert table.exit_code == 1 and "path leads outside" in table.stdout and "1 OK, 2 FAILED" in table.stdout
+    assert cli("checksum", "verify", manifest, "--allow-outside").exit_code == 0
+
+
+def test_checksum_verify_skips_fifos_and_devices_without_hanging(tmp_path):
+    """Run as a subprocess with a timeout: reading a FIFO or /dev/zero would block or never end."""
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "weights.bin").write_bytes(b"weights\n")
+    os.mkfifo(release / "pipe")
+    (release / "zero").symlink_to("/dev/zero")
+    manifest = release / "SHA256SUMS"
+    manifest.write_text(f"{_digest(release / 'weights.bin')}  weights.bin\n{'0' * 64}  pipe\n{'0' * 64}  zero\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "cnllm", "checksum", "verify", str(manifest), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 1, done.stderr
+    files = {f["path"]: f for f in json.loads(done.stdout)["files"]}
+    assert files["weights.bin"]["status"] == "OK"
+    assert files["pipe"]["status"] == "FAILED" and "named pipe" in files["pipe"]["reason"]
+    assert files["zero"]["status"] == "FAILED" and "character device" in files["zero"]["reason"]
+
+
+def test_checksum_verify_prints_the_summary_and_only_the_failures_by_default(cli, tmp_path):
+    release = tmp_path / "release"
+    release.mkdir()
+    lines = []
+    for number in range(40):
+        path = release / f"part-{number:02d}.bin"
+        path.write_bytes(f"part {number}\n".encode())
+        lines.append(f"{_digest(path)}  {path.name}\n")
+    (release / "part-07.bin").write_bytes(b"changed\n")
+    manifest = release / "SHA256SUMS"
+    manifest.write_text("".join(lines))
+    short = cli("checksum", "verify", manifest)
+    assert short.exit_code == 1
+    assert "part-07.bin" in short.stdout and "part-08.bin" not in short.stdout
+    assert short.stdout.strip().splitlines()[-1] == "39 OK, 1 FAILED, 0 MISSING"
+    full = cli("checksum", "verify", manifest, "--all")
+    assert all(f"part-{n:02d}.bin" in full.stdout for n in range(40))
+    (release / "part-07.bin").write_bytes(b"part 7\n")
+    passed = cli("checksum", "verify", manifest)
+    assert passed.exit_code == 0 and passed.stdout.strip() == "40 OK, 0 FAILED, 0 MISSING"
+    gone = tmp_path / "GONE"
+    gone.write_text("".join(f"{'0' * 64}  missing-{n}.bin\n" for n in range(600)))
+    many = cli("checksum", "verify", gone)
+    assert many.exit_code == 1 and many.stdout.count("\n") == 601, "one plain line per failure, then the summary"
+    assert many.stdout.startswith("MISSING\tmissing-0.bin\tsha256\tno such file\n")

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Sequence
 
 from rich.console import Console
 
+from cnllm.core.tensors import human_bytes  # noqa: F401 - commands format sizes through output
+
 
 @lru_cache(maxsize=None)
 def stdout() -> Console:
@@ -53,12 +55,6 @@ def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequen
     stdout().print(table)
 
 
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
 
 
 class CliProgress:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
+from rich.markup import escape
 
 from cnllm.cli import output
 from cnllm.cli.options import ForceOpt, JobsOpt, JsonOpt, OutputFileOpt
@@ -23,6 +24,7 @@ class Algorithm(str, Enum):
 
 
 STATUS_STYLE = {hashing.OK: "green", hashing.FAILED: "bold red", hashing.MISSING: "yellow"}
+TABLE_ROWS = 500  # longer reports are plain tab-separated lines: a Rich table of 100,000 rows takes minutes
 
 
 @app.command()
@@ -43,6 +45,8 @@ def create(
     result = hashing.create_manifest(
         paths, manifest=output_file, algorithm=algo.value, jobs=jobs, force=force, progress=output.CliProgress()
     )
+    if result.manifest is not None and any(hashing.outside_reason(f.path) for f in result.files):
+        output.print_warning(f"{result.manifest} lists files outside its folder; check it with 'cnllm checksum verify --allow-outside'")
     if json_:
         output.print_json(result.to_dict())
     elif result.manifest is None:
@@ -64,15 +68,27 @@ def verify(
     algo: Annotated[
         Optional[Algorithm], typer.Option("--algo", "-a", help="Force the algorithm [default: from each digest's length or tag].")
     ] = None,
+    allow_outside: Annotated[
+        bool, typer.Option("--allow-outside", help="Also check listed paths outside the root (absolute or ../); refused by default.")
+    ] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="List every file (default: the summary and the files that are not OK).")] = False,
     jobs: JobsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check files against a manifest: OK / FAILED / MISSING per file; exit 1 if any is not OK.
 
+    Paths that lead outside the manifest's folder (or --root) and files that are not regular files
+    (FIFOs, devices) are FAILED with the reason, without being read.
+
     Example: cnllm checksum verify SHA256.md --root downloads/
     """
     result = hashing.verify_manifest(
-        manifest, root=root, algorithm=algo.value if algo else None, jobs=jobs, progress=output.CliProgress()
+        manifest,
+        root=root,
+        algorithm=algo.value if algo else None,
+        jobs=jobs,
+        allow_outside=allow_outside,
+        progress=output.CliProgress(),
     )
     document = result.to_dict()
     if json_:
@@ -80,11 +96,12 @@ def verify(
     else:
         for m in result.malformed:
             output.print_warning(f"{result.manifest}:{m.line}: skipped malformed line: {m.reason}")
-        rows = [
-            (f"[{STATUS_STYLE[c.status]}]{c.status}[/]", c.path, c.algorithm, c.reason or "")
-            for c in result.checks
-        ]
-        output.print_table(None, ["status", "file", "algorithm", "detail"], rows)
+        shown = result.checks if show_all else [c for c in result.checks if c.status != hashing.OK]
+        if len(shown) > TABLE_ROWS:
+            typer.echo("".join(f"{c.status}\t{c.path}\t{c.algorithm}\t{c.reason or ''}\n" for c in shown), nl=False)
+        elif shown:
+            rows = [(f"[{STATUS_STYLE[c.status]}]{c.status}[/]", escape(c.path), c.algorithm, escape(c.reason or "")) for c in shown]
+            output.print_table(None, ["status", "file", "algorithm", "detail"], rows)
         output.stdout().print(
             f"{document['ok']} OK, {document['failed']} FAILED, {document['missing']} MISSING"
             + (f", {len(result.malformed)} malformed lines skipped" if result.malformed else ""),

@@ -85,7 +85,7 @@ def ppl(
     options = build_options(PplOptions, {"ctx": ctx, "stride": stride, "llamacpp_compatible": llamacpp_compatible, "batch_size": batch_size})
     spec = _spec(model, lora, device, dtype, threads, trust_remote_code)
     if output_file is not None:
-        check_output(output_file, force)
+        check_output(output_file, force, inputs=[model, lora, *data])
     result = evaluate_perplexity(spec, data, options, progress=output.CliProgress())
     if output_file is not None:
         write_report(result, output_file, force=force)
@@ -165,7 +165,7 @@ def mc(
     options = build_options(McOptions, values)
     spec = _spec(model, lora, device, dtype, threads, trust_remote_code)
     if out_dir is not None:
-        check_output(out_dir, force)
+        check_output(out_dir, force, inputs=[model, lora, data])
     result = evaluate_multiple_choice(spec, data, options, progress=output.CliProgress())
     if template == "auto" and result.model.get("template") == "none":
         output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")

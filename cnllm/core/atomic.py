@@ -1,26 +1,51 @@
 """Atomic outputs: write under a temporary sibling name, rename into place on success.
 
 An interrupted or failed run never leaves a half-written file or directory under the final
-name, and an existing output is only replaced when the caller passes ``force=True``.
+name, an existing output is only replaced when the caller passes ``force=True``, and an output
+never replaces, lands inside or contains one of the command's inputs (``inputs=``). Outputs get
+the permissions a plain ``open``/``mkdir`` would give under the umask, and a full disk is
+reported as such, with the space needed and free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
-from cnllm.core.errors import OutputExistsError, UsageError
+from cnllm.core.errors import CnllmError, OutputExistsError, UsageError
+from cnllm.core.tensors import human_bytes
 
 TEMP_MARK = ".cnllm-tmp-"
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Fail early (before any work) when ``path`` exists and may not be overwritten, or cannot be written."""
+def check_not_input(path: Path | str, inputs: Iterable[Path | str | None]) -> None:
+    """Refuse an output that is an input, lies inside an input folder or contains an input: with
+    ``--force`` it would replace the input, and a new file inside a model folder changes that model."""
+    output = Path(os.path.realpath(path))
+    for raw in inputs:
+        if raw is None or not os.path.lexists(raw):
+            continue
+        source = Path(os.path.realpath(raw))
+        if output == source or (output.exists() and os.path.samefile(output, source)):
+            relation = "is the input"
+        elif source in output.parents:
+            relation = "lies inside the input"
+        elif output in source.parents:
+            relation = "contains the input"
+        else:
+            continue
+        raise UsageError(f"output {path} {relation} {raw}; inputs are never modified: choose another output")
+
+
+def check_output(path: Path, force: bool, *, inputs: Iterable[Path | str | None] = ()) -> None:
+    """Fail early (before any work) when ``path`` overlaps an input, exists and may not be overwritten, or cannot be written."""
     path = Path(path)
+    check_not_input(path, inputs)
     if (path.exists() or path.is_symlink()) and not force:
         raise OutputExistsError(path)
     ancestor = path.absolute().parent
@@ -71,6 +96,56 @@ def _prepare_parent(path: Path) -> Path:
     return parent
 
 
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged user may still write on the file system holding ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def _mount_point(path: Path) -> Path:
+    path = Path(os.path.realpath(path))
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+# Below this much free space a failed write is taken for a full disk, whatever the library said
+# ("1572864 requested and 405664 written", "basic_ios::clear: iostream error").
+FULL_DISK_SLACK = 16 << 20
+
+
+def disk_full_error(path: Path, needed: int | None = None) -> CnllmError:
+    """``no space left on DEVICE (needed ~N, free M)`` for a write under ``path``."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = free_bytes(folder)
+    wanted = f"needed ~{human_bytes(needed)}, " if needed else ""
+    return CnllmError(f"no space left on {_mount_point(folder)} ({wanted}free {human_bytes(free)}) writing {path}; free some space and run again")
+
+
+def _is_disk_full(exc: BaseException, parent: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if isinstance(exc, UsageError) or not isinstance(exc, Exception):
+        return False
+    try:
+        return free_bytes(parent) < FULL_DISK_SLACK
+    except OSError:
+        return False
+
+
+def _check_space(path: Path, parent: Path, needed: int | None) -> None:
+    if needed and free_bytes(parent) < needed:
+        raise disk_full_error(path, needed)
+
+
+def _temp_sibling(path: Path, parent: Path) -> Path:
+    """A fresh temporary name beside ``path``. It is named before it is created, so an interruption at
+    any point finds it in the ``try`` that removes it; created with the modes a plain ``open``/``mkdir``
+    gives under the umask (``mkstemp``/``mkdtemp`` would make it private)."""
+    return parent / f"{_temp_prefix(path)}{secrets.token_hex(8)}"
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -80,21 +155,25 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path | str, *, force: bool = False) -> Iterator[Path]:
+def atomic_path(path: Path | str, *, force: bool = False, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary sibling path for a library that writes by file name (llama.cpp, GGUFWriter);
-    on success it is renamed over ``path``, on failure removed."""
+    on success it is renamed over ``path``, on failure removed. ``needed``: the bytes the output
+    will take, checked against the free space first."""
     path = Path(path)
     check_output(path, force)
     parent = _prepare_parent(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), dir=parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    _check_space(path, parent, needed)
+    tmp = _temp_sibling(path, parent)
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
         check_output(path, force)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = _is_disk_full(exc, parent)
         _remove(tmp)
+        if full:
+            raise disk_full_error(path, needed) from exc
         raise
 
 
@@ -109,22 +188,28 @@ def atomic_file(path: Path | str, *, force: bool = False, mode: str = "wb") -> I
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path | str, *, force: bool = False) -> Iterator[Path]:
+def atomic_dir(path: Path | str, *, force: bool = False, needed: int | None = None) -> Iterator[Path]:
     """Yield an empty temporary sibling directory; on success it replaces ``path``.
 
     With ``force`` an existing ``path`` is moved aside first and deleted only after the
-    new directory is in place, so a failure never loses the old output.
+    new directory is in place, so a failure never loses the old output. ``needed``: as for
+    :func:`atomic_path`.
     """
     path = Path(path)
     check_output(path, force)
     parent = _prepare_parent(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent))
+    _check_space(path, parent, needed)
+    tmp = _temp_sibling(path, parent)
     try:
+        os.mkdir(tmp, 0o777)
         yield tmp
         check_output(path, force)
         _swap_in(tmp, path, parent)
-    except BaseException:
+    except BaseException as exc:
+        full = _is_disk_full(exc, parent)
         _remove(tmp)
+        if full:
+            raise disk_full_error(path, needed) from exc
         raise
 
 

@@ -22,7 +22,7 @@ from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import WideDType
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.hashing import VerifyResult, create_manifest, verify_manifest
-from cnllm.core.merge import VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, output_layout, write_config
+from cnllm.core.merge import VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, layout_bytes, output_layout, write_config
 from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, check_vocab_agreement, has_tokenizer, load_config, tokenizer_length
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
@@ -243,7 +243,7 @@ def _finish_output(
     out_dtypes = sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point})
     write_config(config, tmp, vocab_size=vocab_size, dtype=out_dtypes[0] if dtype and len(out_dtypes) == 1 else None)
     if (source / "generation_config.json").exists():
-        shutil.copy2(source / "generation_config.json", tmp / "generation_config.json")
+        shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
     if has_tokenizer(source):
         copy_tokenizer(source, tmp)
     write_record(tmp, kind, inputs=inputs, options=options, results=results)
@@ -273,7 +273,7 @@ def recover(
     dtype = options.dtype.name if options.dtype is not None else None
     max_shard_size, manifest, reference, tolerance = options.max_shard_size, options.manifest, options.reference, options.tolerance
     base, diff, output = Path(base), Path(diff), Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=[base, diff, manifest, reference])
     config = load_config(diff)
     raw_infos, diff_infos = tensor_infos(base), tensor_infos(diff)
     shapes, extended = plan_shapes(raw_infos, diff_infos, raw_dir=base, other_dir=diff, other_label="diff")
@@ -283,7 +283,7 @@ def recover(
     read_bytes = sum(f.stat().st_size for f in {i.file for i in raw_infos.values()} | {i.file for i in diff_infos.values()})
     progress.start(sum(f.stat().st_size for f in {i.file for i in diff_infos.values()}), "recovering", unit="B")
     manifest_check = reference_check = None
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
         with TensorReader(base) as raw, TensorReader(diff) as deltas:
             for name in diff_infos:
@@ -364,7 +364,7 @@ def make_diff(
     options.validate()
     dtype, max_shard_size = options.dtype.name, options.max_shard_size
     base, tuned, output = Path(base), Path(tuned), Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=[base, tuned])
     config = load_config(tuned)
     raw_infos, tuned_infos = tensor_infos(base), tensor_infos(tuned)
     shapes, extended = plan_shapes(raw_infos, tuned_infos, raw_dir=base, other_dir=tuned, other_label="tuned model")
@@ -373,7 +373,7 @@ def make_diff(
     read_bytes = sum(f.stat().st_size for f in {i.file for i in raw_infos.values()} | {i.file for i in tuned_infos.values()})
     progress.start(sum(f.stat().st_size for f in {i.file for i in tuned_infos.values()}), "making the diff", unit="B")
     signed_zeros = 0
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
         with TensorReader(base) as raw, TensorReader(tuned) as tuned_reader:
             for name in tuned_infos:

@@ -1,7 +1,7 @@
 """Exceptions that carry the message a user sees and the exit code the CLI returns.
 
 Exit codes: 0 success, 1 the operation or a check failed, 2 usage error (bad option,
-missing or unreadable input, output already exists).
+missing or unreadable input, output already exists), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -37,3 +37,9 @@ class CheckFailed(CnllmError):
     """A verification ran to completion and found a problem (checksum mismatch, tolerance exceeded)."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """The process received SIGTERM (a timeout, ``docker stop``, Slurm). Raised in the main thread like
+    ``KeyboardInterrupt`` so every ``finally`` and atomic-output cleanup runs, but not caught where Ctrl-C
+    only cancels a step (chat): the command ends with exit 143."""

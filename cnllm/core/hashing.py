@@ -9,8 +9,11 @@ tables of ``SHA256.md`` files, and plain MD5 lists.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
+import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ HEX_LENGTH = {"md5": 32, "sha1": 40, "sha256": 64, "blake2b": 128}
 ALGORITHM_BY_HEX_LENGTH = {length: name for name, length in HEX_LENGTH.items()}
 BSD_TAGS = {"MD5": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA2-256": "sha256", "BLAKE2B": "blake2b", "BLAKE2B-512": "blake2b"}
 CHUNK_SIZE = 4 << 20
+SMALL_READ = 64 << 10  # reads after a small file's expected end (it grew, or to see EOF)
 
 OK, FAILED, MISSING = "OK", "FAILED", "MISSING"
 
@@ -37,56 +41,107 @@ def hash_file(
     on_bytes: Callable[[int], None] | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> str:
-    """Hex digest of one file, calling ``on_bytes(n)`` after each chunk read."""
+    """Hex digest of one file, calling ``on_bytes(n)`` after each chunk read.
+
+    Only regular files are read (a FIFO or ``/dev/zero`` named in a manifest would block or never end).
+    Small files take one plain read; large ones are read into a buffer each thread reuses.
+    """
     hasher = hashlib.new(algorithm)
-    buffer = bytearray(chunk_size)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            read = handle.readinto(buffer)
-            if not read:
-                break
-            hasher.update(view[:read])
-            if on_bytes is not None:
-                on_bytes(read)
-    return hasher.hexdigest()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(0, f"{file_kind(info.st_mode)}, not a regular file", str(path))
+        if info.st_size < chunk_size:
+            data = os.read(fd, info.st_size + 1)
+            while data:
+                hasher.update(data)
+                if on_bytes is not None:
+                    on_bytes(len(data))
+                data = os.read(fd, SMALL_READ)
+            return hasher.hexdigest()
+        buffer = _buffer(chunk_size)
+        view = memoryview(buffer)
+        with open(fd, "rb", buffering=0, closefd=False) as handle:
+            while read := handle.readinto(buffer):
+                hasher.update(view[:read])
+                if on_bytes is not None:
+                    on_bytes(read)
+        return hasher.hexdigest()
+    finally:
+        os.close(fd)
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device, socket or directory where a file to hash was expected; it is never read."""
+
+
+_local = threading.local()
+
+
+def _buffer(size: int) -> bytearray:
+    if len(getattr(_local, "buffer", b"")) != size:
+        _local.buffer = bytearray(size)
+    return _local.buffer
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((word for test, word in kinds if test(mode)), "not a regular file")
 
 
 def hash_files(
-    tasks: Sequence[tuple[Path, str]],
+    tasks: Sequence[tuple[Path | str, str]],
     *,
     jobs: int | None = None,
     progress: Progress = NULL_PROGRESS,
     description: str = "hashing",
-) -> dict[tuple[Path, str], str | OSError]:
+) -> dict[tuple[Path | str, str], str | OSError]:
     """Hash each ``(path, algorithm)`` once; a file that cannot be read maps to its ``OSError``.
 
     Files are started largest first so that threads finish together; progress counts bytes
-    across all files.
+    across all files. Each thread takes the next file from a shared counter (no task object per
+    file: manifests list 100,000 small files), and all stop at the next file once interrupted.
     """
     jobs = max(1, jobs or os.cpu_count() or 1)
     unique = list(dict.fromkeys(tasks))
     sizes = {}
     for path, _ in unique:
         try:
-            sizes[path] = path.stat().st_size
+            sizes[path] = os.stat(path).st_size
         except OSError:
             sizes[path] = 0
     unique.sort(key=lambda task: sizes[task[0]], reverse=True)
     progress.start(sum(sizes[p] for p, _ in unique), description, unit="B")
+    results: list[str | OSError | None] = [None] * len(unique)
+    positions = itertools.count()
+    stop = threading.Event()
 
-    def run(task: tuple[Path, str]) -> str | OSError:
-        try:
-            return hash_file(task[0], task[1], on_bytes=progress.advance)
-        except OSError as exc:
-            return exc
+    def work() -> None:
+        while not stop.is_set():
+            index = next(positions)
+            if index >= len(unique):
+                return
+            path, algorithm = unique[index]
+            try:
+                results[index] = hash_file(path, algorithm, on_bytes=progress.advance)
+            except OSError as exc:
+                results[index] = exc
 
     try:
-        if jobs == 1 or len(unique) <= 1:
-            results = [run(task) for task in unique]
+        workers = min(jobs, len(unique))
+        if workers <= 1:
+            work()
         else:
-            with ThreadPoolExecutor(max_workers=min(jobs, len(unique))) as pool:
-                results = list(pool.map(run, unique))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                try:
+                    for future in [pool.submit(work) for _ in range(workers)]:
+                        future.result()
+                except BaseException:
+                    stop.set()
+                    raise
     finally:
         progress.finish()
     return dict(zip(unique, results))
@@ -158,7 +213,17 @@ def collect_files(paths: Iterable[Path | str], *, exclude: Iterable[Path] = ()) 
         resolved = path.resolve()
         if resolved not in excluded and resolved not in unique:
             unique[resolved] = path
+            _check_utf8_name(path)
     return list(unique.values())
+
+
+def _check_utf8_name(path: Path) -> None:
+    """A manifest is UTF-8 text: a file name in another encoding cannot be listed in it (nor verified later)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise UsageError(f"file name {shown} is not valid UTF-8 and cannot be listed in a manifest; rename the file") from None
 
 
 def create_manifest(
@@ -168,11 +233,13 @@ def create_manifest(
     algorithm: str = "sha256",
     jobs: int | None = None,
     force: bool = False,
+    relative_to: Path | None = None,
     progress: Progress = NULL_PROGRESS,
 ) -> CreateResult:
     """Hash ``paths`` and, when ``manifest`` is given, write a GNU-format manifest atomically.
 
-    Paths in the manifest are relative to its folder (to the current folder without one).
+    Paths in the manifest are relative to ``relative_to`` (default: its folder; the current folder
+    without one): the root ``verify`` confines them to.
     """
     if algorithm not in ALGORITHMS:
         raise UsageError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -183,7 +250,7 @@ def create_manifest(
     files = collect_files(paths, exclude=[manifest] if manifest is not None else [])
     if not files:
         raise UsageError("nothing to hash: the directories given contain no files")
-    base = (manifest.parent if manifest is not None else Path(".")).resolve()
+    base = (relative_to or (manifest.parent if manifest is not None else Path("."))).resolve()
     started = time.perf_counter()
     digests = hash_files([(f, algorithm) for f in files], jobs=jobs, progress=progress)
     hashed = []
@@ -398,15 +465,30 @@ def read_manifest_text(manifest: Path | str) -> str:
         raise UsageError(f"manifest {path} is not UTF-8 text") from None
 
 
+def outside_reason(name: str) -> str | None:
+    """Why a listed path leads out of the folder it is relative to (absolute, or climbing with ``..``), if it does."""
+    if os.path.isabs(name) or name.startswith("\\"):
+        return "absolute path"
+    normal = os.path.normpath(name)
+    if normal == ".." or normal.startswith("../"):
+        return "path leads outside"
+    return None
+
+
 def verify_manifest(
     manifest: Path | str,
     *,
     root: Path | None = None,
     algorithm: str | None = None,
     jobs: int | None = None,
+    allow_outside: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> VerifyResult:
-    """Check every file a manifest lists; paths resolve against ``root`` (default: the manifest's folder)."""
+    """Check every file a manifest lists; paths resolve against ``root`` (default: the manifest's folder).
+
+    A published manifest is untrusted input: paths that leave ``root`` (absolute, ``../``) are FAILED
+    unless ``allow_outside``, and only regular files are read (never a FIFO or a device).
+    """
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise UsageError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     text = read_manifest_text(manifest)
@@ -423,27 +505,30 @@ def verify_manifest(
         raise UsageError(f"--root {root} is not a directory")
     started = time.perf_counter()
     checks: list[FileCheck] = []
-    tasks: list[tuple[Path, str]] = []
-    targets: list[Path | None] = []
+    tasks: list[tuple[str, str]] = []
+    targets: list[str | None] = []
+    folder = os.fspath(root)
     for entry in parsed.entries:
-        target = Path(entry.path) if Path(entry.path).is_absolute() else root / entry.path
+        target = os.path.join(folder, entry.path)  # plain strings: manifests list 100,000 files
         check = FileCheck(entry.path, OK, entry.algorithm, entry.digest, line=entry.line)
-        if not target.exists():
-            check.status, check.reason = MISSING, "no such file"
-            targets.append(None)
-        elif target.is_dir():
-            check.status, check.reason = FAILED, "is a directory"
-            targets.append(None)
-        else:
-            tasks.append((target, entry.algorithm))
-            targets.append(target)
         checks.append(check)
+        targets.append(None)
+        outside = None if allow_outside else outside_reason(entry.path)
+        if outside:
+            check.status, check.reason = FAILED, f"{outside} of {root}; not read (allow with --allow-outside)"
+            continue
+        tasks.append((target, entry.algorithm))
+        targets[-1] = target
     digests = hash_files(tasks, jobs=jobs, progress=progress, description="verifying")
     for check, target in zip(checks, targets):
         if target is None:
             continue
         digest = digests[(target, check.algorithm)]
-        if isinstance(digest, OSError):
+        if isinstance(digest, FileNotFoundError):
+            check.status, check.reason = MISSING, "no such file"
+        elif isinstance(digest, NotRegularFile):
+            check.status, check.reason = FAILED, f"{digest.strerror}; not read"
+        elif isinstance(digest, OSError):
             check.status, check.reason = FAILED, f"cannot read: {describe_os_error(digest)}"
         elif digest != check.expected:
             check.status, check.actual, check.reason = FAILED, digest, "checksum mismatch"

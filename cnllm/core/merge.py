@@ -28,7 +28,16 @@ from cnllm.core.hashing import create_manifest
 from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, has_tokenizer, load_config, tokenizer_length
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
-from cnllm.core.tensors import SAFETENSORS_TORCH_DTYPES, StreamingShardWriter, TensorInfo, TensorReader, parse_size, stream_tensors, tensor_infos
+from cnllm.core.tensors import (
+    SAFETENSORS_TORCH_DTYPES,
+    StreamingShardWriter,
+    TensorInfo,
+    TensorReader,
+    human_bytes,
+    parse_size,
+    stream_tensors,
+    tensor_infos,
+)
 
 RECORD_OMITS = ("output", "files", "total_bytes", "seconds")  # the record is written before these are known
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
@@ -221,8 +230,17 @@ def _scale(config: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _conv1d_modules(base: Path) -> set[str]:
-    """Modules of the base architecture stored as ``Conv1D`` (weight is in×out), from a weightless meta-device model."""
+@dataclass
+class Architecture:
+    """What the base's config.json describes, from a weightless meta-device model: every tensor name the
+    model has (parameters and buffers), and the modules stored as ``Conv1D`` (weight is in×out)."""
+
+    tensors: set[str]
+    conv1d: set[str]
+
+
+def describe_architecture(base: Path, *, required: bool) -> Architecture | None:
+    """The base's :class:`Architecture`; ``None`` when transformers cannot build it (a usage error when ``required``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
@@ -233,9 +251,26 @@ def _conv1d_modules(base: Path) -> set[str]:
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base)))
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"an adapter sets fan_in_fan_out, but transformers cannot describe the base architecture of {base}: {exc}") from exc
-    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if required:
+            raise UsageError(f"an adapter sets fan_in_fan_out, but transformers cannot describe the base architecture of {base}: {exc}") from exc
+        return None
+    names = set(model.state_dict()) | {name for name, _ in model.named_buffers()}
+    return Architecture(names, {name for name, module in model.named_modules() if isinstance(module, Conv1D)})
+
+
+def drop_unknown_tensors(infos: dict[str, TensorInfo], architecture: Architecture | None, base: Path) -> tuple[dict[str, TensorInfo], str | None]:
+    """Leave out base tensors the config does not describe (transformers ignores them when loading; copying
+    them would only cost disk), and a note naming them."""
+    if architecture is None:
+        return infos, None
+    unknown = [name for name in infos if name not in architecture.tensors]
+    if not unknown:
+        return infos, None
+    size = sum(math.prod(infos[n].shape) * _torch_dtype(info_dtype_name(infos[n])).itemsize for n in unknown)
+    named = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+    note = f"left out {len(unknown)} tensors of {base} that its config.json does not describe ({named}; {human_bytes(size)}); transformers ignores them too"
+    return {n: i for n, i in infos.items() if n not in unknown}, note
 
 
 def layer_count(names: Sequence[str]) -> int:
@@ -384,10 +419,15 @@ def output_layout(infos: dict[str, TensorInfo], shapes: dict[str, tuple[int, ...
     return layout
 
 
+def layout_bytes(layout: list[tuple]) -> int:
+    """Bytes the tensors of an output layout take on disk (the free-space check before writing)."""
+    return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in layout)
+
+
 def copy_tokenizer(source: Path, target: Path) -> None:
     for item in sorted(source.iterdir()):
         if item.is_file() and (item.name.startswith("tokenizer") or item.name in TOKENIZER_EXTRA_FILES):
-            shutil.copy2(item, target / item.name)
+            shutil.copyfile(item, target / item.name)  # a new file: the umask decides its mode
 
 
 def write_config(config: dict, target: Path, *, vocab_size: int | None, dtype: str | None) -> None:
@@ -462,11 +502,13 @@ def merge_lora(
     base, output = Path(base), Path(output)
     if not adapters:
         raise UsageError("name at least one adapter with --lora")
-    check_output(output, force)
+    check_output(output, force, inputs=[base, *adapters])
     config = load_config(base)
     infos = tensor_infos(base)
     loaded_adapters = [read_adapter(a) for a in adapters]
-    conv1d = _conv1d_modules(base) if any(a.config.get("fan_in_fan_out") for a in loaded_adapters) else set()
+    architecture = describe_architecture(base, required=any(a.config.get("fan_in_fan_out") for a in loaded_adapters))
+    conv1d = architecture.conv1d if architecture is not None else set()
+    infos, dropped = drop_unknown_tensors(infos, architecture, base)
     base_shapes = {name: tuple(info.shape) for name, info in infos.items()}
     shapes = dict(base_shapes)
     for adapter in loaded_adapters:
@@ -479,13 +521,13 @@ def merge_lora(
         raise UsageError(f"--format pth writes Meta's LLaMA layout; {base} is a {config.get('model_type')} model")
     layout = output_layout(infos, shapes, dtype)
     out_dtypes = sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point})
-    notes = []
+    notes = [dropped] if dropped else []
     ignored = [a.directory for a in loaded_adapters if a.config.get("fan_in_fan_out") and not any(u.module in conv1d for u in a.updates.values())]
     for directory in ignored:
         notes.append(f"{directory}: fan_in_fan_out ignored for Linear layers, as PEFT does")
     weights = [a.load() for a in loaded_adapters]
     report = None
-    with atomic_dir(output, force=force) as tmp:
+    with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         hf_dir = tmp / ".merged-hf" if output_format == "pth" else tmp
         hf_dir.mkdir(exist_ok=True)
         writer = StreamingShardWriter(hf_dir, layout, max_shard_size=max_shard_size if output_format == "hf" else "2GB")
@@ -505,7 +547,7 @@ def merge_lora(
         del weights
         write_config(config, hf_dir, vocab_size=sizes.embedding, dtype=out_dtypes[0] if dtype and len(out_dtypes) == 1 else None)
         if (base / "generation_config.json").exists():
-            shutil.copy2(base / "generation_config.json", hf_dir / "generation_config.json")
+            shutil.copyfile(base / "generation_config.json", hf_dir / "generation_config.json")
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, hf_dir)
         if options.verify:

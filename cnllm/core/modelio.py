@@ -8,6 +8,7 @@ three cheaply (headers only) and :func:`check_vocab_agreement` names exactly whi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,16 +20,46 @@ EMBEDDING_NAMES = ("model.embed_tokens.weight", "tok_embeddings.weight", "embed_
 LM_HEAD_NAMES = ("lm_head.weight", "output.weight")
 
 
+# config.json fields every command relies on, with the type they must have when present (null allowed).
+CONFIG_SIZES = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "head_dim",
+)
+CONFIG_NUMBERS = ("rms_norm_eps", "rope_theta", "initializer_range")
+
+
 def load_config(model_dir: Path | str) -> dict:
+    """``config.json`` as a mapping whose size fields are positive integers (a usage error naming the field otherwise)."""
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise UsageError(f"{model_dir} is not a model directory")
     if not path.exists():
         raise UsageError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path} is not valid JSON") from None
+    check_config(config, path)
+    return config
+
+
+def check_config(config, path: Path, *, prefix: str = "") -> None:
+    """Refuse a config that is not a mapping or whose known fields have the wrong type (``prefix``: ``text_config.``)."""
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: {prefix.rstrip('.') or 'the file'} is not a JSON object (a mapping of settings)")
+    for key in CONFIG_SIZES:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{path}: {prefix}{key} must be a positive integer, not {value!r}")
+    for key in CONFIG_NUMBERS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+            raise UsageError(f"{path}: {prefix}{key} must be a finite number, not {value!r}")
+    for key, kind, what in (("model_type", str, "a string"), ("tie_word_embeddings", bool, "true or false")):
+        if config.get(key) is not None and not isinstance(config[key], kind):
+            raise UsageError(f"{path}: {prefix}{key} must be {what}, not {config[key]!r}")
+    if "text_config" in config and not prefix:
+        check_config(config["text_config"], path, prefix="text_config.")
 
 
 def has_tokenizer(directory: Path | str) -> bool:
@@ -50,9 +81,9 @@ def tokenizer_length(tokenizer_dir: Path | str) -> int:
         ids += [int(i) for i in _added_tokens_json(tokenizer_dir).values()]
         return max(ids) + 1
     if (tokenizer_dir / "tokenizer.model").exists():
-        import sentencepiece as spm
+        from cnllm.core.tokenizers.spm import load_processor
 
-        size = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model")).get_piece_size()
+        size = load_processor(tokenizer_dir / "tokenizer.model").get_piece_size()
         ids = [size - 1] + [int(i) for i in _added_tokens_json(tokenizer_dir).values()]
         return max(ids) + 1
     raise UsageError(f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
@@ -141,12 +172,31 @@ def default_dtype(device: str):
     return torch.float32
 
 
+def check_tokenizer_files(directory: Path | str) -> None:
+    """A usage error for a tokenizer directory transformers would fail on with a misleading message
+    (no tokenizer at all; a garbage ``tokenizer.model``, which sends it looking for tiktoken)."""
+    directory = Path(directory)
+    if not has_tokenizer(directory):
+        raise UsageError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
+    if (directory / "tokenizer.model").is_file():
+        from cnllm.core.tokenizers.spm import load_processor
+
+        load_processor(directory / "tokenizer.model")
+
+
+def check_lora_adapter(lora: Path | str) -> None:
+    """An adapter PEFT can load: ``adapter_config.json``, and weights that are plain tensors (a pickle holding
+    anything else is refused here in one line, before PEFT would relay torch's advice to turn ``weights_only`` off)."""
+    if not (Path(lora) / "adapter_config.json").is_file():
+        raise UsageError(f"--lora {lora} is not a PEFT adapter directory (no adapter_config.json)")
+    tensor_infos(lora)
+
+
 def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):
     """The Hugging Face tokenizer of a model directory, with a usage error when there is none."""
     from transformers import AutoTokenizer
 
-    if not has_tokenizer(model_dir):
-        raise UsageError(f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
+    check_tokenizer_files(model_dir)
     return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
 
 
@@ -221,6 +271,7 @@ def load_causal_lm(
     for number, adapter in enumerate(adapters):
         from peft import PeftModel
 
+        check_lora_adapter(adapter)
         rows = adapter_vocab_rows(adapter)
         if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(rows, mean_resizing=False)
@@ -243,4 +294,4 @@ def copy_missing_tokenizer_files(source: Path | str, target: Path | str) -> None
 
     for name in SPM_TOKENIZER_FILES:
         if (Path(source) / name).is_file() and not (Path(target) / name).exists():
-            shutil.copy2(Path(source) / name, Path(target) / name)
+            shutil.copyfile(Path(source) / name, Path(target) / name)

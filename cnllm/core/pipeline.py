@@ -234,7 +234,7 @@ def run_pipeline(
     if recipe.workdir.exists() and not recipe.workdir.is_dir():
         raise UsageError(f"work directory {recipe.workdir} is a file")
     if not dry_run:
-        check_output(recipe.workdir / "report.md", force=True)
+        check_output(recipe.workdir / "report.md", force=True, inputs=[recipe.base_model, recipe.base_tokenizer])
     cache = HashCache(recipe.workdir / ".cnllm-hash-cache.json")
     artifacts = Artifacts(model=recipe.base_model, tokenizer=recipe.base_tokenizer, models={"base": recipe.base_model})
     previous = fingerprint("base", {}, "", {str(p): cache.digest(p) for p in dict.fromkeys([recipe.base_model, recipe.base_tokenizer])})

@@ -375,13 +375,13 @@ def parse_checksum(recipe: Recipe, name: str, options: dict) -> dict:
 
 
 def run_checksum(context: StepContext, options: dict) -> dict:
-    """A SHA256SUMS over the final model directory and every GGUF file, relative to this folder."""
+    """A SHA256SUMS over the final model directory and every GGUF file, relative to the working folder
+    (``cnllm checksum verify WORK/09-checksum/SHA256SUMS --root WORK``: verify keeps to its root)."""
     from cnllm.core.hashing import create_manifest
 
     targets = [context.artifacts.model, *context.artifacts.gguf.values()]
     manifest = context.folder / "SHA256SUMS"
-    # Paths are relative to the temporary folder, a sibling of the final one, so they stay valid.
-    result = create_manifest(targets, manifest=manifest, progress=context.progress)
+    result = create_manifest(targets, manifest=manifest, relative_to=context.recipe.workdir, progress=context.progress)
     return {"files": len(result.files), "total_bytes": result.total_bytes, "manifest": str((context.final / "SHA256SUMS").relative_to(context.recipe.workdir))}
 
 

@@ -33,6 +33,15 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def human_bytes(count: float) -> str:
+    """``1536`` → ``"1.5 KiB"``: sizes in messages and tables."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -59,10 +68,34 @@ def read_safetensors_header(path: Path) -> dict:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
     if not isinstance(header, dict):
         raise UsageError(f"{path} is corrupted: bad safetensors header")
+    for name, meta in header.items():
+        if name != "__metadata__":
+            _check_header_entry(path, name, meta)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end > size:
         raise UsageError(f"{path} is truncated: {size} bytes, the header describes {8 + length + end}")
     return header
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_header_entry(path: Path, name: str, meta) -> None:
+    """One tensor's header entry: ``dtype`` a string, ``shape`` a list of sizes, ``data_offsets`` [start, end]."""
+    problem = None
+    if not isinstance(meta, dict):
+        problem = "an entry that is not a mapping"
+    elif not isinstance(meta.get("dtype"), str):
+        problem = "no dtype"
+    elif not isinstance(meta.get("shape"), list) or not all(_is_count(s) for s in meta["shape"]):
+        problem = "no valid shape"
+    else:
+        offsets = meta.get("data_offsets")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
+            problem = "no valid data_offsets [start, end]"
+    if problem:
+        raise UsageError(f"{path} is corrupted: tensor {name} has {problem} in the safetensors header")
 
 
 def checkpoint_files(model: Path | str) -> list[Path]:

@@ -139,3 +139,39 @@ def test_short_aliases_have_one_meaning_across_commands():
 def test_pipeline_and_demo_name_the_work_directory_alike(cli):
     for command in ("pipeline", "demo"):
         assert "--workdir" in cli(command, "--help").stdout
+
+
+# A command whose work happens in C code that calls back into Python (as llama.cpp's quantizer logs through
+# a ctypes callback): SIGTERM arrives inside the callback, where Python swallows the exception it raises.
+SIGTERM_IN_C_CALLBACK = """
+import ctypes, ctypes.util, os, signal, sys
+import click
+from cnllm.cli import errors
+
+@click.command()
+def sort():
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    compare = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
+    sent = []
+
+    def by_value(a, b):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        for _ in range(200):
+            pass
+        return a[0] - b[0]
+
+    values = (ctypes.c_int * 5000)(*range(5000, 0, -1))
+    libc.qsort(values, len(values), ctypes.sizeof(ctypes.c_int), compare(by_value))
+    import time
+    time.sleep(30)  # never reached: the signal is delivered again once qsort returns
+    print("finished")
+
+sys.exit(errors.run(sort, [], debug=lambda: False))
+"""
+
+
+def test_sigterm_swallowed_by_a_c_callback_still_terminates_with_143():
+    done = subprocess.run([sys.executable, "-c", SIGTERM_IN_C_CALLBACK], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "error: terminated" and "finished" not in done.stdout

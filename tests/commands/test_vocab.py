@@ -128,6 +128,9 @@ def test_train_empty_corpus_and_existing_output(cli, tmp_path):
     result = cli("vocab", "train", tmp_path / "missing.txt", "-o", tmp_path / "zh.model")
     assert result.exit_code == 2 and "does not exist" in one_error_line(result)
     result = cli("vocab", "train", empty, "-o", empty)
+    assert result.exit_code == 2 and "is the input" in one_error_line(result)
+    (tmp_path / "zh.model").write_text("earlier output\n")
+    result = cli("vocab", "train", empty, "-o", tmp_path / "zh.model")
     assert result.exit_code == 2 and "already exists" in one_error_line(result)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from cnllm.core.diff import MakeDiffOptions, RecoverOptions
 from cnllm.core import diff
-from cnllm.core.errors import CheckFailed, OutputExistsError, UsageError
+from cnllm.core.errors import CheckFailed, CnllmError, OutputExistsError, UsageError
 from cnllm.core.merge import MergeOptions, merge_lora
 from cnllm.core.provenance import read_record
 from cnllm.core.tensors import iter_tensors
@@ -127,8 +127,12 @@ def test_shape_and_layer_mismatches_name_the_tensor(tmp_path, spm_tokenizer_dir,
 
 def test_truncated_diff_existing_output_and_disk_full(tmp_path, tiny_llama_dir, tuned, monkeypatch):
     diff.make_diff(tiny_llama_dir, tuned["plain"], tmp_path / "diff")
-    with pytest.raises(OutputExistsError):
+    with pytest.raises(UsageError, match="is the input"):
         diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "diff")
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(OutputExistsError):
+        diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "existing")
+    (tmp_path / "existing").rmdir()
     broken = tmp_path / "broken"
     broken.mkdir()
     for item in (tmp_path / "diff").iterdir():
@@ -144,7 +148,7 @@ def test_truncated_diff_existing_output_and_disk_full(tmp_path, tiny_llama_dir, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(tensors.StreamingShardWriter, "add_rows", no_space)
-    with pytest.raises(OSError):
+    with pytest.raises(CnllmError, match="no space left on"):
         diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "diff"]
 

@@ -12,7 +12,7 @@ import torch
 
 from cnllm.core.merge import MergeOptions
 from cnllm.core import merge
-from cnllm.core.errors import OutputExistsError, UsageError
+from cnllm.core.errors import CnllmError, OutputExistsError, UsageError
 from cnllm.core.hashing import verify_manifest
 from cnllm.core.provenance import read_record
 from cnllm.core.tensors import iter_tensors
@@ -295,9 +295,9 @@ def test_output_exists_and_disk_full_leave_nothing(tmp_path, tiny_llama_dir, ada
         original(self, name, first, block)
 
     monkeypatch.setattr(tensors.StreamingShardWriter, "add_rows", failing_write)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(CnllmError, match="no space left on .*needed ~") as info:
         merge.merge_lora(tiny_llama_dir, [adapters["plain"]], tmp_path / "out")
-    assert info.value.errno == errno.ENOSPC
+    assert info.value.__cause__.errno == errno.ENOSPC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"], "no partial or temporary output may remain"
 
 

@@ -10,6 +10,7 @@ tokens is held back until its last byte arrives).
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -49,6 +50,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value}")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise UsageError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.temperature < 0:

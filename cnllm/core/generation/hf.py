@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import ContextOverflow, Generator, LoadOptions, SamplingParams, SpeculativeStats, TokenLogprob
-from cnllm.core.modelio import has_tokenizer, load_tokenizer, tokenizer_adds_bos, tokenizer_length
+from cnllm.core.modelio import check_tokenizer_files, has_tokenizer, load_tokenizer, tokenizer_adds_bos, tokenizer_length
 from cnllm.core.runtime import quiet_libraries
 
 
@@ -33,6 +33,7 @@ class HFGenerator(Generator):
         self.path = Path(path)
         self.options = options
         tokenizer_dir = options.lora if options.lora is not None and has_tokenizer(options.lora) else self.path
+        check_tokenizer_files(tokenizer_dir)
         try:
             self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=options.trust_remote_code)
         except (OSError, ValueError) as exc:

@@ -389,7 +389,7 @@ def convert_to_gguf(
     options.validate()
     vocab_only, pre_tokenizer = options.vocab_only, options.pre_tokenizer
     model_dir, output = Path(model_dir), Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=[model_dir])
     hparams, infos = preflight(model_dir)
     outtype = resolve_outtype(options.outtype, infos)
     file_type = _file_type(outtype)
@@ -413,7 +413,7 @@ def convert_to_gguf(
 
     total_bytes = sum(p.nbytes for p in plan)
     reader = _TensorReader()
-    with atomic_path(output, force=force) as tmp:
+    with atomic_path(output, force=force, needed=total_bytes) as tmp:
         try:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()

@@ -327,7 +327,7 @@ def quantize_gguf(
     output_tensor_type, token_embedding_type = options.output_tensor_type, options.token_embedding_type
     input_path, output = Path(input_path), Path(output)
     quant = get_quant_type(options.type)
-    check_output(output, force)
+    check_output(output, force, inputs=[input_path, imatrix])
     before = read_gguf_summary(input_path)
     if before.quantized and not allow_requantize:
         quantized = ", ".join(t for t in before.tensor_types if t not in UNQUANTIZED)
@@ -350,7 +350,8 @@ def quantize_gguf(
     if imatrix_array is not None:
         params.imatrix = ctypes.cast(imatrix_array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
 
-    with atomic_path(output, force=force) as tmp:
+    needed = before.size - before.tensor_bytes + int(before.parameters * quant.bits_per_weight / 8)
+    with atomic_path(output, force=force, needed=needed) as tmp:
         with _LlamaLog(progress, verbose) as log:
             code = llama_cpp.llama_model_quantize(str(input_path).encode(), str(tmp).encode(), ctypes.byref(params))
         if code != 0:

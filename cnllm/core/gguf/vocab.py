@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnllm.core.errors import UsageError
+from cnllm.core.tokenizers.spm import load_processor
 
 SPIECE_UNDERLINE = "\u2581"
 
@@ -110,9 +111,7 @@ def tokenizer_kind(model_dir: Path) -> str:
 def base_vocabulary(model_dir: Path) -> dict[str, int]:
     """Token → id of the tokenizer itself (SentencePiece pieces, or tokenizer.json vocab + added tokens)."""
     if (model_dir / "tokenizer.model").is_file():
-        import sentencepiece as spm
-
-        processor = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+        processor = load_processor(model_dir / "tokenizer.model")
         return {processor.IdToPiece(i): i for i in range(processor.GetPieceSize())}
     definition = _read_json(model_dir / "tokenizer.json")
     vocab = dict(definition.get("model", {}).get("vocab") or {})
@@ -146,9 +145,8 @@ def check_added_tokens(model_dir: Path) -> None:
 def sentencepiece_vocab(model_dir: Path, vocab_size: int | None) -> TokenizerVocab:
     """Pieces, scores and types of ``tokenizer.model`` padded to the embedding rows, with added tokens applied."""
     import gguf
-    import sentencepiece as spm
 
-    processor = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    processor = load_processor(model_dir / "tokenizer.model")
     size = vocab_size or processor.vocab_size()
     tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(size)]
     scores = [-10000.0] * size

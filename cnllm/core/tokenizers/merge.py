@@ -232,7 +232,7 @@ def merge_vocab(
     scores, add_pad_token, pad_to_multiple_of = options.scores, options.add_pad_token, options.pad_to_multiple_of
     if not add_paths:
         raise UsageError("give at least one --add model or word list")
-    check_output(output, force)
+    check_output(output, force, inputs=[base_path, *add_paths])
     started = time.perf_counter()
     base = sources.load_source(base_path)
     adds = [sources.load_source(path, allow_words=True) for path in add_paths]

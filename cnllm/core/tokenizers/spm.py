@@ -53,6 +53,17 @@ def load_proto(path: Path | str):
     return proto
 
 
+def load_processor(path: Path | str):
+    """A ``SentencePieceProcessor`` for ``path``; a garbage or truncated file is a usage error naming it."""
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path} is not a SentencePiece model ({reason})") from None
+
+
 def train_spm(
     sentences: Iterable[str],
     *,

@@ -82,7 +82,8 @@ def train_vocab(
     output = Path(output)
     options = options or TrainVocabOptions()
     options.validate()
-    check_output(output, force)
+    corpus = list(corpus)
+    check_output(output, force, inputs=corpus)
     files = corpus_files(corpus)
     if not files:
         raise UsageError("the corpus holds no text files (.txt, .jsonl, .md)")

@@ -4,6 +4,7 @@ config written beside the adapter all use these names."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -102,15 +103,30 @@ class TrainOptions:
             raise UsageError("--full-finetune trains every weight; it cannot be combined with --peft-path or --load-in-4bit/8bit")
         if not self.full_finetune and not self.lora_targets and not self.peft_path:
             raise UsageError("--lora-targets is empty: name at least one linear layer (or use --full-finetune)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UsageError(f"--max-steps must be at least 1, or -1 to train for --epochs; got {self.max_steps}")
+        if not math.isfinite(self.epochs) or self.epochs <= 0:
+            raise UsageError(f"--epochs must be a positive number, got {self.epochs}")
         if self.streaming and self.max_steps <= 0:
             raise UsageError("--streaming reads the data once as it goes and cannot count it: set --max-steps")
+        for name, value, low, low_ok in (
+            ("learning-rate", self.learning_rate, 0, False),
+            ("lora-alpha", self.lora_alpha, 0, False),
+            ("weight-decay", self.weight_decay, 0, True),
+            ("max-grad-norm", self.max_grad_norm, 0, True),
+        ):
+            if not math.isfinite(value) or value < low or (value == low and not low_ok):
+                raise UsageError(f"--{name} must be a finite number {'>=' if low_ok else '>'} {low}, got {value}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.warmup_ratio < 1:
             raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.validation_split < 1:
             raise UsageError(f"--validation-split must be in [0, 1), got {self.validation_split}")
         positive = {"lora-rank": self.lora_rank, "batch-size": self.batch_size, "save-steps": self.save_steps,
                     "gradient-accumulation-steps": self.gradient_accumulation_steps, "logging-steps": self.logging_steps,
-                    "block-size": self.block_size, "max-seq-length": self.max_seq_length}
+                    "block-size": self.block_size, "max-seq-length": self.max_seq_length, "save-total-limit": self.save_total_limit,
+                    "eval-steps": 1 if self.eval_steps is None else self.eval_steps}
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"--{name} must be at least 1, got {value}")

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cnllm.core.config import dump_yaml
-from cnllm.core.atomic import check_output, replace_dir
-from cnllm.core.errors import CheckFailed, UsageError
+from cnllm.core.atomic import check_not_input, check_output, replace_dir
+from cnllm.core.errors import CheckFailed, Terminated, UsageError
 from cnllm.core.modelio import (
     VocabSizes,
     adapter_vocab_rows,
@@ -97,6 +97,7 @@ def world_rank() -> int:
 def plan_output(options: TrainOptions) -> tuple[Path, bool]:
     """The working directory and whether an earlier run is continued; refuses to clobber anything."""
     output = options.output
+    check_not_input(output, [options.model, options.tokenizer, options.peft_path, options.deepspeed, *options.data, *options.validation_data])
     work = work_dir_for(output)
     if options.resume:
         if work.is_dir() or last_complete_checkpoint(output):
@@ -569,7 +570,7 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
     cpu_at_start = time.process_time()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         if last_complete_checkpoint(work) is not None:
             progress.log(f"checkpoints are in {work}: rerun with --resume to continue")
         raise
