@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import ContextOverflow, Generator, LoadOptions, SamplingParams, SpeculativeStats, TokenLogprob
-from cnllm.core.modelio import check_tokenizer_files, has_tokenizer, load_tokenizer, tokenizer_adds_bos, tokenizer_length
+from cnllm.core.modelio import check_tokenizer_files, has_tokenizer, load_config, load_tokenizer, tokenizer_adds_bos, tokenizer_length
 from cnllm.core.runtime import quiet_libraries
 
 
@@ -32,6 +32,7 @@ class HFGenerator(Generator):
         quiet_libraries(options.verbose)
         self.path = Path(path)
         self.options = options
+        load_config(self.path)  # a malformed config.json is one clear line before any library reads it
         tokenizer_dir = options.lora if options.lora is not None and has_tokenizer(options.lora) else self.path
         check_tokenizer_files(tokenizer_dir)
         try:
