@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import openai
+import pytest
+
+from tests.core.generation.conftest import tiny_gguf  # noqa: F401 - the shared session fixture
 
 
 def test_serve_answers_and_stops_cleanly(tiny_llama_dir):
@@ -58,3 +64,62 @@ def test_serve_rejects_an_unknown_model_format(cli, tmp_path):
     (tmp_path / "weights.txt").write_text("hello")
     result = cli("serve", tmp_path / "weights.txt", "--port", "0")
     assert result.exit_code == 2 and "not a GGUF file" in result.stderr
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen([sys.executable, "-m", "cnllm", "serve", *map(str, args), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = b""
+    deadline = time.monotonic() + 240
+    while b"serving" not in line and time.monotonic() < deadline and process.poll() is None:
+        line = process.stderr.readline()
+    found = re.search(rb"http://127\.0\.0\.1:(\d+)/v1", line)
+    assert found, line
+    return process, int(found.group(1))
+
+
+def _post(port: int, path: str, body: dict) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 0), (signal.SIGTERM, 143)])
+def test_a_signal_while_generating_cancels_answers_and_exits_cleanly(tiny_gguf, signal_number, exit_code):
+    """Issue 13: Ctrl-C while two slots decode used to close the models under the threads (exit -11, a traceback)."""
+    # Greedy decoding of the tiny model never reaches EOS: both requests would run ~16k tokens without the signal.
+    process, port = _start([tiny_gguf, "--model-name", "tiny", "--template", "chatml", "--parallel", "2", "--n-ctx", "16384"])
+    results: dict[str, tuple[int, bytes]] = {}
+    prompt = {"model": "tiny", "temperature": 0, "max_tokens": 100000}
+    requests = {
+        "stream": ("/v1/chat/completions", {**prompt, "messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        "plain": ("/v1/completions", {**prompt, "prompt": "Once upon a time"}),
+    }
+    workers = [threading.Thread(target=lambda k=k, r=r: results.__setitem__(k, _post(port, *r))) for k, r in requests.items()]
+    try:
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/health")
+            if json.loads(connection.getresponse().read())["slots"]["busy"] == 2:
+                break
+            connection.close()
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal_number)
+        stdout, stderr = process.communicate(timeout=120)
+        for worker in workers:
+            worker.join(60)
+    assert process.returncode == exit_code, stderr.decode()
+    assert b"Traceback" not in stderr and stdout == b""
+    status, body = results["plain"]
+    assert status == 200 and json.loads(body)["choices"][0]["finish_reason"] == "cancelled"
+    status, body = results["stream"]
+    events = [line for line in body.decode().split("\n\n") if line]
+    assert status == 200 and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"] == "cancelled"

@@ -25,10 +25,11 @@ class LiveServer:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
-def start_server(generators, *, model_name="tiny", api_key=API_KEY, template="llama2", max_waiting=4):
+def start_server(generators, *, model_name="tiny", api_key=API_KEY, template="llama2", max_waiting=4, **config):
+    """``config``: further :class:`ServerConfig` fields (``max_request_bytes``, ``allowed_hosts``)."""
     from cnllm.core.server.app import ServerConfig, bind_socket, create_app, make_server
 
-    app = create_app(generators, ServerConfig(model_name=model_name, api_key=api_key, template=template, max_waiting=max_waiting))
+    app = create_app(generators, ServerConfig(model_name=model_name, api_key=api_key, template=template, max_waiting=max_waiting, **config))
     sock = bind_socket("127.0.0.1", 0)
     server = make_server(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
