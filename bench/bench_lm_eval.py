@@ -99,7 +99,7 @@ class Serve:
         found = re.search(rb"http://127\.0\.0\.1:(\d+)/v1", line)
         if not found:
             raise SystemExit(f"cnllm serve {model} did not start: {line.decode(errors='replace')}")
-        self.url = f"http://127.0.0.1:{found.group(1)}/v1/completions"
+        self.url = f"http://127.0.0.1:{int(found.group(1))}/v1/completions"
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGINT)
@@ -111,7 +111,7 @@ def run_lm_eval(lm_eval: str, model: str, model_args: str, tasks_dir: Path, out:
     """lm-eval's per-question records (``--log_samples``) and the wall time."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [lm_eval, "--model", model, "--model_args", model_args, "--tasks", TASK, "--include_path", str(tasks_dir),
-               "--batch_size", "1", "--log_samples", "--output_path", str(out)]
+               "--batch_size", "1", "--device", "cpu", "--log_samples", "--output_path", str(out)]
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -154,13 +154,14 @@ def main() -> None:
         scratch = Path(scratch)
         hf, gguf = (args.hf, args.gguf) if args.hf and args.gguf else tiny_models(scratch)
         tasks = write_task(scratch)
-        reference, hf_seconds = run_lm_eval(args.lm_eval, "hf", f"pretrained={hf},dtype=float32,device=cpu", tasks, scratch / "out-hf")
+        reference, hf_seconds = run_lm_eval(args.lm_eval, "hf", f"pretrained={hf},dtype=float32", tasks, scratch / "out-hf")
         runs = {}
         for label, model in (("cnllm serve (transformers)", hf), ("cnllm serve (llama.cpp GGUF)", gguf)):
             server = Serve(model, "bench", args.threads)
             try:
+                # add_bos_token: the tokenizer adds its BOS (if it has one) as in lm-eval's hf backend, so both score the same ids.
                 model_args = (f"model=bench,base_url={server.url},tokenizer={hf},tokenizer_backend=huggingface,"
-                              "tokenized_requests=True,num_concurrent=1,max_retries=1,max_length=2048")
+                              "tokenized_requests=True,add_bos_token=True,num_concurrent=1,max_retries=1,max_length=2048")
                 records, seconds = run_lm_eval(args.lm_eval, "local-completions", model_args, tasks, scratch / f"out-{len(runs)}")
             finally:
                 code = server.stop()

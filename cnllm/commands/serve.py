@@ -61,8 +61,7 @@ def serve(
     """Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not),
     /v1/completions (echo, logprobs), /v1/embeddings, /health.
 
-    Ctrl-C or SIGTERM stops it in order (requests in flight are cut short and answered); exit 0 after Ctrl-C,
-    143 after SIGTERM.
+    Ctrl-C or SIGTERM stops it in order, answering the requests in flight cut short: exit 0 (Ctrl-C) or 143 (SIGTERM).
 
     Example: cnllm serve chinese-alpaca-q4.gguf --template alpaca --port 8000 --parallel 2
     """

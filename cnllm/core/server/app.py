@@ -43,6 +43,7 @@ from cnllm.core.server.queue import ClientGone, QueueFull, ShuttingDown, SlotPoo
 log = logging.getLogger("cnllm.serve")
 ROLE_ALIASES = {"developer": "system"}
 UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+SEED_MODULUS = 2**32  # both backends take 32-bit seeds; any integer a client sends maps onto one
 
 
 class APIError(Exception):
@@ -54,9 +55,6 @@ class APIError(Exception):
 def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
     body = schemas.ErrorResponse(error=schemas.ErrorBody(message=message, type=type, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
-
-
-SEED_MODULUS = 2**32  # both backends take 32-bit seeds; any integer a client sends maps onto one
 
 
 @dataclass

@@ -92,11 +92,13 @@ def test_token_ids_outside_the_vocabulary_are_400_and_the_server_lives(gguf_serv
         ({"prompt": []}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
         ({"prompt": "x", "top_k": 2**40}, "top_k"),
+        ({"prompt": "\ud800"}, "prompt"),  # a lone surrogate: no tokenizer (nor the JSON answer) can take it
+        ({"model": "\udfff", "prompt": "x"}, "model"),
     ],
 )
-def test_empty_prompts_and_impossible_fields_are_400(gguf_server, body, param):
+def test_empty_prompts_bad_text_and_impossible_fields_are_400(gguf_server, body, param):
     status, document = request(gguf_server, "POST", "/v1/completions", {"model": "tiny", "max_tokens": 2, **body})
-    assert status == 400 and document["error"]["param"] == param
+    assert status == 400 and document["error"]["param"] == param, document
 
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
