@@ -7,7 +7,8 @@ Usage (lm-eval lives in its own virtual environment; this script runs it as a su
         --hf /tmp/smollm2/smollm2-135m-hf --gguf /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 Without --hf/--gguf it builds the tiny random test model and its f32 GGUF (agreement only, no meaningful accuracy).
 
-On a local multiple-choice task written here (20 questions, English and Chinese, 4 choices each), lm-eval scores
+On a local multiple-choice task written here (20 questions, English and Chinese, 4 choices each; four asked in
+ChatML, SmolLM2's chat format, whose short answers the instruct model ends with EOS), lm-eval scores
 every choice by log-likelihood three ways:
   1. ``--model hf`` on the Hugging Face directory (lm-eval's own transformers code: the reference)
   2. ``--model local-completions`` against ``cnllm serve HF_DIR`` (cnllm's transformers backend)
@@ -30,39 +31,48 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = "cnllm_mc_local"
+CHATML = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+# (question, choices, answer index, asked in ChatML): an instruct model ends a chat answer like "Blue." with EOS, the
+# case lm-eval mis-scored before the server returned the generated EOS.
 QUESTIONS = [
-    ("The capital of France is", ["Paris", "Berlin", "Madrid", "Rome"], 0),
-    ("The largest planet in the solar system is", ["Mars", "Jupiter", "Venus", "Mercury"], 1),
-    ("Water freezes at a temperature of", ["100 degrees Celsius", "50 degrees Celsius", "0 degrees Celsius", "10 degrees Celsius"], 2),
-    ("The author of Romeo and Juliet is", ["Charles Dickens", "Mark Twain", "Jane Austen", "William Shakespeare"], 3),
-    ("The chemical symbol for gold is", ["Au", "Ag", "Fe", "Pb"], 0),
-    ("A week has", ["five days.", "seven days.", "ten days.", "twelve days."], 1),
-    ("The opposite of hot is", ["warm", "loud", "cold", "fast"], 2),
-    ("The color of a clear daytime sky is", ["green", "red", "yellow", "blue"], 3),
-    ("Two plus two equals", ["four", "five", "three", "six"], 0),
-    ("The animal known as the king of the jungle is the", ["mouse", "lion", "rabbit", "sheep"], 1),
-    ("中国的首都是", ["上海", "广州", "北京", "深圳"], 2),
-    ("床前明月光，", ["春眠不觉晓", "白日依山尽", "红豆生南国", "疑是地上霜"], 3),
-    ("一年有几个季节？", ["四个", "三个", "五个", "六个"], 0),
-    ("太阳从哪个方向升起？", ["西方", "东方", "南方", "北方"], 1),
-    ("《红楼梦》的作者是", ["鲁迅", "李白", "曹雪芹", "杜甫"], 2),
-    ("水的化学式是", ["CO2", "O2", "NaCl", "H2O"], 3),
-    ("The first month of the year is", ["January", "March", "June", "October"], 0),
-    ("Bees make", ["milk", "honey", "silk", "wool"], 1),
-    ("The number of legs a spider has is", ["six", "four", "eight", "ten"], 2),
-    ("To see in the dark, people turn on a", ["spoon", "chair", "shoe", "light"], 3),
+    ("The capital of France is", ["Paris", "Berlin", "Madrid", "Rome"], 0, False),
+    ("The largest planet in the solar system is", ["Mars", "Jupiter", "Venus", "Mercury"], 1, False),
+    ("Water freezes at a temperature of", ["100 degrees Celsius", "50 degrees Celsius", "0 degrees Celsius", "10 degrees Celsius"], 2, False),
+    ("The author of Romeo and Juliet is", ["Charles Dickens", "Mark Twain", "Jane Austen", "William Shakespeare"], 3, False),
+    ("The chemical symbol for gold is", ["Au", "Ag", "Fe", "Pb"], 0, False),
+    ("How many days are in a week?", ["Five.", "Seven.", "Ten.", "Three."], 1, True),
+    ("What is the opposite of hot?", ["Warm.", "Loud.", "Cold.", "Fast."], 2, True),
+    ("What color is the sky on a clear day?", ["Green.", "Red.", "Yellow.", "Blue."], 3, True),
+    ("What is two plus two?", ["Four.", "Five.", "Three.", "Six."], 0, True),
+    ("The animal known as the king of the jungle is the", ["mouse", "lion", "rabbit", "sheep"], 1, False),
+    ("中国的首都是", ["上海", "广州", "北京", "深圳"], 2, False),
+    ("床前明月光，", ["春眠不觉晓", "白日依山尽", "红豆生南国", "疑是地上霜"], 3, False),
+    ("一年有几个季节？", ["四个", "三个", "五个", "六个"], 0, False),
+    ("太阳从哪个方向升起？", ["西方", "东方", "南方", "北方"], 1, False),
+    ("《红楼梦》的作者是", ["鲁迅", "李白", "曹雪芹", "杜甫"], 2, False),
+    ("水的化学式是", ["CO2", "O2", "NaCl", "H2O"], 3, False),
+    ("The first month of the year is", ["January", "March", "June", "October"], 0, False),
+    ("Bees make", ["milk", "honey", "silk", "wool"], 1, False),
+    ("The number of legs a spider has is", ["six", "four", "eight", "ten"], 2, False),
+    ("To see in the dark, people turn on a", ["spoon", "chair", "shoe", "light"], 3, False),
 ]
+
+
+def context(question: str, chat: bool) -> str:
+    return CHATML.format(question) if chat else question
 
 
 def write_task(folder: Path) -> Path:
     """The task as lm-eval reads it: a YAML config next to a JSONL file (loaded with ``datasets``, offline)."""
     data = folder / "questions.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}, ensure_ascii=False) + "\n" for q, c, a in QUESTIONS), encoding="utf-8")
+    rows = [{"question": context(q, chat), "choices": c, "answer": a} for q, c, a, chat in QUESTIONS]
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     (folder / f"{TASK}.yaml").write_text(
         f"task: {TASK}\n"
         "dataset_path: json\n"
@@ -124,6 +134,23 @@ def run_lm_eval(lm_eval: str, model: str, model_args: str, tasks_dir: Path, out:
     return sorted(records, key=lambda r: r["doc_id"]), seconds
 
 
+def eos_endings(url: str, hf: Path) -> int:
+    """How many of the task's (question, choice) texts the model would end with EOS: lm-eval's request shape sent
+    for each; these are the ones scored right only because the server returns that EOS as the generated token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf))
+    count = 0
+    for question, choices, _, chat in QUESTIONS:
+        for choice in choices:
+            ids = tokenizer(f"{context(question, chat)} {choice}")["input_ids"]  # lm-eval's target delimiter: a space
+            body = {"model": "bench", "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+            request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                count += json.load(response)["choices"][0]["finish_reason"] == "stop"
+    return count
+
+
 def loglikelihoods(record: dict) -> list[float]:
     return [float(item[0]) for item in record["filtered_resps"]]
 
@@ -163,9 +190,10 @@ def main() -> None:
                 model_args = (f"model=bench,base_url={server.url},tokenizer={hf},tokenizer_backend=huggingface,"
                               "tokenized_requests=True,add_bos_token=True,num_concurrent=1,max_retries=1,max_length=2048")
                 records, seconds = run_lm_eval(args.lm_eval, "local-completions", model_args, tasks, scratch / f"out-{len(runs)}")
+                eos = eos_endings(server.url, hf)
             finally:
                 code = server.stop()
-            runs[label] = (compare(reference, records), seconds, code)
+            runs[label] = (compare(reference, records), seconds, code, eos)
 
     reference_accuracy = sum(r["acc"] for r in reference) / len(reference)
     lines = [
@@ -174,14 +202,15 @@ def main() -> None:
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.machine()} · Python {platform.python_version()} · "
         f"hf: `{hf.name}` · gguf: `{gguf.name}` · task: {len(QUESTIONS)} local 4-choice questions (`bench/bench_lm_eval.py`)",
         "",
-        "| lm-eval model | agrees with `--model hf` | max abs log-likelihood difference | accuracy | seconds | serve exit |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| `hf` (reference) | — | — | {reference_accuracy:.2f} | {hf_seconds:.1f} | — |",
+        "| lm-eval model | agrees with `--model hf` | max abs log-likelihood difference | accuracy | answers the model ends with EOS | seconds | serve exit |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| `hf` (reference) | — | — | {reference_accuracy:.2f} | — | {hf_seconds:.1f} | — |",
     ]
-    for label, (result, seconds, code) in runs.items():
+    choices = sum(len(c) for _, c, _, _ in QUESTIONS)
+    for label, (result, seconds, code, eos) in runs.items():
         lines.append(
             f"| `local-completions` → {label} | {result['agree']}/{result['total']} | {result['max_delta']:.2e} | "
-            f"{result['accuracy']:.2f} | {seconds:.1f} | {code} |"
+            f"{result['accuracy']:.2f} | {eos} of {choices} | {seconds:.1f} | {code} |"
         )
     lines += ["", "Per question (chosen choice index; max abs difference of the four log-likelihoods vs `hf`):", ""]
     labels = list(runs)
@@ -192,7 +221,8 @@ def main() -> None:
         for label in labels:
             _, ref_pick, pick, delta = runs[label][0]["rows"][index]
             cells.append(f"{pick} ({delta:.1e})" + ("" if pick == ref_pick else " ≠"))
-        lines.append(f"| {QUESTIONS[index][0]} | {runs[labels[0]][0]['rows'][index][1]} | " + " | ".join(cells) + " |")
+        question, _, _, chat = QUESTIONS[index]
+        lines.append(f"| {question}{' (ChatML)' if chat else ''} | {runs[labels[0]][0]['rows'][index][1]} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines[:8 + len(runs)]))
