@@ -10,17 +10,13 @@ throughout, and SIGTERM then stops it with exit 143 and no traceback.
 
 from __future__ import annotations
 
-import http.client
 import json
 import random
-import re
 import signal
-import subprocess
-import sys
 import threading
-import time
 
 from tests.core.generation.conftest import tiny_gguf  # noqa: F401 - the shared session fixture
+from tests.core.server.conftest import http_request, spawn_serve
 
 SEED = 1313
 ROUNDS = 300
@@ -94,38 +90,16 @@ def malformed(rng: random.Random) -> tuple[str, str, bytes, dict]:
 
 
 def send(port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None, timeout: float = 60) -> int:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request(method, path, body=body or None, headers={"Content-Type": "application/json", **(headers or {})})
-        response = connection.getresponse()
-        response.read()
-        return response.status
+        return http_request(port, method, path, body or None, headers, timeout=timeout)[0]
     except (BrokenPipeError, ConnectionResetError):  # an oversized body cut off after its 413
         return 413
-    finally:
-        connection.close()
-
-
-def start_serve(gguf) -> tuple[subprocess.Popen, int]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cnllm", "serve", str(gguf), "--host", "127.0.0.1", "--port", "0", "--model-name", "tiny", "--template", "chatml",
-         "--parallel", "2", "--max-request-bytes", str(LIMIT), "--n-ctx", "512"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    line = b""
-    deadline = time.monotonic() + 240
-    while b"serving" not in line and time.monotonic() < deadline and process.poll() is None:
-        line = process.stderr.readline()
-    found = re.search(rb"http://127\.0\.0\.1:(\d+)/v1", line)
-    if not found:
-        process.kill()
-        raise AssertionError(f"serve did not start: {line!r} {process.stderr.read()!r}")
-    return process, int(found.group(1))
 
 
 def test_fuzzed_requests_never_get_a_5xx_or_kill_the_server(tiny_gguf):
-    process, port = start_serve(tiny_gguf)
+    process, port = spawn_serve(
+        tiny_gguf, "--host", "127.0.0.1", "--model-name", "tiny", "--template", "chatml", "--parallel", "2", "--max-request-bytes", LIMIT, "--n-ctx", "512"
+    )
     slow_health: list[str] = []
     stop_probing = threading.Event()
 

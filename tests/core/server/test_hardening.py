@@ -19,24 +19,16 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from tests.core.server.conftest import API_KEY, start_server
+from tests.core.server.conftest import API_KEY, http_request, start_server
 
 LIMIT = 64 * 1024
 
 
 def request(server, method: str, path: str, body: bytes | dict | None = None, *, headers: dict | None = None, timeout: float = 60):
-    """(status, JSON body) of one request sent with http.client, with full control of the headers."""
-    address = urlsplit(server.url)
-    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=timeout)
+    """(status, JSON body) of one request to a live test server, the API key sent unless ``headers`` replace it."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    sent = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}", **(headers or {})}
-    try:
-        connection.request(method, path, body=data, headers=sent)
-        response = connection.getresponse()
-        payload = response.read()
-        return response.status, json.loads(payload) if payload else None
-    finally:
-        connection.close()
+    status, payload = http_request(urlsplit(server.url).port, method, path, data, {"Authorization": f"Bearer {API_KEY}", **(headers or {})}, timeout=timeout)
+    return status, json.loads(payload) if payload else None
 
 
 def healthy(server) -> bool:
