@@ -20,8 +20,7 @@ from cnllm.cli.options import (
     VerboseOpt,
 )
 from cnllm.core.generation.base import LoadOptions
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from cnllm.core.server import DEFAULT_MAX_REQUEST_BYTES, LOOPBACK_HOSTS
 
 
 def serve(
@@ -34,6 +33,17 @@ def serve(
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the file or folder name).")] = None,
     parallel: Annotated[int, typer.Option("--parallel", min=1, help="Requests generated at once (llama.cpp: one context each; transformers: queued on one model).")] = 1,
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait for a free slot; more get 503.")] = 16,
+    max_request_bytes: Annotated[
+        int, typer.Option("--max-request-bytes", min=1, help="Largest request body accepted; bigger ones get 413.")
+    ] = DEFAULT_MAX_REQUEST_BYTES,
+    allowed_host: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--allowed-host",
+            help="Host header accepted (repeatable; '*' accepts any). Default on loopback: localhost, 127.0.0.1, ::1 "
+            "(refuses DNS-rebinding pages); elsewhere any.",
+        ),
+    ] = None,
     prompt_cache: Annotated[
         bool,
         typer.Option("--prompt-cache/--no-prompt-cache", help="llama.cpp: reuse the cached prefix of a slot's previous prompt (faster long chats; answers may differ slightly between identical requests)."),
@@ -51,10 +61,12 @@ def serve(
     """Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not),
     /v1/completions (echo, logprobs), /v1/embeddings, /health.
 
+    Ctrl-C or SIGTERM stops it in order, answering the requests in flight cut short: exit 0 (Ctrl-C) or 143 (SIGTERM).
+
     Example: cnllm serve chinese-alpaca-q4.gguf --template alpaca --port 8000 --parallel 2
     """
     from cnllm.core.backends import load_generator
-    from cnllm.core.server.app import ServerConfig, bind_socket, create_app, make_server
+    from cnllm.core.server.app import ServerConfig, bind_socket, create_app, default_allowed_hosts, serve_until_stopped
 
     sock = bind_socket(host, port)
     generators = []
@@ -74,10 +86,18 @@ def serve(
         while len(generators) < parallel:
             generators.append(generators[0].for_slot())
         name = model_name or (model.stem if model.is_file() else model.resolve().name)
-        app = create_app(generators, ServerConfig(model_name=name, api_key=api_key, template=template, max_waiting=queue_size))
+        config = ServerConfig(
+            model_name=name,
+            api_key=api_key,
+            template=template,
+            max_waiting=queue_size,
+            max_request_bytes=max_request_bytes,
+            allowed_hosts=tuple(allowed_host) if allowed_host else default_allowed_hosts(host),
+        )
+        app = create_app(generators, config)
         if app.state.prompt_format.is_plain and template == "auto":
             output.print_note(f"note: {model} has no chat template; chat requests are plain continuation, as with --template none (choose one with --template)")
-        if host not in LOOPBACK and not api_key:
+        if host not in LOOPBACK_HOSTS and not api_key:
             output.print_warning(f"listening on {host} without --api-key: anyone who can reach this machine can use the model")
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
@@ -85,10 +105,10 @@ def serve(
             f"serving {model} as '{name}' ({generators[0].backend}, {parallel} slot{'s' if parallel > 1 else ''}) "
             f"on http://{shown}:{bound_port}/v1 — Ctrl-C stops"
         )
-        try:
-            make_server(app, verbose=verbose).run(sockets=[sock])
-        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; stopping is the normal way out
-            output.print_note("stopped")
+        code = serve_until_stopped(app, sock, verbose=verbose)
+        output.print_note("stopped")
+        if code:
+            raise typer.Exit(code)
     finally:
         sock.close()
         for generator in {id(g): g for g in generators}.values():

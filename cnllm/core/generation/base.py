@@ -92,6 +92,7 @@ class Completion:
     seconds: float = 0.0
     time_to_first_token: float | None = None
     token_ids: list[int] = field(default_factory=list)
+    eos_id: int | None = None  # the EOS token that ended the answer (not in token_ids or completion_tokens)
     speculative: SpeculativeStats | None = None
 
     @property
@@ -247,7 +248,7 @@ class GenerationStream:
                 if result.time_to_first_token is None:
                     result.time_to_first_token = time.perf_counter() - started
                 if token_id in eos:
-                    result.finish_reason = "stop"
+                    result.finish_reason, result.eos_id = "stop", token_id
                     break
                 result.completion_tokens += 1
                 result.token_ids.append(token_id)
@@ -288,6 +289,7 @@ class Generator(ABC):
     path: Path
     backend: str
     context_length: int
+    vocab_size: int  # valid token ids are 0 .. vocab_size - 1
     eos_ids: frozenset[int]
     bos_token: str
     eos_token: str
@@ -332,6 +334,10 @@ class Generator(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, special tokens included (``</s>``), where :meth:`decode` leaves them out."""
+        return self.decode([token_id])
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text, add_bos=False))

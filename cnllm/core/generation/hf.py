@@ -43,6 +43,8 @@ class HFGenerator(Generator):
         config = self.model.config
         trained = getattr(config, "max_position_embeddings", None) or 2048
         self.context_length = min(options.n_ctx, trained) if options.n_ctx else trained
+        # An id must both decode and have an embedding row (either may be padded beyond the other).
+        self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().weight.shape[0])
         generation_config = getattr(self.model, "generation_config", None)
         self.eos_ids = frozenset(_id_list(getattr(generation_config, "eos_token_id", None)) + _id_list(self.tokenizer.eos_token_id))
         self.bos_token = self.tokenizer.bos_token or ""
@@ -90,6 +92,9 @@ class HFGenerator(Generator):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def chat_template_source(self) -> str | None:
         template = getattr(self.tokenizer, "chat_template", None)
@@ -190,7 +195,7 @@ class HFGenerator(Generator):
             alternatives = []
             if top:
                 values, indices = row.topk(top)
-                alternatives = [(self.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
+                alternatives = [(self.token_text(int(i)), float(v)) for v, i in zip(values, indices)]
             result.append(TokenLogprob(ids[position], pieces[position], float(row[ids[position]]), alternatives))
         return result
 

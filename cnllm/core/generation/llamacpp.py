@@ -81,6 +81,7 @@ class LlamaCppGenerator(Generator):
         self._lock = threading.Lock()
         self._embed_lock = threading.Lock()
         self.context_length = self._llama.n_ctx()
+        self.vocab_size = self._llama.n_vocab()
         import llama_cpp
 
         vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
@@ -113,6 +114,9 @@ class LlamaCppGenerator(Generator):
     def _special_text(self, token_id: int) -> str:
         if token_id < 0:
             return ""
+        return self.token_text(token_id)
+
+    def token_text(self, token_id: int) -> str:
         return self._llama.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
@@ -187,7 +191,7 @@ class LlamaCppGenerator(Generator):
                         if top:
                             best = np.argpartition(-values, top - 1)[:top]
                             best = best[np.argsort(-values[best])]
-                            alternatives = [(self.decode([int(i)]), float(values[i] - logsum)) for i in best]
+                            alternatives = [(self.token_text(int(i)), float(values[i] - logsum)) for i in best]
                         result.append(TokenLogprob(target, pieces[position + 1], float(values[target] - logsum), alternatives))
             finally:
                 llama._ctx.kv_cache_seq_rm(-1, 0, -1)

@@ -1,23 +1,36 @@
 """Worker slots for the server: ``--parallel`` generators, a bounded waiting line, 503 beyond it.
 
 A request leases a slot (one generator: a llama.cpp context, or the shared transformers model)
-and runs its blocking work in a thread; the slot comes back when that thread ends, which for a
-stream is as soon as its client goes away (the stream is cancelled and stops at its next token).
+and runs its blocking work in a thread; the slot comes back when that thread ends. Work is
+cancellable: a stream whose client goes away, a non-streaming request whose client hangs up, and
+everything in flight when the server stops end at their next token. CPU work before generation
+(templating, tokenising) runs in threads too, so the event loop keeps answering ``/health``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, Iterator, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 from cnllm.core.generation.base import Generator
 
 T = TypeVar("T")
+PREPARE_THREADS = 2
 
 
 class QueueFull(Exception):
     """Every slot is busy and the waiting line is full."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping: no new work starts."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready; the work was cancelled."""
 
 
 class SlotPool:
@@ -25,24 +38,61 @@ class SlotPool:
         self.generators = generators
         self.max_waiting = max_waiting
         self.waiting = 0
+        self.closing = False
         self._free: asyncio.Queue[Generator] = asyncio.Queue()
         for generator in generators:
             self._free.put_nowait(generator)
         self._executor = ThreadPoolExecutor(max_workers=len(generators), thread_name_prefix="cnllm-slot")
+        self._prepare = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="cnllm-prepare")
+        self._cancels: dict[int, Callable[[], None]] = {}
+        self._cancels_lock = threading.Lock()
+        self._keys = itertools.count()
 
     @property
     def busy(self) -> int:
         return len(self.generators) - self._free.qsize()
 
+    def _refuse_when_closing(self) -> None:
+        if self.closing:
+            raise ShuttingDown("the server is shutting down")
+
+    async def prepare(self, work: Callable[[], T]) -> T:
+        """Run CPU-bound work that needs no slot (templating, tokenising, checks) off the event loop."""
+        self._refuse_when_closing()
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, work)
+
     async def acquire(self) -> Generator:
         """A free generator, waiting in line if needed; :class:`QueueFull` when the line is full too."""
+        self._refuse_when_closing()
         if self._free.empty() and self.waiting >= self.max_waiting:
             raise QueueFull(f"all {len(self.generators)} slots are busy and {self.waiting} requests are waiting")
         self.waiting += 1
         try:
-            return await self._free.get()
+            generator = await self._free.get()
         finally:
             self.waiting -= 1
+        if self.closing:
+            self.release(generator)
+            self._refuse_when_closing()
+        return generator
+
+    async def lease(self, gone: Awaitable | None = None) -> Generator:
+        """:meth:`acquire`, leaving the line with :class:`ClientGone` when ``gone`` (the client hung up) completes first."""
+        if gone is None:
+            return await self.acquire()
+        acquiring = asyncio.ensure_future(self.acquire())
+        await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not acquiring.done():
+            acquiring.cancel()
+            try:
+                await acquiring
+            except asyncio.CancelledError:
+                raise ClientGone() from None
+        generator = acquiring.result()
+        if gone.done():
+            self.release(generator)
+            raise ClientGone()
+        return generator
 
     def _release_from_thread(self, loop: asyncio.AbstractEventLoop, generator: Generator) -> None:
         try:
@@ -50,18 +100,49 @@ class SlotPool:
         except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting for the slot
             pass
 
-    async def run(self, work: Callable[[Generator], T]) -> T:
-        """Lease a slot, run ``work(generator)`` in its thread, return the result."""
-        generator = await self.acquire()
+    def _track(self, cancel: Callable[[], None]) -> Callable[[], None]:
+        """Register ``cancel`` for :meth:`shutdown`; returns the function that unregisters it."""
+        key = next(self._keys)
+        with self._cancels_lock:
+            self._cancels[key] = cancel
+        if self.closing:
+            cancel()
+
+        def untrack() -> None:
+            with self._cancels_lock:
+                self._cancels.pop(key, None)
+
+        return untrack
+
+    async def run(self, work: Callable[[Generator], T], *, cancel: Callable[[], None] | None = None, gone: Awaitable | None = None) -> T:
+        """Lease a slot, run ``work(generator)`` in its thread, return the result.
+
+        ``cancel`` makes the work stop early (it is called at shutdown, and when ``gone`` completes
+        first: the client hung up, so the slot is freed at the next token and :class:`ClientGone` raised).
+        """
+        generator = await self.lease(gone)
         loop = asyncio.get_running_loop()
+        untrack = self._track(cancel) if cancel is not None else None
 
         def job() -> T:
             try:
                 return work(generator)
             finally:
+                if untrack is not None:
+                    untrack()
                 self._release_from_thread(loop, generator)
 
-        return await loop.run_in_executor(self._executor, job)
+        future = loop.run_in_executor(self._executor, job)
+        if gone is None or cancel is None:
+            return await future
+        await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if future.done():
+            return future.result()
+        cancel()
+        await asyncio.wait({future})  # the work stops at its next token; its outcome no longer matters
+        if not future.cancelled():
+            future.exception()
+        raise ClientGone()
 
     def release(self, generator: Generator) -> None:
         """Give back a slot leased by :meth:`acquire` that no thread was started for."""
@@ -77,6 +158,7 @@ class SlotPool:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
+        untrack = self._track(cancel)
 
         def deliver(item, error=None) -> None:
             try:
@@ -92,6 +174,7 @@ class SlotPool:
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 deliver(done, exc)
             finally:
+                untrack()
                 self._release_from_thread(loop, generator)
 
         loop.run_in_executor(self._executor, job)
@@ -110,7 +193,18 @@ class SlotPool:
 
         return consume()
 
+    def shutdown(self) -> None:
+        """Stop: refuse new work and cancel what runs (each generation ends at its next token)."""
+        self.closing = True
+        with self._cancels_lock:
+            cancels = list(self._cancels.values())
+        for cancel in cancels:
+            cancel()
+
     def close(self) -> None:
+        """After :meth:`shutdown`: wait for the worker threads, then free the models (never while a thread still decodes)."""
+        self.shutdown()
+        self._prepare.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
         for generator in {id(g): g for g in self.generators}.values():
             generator.close()

@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON's \ud800 escapes parse to lone surrogates, which no tokenizer (or JSON encoder) accepts.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate such as \\ud800)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class _Request(BaseModel):
     # Clients (LangChain, harnesses) send fields this server does not use; accept and ignore them like OpenAI's SDKs expect.
-    model_config = ConfigDict(extra="ignore")
+    # Python's JSON parser reads NaN and Infinity: no sampling parameter may be one.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
-    content: Union[str, list[TextPart], None] = None
+    role: Text
+    content: Union[Text, list[TextPart], None] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -33,19 +46,19 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(_Request):
-    model: str
+    model: Text
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0, description="extension: 0 disables top-k")
+    top_k: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="extension: 0 disables top-k")
     repetition_penalty: Optional[float] = Field(None, gt=0, description="extension")
     seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    user: Optional[str] = None
+    user: Optional[Text] = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -56,20 +69,20 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[Text, list[Text], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(16, ge=0)
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
-    suffix: Optional[str] = None
+    suffix: Optional[Text] = None
     best_of: Optional[int] = Field(None, ge=1)
 
 
 class EmbeddingRequest(_Request):
-    model: str
-    input: Union[str, list[str], list[int], list[list[int]]]
+    model: Text
+    input: Union[Text, list[Text], list[int], list[list[int]]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = None
-    user: Optional[str] = None
+    user: Optional[Text] = None
 
 
 class Usage(BaseModel):
