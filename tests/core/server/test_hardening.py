@@ -233,10 +233,10 @@ def lm_eval_parse(document: dict, ctxlens: list[int]) -> list[tuple[float, bool]
 
 
 def test_lm_eval_loglikelihood_agrees_with_the_eval_scorer_also_before_eos(tiny_gguf, tmp_path):
-    from cnllm.core.evaluation.models import ModelSpec, load_model
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_generator, load_scorer
+    from cnllm.core.evaluation.models import ModelSpec
 
-    with load_model(ModelSpec(tiny_gguf, n_ctx=512), logits_all=True) as scorer:
+    with load_scorer(ModelSpec(tiny_gguf, n_ctx=512), logits_all=True) as scorer:
         pairs = [(scorer.tokenize(context), scorer.tokenize(answer, add_bos=False)) for context, answer in CASES]
         expected = [float(scorer.target_logprobs([c + a], len(c))[0].sum()) for c, a in pairs]
         next_ids = [int(np.argmax(scorer.next_token_logprobs([c + a])[0])) for c, a in pairs]
