@@ -18,6 +18,11 @@ from cnllm.cli.paths import apply_path_rule
 # Modules are imported only when their command runs (or completes), so `cnllm --help` stays fast;
 # a test checks each line here against the command's own docstring.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "convert-meta": (
+        "cnllm.commands.convert_meta",
+        "convert_meta",
+        "Convert a Meta LLaMA checkpoint (params.json + consolidated.NN.pth) to a Hugging Face model, one layer at a time.",
+    ),
     "vocab": ("cnllm.commands.vocab", "app", "Train a Chinese vocabulary, merge it into a LLaMA tokenizer, and inspect tokenizers."),
     "pt": ("cnllm.commands.pt", "pt", 'Continue pre-training a model on raw text with LoRA (text files, directories, JSONL "text").'),
     "sft": ("cnllm.commands.sft", "sft", "Instruction-tune a model with LoRA; the loss covers the assistant's answers only."),
