@@ -260,33 +260,41 @@ def max_positions(params: dict, family: str) -> int:
     return {"LLaMA-1": 2048, "LLaMA-2": 4096, "Llama-3": 8192, "Llama-3.1": 131072}[family]
 
 
-def build_config(plan: Plan, *, max_position_embeddings: int, family: str, special_ids: dict, dtype: str) -> dict:
-    """``config.json`` of the equivalent ``LlamaForCausalLM``, made by transformers' ``LlamaConfig``."""
-    from transformers import LlamaConfig
+def build_config(plan: Plan, *, max_position_embeddings: int, special_ids: dict, dtype: str) -> dict:
+    """``config.json`` of the equivalent ``LlamaForCausalLM``.
 
+    Written as plain JSON with the long-standing ``rope_theta`` / ``rope_scaling`` keys, which every
+    transformers version reads (5.x folds them into ``rope_parameters``); importing transformers for
+    ``LlamaConfig`` alone would add about 85 MB to the conversion's peak memory.
+    """
     params = plan.params
     heads = params["n_heads"]
-    rope = {"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))}
-    if params.get("use_scaled_rope"):
-        rope = {**LLAMA31_ROPE_SCALING, "rope_theta": rope["rope_theta"]}
-    config = LlamaConfig(
-        vocab_size=plan.shapes["tok_embeddings.weight"][0],
-        hidden_size=params["dim"],
-        intermediate_size=plan.shapes["layers.0.feed_forward.w1.weight"][0],
-        num_hidden_layers=params["n_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=params.get("n_kv_heads") or heads,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=params.get("norm_eps", 1e-6),
-        rope_parameters=rope,
-        tie_word_embeddings=False,
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": plan.shapes["tok_embeddings.weight"][0],
+        "hidden_size": params["dim"],
+        "intermediate_size": plan.shapes["layers.0.feed_forward.w1.weight"][0],
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": params.get("n_kv_heads") or heads,
+        "head_dim": params["dim"] // heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": params.get("norm_eps", 1e-6),
+        "rope_theta": float(params.get("rope_theta", 10000.0)),
+        "rope_scaling": dict(LLAMA31_ROPE_SCALING) if params.get("use_scaled_rope") else None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "tie_word_embeddings": False,
         **special_ids,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    document = config.to_dict()
-    document.pop("torch_dtype", None)
-    document["dtype"] = dtype
-    return document
+        "dtype": dtype,
+    }
+    return config
 
 
 def find_tokenizer(source: Path, given: Path | None) -> Path | None:
@@ -385,7 +393,7 @@ def convert_meta(
             tokenizer = write_tokenizer(tokenizer_source, tmp, family=family, max_length=positions, vocab=vocab)
         else:
             notes.append(f"no tokenizer found beside {source} or in its parent; give one with --tokenizer")
-        config = build_config(plan, max_position_embeddings=positions, family=family, special_ids=special_token_ids(tmp), dtype=dtypes[0])
+        config = build_config(plan, max_position_embeddings=positions, special_ids=special_token_ids(tmp), dtype=dtypes[0])
         if tokenizer is not None:
             from cnllm.core.modelio import tokenizer_length
 
@@ -418,7 +426,7 @@ def convert_meta(
                 key: config.get(key)
                 for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings")
             }
-            | {"rope_theta": (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))},
+            | {"rope_theta": config["rope_theta"]},
             tokenizer=tokenizer,
             dtype=str(options.dtype) if options.dtype is not None else ",".join(dtypes),
             tensors=len(layout),

@@ -150,6 +150,9 @@ def test_llama3_tiktoken_tokenizer(cli, tmp_path, tiny_llama3_dir, bpe_tokenizer
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["tokenizer"]["kind"] == "tiktoken" and document["config"]["rope_theta"] == 500000.0
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(str(out)).rope_parameters["rope_theta"] == 500000.0
     assert_same_tensors(tiny_llama3_dir, out)
     original = Tokenizer.from_file(str(bpe_tokenizer_dir / "tokenizer.json"))
     converted = Tokenizer.from_file(str(out / "tokenizer.json"))
