@@ -12,7 +12,7 @@ from typer.core import TyperGroup
 
 from cnllm import __version__
 from cnllm.cli import errors
-from cnllm.cli.paths import apply_path_rule
+from cnllm.cli.paths import Downloads, apply_path_rule
 
 # Every command, in the order a user walks them: name → (module, attribute, one-line help).
 # Modules are imported only when their command runs (or completes), so `cnllm --help` stays fast;
@@ -122,8 +122,15 @@ def root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    allow_download: Annotated[
+        bool,
+        typer.Option(
+            "--allow-download", help="Download a Hugging Face model id given as a model path when it is not in the local cache (default: cache only)."
+        ),
+    ] = False,
 ) -> None:
     State.debug = debug
+    Downloads.allowed = allow_download
 
 
 def main(argv: list[str] | None = None) -> None:
