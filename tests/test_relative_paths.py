@@ -61,6 +61,8 @@ def test_every_command_takes_paths_relative_to_the_current_folder(workspace):
     run("sft", "--model", "merged", "--data", "alpaca_zh.json", "--template", "alpaca", "-o", "sft-lora", "--max-seq-length", "128", *tiny_training)
     run("diff-recover", "--make-diff", "--base", "base", "--tuned", "merged", "-o", "diff")
     run("diff-recover", "--base", "base", "--diff", "diff", "-o", "recovered", "--reference", "merged")
+    run("merge-lora", "--base", "base", "--lora", "pt-lora", "-o", "meta", "--format", "pth")
+    run("convert-meta", "meta", "-o", "meta-hf")
     run("convert-gguf", "merged", "-o", "merged.gguf", "--outtype", "f32")
     run("quantize", "merged.gguf", "-o", "merged-q8.gguf", "--type", "Q8_0")
     run("chat", "merged-q8.gguf", "--prompt", "你好", "--max-tokens", "4")
@@ -70,7 +72,7 @@ def test_every_command_takes_paths_relative_to_the_current_folder(workspace):
     run("checksum", "create", "merged", "-o", "merged.sha256")
     run("checksum", "verify", "merged.sha256")
 
-    for output in ("zh.model", "tok", "pt-lora", "merged", "sft-lora", "diff", "recovered", "merged.gguf", "merged-q8.gguf", "ppl.json", "mc", "merged.sha256"):
+    for output in ("zh.model", "tok", "pt-lora", "merged", "meta-hf", "sft-lora", "diff", "recovered", "merged.gguf", "merged-q8.gguf", "ppl.json", "mc", "merged.sha256"):
         assert (workspace / output).exists(), output
     assert assets_listing() == before
 

@@ -308,6 +308,13 @@ CASES: dict[str, dict[str, Case]] = {
         "output-exists": Case(["diff-recover", "--base", "{model}", "--diff", "{diff}", "-o", "{tmp}/recovered"], 2, "already exists", output="{tmp}/recovered", existing="dir"),
         "parent-is-a-file": Case(["diff-recover", "--base", "{model}", "--diff", "{diff}", "-o", "{tmp}/blocker/recovered"], 2, "blocker", output="{tmp}/blocker/recovered"),
     },
+    "convert-meta": {
+        "missing": Case(["convert-meta", "{tmp}/nope-model", "-o", "{tmp}/out"], 2, "nope-model", output="{tmp}/out"),
+        "missing-json": Case(["convert-meta", "{tmp}/nope-model", "-o", "{tmp}/out", "--json"], 2, "nope-model", output="{tmp}/out", json=True),
+        "text-file": Case(["convert-meta", "{notes}", "-o", "{tmp}/out"], 2, "notes.txt", output="{tmp}/out"),
+        "empty-dir": Case(["convert-meta", "{empty_dir}", "-o", "{tmp}/out"], 2, "consolidated.NN.pth", output="{tmp}/out"),
+        "parent-is-a-file": Case(["convert-meta", "{empty_dir}", "-o", "{tmp}/blocker/out"], 2, "blocker", output="{tmp}/blocker/out"),
+    },
     "convert-gguf": {
         "missing": Case(["convert-gguf", "{tmp}/nope-model", "-o", "{tmp}/out.gguf"], 2, "nope-model", output="{tmp}/out.gguf"),
         "missing-json": Case(["convert-gguf", "{tmp}/nope-model", "-o", "{tmp}/out.gguf", "--json"], 2, "nope-model", output="{tmp}/out.gguf", json=True),

@@ -12,12 +12,17 @@ from typer.core import TyperGroup
 
 from cnllm import __version__
 from cnllm.cli import errors
-from cnllm.cli.paths import apply_path_rule
+from cnllm.cli.paths import Downloads, apply_path_rule
 
 # Every command, in the order a user walks them: name → (module, attribute, one-line help).
 # Modules are imported only when their command runs (or completes), so `cnllm --help` stays fast;
 # a test checks each line here against the command's own docstring.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "convert-meta": (
+        "cnllm.commands.convert_meta",
+        "convert_meta",
+        "Convert a Meta LLaMA checkpoint (params.json + consolidated.NN.pth) to a Hugging Face model, one layer at a time.",
+    ),
     "vocab": ("cnllm.commands.vocab", "app", "Train a Chinese vocabulary, merge it into a LLaMA tokenizer, and inspect tokenizers."),
     "pt": ("cnllm.commands.pt", "pt", 'Continue pre-training a model on raw text with LoRA (text files, directories, JSONL "text").'),
     "sft": ("cnllm.commands.sft", "sft", "Instruction-tune a model with LoRA; the loss covers the assistant's answers only."),
@@ -117,8 +122,15 @@ def root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    allow_download: Annotated[
+        bool,
+        typer.Option(
+            "--allow-download", help="Download a Hugging Face model id given as a model path when it is not in the local cache (default: cache only)."
+        ),
+    ] = False,
 ) -> None:
     State.debug = debug
+    Downloads.allowed = allow_download
 
 
 def main(argv: list[str] | None = None) -> None:

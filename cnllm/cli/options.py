@@ -70,3 +70,17 @@ LoadIn4bitOpt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantise a 
 LoadIn8bitOpt = Annotated[bool, typer.Option("--load-in-8bit", help="Quantise a Hugging Face model to 8 bits on load (CUDA + bitsandbytes).")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model directory's own Python code to run.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' own logs (llama.cpp load messages, transformers).")]
+
+# An Ollama Modelfile beside a GGUF (convert-gguf, quantize).
+ModelfileOpt = Annotated[
+    bool, typer.Option("--modelfile", help="Also write an Ollama Modelfile beside the GGUF (X.gguf → X.Modelfile) for 'ollama create NAME -f X.Modelfile'.")
+]
+ModelfileTemplateOpt = Annotated[
+    str,
+    typer.Option(
+        "--template", help="Chat template for --modelfile: alpaca, llama2, llama3, chatml, or auto (the model's own, when it is one of these)."
+    ),
+]
+ModelfileSystemOpt = Annotated[
+    Optional[str], typer.Option("--system", help="System prompt for --modelfile (default: the template's own, if it has one).")
+]

@@ -12,6 +12,7 @@ from rich.markup import escape
 from cnllm.cli import output
 from cnllm.cli.options import ForceOpt, JobsOpt, JsonOpt, OutputFileOpt
 from cnllm.core import hashing
+from cnllm.core.errors import UsageError
 
 app = typer.Typer(help="Create and verify checksum manifests (GNU, BSD, SHA256.md tables, MD5 lists).", no_args_is_help=True)
 
@@ -62,6 +63,10 @@ def create(
 @app.command()
 def verify(
     manifest: Annotated[Path, typer.Argument(help="Checksum file (GNU, BSD, SHA256.md table or MD5 list); '-' reads stdin.")],
+    files: Annotated[
+        Optional[List[Path]],
+        typer.Argument(help="Files or folders to identify by digest against the manifest (which published entry each one is).", show_default=False),
+    ] = None,
     root: Annotated[
         Optional[Path], typer.Option("--root", "-r", help="Folder the listed paths are relative to [default: the manifest's folder].")
     ] = None,
@@ -80,8 +85,18 @@ def verify(
     Paths that lead outside the manifest's folder (or --root) and files that are not regular files
     (FIFOs, devices) are FAILED with the reason, without being read.
 
+    With FILE arguments, or a SHA256.md whose tables are keyed by model name (Chinese-LLaMA-Alpaca's),
+    files are matched by digest instead: each is reported as the published entry it is (model, file
+    kind, part) or as matching none (exit 1). Multi-digest cells (<br/>), Parts columns and TBA/-
+    placeholders are understood.
+
     Example: cnllm checksum verify SHA256.md --root downloads/
+
+    Example: cnllm checksum verify SHA256.md chinese-alpaca-7b/consolidated.00.pth
     """
+    if files or hashing.is_name_keyed(manifest):
+        _verify_by_digest(manifest, files or [], root, jobs, json_)
+        return
     result = hashing.verify_manifest(
         manifest,
         root=root,
@@ -105,6 +120,35 @@ def verify(
         output.stdout().print(
             f"{document['ok']} OK, {document['failed']} FAILED, {document['missing']} MISSING"
             + (f", {len(result.malformed)} malformed lines skipped" if result.malformed else ""),
+            markup=False,
+            highlight=False,
+        )
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def _verify_by_digest(manifest: Path, files: List[Path], root: Optional[Path], jobs: Optional[int], json_: bool) -> None:
+    """Which published entry each file is (``checksum verify SHA256.md FILE…``, or a name-keyed table with --root)."""
+    if files and root is not None:
+        raise UsageError("give FILE arguments or --root, not both")
+    result = hashing.match_published(manifest, files, root=root, jobs=jobs, progress=output.CliProgress())
+    document = result.to_dict()
+    if json_:
+        output.print_json(document)
+    else:
+        rows = [
+            (
+                f"[{'green' if f.status == hashing.MATCH else 'bold red'}]{f.status}[/]",
+                f.path,
+                "; ".join(m.describe() for m in f.matches) or (f.reason or ""),
+            )
+            for f in result.files
+        ]
+        output.print_table(None, ["status", "file", "published entry"], rows)
+        pending = document["not_yet_published"]
+        output.stdout().print(
+            f"{document['matched']} of {len(result.files)} files match a published digest ({result.entries} published in {result.manifest})"
+            + (f"; {len(pending)} entries not published yet (TBA/-): {', '.join(p['label'] for p in pending[:5])}" if pending else ""),
             markup=False,
             highlight=False,
         )

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import ForceOpt, JsonOpt
+from cnllm.cli.options import ForceOpt, JsonOpt, ModelfileOpt, ModelfileSystemOpt, ModelfileTemplateOpt
 from cnllm.core.errors import UsageError
 
 
@@ -30,6 +30,9 @@ def convert_gguf(
         Optional[str],
         typer.Option("--pre-tokenizer", help="llama.cpp BPE pre-tokenizer name (e.g. llama-bpe) when it cannot be read from tokenizer.json."),
     ] = None,
+    modelfile: ModelfileOpt = False,
+    template: ModelfileTemplateOpt = "auto",
+    system: ModelfileSystemOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -39,15 +42,27 @@ def convert_gguf(
     sizes, tokenizer files and weight headers are checked before anything is written.
 
     Example: cnllm convert-gguf chinese-alpaca-merged/ -o chinese-alpaca-f16.gguf --outtype f16
+
+    Example: cnllm convert-gguf chinese-alpaca-merged/ -o alpaca.gguf --modelfile --template alpaca (then: ollama create alpaca -f alpaca.Modelfile)
     """
     from cnllm.core.config import build_options
+    from cnllm.core.gguf import ollama
     from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
 
     if output_file is None:
         raise UsageError("missing --output/-o: the GGUF file to write")
+    if not modelfile and (template != "auto" or system is not None):
+        raise UsageError("--template and --system describe the Modelfile; add --modelfile")
     options = build_options(ConvertOptions, {"outtype": outtype, "vocab_only": vocab_only, "pre_tokenizer": pre_tokenizer})
+    plan = None
+    if modelfile:
+        jinja = ollama.hf_chat_template(model_dir) if model_dir.is_dir() else None
+        plan = ollama.plan_modelfile(output_file, template=template, system=system, jinja_source=jinja, source=f"{model_dir}'s tokenizer_config.json", force=force)
     result = convert_to_gguf(model_dir, output_file, options, force=force, progress=output.CliProgress())
     document = result.to_dict()
+    if plan is not None:
+        ollama.write_modelfile(plan, output_file)
+        document["modelfile"] = plan.to_dict()
     if json_:
         output.print_json(document)
         return
@@ -59,3 +74,5 @@ def convert_gguf(
         markup=False,
         highlight=False,
     )
+    if plan is not None:
+        output.stdout().print(f"wrote {plan.path} ({plan.template} template); ollama create NAME -f {plan.path}", markup=False, highlight=False)

@@ -24,7 +24,11 @@ def diff_recover(
     ] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB.")] = "2GB",
     verify: Annotated[
-        Optional[Path], typer.Option("--verify", help="Check the recovered files against a published checksum list (any format checksum verify reads).")
+        Optional[Path], typer.Option(
+            "--verify",
+            help="Check the recovered files against a published checksum list (any format checksum verify reads); "
+            "listed pytorch_model-*.bin / .pth names, which a recovery never writes, are named before any work.",
+        )
     ] = None,
     reference: Annotated[
         Optional[Path], typer.Option("--reference", help="Compare every recovered tensor with this reference model directory.")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import ForceOpt, JsonOpt
+from cnllm.cli.options import ForceOpt, JsonOpt, ModelfileOpt, ModelfileSystemOpt, ModelfileTemplateOpt
 from cnllm.core.errors import UsageError
 
 
@@ -68,6 +68,9 @@ def quantize(
         Optional[str], typer.Option("--token-embedding-type", help="ggml type for token_embd.weight, e.g. q8_0 or f16.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's own log on stderr.")] = False,
+    modelfile: ModelfileOpt = False,
+    template: ModelfileTemplateOpt = "auto",
+    system: ModelfileSystemOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -87,7 +90,10 @@ def quantize(
         raise UsageError("missing --output/-o: the quantized GGUF to write")
     if type_ is None:
         raise UsageError("missing --type, e.g. --type Q4_K_M (see 'cnllm quantize --list-types')")
+    if not modelfile and (template != "auto" or system is not None):
+        raise UsageError("--template and --system describe the Modelfile; add --modelfile")
     from cnllm.core.config import build_options
+    from cnllm.core.gguf import ollama
     from cnllm.core.gguf.quantize import QuantizeOptions, quantize_gguf
 
     values = {
@@ -99,8 +105,16 @@ def quantize(
         "token_embedding_type": token_embedding_type,
         "imatrix": imatrix,
     }
-    result = quantize_gguf(input_file, output_file, build_options(QuantizeOptions, values), force=force, verbose=verbose, progress=output.CliProgress())
+    options = build_options(QuantizeOptions, values)
+    plan = None
+    if modelfile:
+        jinja = ollama.gguf_chat_template(input_file) if input_file.is_file() else None
+        plan = ollama.plan_modelfile(output_file, template=template, system=system, jinja_source=jinja, source=f"{input_file}'s tokenizer.chat_template", force=force)
+    result = quantize_gguf(input_file, output_file, options, force=force, verbose=verbose, progress=output.CliProgress())
     document = result.to_dict()
+    if plan is not None:
+        ollama.write_modelfile(plan, output_file)
+        document["modelfile"] = plan.to_dict()
     if json_:
         output.print_json(document)
         return
@@ -111,6 +125,8 @@ def quantize(
         markup=False,
         highlight=False,
     )
+    if plan is not None:
+        output.stdout().print(f"wrote {plan.path} ({plan.template} template); ollama create NAME -f {plan.path}", markup=False, highlight=False)
     if document["fallback_tensors"]:
         output.print_note(
             f"{document['fallback_tensors']} tensor(s) had rows not divisible by the type's block and used llama.cpp's fallback type"

@@ -11,9 +11,10 @@ recovering from the diff it writes reproduces the tuned weights bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +22,7 @@ from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import WideDType
 from cnllm.core.errors import CheckFailed, UsageError
-from cnllm.core.hashing import VerifyResult, create_manifest, verify_manifest
+from cnllm.core.hashing import VerifyResult, create_manifest, parse_manifest, read_manifest_text, verify_manifest
 from cnllm.core.merge import VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, layout_bytes, output_layout, write_config
 from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, check_vocab_agreement, has_tokenizer, load_config, tokenizer_length
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -107,6 +108,8 @@ class DiffResult:
     manifest_check: VerifyResult | None = None
     reference_check: ReferenceReport | None = None
     signed_zeros: int = 0
+    unwritable: list[str] = field(default_factory=list)  # names the checksum list expects that a recovery never writes
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The one JSON shape of a recovery or a diff: ``--json``, the provenance record and the pipeline report."""
@@ -127,6 +130,8 @@ class DiffResult:
             document["negative_zeros_recovered_as_positive"] = self.signed_zeros
         if self.manifest_check is not None:
             document["verify"] = self.manifest_check.to_dict()
+            document["verify"]["not_written"] = self.unwritable
+        document["notes"] = self.notes
         if self.reference_check is not None:
             check = self.reference_check
             document["reference"] = {
@@ -141,10 +146,15 @@ class DiffResult:
     def problems(self) -> list[str]:
         """Failed checks (the output is complete and in place; the caller decides the exit code)."""
         problems = []
+        check = self.reference_check
         if self.manifest_check is not None and not self.manifest_check.passed:
             bad = [c.path for c in self.manifest_check.checks if c.status != "OK"]
-            problems.append(f"{len(bad)} file(s) do not match {self.manifest_check.manifest} (first: {bad[0]})")
-        check = self.reference_check
+            unwritable = [path for path in bad if path in self.unwritable]
+            if len(unwritable) < len(bad) or check is None or not check.passed:  # a passed --reference checks what the list cannot
+                problem = f"{len(bad)} file(s) do not match {self.manifest_check.manifest} (first: {bad[0]})"
+                if unwritable:
+                    problem += f"; {len(unwritable)} of them are pickled weight files a recovery never writes (compare tensors with --reference instead)"
+                problems.append(problem)
         if check is not None and not check.passed:
             worst = check.failures[0]
             detail = worst.reason or f"max difference {worst.max_abs_diff:.3g}"
@@ -155,6 +165,26 @@ class DiffResult:
     def throughput(self) -> float:
         """Bytes read plus written per second."""
         return (self.read_bytes + self.total_bytes) / self.seconds if self.seconds else 0.0
+
+
+# Weight files in pickle formats (and their index): a recovery writes safetensors, so a published list
+# naming these can never match, and a pickle's bytes (so its checksum) depend on the torch that saved it.
+PICKLED_WEIGHTS = re.compile(r"(?:^|/)(?:pytorch_model[^/]*\.bin|[^/]*\.pth|pytorch_model\.bin\.index\.json|[^/]*\.ckpt)$")
+
+
+def unwritable_entries(manifest: Path) -> list[str]:
+    """Names a checksum list expects that :func:`recover` cannot write (``pytorch_model-*.bin``, ``*.pth`` …)."""
+    return [entry.path for entry in parse_manifest(read_manifest_text(manifest)).entries if PICKLED_WEIGHTS.search(entry.path)]
+
+
+def describe_unwritable(manifest: Path, names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"{manifest} lists {len(names)} file(s) the recovered output will not contain: {shown}. cnllm writes safetensors shards "
+        "(model-0000N-of-0000M.safetensors), and the checksum of a pickled .bin/.pth depends on the torch version that saved it, "
+        "so these entries cannot match; to check the recovered weights, add --reference DIR (a model recovered by the publisher's "
+        "own script) to compare every tensor"
+    )
 
 
 def plan_shapes(raw: dict[str, TensorInfo], other: dict[str, TensorInfo], *, raw_dir: Path, other_dir: Path, other_label: str) -> tuple[dict, list[str]]:
@@ -274,6 +304,10 @@ def recover(
     max_shard_size, manifest, reference, tolerance = options.max_shard_size, options.manifest, options.reference, options.tolerance
     base, diff, output = Path(base), Path(diff), Path(output)
     check_output(output, force, inputs=[base, diff, manifest, reference])
+    unwritable = unwritable_entries(manifest) if manifest is not None else []
+    notes = [describe_unwritable(manifest, unwritable)] if unwritable else []
+    for note in notes:
+        progress.log(note)
     config = load_config(diff)
     raw_infos, diff_infos = tensor_infos(base), tensor_infos(diff)
     shapes, extended = plan_shapes(raw_infos, diff_infos, raw_dir=base, other_dir=diff, other_label="diff")
@@ -297,6 +331,9 @@ def recover(
             reference_check = compare_with_reference(tmp, Path(reference), tolerance=tolerance, progress=progress)
         if manifest is not None:
             manifest_check = verify_manifest(manifest, root=tmp, progress=progress)
+            for check in manifest_check.checks:
+                if check.path in unwritable and check.status == "MISSING":
+                    check.reason = "not written: a recovery writes safetensors"
         results = {"tensors": len(layout), "extended_rows": extended}
         if manifest_check is not None:
             results["manifest"] = {"path": str(manifest), "passed": manifest_check.passed, "files": {c.path: c.status for c in manifest_check.checks}}
@@ -315,7 +352,10 @@ def recover(
             results=results,
         )
     dtypes = str(options.dtype) if options.dtype is not None else _dtype_names(layout)
-    return DiffResult("recover", output, len(layout), extended, dtypes, files, total, read_bytes, time.perf_counter() - started, manifest_check, reference_check)
+    return DiffResult(
+        "recover", output, len(layout), extended, dtypes, files, total, read_bytes, time.perf_counter() - started, manifest_check, reference_check,
+        unwritable=unwritable, notes=notes,
+    )
 
 
 def compare_with_reference(model: Path, reference: Path, *, tolerance: float, progress: Progress = NULL_PROGRESS) -> ReferenceReport:

@@ -535,3 +535,208 @@ def verify_manifest(
         else:
             check.actual = digest
     return VerifyResult(str(manifest), root, checks, parsed.malformed, sorted(parsed.formats), time.perf_counter() - started)
+
+
+# --- published tables keyed by model name, matched by digest ------------------------------------
+#
+# Releases such as Chinese-LLaMA-Alpaca publish SHA256.md tables whose rows are model names
+# ("| Chinese-Alpaca-7B | fbfc… |", "| 13B | 01 | d5cc… |"), one digest per shard joined by <br/>,
+# TBA or - where nothing is published yet, and the file kind only in a heading or column title.
+# No row names a file, so a downloaded file is identified by its digest instead.
+
+PLACEHOLDERS = {"", "-", "--", "—", "tba", "tbd", "n/a", "na", "todo"}
+_BREAK = re.compile(r"<br\s*/?>", re.I)
+_FILE_KIND = re.compile(r"[\w.*-]*\.(?:pth|bin|safetensors|zip|model|gguf|json|tar\.gz|7z)\b", re.I)
+_FILE_LIKE = re.compile(r"^[^\s|]*[^\s|.]\.[A-Za-z0-9]{1,12}$")
+_PARTS_TITLE = re.compile(r"^(parts?|shards?)$", re.I)
+MATCH, NO_MATCH = "MATCH", "NO MATCH"
+
+
+@dataclass
+class PublishedEntry:
+    """One published digest: its row label, the file kind the table covers, its part or place in a multi-digest cell."""
+
+    line: int
+    label: str
+    kind: str | None
+    heading: str
+    digest: str
+    algorithm: str
+    part: str | None = None
+    index: int = 1
+    count: int = 1
+
+    def describe(self) -> str:
+        words = [self.label] + ([self.kind] if self.kind else []) + ([f"part {self.part}"] if self.part else [])
+        if self.count > 1:
+            words.append(f"file {self.index} of {self.count}")
+        return ", ".join(words) + (f" [{self.heading}]" if self.heading else "")
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "kind": self.kind, "part": self.part, "heading": self.heading, "index": self.index, "count": self.count,
+                "line": self.line, "algorithm": self.algorithm, "digest": self.digest, "description": self.describe()}
+
+
+@dataclass
+class PublishedTables:
+    entries: list[PublishedEntry] = field(default_factory=list)
+    placeholders: list[PublishedEntry] = field(default_factory=list)  # rows published as TBA / - (no digest)
+
+    @property
+    def name_keyed(self) -> bool:
+        """Whether some row names a model rather than a file (then only digests can tell which file is which)."""
+        return any(not _FILE_LIKE.match(entry.label) for entry in self.entries + self.placeholders)
+
+
+def _heading_text(line: str) -> str:
+    return line.lstrip("#").strip().strip("*_` ").strip()
+
+
+def _kind(*texts: str) -> str | None:
+    for text in texts:
+        found = _FILE_KIND.search(text or "")
+        if found:
+            return found.group(0)
+    return None
+
+
+def parse_published_tables(text: str) -> PublishedTables:
+    """Rows of the Markdown tables in ``text`` whose digest columns are not titled by a file name."""
+    tables = PublishedTables()
+    heading, header, in_table = "", [], False
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not stripped.startswith("|"):
+            in_table, header = False, []
+            if stripped.startswith("#"):
+                heading = _heading_text(stripped)
+            continue
+        cells = _table_cells(stripped)
+        if not in_table:
+            in_table, header = True, cells
+            continue
+        if all(_TABLE_RULE.match(c) or not c for c in cells):
+            continue
+        values = [[v.strip().strip("`*_ ") for v in _BREAK.split(cell)] for cell in cells]
+        digests = [i for i, parts in enumerate(values) if all(_is_digest(v) for v in parts)]
+        parts_column = next((i for i, title in enumerate(header) if _PARTS_TITLE.match(title)), None)
+        spare = [i for i in range(len(cells)) if i not in digests and i != parts_column]
+        placeholder_columns = [i for i in spare[1:] if cells[i].lower() in PLACEHOLDERS]
+        if not spare or cells[spare[0]].lower() in PLACEHOLDERS:
+            continue
+        label_column = spare[0]
+        titles = lambda i: header[i] if i < len(header) else ""  # noqa: E731
+        if any(_FILE_LIKE.match(titles(i)) for i in digests):
+            continue  # a column per file ("| | tokenizer.model | adapter_model.bin |"): parse_manifest names those
+        part = cells[parts_column] if parts_column is not None and parts_column < len(cells) else None
+        label = cells[label_column]
+        for column in digests:
+            kind = _kind(titles(column), titles(label_column), heading)
+            for index, digest in enumerate(values[column], start=1):
+                algorithm = ALGORITHM_BY_HEX_LENGTH[len(digest)]
+                tables.entries.append(PublishedEntry(number, label, kind, heading, digest.lower(), algorithm, part, index, len(values[column])))
+        for column in placeholder_columns if not digests else []:
+            tables.placeholders.append(PublishedEntry(number, label, _kind(titles(column), titles(label_column), heading), heading, "", "", part))
+    return tables
+
+
+@dataclass
+class FileMatch:
+    path: str
+    status: str
+    digests: dict[str, str]
+    matches: list[PublishedEntry] = field(default_factory=list)
+    reason: str | None = None
+
+
+@dataclass
+class MatchResult:
+    manifest: str
+    files: list[FileMatch]
+    entries: int
+    placeholders: list[PublishedEntry]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.files) and all(f.status == MATCH for f in self.files)
+
+    def to_dict(self) -> dict:
+        """The JSON shape of ``checksum verify`` against a name-keyed published table."""
+        return {
+            "manifest": self.manifest,
+            "mode": "match-by-digest",
+            "passed": self.passed,
+            "matched": sum(1 for f in self.files if f.status == MATCH),
+            "unmatched": sum(1 for f in self.files if f.status != MATCH),
+            "published_digests": self.entries,
+            "not_yet_published": [{"label": e.label, "kind": e.kind, "part": e.part, "line": e.line} for e in self.placeholders],
+            "files": [
+                {"path": f.path, "status": f.status, "digests": f.digests, "reason": f.reason, "matches": [m.to_dict() for m in f.matches]}
+                for f in self.files
+            ],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def match_published(
+    manifest: Path | str,
+    files: Sequence[Path] = (),
+    *,
+    root: Path | None = None,
+    jobs: int | None = None,
+    progress: Progress = NULL_PROGRESS,
+) -> MatchResult:
+    """Tell for each file which published entry its digest is, or that none is.
+
+    ``files`` (files or folders) are checked; without them, every file under ``root`` (default: the
+    manifest's folder), the manifest itself left out. Rows of any manifest format count; a name-keyed
+    table's rows are described by label, file kind, part and place in a multi-digest cell.
+    """
+    text = read_manifest_text(manifest)
+    tables = parse_published_tables(text)
+    entries = list(tables.entries)
+    for entry in parse_manifest(text).entries:  # file-keyed lines and tables: the label is the listed path
+        if not any(e.digest == entry.digest for e in entries):
+            entries.append(PublishedEntry(entry.line, entry.path, None, "", entry.digest, entry.algorithm))
+    if not entries:
+        raise UsageError(f"{manifest}: no published digest in it (only placeholders such as TBA or -)" if tables.placeholders else f"{manifest}: no checksum in it")
+    if files:
+        targets = collect_files(files)
+    else:
+        if root is None:
+            root = Path(".") if str(manifest) == "-" else Path(manifest).parent
+        if not root.is_dir():
+            raise UsageError(f"--root {root} is not a directory")
+        targets = collect_files([root], exclude=[Path(manifest)] if str(manifest) != "-" else [])
+        if not targets:
+            raise UsageError(f"{root} holds no files to check against {manifest}")
+    started = time.perf_counter()
+    algorithms = sorted({e.algorithm for e in entries})
+    digests = hash_files([(path, algo) for path in targets for algo in algorithms], jobs=jobs, progress=progress, description="verifying")
+    by_digest: dict[str, list[PublishedEntry]] = {}
+    for entry in entries:
+        by_digest.setdefault(entry.digest, []).append(entry)
+    results = []
+    for path in targets:
+        found = {algo: digests[(path, algo)] for algo in algorithms}
+        error = next((d for d in found.values() if isinstance(d, OSError)), None)
+        shown = path.relative_to(root).as_posix() if not files and root is not None else str(path)
+        if error is not None:
+            results.append(FileMatch(shown, NO_MATCH, {}, reason=f"cannot read: {describe_os_error(error)}"))
+            continue
+        matches = [e for algo, digest in found.items() for e in by_digest.get(digest, []) if e.algorithm == algo]
+        status = MATCH if matches else NO_MATCH
+        results.append(FileMatch(shown, status, dict(found), matches, None if matches else "no published digest matches"))
+    return MatchResult(str(manifest), results, len(entries), tables.placeholders, time.perf_counter() - started)
+
+
+def is_name_keyed(manifest: Path | str) -> bool:
+    """Whether a manifest file holds a table keyed by model names (checked by digest, :func:`match_published`)."""
+    path = Path(manifest)
+    if str(manifest) == "-" or not path.is_file():
+        return False
+    try:
+        return parse_published_tables(read_manifest_text(path)).name_keyed
+    except UsageError:
+        return False

@@ -665,6 +665,12 @@ def unpermute(weight, heads: int):
     return weight.view(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
+def permute(weight, heads: int):
+    """The q/k row permutation of Hugging Face's LLaMA conversion (interleaved pairs → rotary halves); undone by :func:`unpermute`."""
+    rows, columns = weight.shape
+    return weight.view(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
 def meta_ffn_params(dim: int, intermediate: int) -> dict:
     """``multiple_of`` (and ``ffn_dim_multiplier`` when needed) that reproduce ``intermediate`` with Meta's formula."""
     base = int(2 * 4 * dim / 3)
