@@ -24,7 +24,7 @@ from cnllm.core.tiny import asset
 from tests.real.conftest import cnllm, cnllm_json
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
-TRAIN = ["--max-steps", "2", "--block-size", "128", "--batch-size", "2", "--lora-rank", "8", "--lora-alpha", "16", "--logging-steps", "1"]
+TRAIN = ["--max-steps", "2", "--batch-size", "2", "--lora-rank", "8", "--lora-alpha", "16", "--logging-steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def tokenizer(work, smollm2_hf) -> Path:
 
 @pytest.fixture(scope="module")
 def merged_pt(work, smollm2_hf, tokenizer) -> Path:
-    cnllm("pt", "-m", smollm2_hf, "--tokenizer", tokenizer, "-d", asset("zh.txt"), "-o", work / "pt", *TRAIN)
+    cnllm("pt", "-m", smollm2_hf, "--tokenizer", tokenizer, "-d", asset("zh.txt"), "-o", work / "pt", "--block-size", "128", *TRAIN)
     document = cnllm_json("merge-lora", "--base", smollm2_hf, "--lora", work / "pt", "-o", work / "merged-pt", "--verify")
     assert document["verify"]["passed"], document["verify"]
     return work / "merged-pt"
@@ -58,7 +58,7 @@ def merged_pt(work, smollm2_hf, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def merged_sft(work, merged_pt) -> Path:
-    cnllm("sft", "-m", merged_pt, "-d", asset("alpaca_zh.json"), "--template", "chatml", "-o", work / "sft", *TRAIN)
+    cnllm("sft", "-m", merged_pt, "-d", asset("alpaca_zh.json"), "--template", "chatml", "-o", work / "sft", "--max-seq-length", "128", *TRAIN)
     document = cnllm_json("merge-lora", "--base", merged_pt, "--lora", work / "sft", "-o", work / "merged-sft", "--verify")
     assert document["verify"]["passed"], document["verify"]
     return work / "merged-sft"
