@@ -74,6 +74,14 @@ def tiny_llama_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_llama_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
+    """The tiny model with tied input/output embeddings (no lm_head.weight stored), like SmolLM2 or Llama-3.2-1B."""
+    from cnllm.core.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-tied-llama"), spm_tokenizer_dir, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama3_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
     """The same tiny model with the Llama-3-style BPE tokenizer."""
     from cnllm.core.tiny import build_tiny_llama

@@ -33,6 +33,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Recover tuned = raw + diff tensor by tensor (config and tokenizer from the diff), or make a diff.",
     ),
     "convert-gguf": ("cnllm.commands.convert_gguf", "convert_gguf", "Convert a LLaMA 1/2/3 or Chinese-LLaMA/Alpaca checkpoint to GGUF, one tensor at a time."),
+    "gguf-to-hf": (
+        "cnllm.commands.gguf_to_hf",
+        "gguf_to_hf",
+        "Turn a LLaMA-family GGUF into a Hugging Face checkpoint (safetensors, config, tokenizer, chat template).",
+    ),
     "quantize": (
         "cnllm.commands.quantize",
         "quantize",

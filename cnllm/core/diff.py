@@ -2,7 +2,8 @@
 
 Projects that may not redistribute LLaMA publish the difference to it instead. Both directions
 stream: the diff (or tuned) checkpoint is read a block of rows at a time, the same rows of the
-raw tensor are fetched by name, and the result goes straight to its planned place in an output
+raw tensor are fetched by name (a raw model with tied embeddings answers for ``lm_head.weight`` with its
+input embedding, so a tuned model that untied them diffs and recovers), and the result goes straight to its planned place in an output
 shard, so memory holds a few blocks (:data:`BLOCK_BYTES`), never a tensor or a model. Extra
 vocabulary rows (an embedding larger than the raw one) are carried by the diff as-is. ``make_diff`` proves, tensor by tensor, that
 recovering from the diff it writes reproduces the tuned weights bit for bit.
@@ -24,7 +25,18 @@ from cnllm.core.dtypes import WideDType
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.hashing import VerifyResult, create_manifest, parse_manifest, read_manifest_text, verify_manifest
 from cnllm.core.merge import VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, layout_bytes, output_layout, write_config
-from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, check_vocab_agreement, has_tokenizer, load_config, tokenizer_length
+from cnllm.core.modelio import (
+    EMBEDDING_NAMES,
+    LM_HEAD_NAMES,
+    TIED_HEAD,
+    TiedTensorReader,
+    VocabSizes,
+    check_vocab_agreement,
+    has_tokenizer,
+    load_config,
+    tokenizer_length,
+    with_tied_head,
+)
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tensors import StreamingShardWriter, TensorInfo, TensorReader, parse_size, tensor_infos
@@ -187,6 +199,12 @@ def describe_unwritable(manifest: Path, names: list[str]) -> str:
     )
 
 
+def _raw_infos(base: Path, other: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The raw model's tensors, with its input embedding standing for a tied ``lm_head.weight`` the other model has."""
+    infos = tensor_infos(base)
+    return with_tied_head(infos) if TIED_HEAD in other else infos
+
+
 def plan_shapes(raw: dict[str, TensorInfo], other: dict[str, TensorInfo], *, raw_dir: Path, other_dir: Path, other_label: str) -> tuple[dict, list[str]]:
     """Output shapes (those of ``other``) and the tensors that extend the raw vocabulary; errors name the tensor and both shapes."""
     only_raw = [n for n in raw if n not in other]
@@ -309,7 +327,8 @@ def recover(
     for note in notes:
         progress.log(note)
     config = load_config(diff)
-    raw_infos, diff_infos = tensor_infos(base), tensor_infos(diff)
+    diff_infos = tensor_infos(diff)
+    raw_infos = _raw_infos(base, diff_infos)
     shapes, extended = plan_shapes(raw_infos, diff_infos, raw_dir=base, other_dir=diff, other_label="diff")
     check_vocab_agreement(_sizes_for(config, shapes, diff if has_tokenizer(diff) else None), where=f"diff {diff}")
     layout = output_layout(diff_infos, shapes, dtype)
@@ -319,7 +338,7 @@ def recover(
     manifest_check = reference_check = None
     with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
-        with TensorReader(base) as raw, TensorReader(diff) as deltas:
+        with TiedTensorReader(base) as raw, TensorReader(diff) as deltas:
             for name in diff_infos:
                 for first, delta, original in _blocks(name, deltas, raw):
                     _add_into(delta[: len(original)] if first is not None else delta, original)
@@ -406,7 +425,8 @@ def make_diff(
     base, tuned, output = Path(base), Path(tuned), Path(output)
     check_output(output, force, inputs=[base, tuned])
     config = load_config(tuned)
-    raw_infos, tuned_infos = tensor_infos(base), tensor_infos(tuned)
+    tuned_infos = tensor_infos(tuned)
+    raw_infos = _raw_infos(base, tuned_infos)
     shapes, extended = plan_shapes(raw_infos, tuned_infos, raw_dir=base, other_dir=tuned, other_label="tuned model")
     layout = output_layout(tuned_infos, shapes, dtype)
     out_dtype = {name: d for name, _, d in layout}
@@ -415,7 +435,7 @@ def make_diff(
     signed_zeros = 0
     with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         writer = StreamingShardWriter(tmp, layout, max_shard_size=max_shard_size)
-        with TensorReader(base) as raw, TensorReader(tuned) as tuned_reader:
+        with TiedTensorReader(base) as raw, TensorReader(tuned) as tuned_reader:
             for name in tuned_infos:
                 for first, value, original in _blocks(name, tuned_reader, raw):
                     progress.advance(value.numel() * value.element_size())

@@ -6,6 +6,9 @@ is read, so every merged block goes straight to its place in its shard. PEFT key
 to base tensor names here; scaling follows PEFT exactly (``alpha/r``, rsLoRA ``alpha/sqrt(r)``,
 ``rank_pattern``/``alpha_pattern``, ``fan_in_fan_out`` for ``Conv1D`` layers), adapters apply in
 the order given, and full ``modules_to_save`` tensors (extended vocabularies) replace the base's.
+A base with tied embeddings stays tied unless the adapters make its output embedding differ from its
+input embedding (both trained as ``modules_to_save``): then ``lm_head.weight`` is written and
+``tie_word_embeddings`` set to false, which is what PEFT's unmerged model computes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,19 @@ from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
 from cnllm.core.hashing import create_manifest
-from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, has_tokenizer, load_config, tokenizer_length
+from cnllm.core.modelio import (
+    EMBEDDING_NAMES,
+    LM_HEAD_NAMES,
+    TIED_HEAD,
+    TiedTensorReader,
+    VocabSizes,
+    has_tokenizer,
+    load_config,
+    tied_head_source,
+    ties_embeddings,
+    tokenizer_length,
+    with_tied_head,
+)
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tensors import (
@@ -368,6 +383,23 @@ def merge_rows(name: str, rows: tuple[int, int] | None, base: TensorReader, adap
     return result.to(out_dtype) if result.is_floating_point() else result
 
 
+def outputs_diverge(base: TensorReader, adapters: Sequence[Adapter], weights: Sequence[dict], shapes: dict) -> bool:
+    """Whether the merged ``lm_head.weight`` differs from the merged input embedding (the adapters untie them)."""
+    import torch
+
+    embedding = EMBEDDING_NAMES[0]
+    if embedding not in shapes or TIED_HEAD not in shapes:
+        return False
+    if not any(n in a.replacements or n in a.updates for a in adapters for n in (embedding, TIED_HEAD)):
+        return False
+    if shapes[embedding] != shapes[TIED_HEAD]:
+        return True
+    return any(
+        not torch.equal(merge_rows(embedding, rows, base, adapters, weights, torch.float32), merge_rows(TIED_HEAD, rows, base, adapters, weights, torch.float32))
+        for rows in row_blocks(shapes[embedding])
+    )
+
+
 def release(name: str, adapters: Sequence[Adapter], weights: Sequence[dict]) -> None:
     """Drop the adapter tensors a finished base tensor used (each is needed for one base tensor)."""
     for adapter, loaded in zip(adapters, weights):
@@ -505,11 +537,12 @@ def merge_lora(
     check_output(output, force, inputs=[base, *adapters])
     config = load_config(base)
     infos = tensor_infos(base)
+    tied = ties_embeddings(config, infos)
     loaded_adapters = [read_adapter(a) for a in adapters]
     architecture = describe_architecture(base, required=any(a.config.get("fan_in_fan_out") for a in loaded_adapters))
     conv1d = architecture.conv1d if architecture is not None else set()
     infos, dropped = drop_unknown_tensors(infos, architecture, base)
-    base_shapes = {name: tuple(info.shape) for name, info in infos.items()}
+    base_shapes = {name: tuple(info.shape) for name, info in with_tied_head(infos).items()}
     shapes = dict(base_shapes)
     for adapter in loaded_adapters:
         plan_adapter(adapter, shapes, tensor_infos(adapter.weights_file), base=base, conv1d=conv1d)
@@ -519,20 +552,28 @@ def merge_lora(
     sizes = check_merged_vocab(base_shapes, shapes, config, tokenizer_dir)
     if output_format == "pth" and config.get("model_type") != "llama":
         raise UsageError(f"--format pth writes Meta's LLaMA layout; {base} is a {config.get('model_type')} model")
+    weights = [a.load() for a in loaded_adapters]
+    with TiedTensorReader(base) as reader:
+        untie = tied and outputs_diverge(reader, loaded_adapters, weights, shapes)
+    if untie:
+        config = {**config, "tie_word_embeddings": False}
+        infos = with_tied_head(infos)
+    shapes = {name: shape for name, shape in shapes.items() if name in infos}
     layout = output_layout(infos, shapes, dtype)
     out_dtypes = sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point})
     notes = [dropped] if dropped else []
     ignored = [a.directory for a in loaded_adapters if a.config.get("fan_in_fan_out") and not any(u.module in conv1d for u in a.updates.values())]
     for directory in ignored:
         notes.append(f"{directory}: fan_in_fan_out ignored for Linear layers, as PEFT does")
-    weights = [a.load() for a in loaded_adapters]
+    if untie:
+        notes.append("the adapters trained the output embedding apart from the input one: lm_head.weight written, tie_word_embeddings false")
     report = None
     with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         hf_dir = tmp / ".merged-hf" if output_format == "pth" else tmp
         hf_dir.mkdir(exist_ok=True)
         writer = StreamingShardWriter(hf_dir, layout, max_shard_size=max_shard_size if output_format == "hf" else "2GB")
         progress.start(writer.total_size, "merging", unit="B")
-        with TensorReader(base) as reader:
+        with TiedTensorReader(base) as reader:
             for name, shape, out_dtype in layout:
                 for rows in row_blocks(shape):
                     block = merge_rows(name, rows, reader, loaded_adapters, weights, out_dtype)
@@ -698,6 +739,13 @@ def meta_params(config: dict) -> dict:
     return params
 
 
+def _with_output_copy(tensors, tied: bool):
+    for name, tensor in tensors:
+        yield name, tensor
+        if tied and name == EMBEDDING_NAMES[0]:
+            yield TIED_HEAD, tensor
+
+
 def write_meta_checkpoint(hf_dir: Path, target: Path, *, shards: int = 1, progress: Progress = NULL_PROGRESS) -> list[Path]:
     """Write ``consolidated.NN.pth`` (``shards`` model-parallel parts) and ``params.json`` from a merged HF LLaMA.
 
@@ -709,10 +757,12 @@ def write_meta_checkpoint(hf_dir: Path, target: Path, *, shards: int = 1, progre
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
     files = []
+    # Meta's layout always has output.weight: a tied model's is a copy of its input embedding.
+    tied = tied_head_source(tensor_infos(hf_dir)) is not None
     progress.start(shards, "writing consolidated.*.pth", unit="shard")
     for number in range(shards):
         state = {}
-        for name, tensor in stream_tensors(hf_dir):
+        for name, tensor in _with_output_copy(stream_tensors(hf_dir), tied):
             meta = meta_name(name)
             if meta is None:
                 continue

@@ -14,10 +14,47 @@ from pathlib import Path
 from typing import Sequence
 
 from cnllm.core.errors import UsageError
-from cnllm.core.tensors import tensor_infos
+from cnllm.core.tensors import TensorInfo, TensorReader, tensor_infos
 
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "tok_embeddings.weight", "embed_tokens.weight")
 LM_HEAD_NAMES = ("lm_head.weight", "output.weight")
+TIED_HEAD = "lm_head.weight"
+
+
+def tied_head_source(infos: dict[str, TensorInfo]) -> str | None:
+    """The input embedding that doubles as the output embedding of a tied checkpoint (SmolLM2, Llama-3.2-1B:
+    ``tie_word_embeddings``, no ``lm_head.weight`` stored), else ``None``."""
+    if any(name in infos for name in LM_HEAD_NAMES):
+        return None
+    return next((name for name in EMBEDDING_NAMES[:1] if name in infos), None)
+
+
+def with_tied_head(infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """``infos`` plus ``lm_head.weight`` described by the input embedding when the checkpoint ties them."""
+    source = tied_head_source(infos)
+    return infos if source is None else {**infos, TIED_HEAD: infos[source]}
+
+
+def ties_embeddings(config: dict, infos: dict[str, TensorInfo]) -> bool:
+    """Whether a checkpoint's output embedding is its input embedding: none stored, or ``tie_word_embeddings``
+    set (transformers then ignores a stored ``lm_head.weight``; ``LlamaConfig`` defaults to untied)."""
+    return tied_head_source(infos) is not None or bool(config.get("tie_word_embeddings", False))
+
+
+class TiedTensorReader(TensorReader):
+    """A :class:`TensorReader` that also answers for ``lm_head.weight`` of a tied checkpoint (its input embedding)."""
+
+    def __init__(self, model: Path | str):
+        super().__init__(model)
+        source = tied_head_source(self.infos)
+        self.aliases = {} if source is None else {TIED_HEAD: source}
+        self.infos = with_tied_head(self.infos)
+
+    def get(self, name: str):
+        return super().get(self.aliases.get(name, name))
+
+    def get_rows(self, name: str, first: int, stop: int):
+        return super().get_rows(self.aliases.get(name, name), first, stop)
 
 
 # config.json fields every command relies on, with the type they must have when present (null allowed).
@@ -232,6 +269,7 @@ def load_causal_lm(
     The model comes back in eval mode.
     """
     import os
+    import warnings
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -268,6 +306,7 @@ def load_causal_lm(
         raise UsageError(f"cannot load model {model_dir}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if place and not quantized:
         model = model.to(device)
+    warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")  # trained-apart tied embeddings are what we load
     for number, adapter in enumerate(adapters):
         from peft import PeftModel
 

@@ -103,8 +103,13 @@ def build_tiny_llama(
     max_position_embeddings: int = 512,
     seed: int = 0,
     max_shard_size: str = "200KB",
+    tie_word_embeddings: bool = False,
 ) -> Path:
-    """A random ``LlamaForCausalLM`` sized to the tokenizer, saved as sharded safetensors with the tokenizer beside it."""
+    """A random ``LlamaForCausalLM`` sized to the tokenizer, saved as sharded safetensors with the tokenizer beside it.
+
+    ``tie_word_embeddings``: one matrix for input and output embeddings, no ``lm_head.weight`` saved
+    (SmolLM2, Llama-3.2-1B/3B).
+    """
     import shutil
 
     import torch
@@ -125,7 +130,7 @@ def build_tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         rms_norm_eps=1e-5,
     )
     torch.manual_seed(seed)

@@ -148,3 +148,17 @@ def test_inspect_bad_input(cli, tmp_path):
     bad.write_bytes(b"GGUF" + bytes(32))
     result = cli("vocab", "inspect", bad)
     assert result.exit_code == 2 and "GGUF" in one_error_line(result)
+
+
+def test_train_vocab_too_small_names_the_smallest_that_fits(cli, tmp_path):
+    import re
+
+    corpus = tmp_path / "chars.txt"
+    corpus.write_text("\n".join("".join(chr(0x4E00 + (7 * i + j) % 600) for j in range(40)) for i in range(400)) + "\n", encoding="utf-8")
+    out = tmp_path / "zh.model"
+    result = cli("vocab", "train", corpus, "--vocab-size", "300", "--character-coverage", "1.0", "-o", out)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--vocab-size 300 is too small for this corpus: at --character-coverage 1" in result.stderr
+    assert "INTERNAL" not in result.stderr and not list(tmp_path.glob("zh.model*"))
+    smallest = re.search(r"pass --vocab-size (\d+) or more", result.stderr).group(1)
+    assert cli("vocab", "train", corpus, "--vocab-size", smallest, "--character-coverage", "1.0", "-o", out).exit_code == 0

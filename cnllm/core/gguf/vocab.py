@@ -9,7 +9,11 @@ Two tokenizer families:
 * ``gpt2`` — byte-level BPE (``tokenizer.json``): tokens, types and merges, plus the name of
   llama.cpp's pre-tokenizer. The reference converter identifies the pre-tokenizer by hashing the
   ids of a sample text, which breaks as soon as a vocabulary is extended (the ids change); here it
-  is read from the ``pre_tokenizer`` definition itself, which vocabulary extension leaves alone.
+  is read from the ``pre_tokenizer`` definition itself, which vocabulary extension leaves alone, and
+  from what the vocabulary can produce: GPT-2's regex over a vocabulary whose numerals are single
+  characters (SmolLM's, trained with digits split) tokenizes exactly as llama.cpp's ``smollm``, the
+  name the reference writes for it. A tokenizer that puts no BOS before a text gets
+  ``add_bos_token = false`` (llama.cpp would otherwise add one).
 
 Special ids, ``add_bos``/``add_eos``, merges and the chat template come from ``gguf.SpecialVocab``.
 """
@@ -35,6 +39,7 @@ PRE_TOKENIZERS = {
     ("split", _LLAMA3_REGEX): "llama-bpe",
     ("split", _QWEN2_REGEX): "qwen2",
     ("bytelevel",): "gpt-2",
+    ("digits", "bytelevel"): "smollm",  # GPT-2's regex after each numeral is split off
 }
 KNOWN_PRE_TOKENIZER_NAMES = sorted(set(PRE_TOKENIZERS.values()))
 
@@ -49,6 +54,7 @@ class TokenizerVocab:
     toktypes: list[int] = field(repr=False)
     scores: list[float] | None = field(default=None, repr=False)
     add_space_prefix: bool | None = None
+    first_id: int | None = None  # the first id the tokenizer gives a text: its BOS when it adds one
 
     def add_to(self, writer, model_dir: Path) -> None:
         import gguf
@@ -66,6 +72,9 @@ class TokenizerVocab:
         else:
             special = gguf.SpecialVocab(model_dir, n_vocab=len(self.tokens))
         special.add_to_gguf(writer, quiet=True)
+        bos = special.special_token_ids.get("bos")
+        if self.model == "gpt2" and "bos" not in special.add_special_token and bos is not None and self.first_id != bos:
+            writer.add_add_bos_token(False)
 
 
 def _read_json(path: Path) -> dict:
@@ -199,6 +208,14 @@ def detect_pre_tokenizer(definition: dict | None) -> str | None:
         key: tuple = ("bytelevel",)
     elif (
         len(steps) == 2
+        and steps[0].get("type") == "Digits"
+        and steps[0].get("individual_digits")
+        and steps[1].get("type") == "ByteLevel"
+        and steps[1].get("use_regex", True)
+    ):
+        key = ("digits", "bytelevel")
+    elif (
+        len(steps) == 2
         and steps[0].get("type") == "Split"
         and str(steps[0].get("behavior", "")).lower() == "isolated"
         and not steps[0].get("invert")
@@ -210,6 +227,24 @@ def detect_pre_tokenizer(definition: dict | None) -> str | None:
     else:
         return None
     return PRE_TOKENIZERS.get(key)
+
+
+def numerals_stand_alone(tokens) -> bool:
+    """Whether every token holding a numeral (Unicode N*) is that one numeral alone, so splitting numerals off
+    first (llama.cpp's ``smollm``) changes no tokenization. ``tokens`` are byte-level strings."""
+    import unicodedata
+
+    from tokenizers.decoders import ByteLevel
+
+    decoder = ByteLevel()
+    seen = False
+    for token in tokens:
+        text = decoder.decode([token])
+        if any(unicodedata.category(c).startswith("N") for c in text):
+            seen = True
+            if len(text) != 1:
+                return False
+    return seen
 
 
 def bpe_vocab(model_dir: Path, vocab_size: int | None, pre_tokenizer: str | None = None) -> TokenizerVocab:
@@ -226,6 +261,8 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None, pre_tokenizer: str | None
             f"({', '.join(KNOWN_PRE_TOKENIZER_NAMES)}); pass --pre-tokenizer NAME if you know which one it matches"
         )
     tokenizer = Tokenizer.from_file(str(path))
+    if pre == "gpt-2" and pre_tokenizer is None and numerals_stand_alone(tokenizer.get_vocab(with_added_tokens=False)):
+        pre = "smollm"
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     size = vocab_size or (max(vocab.values()) + 1)
     by_id = {i: t for t, i in vocab.items()}
@@ -251,7 +288,8 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None, pre_tokenizer: str | None
         else:
             toktypes.append(int(gguf.TokenType.NORMAL))
         tokens.append(token)
-    return TokenizerVocab("gpt2", pre, tokens, toktypes)
+    first_id = next(iter(tokenizer.encode("a").ids), None)
+    return TokenizerVocab("gpt2", pre, tokens, toktypes, first_id=first_id)
 
 
 def build_vocab(model_dir: Path | str, vocab_size: int | None, *, pre_tokenizer: str | None = None) -> TokenizerVocab:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -96,5 +97,12 @@ def train_spm(
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buffer, **settings)
     except RuntimeError as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "training failed"
+        too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+        if too_small:
+            raise UsageError(
+                f"--vocab-size {too_small.group(1)} is too small for this corpus: at --character-coverage {character_coverage:g} "
+                f"its characters and the control/byte pieces need {too_small.group(2)}; pass --vocab-size {too_small.group(2)} or more, "
+                "or lower --character-coverage so that rare characters fall back to bytes"
+            ) from exc
         raise UsageError(f"SentencePiece training failed: {message}") from exc
     return buffer.getvalue()

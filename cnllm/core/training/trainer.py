@@ -492,6 +492,7 @@ def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PRO
     quiet_libraries()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")  # PEFT noting the resize we did on purpose
+    warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")  # tied embeddings trained apart: merge-lora unties them
     plan = plan_run(mode, options)
     result = TrainResult(output=options.output, mode=mode, main_process=world_rank() == 0)
     tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir), trust_remote_code=options.trust_remote_code)

@@ -88,3 +88,47 @@ def test_conflicting_added_tokens_json_is_refused(tmp_path, spm_tokenizer_dir, a
     (model / "added_tokens.json").write_text(json.dumps(added))
     with pytest.raises(UsageError, match="conflicts with the tokenizer"):
         check_added_tokens(model)
+
+
+def _gpt2_style_tokenizer(out_dir, texts: list[str], *, bos_template: bool) -> None:
+    """A byte-level BPE with GPT-2's built-in regex, ChatML-like specials, with or without a BOS post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if bos_template:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}), encoding="utf-8")
+
+
+@pytest.mark.parametrize("digits, expected", [("fox3 jumps1 over4 the1 dog5", "smollm"), ("314 159 2653 314 159 2653", "gpt-2")])
+def test_gpt2_regex_over_single_numeral_tokens_is_smollm(tmp_path, digits, expected):
+    # the reference converter writes "smollm" for SmolLM2's tokenizer, whose numerals never merge
+    _gpt2_style_tokenizer(tmp_path, ["the quick brown fox " + digits] * 50, bos_template=False)
+    assert bpe_vocab(tmp_path, None).pre == expected
+    assert bpe_vocab(tmp_path, None, pre_tokenizer="gpt-2").pre == "gpt-2"  # an explicit name wins
+    steps = [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]
+    assert detect_pre_tokenizer({"type": "Sequence", "pretokenizers": steps}) == "smollm"
+
+
+@pytest.mark.parametrize("bos_template", [False, True])
+def test_add_bos_false_is_written_when_the_tokenizer_adds_no_bos(tmp_path, bos_template):
+    import gguf
+
+    from tests.core.gguf.util import gguf_fields
+
+    _gpt2_style_tokenizer(tmp_path, ["the quick brown fox 3 1 4"] * 50, bos_template=bos_template)
+    vocab = bpe_vocab(tmp_path, None)
+    writer = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")
+    vocab.add_to(writer, tmp_path)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = gguf_fields(tmp_path / "v.gguf")
+    assert fields["tokenizer.ggml.bos_token_id"] == 1
+    assert fields["tokenizer.ggml.add_bos_token"] is bos_template

@@ -42,7 +42,7 @@ def test_empty_corpus(tmp_path):
 
 
 def test_vocab_too_large_for_corpus(tmp_path, assets):
-    with pytest.raises(UsageError, match="Vocabulary size"):
+    with pytest.raises(UsageError, match=r"--vocab-size 500 is too small for this corpus: .* pass --vocab-size \d+ or more"):
         train_vocab([assets / "zh_heldout.txt"], tmp_path / "out.model", TrainVocabOptions(vocab_size=500))
     assert [p.name for p in tmp_path.iterdir()] == []
 

@@ -1,0 +1,90 @@
+"""``cnllm gguf-to-hf``: HF → GGUF (f32) → HF gives identical tensors; tokenizer, template, record, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
+from cnllm.core.tensors import iter_tensors
+from tests.core.gguf.conftest import tiny_spm_f32_gguf  # noqa: F401  (fixture)
+from tests.core.gguf.util import copy_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+TEMPLATE = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ m['content'] }}<|eot_id|>{% endfor %}"
+
+
+@pytest.fixture(params=["spm", "bpe-with-template", "tied"])
+def model(request, tmp_path, tiny_llama_dir, tiny_llama3_dir, tiny_tied_llama_dir):
+    if request.param == "spm":
+        return tiny_llama_dir
+    if request.param == "tied":
+        return tiny_tied_llama_dir
+    model = copy_model(tiny_llama3_dir, tmp_path / "llama3")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    return model
+
+
+def test_round_trip_gives_identical_tensors(cli, tmp_path, model):
+    from transformers import AutoTokenizer
+
+    gguf = convert_to_gguf(model, tmp_path / "m.gguf", ConvertOptions(outtype="f32")).output
+    out = tmp_path / "back"
+    result = cli("gguf-to-hf", gguf, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    expected, actual = dict(iter_tensors(model)), dict(iter_tensors(out))
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[n], actual[n]) for n in expected)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is document["tied_embeddings"] is ("lm_head.weight" not in expected)
+    assert "quantization_config" not in config
+    text = "Hello 中文 world, 1234!"
+    assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == AutoTokenizer.from_pretrained(str(model))(text)["input_ids"]
+    assert document["chat_template"] is (model.name == "llama3")
+    if document["chat_template"]:
+        assert AutoTokenizer.from_pretrained(str(out)).chat_template == TEMPLATE
+    record = json.loads((out / "cnllm-gguf-to-hf.json").read_text())
+    assert record["results"]["parameters"] == document["parameters"] and record["inputs"][0]["path"].endswith("m.gguf")
+    assert cli("checksum", "verify", out / "SHA256SUMS").exit_code == 0
+
+
+def test_errors_are_one_line_and_write_nothing(cli, tmp_path, tiny_spm_f32_gguf):
+    def fails(path, match):
+        result = cli("gguf-to-hf", path, "-o", tmp_path / "out")
+        assert result.exit_code == 2 and match in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "out").exists()
+
+    (tmp_path / "notes.gguf").write_text("not a model")
+    fails(tmp_path / "notes.gguf", "is not a GGUF file")
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(tiny_spm_f32_gguf.read_bytes()[: tiny_spm_f32_gguf.stat().st_size // 2])
+    fails(truncated, "is truncated")
+    fails(tmp_path / "missing.gguf", "does not exist")
+
+
+def test_unsupported_architecture_is_refused(cli, tmp_path, tiny_spm_f32_gguf):
+    import gguf
+
+    reader = gguf.GGUFReader(tiny_spm_f32_gguf)
+    other = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(other, "gpt2")
+    writer.add_tensor("token_embd.weight", reader.tensors[0].data.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = cli("gguf-to-hf", other, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "is a gpt2 model; gguf-to-hf converts llama GGUFs" in result.stderr
+
+
+def test_existing_output_needs_force(cli, tmp_path, tiny_spm_f32_gguf):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli("gguf-to-hf", tiny_spm_f32_gguf, "-o", out).exit_code == 2
+    assert cli("gguf-to-hf", tiny_spm_f32_gguf, "-o", out, "--force", "--dtype", "bf16").exit_code == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    shutil.rmtree(out)
