@@ -67,6 +67,7 @@ def test_every_command_takes_paths_relative_to_the_current_folder(workspace):
     run("convert-meta", "meta", "-o", "meta-hf")
     run("convert-gguf", "merged", "-o", "merged.gguf", "--outtype", "f32")
     run("quantize", "merged.gguf", "-o", "merged-q8.gguf", "--type", "Q8_0")
+    run("gguf-to-hf", "merged.gguf", "-o", "from-gguf")
     run("chat", "merged-q8.gguf", "--prompt", "你好", "--max-tokens", "4")
     ppl = json.loads(run("eval", "ppl", "merged.gguf", "--data", "zh_heldout.txt", "--ctx", "64", "--json", "-o", "ppl.json").stdout)
     assert ppl["total"]["ppl"] > 1
@@ -74,7 +75,7 @@ def test_every_command_takes_paths_relative_to_the_current_folder(workspace):
     run("checksum", "create", "merged", "-o", "merged.sha256")
     run("checksum", "verify", "merged.sha256")
 
-    for output in ("zh.model", "tok", "pt-lora", "merged", "meta-hf", "sft-lora", "diff", "recovered", "merged.gguf", "merged-q8.gguf", "ppl.json", "mc", "merged.sha256"):
+    for output in ("zh.model", "tok", "pt-lora", "merged", "meta-hf", "sft-lora", "diff", "recovered", "merged.gguf", "merged-q8.gguf", "from-gguf", "ppl.json", "mc", "merged.sha256"):
         assert (workspace / output).exists(), output
     assert assets_listing() == before
 
