@@ -58,8 +58,6 @@ def test_every_command_takes_paths_relative_to_the_current_folder(workspace):
     assert json.loads(run("vocab", "inspect", "tok", "--text", "zh_heldout.txt", "--json").stdout)
     run("pt", "--model", "base", "--tokenizer", "tok", "--data", "zh.txt", "-o", "pt-lora", "--block-size", "64", *tiny_training)
     run("merge-lora", "--base", "base", "--lora", "pt-lora", "-o", "merged")
-    run("merge-lora", "--base", "base", "--lora", "pt-lora", "-o", "meta", "--format", "pth")
-    run("convert-meta", "meta", "-o", "from-meta")
     run("sft", "--model", "merged", "--data", "alpaca_zh.json", "--template", "alpaca", "-o", "sft-lora", "--max-seq-length", "128", *tiny_training)
     run("diff-recover", "--make-diff", "--base", "base", "--tuned", "merged", "-o", "diff")
     run("diff-recover", "--base", "base", "--diff", "diff", "-o", "recovered", "--reference", "merged")
