@@ -25,7 +25,15 @@ from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
 from cnllm.core.hashing import create_manifest
-from cnllm.core.modelio import EMBEDDING_NAMES, LM_HEAD_NAMES, VocabSizes, has_tokenizer, load_config, tokenizer_length
+from cnllm.core.modelio import (
+    EMBEDDING_NAMES,
+    LM_HEAD_NAMES,
+    VocabSizes,
+    adapter_config_overrides,
+    has_tokenizer,
+    load_config,
+    tokenizer_length,
+)
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tensors import SAFETENSORS_TORCH_DTYPES, StreamingShardWriter, TensorInfo, TensorReader, parse_size, stream_tensors, tensor_infos
@@ -464,6 +472,8 @@ def merge_lora(
         raise UsageError("name at least one adapter with --lora")
     check_output(output, force)
     config = load_config(base)
+    for adapter in adapters:  # long-context rope scaling an adapter was trained with becomes the merged model's
+        config.update(adapter_config_overrides(adapter))
     infos = tensor_infos(base)
     loaded_adapters = [read_adapter(a) for a in adapters]
     conv1d = _conv1d_modules(base) if any(a.config.get("fan_in_fan_out") for a in loaded_adapters) else set()

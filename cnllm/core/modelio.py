@@ -175,6 +175,7 @@ def load_causal_lm(
     rope: "RopeOptions | None" = None,
     n_ctx: int | None = None,
     attn_implementation: str | None = None,
+    config_overrides: dict | None = None,
 ):
     """The one Hugging Face causal-LM loader: training, generation, evaluation and merge verification.
 
@@ -187,6 +188,8 @@ def load_causal_lm(
     Weights load from safetensors, or from ``.bin`` with ``weights_only`` (transformers' default).
     ``rope``: context extension applied to the config before the weights load (``n_ctx``: the context it is
     for, :mod:`cnllm.core.rope`); ``attn_implementation``: eager, sdpa or flash_attention_2 (checked first).
+    ``config_overrides``: config keys set before the weights load (a long-context training run's rope scaling);
+    the last adapter's own overrides (:func:`adapter_config_overrides`) apply too.
     The model comes back in eval mode.
     """
     import os
@@ -212,13 +215,17 @@ def load_causal_lm(
     if attn_implementation is not None:
         check_attn_implementation(attn_implementation, device)
         kwargs["attn_implementation"] = attn_implementation
-    if rope is not None and rope.active:
+    overrides = {**(adapter_config_overrides(adapters[-1]) if adapters else {}), **(config_overrides or {})}
+    if overrides or (rope is not None and rope.active):
         from transformers import AutoConfig
 
-        from cnllm.core.rope import apply_to_hf_config
-
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        apply_to_hf_config(config, rope, n_ctx)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        if rope is not None and rope.active:
+            from cnllm.core.rope import apply_to_hf_config
+
+            apply_to_hf_config(config, rope, n_ctx)
         kwargs["config"] = config
     if quantized:
         from transformers import BitsAndBytesConfig
@@ -250,6 +257,21 @@ def load_causal_lm(
         if number < len(adapters) - 1:
             model = model.merge_and_unload()
     return model.eval()
+
+
+CONFIG_OVERRIDES_NAME = "model_config_overrides.json"
+
+
+def adapter_config_overrides(adapter_dir: Path | str) -> dict:
+    """Base-config keys an adapter was trained with (long-context rope scaling), saved beside it by pt/sft;
+    merge-lora writes them into the merged config and the loader applies them to an unmerged base."""
+    path = Path(adapter_dir) / CONFIG_OVERRIDES_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError):
+        raise UsageError(f"{path} is not a JSON object") from None
 
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")

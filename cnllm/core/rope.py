@@ -220,3 +220,15 @@ def training_rope_config(method: str, factor: float, original: int) -> tuple[dic
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": original,
     }, extended
+
+
+def training_overrides(method: str, factor: float, config: dict, original: int | None = None) -> dict:
+    """The ``config.json`` keys a model trained with ``method`` scaling carries (``rope_parameters`` as transformers 5
+    writes them, and ``max_position_embeddings``); ``original`` defaults to the base model's trained context."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = params.get("rope_theta") or config.get("rope_theta") or 10000.0
+    original = original or params.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+    if not original:
+        raise UsageError("the base model's config.json has no max_position_embeddings; pass --original-context")
+    rope_parameters, length = training_rope_config(method, float(factor), int(original))
+    return {"rope_parameters": {**rope_parameters, "rope_theta": theta}, "max_position_embeddings": length}
