@@ -7,12 +7,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
+import click
 import typer
 
 from cnllm.cli import output
 from cnllm.cli.options import (
     DTYPE_WORDS,
     ForceOpt,
+    GpuLayersOpt,
     JsonOpt,
     OutputFileOpt,
     RopeFactorOpt,
@@ -24,7 +26,9 @@ from cnllm.cli.options import (
 )
 from cnllm.core.errors import UsageError
 
-app = typer.Typer(help="Evaluate a model: perplexity (ppl) and multiple-choice exams (mc).", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluate a model: perplexity (ppl), multiple-choice exams (mc), long context (passkey, longbench).", no_args_is_help=True
+)
 
 
 class Format(str, Enum):
@@ -255,3 +259,72 @@ def mc(
         )
     if out_dir is not None:
         output.print_note(f"wrote {', '.join(written)} to {out_dir}")
+
+
+@app.command()
+def passkey(
+    model: ModelArg,
+    length: Annotated[
+        Optional[List[int]], typer.Option("--length", min=64, help="Context length in tokens to test (repeat) [default: 1024, 2048, 4096].")
+    ] = None,
+    depth: Annotated[
+        Optional[List[float]], typer.Option("--depth", min=0.0, max=1.0, help="Where the key hides, 0 (start) … 1 (end) (repeat) [default: 0, .25, .5, .75, 1].")
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Prompts (each with its own key) per length and depth.")] = 3,
+    language: Annotated[str, typer.Option("--language", click_type=click.Choice(["en", "zh"]), help="Filler and question language.")] = "en",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the keys (the filler is fixed).")] = 0,
+    lora: LoraOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = 0,
+    trust_remote_code: TrustOpt = False,
+    rope_scaling: RopeScalingOpt = None,
+    rope_factor: RopeFactorOpt = None,
+    rope_freq_base: RopeFreqBaseOpt = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", dir_okay=False, help="Draw accuracy by length × depth here (.png, .svg, .pdf).")] = None,
+    output_file: OutputFileOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Passkey retrieval: a random number hidden at chosen depths of filler text, asked for at the end.
+
+    Example: cnllm eval passkey model.gguf --length 4096 --length 8192 --length 16384 --rope-scaling yarn --plot passkey.png
+    Example: cnllm eval passkey chinese-llama/ --language zh --length 2048 --depth 0.5 --trials 10 --json
+    """
+    from cnllm.core.atomic import check_output
+    from cnllm.core.config import build_options
+    from cnllm.core.evaluation.passkey import PasskeyOptions, evaluate_passkey, plot_passkey, write_report
+    from cnllm.core.generation.base import LoadOptions
+
+    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
+    values = {"trials": trials, "language": language, "seed": seed}
+    if length:
+        values["lengths"] = tuple(sorted(set(length)))
+    if depth:
+        values["depths"] = tuple(depth)
+    options = build_options(PasskeyOptions, values)
+    for path in (output_file, plot):
+        if path is not None:
+            check_output(path, force)
+    load = LoadOptions(threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope)
+    result = evaluate_passkey(model, options, load, progress=output.CliProgress())
+    warn_beyond_trained(max(options.lengths), result.model.get("trained_context"), rope)
+    if output_file is not None:
+        write_report(result, output_file, force=force)
+    if plot is not None:
+        plot_passkey(result, plot, force=force)
+    if json_:
+        output.print_json(result.to_dict())
+        return
+    lengths = sorted(set(options.lengths))
+    rows = [(f"{d:.2f}", *(_pct(result.cell(n, d).accuracy) for n in lengths)) for d in options.depths]
+    rows.append(("[bold]all depths[/]", *(_pct(result.accuracy_by_length()[n]) for n in lengths)))
+    scaling = f", rope {rope.scaling}" if rope is not None and rope.scaling else ""
+    trained = result.model.get("trained_context")
+    output.print_table(
+        f"passkey accuracy % of {model.name} ({result.model['backend']}, trained context {trained or '?'}{scaling}, {options.trials} trials, {language})",
+        ["depth", *(str(n) for n in lengths)],
+        rows,
+    )
+    for path in (output_file, plot):
+        if path is not None:
+            output.print_note(f"wrote {path}")
