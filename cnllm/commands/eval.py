@@ -328,3 +328,62 @@ def passkey(
     for path in (output_file, plot):
         if path is not None:
             output.print_note(f"wrote {path}")
+
+
+@app.command()
+def longbench(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option("--data", "-d", file_okay=False, help="Folder of LongBench's {dataset}.jsonl files (its data/ as published).")],
+    datasets: Annotated[
+        Optional[str], typer.Option("--datasets", help="Comma-separated datasets, e.g. multifieldqa_zh,dureader,vcsum,lsht (default: every one in --data).")
+    ] = None,
+    max_length: Annotated[int, typer.Option("--max-length", min=16, help="Longest prompt in tokens; longer ones keep their first and last halves (LongBench's middle truncation).")] = 3500,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N samples of each dataset (quick runs).")] = None,
+    template: TemplateOpt = "none",
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window (default: --max-length plus the longest answer).")] = None,
+    lora: LoraOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = 0,
+    trust_remote_code: TrustOpt = False,
+    rope_scaling: RopeScalingOpt = None,
+    rope_factor: RopeFactorOpt = None,
+    rope_freq_base: RopeFreqBaseOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--output", "-o", file_okay=False, help="Write result.json and pred/{dataset}.jsonl here.")] = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """LongBench on a local copy of its data: per-dataset prompts, generation lengths and metrics, and the average.
+
+    Example: cnllm eval longbench chinese-alpaca-16k/ -d LongBench/data --datasets multifieldqa_zh,dureader,vcsum,lsht --template auto -o lb/
+    Example: cnllm eval longbench model.gguf -d LongBench/data --max-length 7500 --rope-scaling yarn --limit 20 --json
+    """
+    from cnllm.core.atomic import check_output
+    from cnllm.core.config import build_options
+    from cnllm.core.evaluation.longbench import LongBenchOptions, evaluate_longbench, write_outputs
+    from cnllm.core.generation.base import LoadOptions
+
+    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
+    chosen = tuple(d.strip() for d in datasets.split(",") if d.strip()) if datasets else ()
+    if datasets is not None and not chosen:
+        raise UsageError("--datasets is empty; give comma-separated dataset names")
+    options = build_options(LongBenchOptions, {"datasets": chosen, "max_length": max_length, "limit": limit, "template": template})
+    if out_dir is not None:
+        check_output(out_dir, force)
+    load = LoadOptions(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope)
+    result = evaluate_longbench(model, data, options, load, progress=output.CliProgress())
+    warn_beyond_trained(result.model.get("n_ctx"), result.model.get("trained_context"), rope)
+    written = write_outputs(result, out_dir, force=force) if out_dir is not None else []
+    if json_:
+        document = result.to_dict()
+        document["output"] = {"dir": str(out_dir), "files": written} if out_dir is not None else None
+        output.print_json(document)
+        return
+    rows = [(d.dataset, d.samples, d.truncated, f"{d.score:.2f}", f"{d.seconds:.1f}") for d in result.datasets]
+    rows.append(("[bold]average[/]", sum(d.samples for d in result.datasets), "", _fmt(result.average, 2), ""))
+    output.print_table(
+        f"LongBench of {model.name} ({result.model['backend']}, max length {max_length}, Chinese words: {result.segmentation})",
+        ["dataset", "samples", "truncated", "score", "seconds"],
+        rows,
+    )
+    if out_dir is not None:
+        output.print_note(f"wrote {', '.join(written)} to {out_dir}")
