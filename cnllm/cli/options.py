@@ -21,7 +21,7 @@ SHORT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "-v": (("--verbose",), "chat, serve, quantize"),
     "-c": (("--config",), "pt, sft"),
     "-m": (("--model",), "pt, sft"),
-    "-d": (("--data",), "pt, sft, eval ppl, eval mc"),
+    "-d": (("--data",), "pt, sft, eval ppl, eval mc, eval longbench"),
     "-b": (("--base",), "merge-lora, diff-recover"),
     "-l": (("--lora",), "merge-lora, chat, serve, eval"),
     "-t": (("--temperature",), "chat"),
