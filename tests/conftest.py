@@ -106,3 +106,30 @@ def read_vectors(folder: Path) -> list[tuple[str, list[int]]]:
         inputs.pop()
     outputs = outputs[: len(inputs)]
     return [(text, [int(t) for t in ids.split()]) for text, ids in zip(inputs, outputs)]
+
+
+SHORT_CONTEXT = 64  # the trained context of short_context_dir: long-context tests run at 128+ tokens
+
+
+@pytest.fixture(scope="session")
+def short_context_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
+    """The tiny model trained for 64 positions, its query/key weights scaled up ×20 so attention (and so RoPE
+    scaling) moves the logits well beyond backend round-off."""
+    from safetensors.torch import load_file, save_file
+
+    from cnllm.core.tiny import build_tiny_llama
+
+    out = build_tiny_llama(tmp_path_factory.mktemp("short-context"), spm_tokenizer_dir, max_position_embeddings=SHORT_CONTEXT)
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(shard)
+        tensors = {k: v * 20 if ("q_proj" in k or "k_proj" in k) else v for k, v in tensors.items()}
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def short_context_gguf(tmp_path_factory, short_context_dir) -> Path:
+    """short_context_dir as an f32 GGUF."""
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
+
+    return convert_to_gguf(short_context_dir, tmp_path_factory.mktemp("short-gguf") / "short.gguf", ConvertOptions(outtype="f32")).output

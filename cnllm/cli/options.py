@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import click
 import typer
 
+from cnllm.core.rope import INFERENCE_METHODS
 from cnllm.core.templates import PROMPT_TEMPLATE_NAMES
 
 # Short aliases: one meaning each, in every command that has the option (checked by a test over the
@@ -20,7 +21,7 @@ SHORT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "-v": (("--verbose",), "chat, serve, quantize"),
     "-c": (("--config",), "pt, sft"),
     "-m": (("--model",), "pt, sft"),
-    "-d": (("--data",), "pt, sft, eval ppl, eval mc"),
+    "-d": (("--data",), "pt, sft, eval ppl, eval mc, eval longbench"),
     "-b": (("--base",), "merge-lora, diff-recover"),
     "-l": (("--lora",), "merge-lora, chat, serve, eval"),
     "-t": (("--temperature",), "chat"),
@@ -62,7 +63,29 @@ TemplateOpt = Annotated[
         "none (plain continuation, no template).",
     ),
 ]
-NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window in tokens (default: the model's, at most 4096 for GGUF).")]
+NCtxOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--n-ctx",
+        min=16,
+        help="Context window in tokens (default: the model's, at most 4096 for GGUF); beyond the trained context, choose a --rope-scaling.",
+    ),
+]
+# Context extension at load time (chat, serve, eval), one meaning on both backends (cnllm.core.rope).
+RopeScalingOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--rope-scaling",
+        click_type=click.Choice(INFERENCE_METHODS),
+        help="RoPE context extension: none, linear (position interpolation), ntk (NTK-aware base), ntk-auto (adaptive NTK "
+        "from the sequence length, no factor needed), dynamic (dynamic NTK), yarn (default: the model's own setting).",
+    ),
+]
+RopeFactorOpt = Annotated[
+    Optional[float],
+    typer.Option("--rope-factor", min=1.0, help="Context extension factor for linear, ntk, dynamic, yarn (default: context / trained context)."),
+]
+RopeFreqBaseOpt = Annotated[Optional[float], typer.Option("--rope-freq-base", min=0.0, help="Override the RoPE base frequency (theta).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for llama.cpp (default: llama.cpp's choice).")]
 GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", min=-1, help="Layers llama.cpp offloads to the GPU (-1: all).")]
 LoraOpt = Annotated[Optional[Path], typer.Option("--lora", "-l", file_okay=False, help="Apply this PEFT LoRA adapter (not merged) to a Hugging Face model.")]
@@ -84,3 +107,21 @@ ModelfileTemplateOpt = Annotated[
 ModelfileSystemOpt = Annotated[
     Optional[str], typer.Option("--system", help="System prompt for --modelfile (default: the template's own, if it has one).")
 ]
+
+def rope_options(scaling: Optional[str], factor: Optional[float], freq_base: Optional[float]):
+    """The :class:`~cnllm.core.rope.RopeOptions` of the three rope flags (checked), or None when none is given."""
+    from cnllm.core.config import build_options
+    from cnllm.core.rope import RopeOptions
+
+    if scaling is None and factor is None and freq_base is None:
+        return None
+    return build_options(RopeOptions, {"scaling": scaling, "factor": factor, "freq_base": freq_base})
+
+
+def warn_beyond_trained(n_ctx: Optional[int], trained: Optional[int], rope) -> None:
+    """Warn (stderr) when the context runs past the trained one with no rope scaling chosen."""
+    from cnllm.cli import output
+    from cnllm.core.rope import beyond_trained_warning
+
+    if (message := beyond_trained_warning(n_ctx, trained, rope)) is not None:
+        output.print_warning(message)

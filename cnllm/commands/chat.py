@@ -18,10 +18,15 @@ from cnllm.cli.options import (
     LoraOpt,
     ModelArg,
     NCtxOpt,
+    RopeFactorOpt,
+    RopeFreqBaseOpt,
+    RopeScalingOpt,
     TemplateOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
     VerboseOpt,
+    rope_options,
+    warn_beyond_trained,
 )
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import Completion, GenerationStream, LoadOptions, SamplingParams
@@ -188,6 +193,9 @@ def chat(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed, for reproducible sampling.")] = None,
     stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop the answer at this text (repeatable).")] = None,
     n_ctx: NCtxOpt = None,
+    rope_scaling: RopeScalingOpt = None,
+    rope_factor: RopeFactorOpt = None,
+    rope_freq_base: RopeFreqBaseOpt = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = 0,
     lora: LoraOpt = None,
@@ -233,6 +241,7 @@ def chat(
             raise UsageError("no prompt: stdin is empty (pass --prompt TEXT or pipe text in)")
     if draft_model is not None and not draft_model.exists():
         raise UsageError(f"--draft-model {draft_model} does not exist")
+    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
     options = LoadOptions(
         n_ctx=n_ctx,
         threads=threads,
@@ -244,8 +253,10 @@ def chat(
         draft_tokens=draft_tokens,
         trust_remote_code=trust_remote_code,
         verbose=verbose,
+        rope=rope,
     )
     with load_generator(model, options) as generator:
+        warn_beyond_trained(generator.context_length, generator.trained_context, rope)
         prompt_format = generator.prompt_format(template)
         if prompt_format.is_plain and template == "auto":
             output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")

@@ -7,13 +7,28 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
+import click
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputFileOpt, TemplateOpt
+from cnllm.cli.options import (
+    DTYPE_WORDS,
+    ForceOpt,
+    GpuLayersOpt,
+    JsonOpt,
+    OutputFileOpt,
+    RopeFactorOpt,
+    RopeFreqBaseOpt,
+    RopeScalingOpt,
+    TemplateOpt,
+    rope_options,
+    warn_beyond_trained,
+)
 from cnllm.core.errors import UsageError
 
-app = typer.Typer(help="Evaluate a model: perplexity (ppl) and multiple-choice exams (mc).", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluate a model: perplexity (ppl), multiple-choice exams (mc), long context (passkey, longbench).", no_args_is_help=True
+)
 
 
 class Format(str, Enum):
@@ -32,12 +47,12 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="lla
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a Hugging Face model's own Python code to run.")]
 
 
-def _spec(model: Path, lora: Optional[Path], device: Optional[str], dtype: str, threads: Optional[int], trust: bool):
+def _spec(model: Path, lora: Optional[Path], device: Optional[str], dtype: str, threads: Optional[int], trust: bool, rope=None):
     from cnllm.core.dtypes import DType
     from cnllm.core.evaluation.models import ModelSpec
 
     chosen = None if dtype == "auto" else DType(dtype, where="--dtype")
-    return ModelSpec(model, lora=lora, device=device, dtype=chosen, threads=threads, trust_remote_code=trust)
+    return ModelSpec(model, lora=lora, device=device, dtype=chosen, threads=threads, trust_remote_code=trust, rope=rope)
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
@@ -56,7 +71,10 @@ def _pct(value: Optional[float]) -> str:
 def ppl(
     model: ModelArg,
     data: Annotated[List[Path], typer.Option("--data", "-d", help="Text file to score (plain text, or JSONL with a 'text' field); repeat for more.")],
-    ctx: Annotated[int, typer.Option("--ctx", min=2, help="Window size in tokens.")] = 512,
+    ctx: Annotated[
+        List[int],
+        typer.Option("--ctx", min=2, help="Window size in tokens; repeat (--ctx 2048 --ctx 4096 …) for perplexity by context length, beyond the trained one too."),
+    ] = [512],  # noqa: B006 - typer reads the default
     stride: Annotated[
         Optional[int], typer.Option("--stride", min=1, help="Slide windows by this many tokens, scoring only new tokens (default: no overlap).")
     ] = None,
@@ -69,50 +87,85 @@ def ppl(
     dtype: DTypeOpt = "auto",
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
+    rope_scaling: RopeScalingOpt = None,
+    rope_factor: RopeFactorOpt = None,
+    rope_freq_base: RopeFreqBaseOpt = None,
+    plot: Annotated[
+        Optional[Path], typer.Option("--plot", dir_okay=False, help="With several --ctx: draw perplexity by context length here (.png, .svg, .pdf).")
+    ] = None,
     output_file: OutputFileOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Perplexity, mean NLL, bits per byte and speed of text files.
+    """Perplexity, mean NLL, bits per byte and speed of text files, at one context size or several.
 
     Example: cnllm eval ppl chinese-llama/ --data zh_heldout.txt --ctx 512
     Example: cnllm eval ppl model-q4_k_m.gguf -d wiki.test.raw --ctx 512 --llamacpp-compatible
+    Example: cnllm eval ppl model.gguf -d long.txt --ctx 4096 --ctx 8192 --ctx 16384 --rope-scaling yarn --plot yarn.png
     """
     from cnllm.core.atomic import check_output
     from cnllm.core.config import build_options
-    from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity, write_report
+    from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity_sweep, plot_sweep, write_report, write_sweep_report
 
-    options = build_options(PplOptions, {"ctx": ctx, "stride": stride, "llamacpp_compatible": llamacpp_compatible, "batch_size": batch_size})
-    spec = _spec(model, lora, device, dtype, threads, trust_remote_code)
+    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
+    contexts = sorted(set(ctx))
+    options = build_options(PplOptions, {"ctx": contexts[0], "stride": stride, "llamacpp_compatible": llamacpp_compatible, "batch_size": batch_size})
+    if plot is not None and len(contexts) < 2:
+        raise UsageError("--plot draws perplexity by context length: give two or more --ctx values")
+    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, rope)
+    for path in (output_file, plot):
+        if path is not None:
+            check_output(path, force, inputs=[model, lora, *data])
+    sweep = evaluate_perplexity_sweep(spec, data, options, contexts, progress=output.CliProgress())
+    warn_beyond_trained(contexts[-1], sweep.trained_context, rope)
+    single = sweep.results[0] if len(contexts) == 1 else None
     if output_file is not None:
-        check_output(output_file, force, inputs=[model, lora, *data])
-    result = evaluate_perplexity(spec, data, options, progress=output.CliProgress())
-    if output_file is not None:
-        write_report(result, output_file, force=force)
+        if single is not None:
+            write_report(single, output_file, force=force)
+        else:
+            write_sweep_report(sweep, output_file, force=force)
+    if plot is not None:
+        plot_sweep(sweep, plot, force=force)
     if json_:
-        output.print_json(result.to_dict())
+        output.print_json(single.to_dict() if single is not None else sweep.to_dict())
         return
-    scores = result.files + ([result.total] if len(result.files) > 1 else [])
-    rows = [
-        (
-            Path(s.path).name if s.path != "total" else "[bold]total[/]",
-            s.tokens,
-            s.tokens_scored,
-            f"{s.ppl:.4f}",
-            f"{s.mean_nll:.4f}",
-            _fmt(s.bits_per_byte),
-            _fmt(s.tokens_per_second, 1),
-        )
-        for s in scores
-    ]
     mode = "llama.cpp-compatible" if llamacpp_compatible else (f"stride {stride}" if stride else "non-overlapping")
-    output.print_table(
-        f"perplexity of {model.name} ({result.model['backend']}, ctx {ctx}, {mode})",
-        ["file", "tokens", "scored", "ppl", "mean NLL", "bits/byte", "tokens/s"],
-        rows,
-    )
-    if output_file is not None:
-        output.print_note(f"wrote {output_file}")
+    backend = sweep.results[0].model["backend"]
+    scaling = f", rope {rope.scaling}" if rope is not None and rope.scaling else ""
+    if single is not None:
+        scores = single.files + ([single.total] if len(single.files) > 1 else [])
+        rows = [
+            (
+                Path(s.path).name if s.path != "total" else "[bold]total[/]",
+                s.tokens,
+                s.tokens_scored,
+                f"{s.ppl:.4f}",
+                f"{s.mean_nll:.4f}",
+                _fmt(s.bits_per_byte),
+                _fmt(s.tokens_per_second, 1),
+            )
+            for s in scores
+        ]
+        output.print_table(
+            f"perplexity of {model.name} ({backend}, ctx {contexts[0]}, {mode}{scaling})",
+            ["file", "tokens", "scored", "ppl", "mean NLL", "bits/byte", "tokens/s"],
+            rows,
+        )
+    else:
+        rows = []
+        for result in sweep.results:
+            for s in result.files + ([result.total] if len(result.files) > 1 else []):
+                name = Path(s.path).name if s.path != "total" else "total"
+                rows.append((result.options.ctx, name, s.tokens_scored, f"{s.ppl:.4f}", _fmt(s.bits_per_byte), f"{s.seconds:.2f}", _fmt(s.tokens_per_second, 1)))
+        trained = sweep.trained_context
+        output.print_table(
+            f"perplexity by context of {model.name} ({backend}, trained context {trained or '?'}, {mode}{scaling})",
+            ["ctx", "file", "scored", "ppl", "bits/byte", "seconds", "tokens/s"],
+            rows,
+        )
+    for path in (output_file, plot):
+        if path is not None:
+            output.print_note(f"wrote {path}")
 
 
 @app.command()
@@ -131,6 +184,9 @@ def mc(
     dtype: DTypeOpt = "auto",
     threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
+    rope_scaling: RopeScalingOpt = None,
+    rope_factor: RopeFactorOpt = None,
+    rope_freq_base: RopeFreqBaseOpt = None,
     out_dir: Annotated[
         Optional[Path],
         typer.Option("--output", "-o", file_okay=False, help="Write results.json, predictions.jsonl (and submission.json for test) here."),
@@ -163,7 +219,8 @@ def mc(
         "ctx": ctx,
     }
     options = build_options(McOptions, values)
-    spec = _spec(model, lora, device, dtype, threads, trust_remote_code)
+    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
+    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, rope)
     if out_dir is not None:
         check_output(out_dir, force, inputs=[model, lora, data])
     result = evaluate_multiple_choice(spec, data, options, progress=output.CliProgress())
@@ -200,5 +257,133 @@ def mc(
             markup=False,
             highlight=False,
         )
+    if out_dir is not None:
+        output.print_note(f"wrote {', '.join(written)} to {out_dir}")
+
+
+@app.command()
+def passkey(
+    model: ModelArg,
+    length: Annotated[
+        Optional[List[int]], typer.Option("--length", min=64, help="Context length in tokens to test (repeat) [default: 1024, 2048, 4096].")
+    ] = None,
+    depth: Annotated[
+        Optional[List[float]], typer.Option("--depth", min=0.0, max=1.0, help="Where the key hides, 0 (start) … 1 (end) (repeat) [default: 0, .25, .5, .75, 1].")
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Prompts (each with its own key) per length and depth.")] = 3,
+    language: Annotated[str, typer.Option("--language", click_type=click.Choice(["en", "zh"]), help="Filler and question language.")] = "en",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the keys (the filler is fixed).")] = 0,
+    lora: LoraOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = 0,
+    trust_remote_code: TrustOpt = False,
+    rope_scaling: RopeScalingOpt = None,
+    rope_factor: RopeFactorOpt = None,
+    rope_freq_base: RopeFreqBaseOpt = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", dir_okay=False, help="Draw accuracy by length × depth here (.png, .svg, .pdf).")] = None,
+    output_file: OutputFileOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Passkey retrieval: a random number hidden at chosen depths of filler text, asked for at the end.
+
+    Example: cnllm eval passkey model.gguf --length 4096 --length 8192 --length 16384 --rope-scaling yarn --plot passkey.png
+    Example: cnllm eval passkey chinese-llama/ --language zh --length 2048 --depth 0.5 --trials 10 --json
+    """
+    from cnllm.core.atomic import check_output
+    from cnllm.core.config import build_options
+    from cnllm.core.evaluation.passkey import PasskeyOptions, evaluate_passkey, plot_passkey, write_report
+    from cnllm.core.generation.base import LoadOptions
+
+    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
+    values = {"trials": trials, "language": language, "seed": seed}
+    if length:
+        values["lengths"] = tuple(sorted(set(length)))
+    if depth:
+        values["depths"] = tuple(depth)
+    options = build_options(PasskeyOptions, values)
+    for path in (output_file, plot):
+        if path is not None:
+            check_output(path, force)
+    load = LoadOptions(threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope)
+    result = evaluate_passkey(model, options, load, progress=output.CliProgress())
+    warn_beyond_trained(max(options.lengths), result.model.get("trained_context"), rope)
+    if output_file is not None:
+        write_report(result, output_file, force=force)
+    if plot is not None:
+        plot_passkey(result, plot, force=force)
+    if json_:
+        output.print_json(result.to_dict())
+        return
+    lengths = sorted(set(options.lengths))
+    rows = [(f"{d:.2f}", *(_pct(result.cell(n, d).accuracy) for n in lengths)) for d in options.depths]
+    rows.append(("[bold]all depths[/]", *(_pct(result.accuracy_by_length()[n]) for n in lengths)))
+    scaling = f", rope {rope.scaling}" if rope is not None and rope.scaling else ""
+    trained = result.model.get("trained_context")
+    output.print_table(
+        f"passkey accuracy % of {model.name} ({result.model['backend']}, trained context {trained or '?'}{scaling}, {options.trials} trials, {language})",
+        ["depth", *(str(n) for n in lengths)],
+        rows,
+    )
+    for path in (output_file, plot):
+        if path is not None:
+            output.print_note(f"wrote {path}")
+
+
+@app.command()
+def longbench(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option("--data", "-d", file_okay=False, help="Folder of LongBench's {dataset}.jsonl files (its data/ as published).")],
+    datasets: Annotated[
+        Optional[str], typer.Option("--datasets", help="Comma-separated datasets, e.g. multifieldqa_zh,dureader,vcsum,lsht (default: every one in --data).")
+    ] = None,
+    max_length: Annotated[int, typer.Option("--max-length", min=16, help="Longest prompt in tokens; longer ones keep their first and last halves (LongBench's middle truncation).")] = 3500,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N samples of each dataset (quick runs).")] = None,
+    template: TemplateOpt = "none",
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window (default: --max-length plus the longest answer).")] = None,
+    lora: LoraOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = 0,
+    trust_remote_code: TrustOpt = False,
+    rope_scaling: RopeScalingOpt = None,
+    rope_factor: RopeFactorOpt = None,
+    rope_freq_base: RopeFreqBaseOpt = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--output", "-o", file_okay=False, help="Write result.json and pred/{dataset}.jsonl here.")] = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """LongBench on a local copy of its data: per-dataset prompts, generation lengths and metrics, and the average.
+
+    Example: cnllm eval longbench chinese-alpaca-16k/ -d LongBench/data --datasets multifieldqa_zh,dureader,vcsum,lsht --template auto -o lb/
+    Example: cnllm eval longbench model.gguf -d LongBench/data --max-length 7500 --rope-scaling yarn --limit 20 --json
+    """
+    from cnllm.core.atomic import check_output
+    from cnllm.core.config import build_options
+    from cnllm.core.evaluation.longbench import LongBenchOptions, evaluate_longbench, write_outputs
+    from cnllm.core.generation.base import LoadOptions
+
+    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
+    chosen = tuple(d.strip() for d in datasets.split(",") if d.strip()) if datasets else ()
+    if datasets is not None and not chosen:
+        raise UsageError("--datasets is empty; give comma-separated dataset names")
+    options = build_options(LongBenchOptions, {"datasets": chosen, "max_length": max_length, "limit": limit, "template": template})
+    if out_dir is not None:
+        check_output(out_dir, force)
+    load = LoadOptions(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope)
+    result = evaluate_longbench(model, data, options, load, progress=output.CliProgress())
+    warn_beyond_trained(result.model.get("n_ctx"), result.model.get("trained_context"), rope)
+    written = write_outputs(result, out_dir, force=force) if out_dir is not None else []
+    if json_:
+        document = result.to_dict()
+        document["output"] = {"dir": str(out_dir), "files": written} if out_dir is not None else None
+        output.print_json(document)
+        return
+    rows = [(d.dataset, d.samples, d.truncated, f"{d.score:.2f}", f"{d.seconds:.1f}") for d in result.datasets]
+    rows.append(("[bold]average[/]", sum(d.samples for d in result.datasets), "", _fmt(result.average, 2), ""))
+    output.print_table(
+        f"LongBench of {model.name} ({result.model['backend']}, max length {max_length}, Chinese words: {result.segmentation})",
+        ["dataset", "samples", "truncated", "score", "seconds"],
+        rows,
+    )
     if out_dir is not None:
         output.print_note(f"wrote {', '.join(written)} to {out_dir}")

@@ -14,10 +14,15 @@ from cnllm.cli.options import (
     LoraOpt,
     ModelArg,
     NCtxOpt,
+    RopeFactorOpt,
+    RopeFreqBaseOpt,
+    RopeScalingOpt,
     TemplateOpt,
     ThreadsOpt,
     TrustRemoteCodeOpt,
     VerboseOpt,
+    rope_options,
+    warn_beyond_trained,
 )
 from cnllm.core.generation.base import LoadOptions
 from cnllm.core.server import DEFAULT_MAX_REQUEST_BYTES, LOOPBACK_HOSTS
@@ -50,6 +55,9 @@ def serve(
     ] = False,
     template: TemplateOpt = "auto",
     n_ctx: NCtxOpt = None,
+    rope_scaling: RopeScalingOpt = None,
+    rope_factor: RopeFactorOpt = None,
+    rope_freq_base: RopeFreqBaseOpt = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = 0,
     lora: LoraOpt = None,
@@ -68,6 +76,7 @@ def serve(
     from cnllm.core.backends import load_generator
     from cnllm.core.server.app import ServerConfig, bind_socket, create_app, default_allowed_hosts, serve_until_stopped
 
+    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
     sock = bind_socket(host, port)
     generators = []
     try:
@@ -81,8 +90,10 @@ def serve(
             prompt_cache=prompt_cache,
             trust_remote_code=trust_remote_code,
             verbose=verbose,
+            rope=rope,
         )
         generators.append(load_generator(model, options))
+        warn_beyond_trained(generators[0].context_length, generators[0].trained_context, rope)
         while len(generators) < parallel:
             generators.append(generators[0].for_slot())
         name = model_name or (model.stem if model.is_file() else model.resolve().name)

@@ -18,6 +18,8 @@ from click.core import ParameterSource
 from cnllm.cli import output
 from cnllm.cli.options import DTYPE_WORDS
 from cnllm.core.config import build_options, merge
+from cnllm.core.modelio import ATTN_IMPLEMENTATIONS
+from cnllm.core.rope import TRAINING_METHODS
 from cnllm.core.training.options import DEFAULT_LORA_TARGETS, TrainOptions
 
 MODEL = "Model"
@@ -26,6 +28,7 @@ LORA = "LoRA"
 OPTIM = "Optimisation"
 RUN = "Checkpoints and logging"
 DIST = "Distributed"
+LONG = "Long context"
 
 
 def option(*names: str, help: str, panel: str, **kwargs: Any) -> Any:
@@ -77,6 +80,10 @@ COMMON = [
     param("force", Annotated[bool, option("--force", "-f", help="Start over: replace an existing output or interrupted run.", panel=RUN)], False),
     param("deepspeed", Annotated[Optional[Path], option("--deepspeed", dir_okay=False, help="DeepSpeed JSON config (e.g. ZeRO-2); run under torchrun or accelerate launch.", panel=DIST)], None),
     param("fsdp", Annotated[Optional[str], option("--fsdp", help='FSDP mode for the Trainer, e.g. "full_shard auto_wrap".', panel=DIST)], None),
+    param("rope_scaling", Annotated[Optional[str], option("--rope-scaling", click_type=click.Choice(TRAINING_METHODS), help="Train for a longer context with this RoPE scaling, written into the model config (linear: position interpolation).", panel=LONG)], None),
+    param("rope_factor", Annotated[Optional[float], option("--rope-factor", help="Context extension factor (e.g. 4: 4K → 16K).", panel=LONG)], None),
+    param("original_context", Annotated[Optional[int], option("--original-context", help="The base model's trained context (default: its config's max_position_embeddings).", panel=LONG)], None),
+    param("attn_implementation", Annotated[Optional[str], option("--attn-implementation", click_type=click.Choice(ATTN_IMPLEMENTATIONS), help="transformers attention: eager, sdpa (default) or flash_attention_2 (CUDA with flash-attn installed).", panel=LONG)], None),
     param("trust_remote_code", Annotated[bool, option("--trust-remote-code", help="Allow model code from the model directory.", panel=MODEL)], False),
     param("json_", Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout (and nothing else there).")], False),
 ]

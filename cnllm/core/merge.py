@@ -34,6 +34,7 @@ from cnllm.core.modelio import (
     TIED_HEAD,
     TiedTensorReader,
     VocabSizes,
+    adapter_config_overrides,
     has_tokenizer,
     load_config,
     tied_head_source,
@@ -536,6 +537,8 @@ def merge_lora(
         raise UsageError("name at least one adapter with --lora")
     check_output(output, force, inputs=[base, *adapters])
     config = load_config(base)
+    for adapter in adapters:  # long-context rope scaling an adapter was trained with becomes the merged model's
+        config.update(adapter_config_overrides(adapter))
     infos = tensor_infos(base)
     tied = ties_embeddings(config, infos)
     loaded_adapters = [read_adapter(a) for a in adapters]

@@ -11,10 +11,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cnllm.core.errors import UsageError
 from cnllm.core.tensors import TensorInfo, TensorReader, tensor_infos
+
+if TYPE_CHECKING:
+    from cnllm.core.rope import RopeOptions
 
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "tok_embeddings.weight", "embed_tokens.weight")
 LM_HEAD_NAMES = ("lm_head.weight", "output.weight")
@@ -256,6 +259,10 @@ def load_causal_lm(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     trust_remote_code: bool = False,
+    rope: "RopeOptions | None" = None,
+    n_ctx: int | None = None,
+    attn_implementation: str | None = None,
+    config_overrides: dict | None = None,
 ):
     """The one Hugging Face causal-LM loader: training, generation, evaluation and merge verification.
 
@@ -266,6 +273,10 @@ def load_causal_lm(
     ``lora``: PEFT adapters applied in order, the base's embeddings first resized to each adapter's own
     rows (:func:`adapter_vocab_rows`); all but the last are merged in, the last stays unmerged.
     Weights load from safetensors, or from ``.bin`` with ``weights_only`` (transformers' default).
+    ``rope``: context extension applied to the config before the weights load (``n_ctx``: the context it is
+    for, :mod:`cnllm.core.rope`); ``attn_implementation``: eager, sdpa or flash_attention_2 (checked first).
+    ``config_overrides``: config keys set before the weights load (a long-context training run's rope scaling);
+    the last adapter's own overrides (:func:`adapter_config_overrides`) apply too.
     The model comes back in eval mode.
     """
     import os
@@ -289,6 +300,21 @@ def load_causal_lm(
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        check_attn_implementation(attn_implementation, device)
+        kwargs["attn_implementation"] = attn_implementation
+    overrides = {**(adapter_config_overrides(adapters[-1]) if adapters else {}), **(config_overrides or {})}
+    if overrides or (rope is not None and rope.active):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        if rope is not None and rope.active:
+            from cnllm.core.rope import apply_to_hf_config
+
+            apply_to_hf_config(config, rope, n_ctx)
+        kwargs["config"] = config
     if quantized:
         from transformers import BitsAndBytesConfig
 
@@ -321,6 +347,40 @@ def load_causal_lm(
         if number < len(adapters) - 1:
             model = model.merge_and_unload()
     return model.eval()
+
+
+CONFIG_OVERRIDES_NAME = "model_config_overrides.json"
+
+
+def adapter_config_overrides(adapter_dir: Path | str) -> dict:
+    """Base-config keys an adapter was trained with (long-context rope scaling), saved beside it by pt/sft;
+    merge-lora writes them into the merged config and the loader applies them to an unmerged base."""
+    path = Path(adapter_dir) / CONFIG_OVERRIDES_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError):
+        raise UsageError(f"{path} is not a JSON object") from None
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def check_attn_implementation(name: str, device: str | None = None) -> None:
+    """A usage error unless transformers can run attention ``name`` here (FlashAttention-2: CUDA and flash_attn)."""
+    import importlib.util
+
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}; got {name!r}")
+    if name != "flash_attention_2":
+        return
+    import torch
+
+    if not torch.cuda.is_available() or (device is not None and not str(device).startswith("cuda")):
+        raise UsageError("--attn-implementation flash_attention_2 needs a CUDA GPU; use sdpa (the default) or eager here")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UsageError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install flash-attn); use sdpa otherwise")
 
 
 SPM_TOKENIZER_FILES = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json")

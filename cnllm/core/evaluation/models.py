@@ -19,10 +19,12 @@ import numpy as np
 
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import CnllmError, UsageError
+from cnllm.core.rope import RopeOptions
 from cnllm.core.templates import PromptFormat, resolve_template
 
 # How one letter can appear as a vocabulary piece: bare, SentencePiece word start, byte-level BPE space, plain space.
 LETTER_SPELLINGS = ("{}", "\u2581{}", "\u0120{}", " {}")
+SOFTMAX_ROWS = 256  # logits rows turned into float64 log-probabilities at once
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ModelSpec:
     n_ctx: int = 2048  # llama.cpp context size
     threads: int | None = None
     trust_remote_code: bool = False
+    rope: RopeOptions | None = None  # context extension on either backend (cnllm.core.rope)
 
 
 def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -52,6 +55,7 @@ class ScoringModel(ABC):
     eos_token: str
     adds_bos: bool  # whether the model's tokenizer puts BOS before a text
     bos_id: int | None  # the BOS id when the model's tokenizer adds one, else None
+    trained_context: int | None = None  # the context the model was trained for (before any rope scaling)
 
     @abstractmethod
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -107,11 +111,22 @@ class TransformersModel(ScoringModel):
         dtype = DType(spec.dtype, where="--dtype").torch if spec.dtype else None
         try:
             self.tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
-            self.model = load_causal_lm(spec.path, lora=spec.lora, device=spec.device, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+            self.model = load_causal_lm(
+                spec.path,
+                lora=spec.lora,
+                device=spec.device,
+                dtype=dtype,
+                trust_remote_code=spec.trust_remote_code,
+                rope=spec.rope,
+                n_ctx=spec.n_ctx,
+            )
         except CnllmError:
             raise
         except Exception as exc:  # safetensors, torch and config errors all mean: this model cannot be used
             raise UsageError(f"cannot load model {spec.path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        from cnllm.core.rope import hf_model_rope
+
+        self.trained_context = hf_model_rope(self.model.config).trained
         self.device = next(self.model.parameters()).device
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
@@ -173,6 +188,8 @@ class TransformersModel(ScoringModel):
             "lora": str(self.spec.lora) if self.spec.lora else None,
             "device": str(self.device),
             "dtype": str(self.spec.dtype) if self.spec.dtype else str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "trained_context": self.trained_context,
+            "rope": self.spec.rope.to_dict() if self.spec.rope is not None and self.spec.rope.active else None,
         }
 
     def close(self) -> None:
@@ -180,18 +197,20 @@ class TransformersModel(ScoringModel):
 
 
 class LlamaCppModel(ScoringModel):
-    """A GGUF through llama-cpp-python. ``logits_all`` keeps a logits row per context position (perplexity);
-    without it only the last row exists, which is all multiple choice needs (a 256k vocabulary × context is large)."""
+    """A GGUF through llama-cpp-python. ``logits_all`` keeps a logits row per context position; without it only the
+    last row exists, which is all multiple choice needs (a 256k vocabulary × context is large). Perplexity asks
+    llama.cpp for the scored rows alone (:meth:`target_logprobs`) and needs neither."""
 
     backend = "llama.cpp"
 
     def __init__(self, spec: ModelSpec, *, logits_all: bool):
         import llama_cpp
 
-        from cnllm.core.generation.llamacpp import silence_llama_logs
+        from cnllm.core.generation.llamacpp import llama_rope_kwargs, metadata_rope, silence_llama_logs
 
         self.path, self.spec, self.logits_all = spec.path, spec, logits_all
         silence_llama_logs(False)
+        rope = llama_rope_kwargs(spec.path, spec.rope, spec.n_ctx)
         threads = {"n_threads": spec.threads, "n_threads_batch": spec.threads} if spec.threads else {}
         try:
             self.llm = llama_cpp.Llama(
@@ -200,10 +219,13 @@ class LlamaCppModel(ScoringModel):
                 n_batch=min(spec.n_ctx, 2048),
                 logits_all=logits_all,
                 verbose=False,
+                **rope,
                 **threads,
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise UsageError(f"llama.cpp cannot load {spec.path} ({exc}); is the file complete and its architecture supported?") from None
+        facts = metadata_rope(self.llm.metadata)
+        self.trained_context = facts.trained if facts else None
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_vocab = self.llm.n_vocab()
         self.bos_token = self._piece(self.llm.token_bos(), special=True).decode("utf-8", errors="replace")
@@ -233,15 +255,42 @@ class LlamaCppModel(ScoringModel):
         return ids, [self._piece_sizes[t] for t in ids]
 
     def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
-        if not self.logits_all:
-            raise ValueError("target_logprobs needs a model loaded with logits_all")
+        """Each window decoded in a fresh context asking llama.cpp for logits only at the scored positions
+        (as its perplexity tool does), so no logits row is computed, copied or kept for unscored tokens."""
+        import llama_cpp
+
+        ctx = self.llm._ctx.ctx
+        memory = llama_cpp.llama_get_memory(ctx)
+        step = self.llm.n_batch
+        batch = llama_cpp.llama_batch_init(step, 0, 1)
         results = []
-        for window in windows:
+        try:
+            for window in windows:
+                window = list(window)
+                llama_cpp.llama_memory_clear(memory, True)
+                picked = []
+                for start in range(0, len(window), step):
+                    part = window[start : start + step]
+                    batch.n_tokens = len(part)
+                    scored = [p for p in range(start, start + len(part)) if first - 1 <= p < len(window) - 1]
+                    for k, token in enumerate(part):
+                        batch.token[k], batch.pos[k], batch.n_seq_id[k] = token, start + k, 1
+                        batch.seq_id[k][0] = 0
+                        batch.logits[k] = first - 1 <= start + k < len(window) - 1
+                    if llama_cpp.llama_decode(ctx, batch) != 0:
+                        raise CnllmError(f"llama.cpp failed to decode a window of {len(window)} tokens")
+                    if scored:  # the rows come in batch order; float64 log-softmax a slice at a time (bounded memory)
+                        rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(scored), self.n_vocab))
+                        targets = np.asarray([window[p + 1] for p in scored])
+                        for at in range(0, len(scored), SOFTMAX_ROWS):
+                            chunk = log_softmax_rows(rows[at : at + SOFTMAX_ROWS])
+                            picked.append(chunk[np.arange(len(chunk)), targets[at : at + SOFTMAX_ROWS]])
+                results.append(np.concatenate(picked))
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_memory_clear(memory, True)
             self.llm.reset()
             self._context = []
-            self.llm.eval(list(window))
-            rows = log_softmax_rows(self.llm.scores[first - 1 : len(window) - 1])
-            results.append(rows[np.arange(len(rows)), np.asarray(window[first:])])
         return results
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
@@ -280,7 +329,14 @@ class LlamaCppModel(ScoringModel):
         return self.llm.metadata.get("tokenizer.chat_template") or None
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "backend": self.backend, "n_ctx": self.llm.n_ctx(), "threads": self.llm.n_threads}
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "n_ctx": self.llm.n_ctx(),
+            "threads": self.llm.n_threads,
+            "trained_context": self.trained_context,
+            "rope": self.spec.rope.to_dict() if self.spec.rope is not None and self.spec.rope.active else None,
+        }
 
     def close(self) -> None:
         if getattr(self, "llm", None) is not None:

@@ -222,11 +222,84 @@ def evaluate_perplexity(
     if not files:
         raise UsageError("no text files given (--data FILE)")
     texts = [(Path(f), read_text(Path(f), progress)) for f in files]
-    with load_scorer(replace(spec, n_ctx=options.ctx), logits_all=True) as model:
+    with load_scorer(replace(spec, n_ctx=options.ctx)) as model:
         result = PplResult(model.describe(), options)
         for path, text in texts:
             result.files.append(score_text(model, text, options, name=str(path), progress=progress))
     return result
+
+
+@dataclass
+class PplSweep:
+    """Perplexity at several context sizes (one model load each: llama.cpp contexts and rope scaling depend on it)."""
+
+    results: list[PplResult]
+
+    @property
+    def contexts(self) -> list[int]:
+        return [r.options.ctx for r in self.results]
+
+    @property
+    def trained_context(self) -> int | None:
+        return self.results[0].model.get("trained_context") if self.results else None
+
+    def to_dict(self) -> dict:
+        first = self.results[0].to_dict()
+        return {
+            "model": {k: v for k, v in first["model"].items() if k != "n_ctx"},
+            "settings": {**first["settings"], "ctx": self.contexts},
+            "contexts": [{"ctx": r.options.ctx, "files": [f.to_dict() for f in r.files], "total": r.total.to_dict()} for r in self.results],
+        }
+
+
+def evaluate_perplexity_sweep(
+    spec: ModelSpec, files: Sequence[Path], options: PplOptions, contexts: Sequence[int], *, progress: Progress = NULL_PROGRESS
+) -> PplSweep:
+    """Perplexity of ``files`` at each of ``contexts`` (the classic perplexity-vs-context-length curve)."""
+    if not contexts:
+        raise UsageError("no context sizes given (--ctx N)")
+    for ctx in contexts:
+        replace(options, ctx=ctx).validate()
+    return PplSweep([evaluate_perplexity(spec, files, replace(options, ctx=ctx), progress=progress) for ctx in sorted(set(contexts))])
+
+
+def plot_sweep(sweep: PplSweep, path: Path, *, force: bool = False) -> None:
+    """Perplexity against context length, one line per file (and the total), the trained context marked."""
+    from cnllm.core.evaluation.plots import plot_lines
+
+    names = [Path(f.path).name for f in sweep.results[0].files]
+    series = {name: [r.files[i].ppl for r in sweep.results] for i, name in enumerate(names)}
+    if len(names) > 1:
+        series["total"] = [r.total.ppl for r in sweep.results]
+    rope = sweep.results[0].model.get("rope") or {}
+    method = rope.get("scaling") or "model's own rope"
+    trained = sweep.trained_context
+    plot_lines(
+        path,
+        sweep.contexts,
+        series,
+        title=f"perplexity by context: {Path(sweep.results[0].model['path']).name} ({method})",
+        xlabel="context (tokens)",
+        ylabel="perplexity",
+        marker_x=trained,
+        marker_label=f"trained context {trained}" if trained else "",
+        log_y=True,
+        force=force,
+    )
+
+
+def write_sweep_report(sweep: PplSweep, path: Path, *, force: bool = False) -> None:
+    """The sweep as JSON at ``path`` with its provenance record beside it."""
+    import json
+
+    from cnllm.core.atomic import write_text
+    from cnllm.core.provenance import write_file_record
+
+    document = sweep.to_dict()
+    write_text(path, json.dumps(document, ensure_ascii=False, indent=2) + "\n", force=force)
+    totals = {str(c["ctx"]): c["total"] for c in document["contexts"]}
+    inputs = [f.path for f in sweep.results[0].files]
+    write_file_record(path, "eval-ppl", inputs=inputs, options={"model": document["model"], **document["settings"]}, results=totals)
 
 
 def write_report(result: PplResult, path: Path, *, force: bool = False) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from cnllm.core.errors import UsageError
+from cnllm.core.rope import RopeOptions
 from cnllm.core.templates import PromptFormat, bos_needed, resolve_template
 
 REPLACEMENT = "\ufffd"
@@ -294,6 +295,7 @@ class Generator(ABC):
     bos_token: str
     eos_token: str
     adds_bos: bool  # whether the model's tokenizer puts BOS before a text (llama.cpp: the GGUF's add_bos_token)
+    trained_context: int | None = None  # the context the model was trained for (before any --rope-scaling)
 
     @abstractmethod
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
@@ -381,6 +383,7 @@ class LoadOptions:
     prompt_cache: bool = True  # llama.cpp: reuse the KV cache of a shared prompt prefix (fast multi-turn chat)
     trust_remote_code: bool = False
     verbose: bool = False
+    rope: RopeOptions | None = None  # context extension (--rope-scaling, --rope-factor, --rope-freq-base)
 
 
 DEFAULT_N_CTX = 4096

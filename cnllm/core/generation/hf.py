@@ -40,9 +40,11 @@ class HFGenerator(Generator):
         except (OSError, ValueError) as exc:
             raise UsageError(f"could not load the tokenizer in {tokenizer_dir}: {exc}") from None
         self.model = self._load_model(self.path, lora=options.lora)
-        config = self.model.config
-        trained = getattr(config, "max_position_embeddings", None) or 2048
-        self.context_length = min(options.n_ctx, trained) if options.n_ctx else trained
+        from cnllm.core.rope import hf_model_rope
+
+        trained = hf_model_rope(self.model.config).trained if getattr(self.model.config, "max_position_embeddings", None) else 2048
+        self.trained_context = trained
+        self.context_length = options.n_ctx or trained
         # An id must both decode and have an embedding row (either may be padded beyond the other).
         self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().weight.shape[0])
         generation_config = getattr(self.model, "generation_config", None)
@@ -68,6 +70,8 @@ class HFGenerator(Generator):
             load_in_4bit=self.options.load_in_4bit,
             load_in_8bit=self.options.load_in_8bit,
             trust_remote_code=self.options.trust_remote_code,
+            rope=self.options.rope,
+            n_ctx=self.options.n_ctx,
         )
 
     def _load_draft(self, draft_path: Path):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from cnllm.core.errors import UsageError
+from cnllm.core.rope import ModelRope, RopeOptions, llama_cpp_kwargs
 from cnllm.core.generation.base import (
     DEFAULT_N_CTX,
     ContextOverflow,
@@ -38,8 +39,9 @@ def silence_llama_logs(verbose: bool) -> None:
     llama_cpp.llama_log_set(_SILENT_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
-def gguf_context_length(path: Path) -> int | None:
-    """The training context length, read by loading only the vocabulary and metadata (fast even for large files)."""
+def gguf_model_rope(path: Path) -> ModelRope | None:
+    """Trained context, rotary dimension and rope base, read by loading only the vocabulary and metadata
+    (fast even for large files); None when the GGUF does not say its context length."""
     from llama_cpp import Llama
 
     try:
@@ -47,11 +49,31 @@ def gguf_context_length(path: Path) -> int | None:
     except (ValueError, RuntimeError, OSError) as exc:
         raise UsageError(f"llama.cpp could not read {path} ({exc}); is it a complete GGUF file?") from None
     try:
-        arch = header.metadata.get("general.architecture", "")
-        value = header.metadata.get(f"{arch}.context_length")
-        return int(value) if value else None
+        return metadata_rope(header.metadata)
     finally:
         header.close()
+
+
+def metadata_rope(meta: dict) -> ModelRope | None:
+    """:class:`ModelRope` from GGUF metadata (a loaded ``Llama``'s ``metadata``); None without a context length."""
+    arch = meta.get("general.architecture", "")
+    trained = meta.get(f"{arch}.rope.scaling.original_context_length") or meta.get(f"{arch}.context_length")
+    if not trained:
+        return None
+    head_dim = meta.get(f"{arch}.rope.dimension_count")
+    if not head_dim and meta.get(f"{arch}.attention.head_count"):
+        head_dim = int(meta[f"{arch}.embedding_length"]) // int(meta[f"{arch}.attention.head_count"])
+    return ModelRope(int(trained), int(head_dim or 128), float(meta.get(f"{arch}.rope.freq_base") or 10000.0))
+
+
+def llama_rope_kwargs(path: Path, rope: RopeOptions | None, n_ctx: int, facts: ModelRope | None = None) -> dict:
+    """``Llama(...)`` rope arguments for ``rope`` on the GGUF at ``path`` (none when no rope option is set)."""
+    if rope is None or not rope.active:
+        return {}
+    facts = facts or gguf_model_rope(path)
+    if facts is None:
+        raise UsageError(f"{path} does not record its context length; rope scaling needs it")
+    return llama_cpp_kwargs(rope, facts, n_ctx)
 
 
 class LlamaCppGenerator(Generator):
@@ -61,8 +83,11 @@ class LlamaCppGenerator(Generator):
         self.path = Path(path)
         self.options = options
         silence_llama_logs(options.verbose)
-        trained = gguf_context_length(self.path)
+        facts = gguf_model_rope(self.path)
+        trained = facts.trained if facts else None
+        self.trained_context = trained
         n_ctx = options.n_ctx or min(DEFAULT_N_CTX, trained or DEFAULT_N_CTX)
+        self._rope = llama_rope_kwargs(self.path, options.rope, n_ctx, facts)
         self._draft_llama = None
         self._draft = None
         if options.draft_model is not None:
@@ -106,6 +131,7 @@ class LlamaCppGenerator(Generator):
                 n_gpu_layers=self.options.gpu_layers,
                 draft_model=draft_model,
                 verbose=self.options.verbose,
+                **(self._rope if path == self.path else llama_rope_kwargs(path, self.options.rope, n_ctx)),
                 **extra,
             )
         except (ValueError, RuntimeError, OSError) as exc:

@@ -63,6 +63,11 @@ class TrainOptions:
     deepspeed: Optional[Path] = None
     fsdp: Optional[str] = None
     trust_remote_code: bool = False
+    # long context
+    rope_scaling: Optional[str] = None
+    rope_factor: Optional[float] = None
+    original_context: Optional[int] = None
+    attn_implementation: Optional[str] = None
     # pt data
     block_size: int = 1024
     streaming: bool = False
@@ -134,5 +139,21 @@ class TrainOptions:
             raise UsageError(f"DeepSpeed config {self.deepspeed} does not exist")
         if self.peft_path is not None and not (self.peft_path / "adapter_config.json").is_file():
             raise UsageError(f"--peft-path {self.peft_path} is not a PEFT adapter directory (no adapter_config.json)")
+        if self.rope_scaling is not None:
+            from cnllm.core.rope import TRAINING_METHODS
+
+            if self.rope_scaling not in TRAINING_METHODS:
+                raise UsageError(f"--rope-scaling must be one of {', '.join(TRAINING_METHODS)}; got {self.rope_scaling!r}")
+            if self.rope_factor is None or self.rope_factor <= 1:
+                raise UsageError(f"--rope-scaling {self.rope_scaling} needs --rope-factor greater than 1 (e.g. 4 for 4K → 16K)")
+        elif self.rope_factor is not None or self.original_context is not None:
+            raise UsageError("--rope-factor and --original-context need --rope-scaling")
+        if self.original_context is not None and self.original_context < 1:
+            raise UsageError(f"--original-context must be at least 1, got {self.original_context}")
+        if self.attn_implementation is not None:
+            from cnllm.core.modelio import ATTN_IMPLEMENTATIONS
+
+            if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+                raise UsageError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}; got {self.attn_implementation!r}")
         if mode == "sft" and self.streaming:
             raise UsageError("--streaming is for pt corpora; sft data is read into memory")

@@ -26,6 +26,8 @@ from cnllm.core.modelio import (
     check_vocab_agreement,
     copy_missing_tokenizer_files,
     has_tokenizer,
+    CONFIG_OVERRIDES_NAME,
+    adapter_config_overrides,
     load_config,
     vocab_sizes,
 )
@@ -182,7 +184,7 @@ def choose_precision(requested: str) -> str:
 # ------------------------------------------------------------------------------------ model setup
 
 
-def load_model(options: TrainOptions, precision: str):
+def load_model(options: TrainOptions, precision: str, config_overrides: dict | None = None):
     """The base through the one loader, left for the Trainer to place. LoRA freezes the base: keep it in half
     precision on a GPU; full fine-tuning keeps fp32 master weights; 4/8-bit computes in the half type."""
     import torch
@@ -199,6 +201,8 @@ def load_model(options: TrainOptions, precision: str):
         load_in_4bit=options.load_in_4bit,
         load_in_8bit=options.load_in_8bit,
         trust_remote_code=options.trust_remote_code,
+        attn_implementation=options.attn_implementation,
+        config_overrides=config_overrides,
     )
 
 
@@ -432,6 +436,7 @@ class Plan:
     sizes: VocabSizes
     precision: str
     train_embeddings: bool
+    config_overrides: dict = field(default_factory=dict)  # long-context rope scaling written into the model config
 
 
 def plan_run(mode: str, options: TrainOptions) -> Plan:
@@ -457,6 +462,17 @@ def plan_run(mode: str, options: TrainOptions) -> Plan:
         check_lora_targets(options.model, options.lora_targets, options.trust_remote_code)
     check_quantization(options)
     check_optional_packages(options)
+    overrides = {}
+    if options.rope_scaling is not None:
+        from cnllm.core.rope import training_overrides
+
+        overrides = training_overrides(options.rope_scaling, options.rope_factor, load_config(options.model), options.original_context)
+    elif options.peft_path is not None:
+        overrides = adapter_config_overrides(options.peft_path)  # continuing a long-context adapter keeps its scaling
+    if options.attn_implementation is not None:
+        from cnllm.core.modelio import check_attn_implementation
+
+        check_attn_implementation(options.attn_implementation)
     precision = choose_precision(options.precision_short)
     rows = sizes.embedding if sizes.embedding is not None else sizes.config
     needs_resize = sizes.tokenizer is not None and rows is not None and sizes.tokenizer > rows
@@ -469,7 +485,7 @@ def plan_run(mode: str, options: TrainOptions) -> Plan:
                 f"has {expected}: pass the --tokenizer the adapter was trained with"
             )
     train_embeddings = options.train_embeddings if options.train_embeddings is not None else needs_resize
-    return Plan(mode, options, work, resuming, train_files, validation_files, Path(tokenizer_dir), sizes, precision, train_embeddings)
+    return Plan(mode, options, work, resuming, train_files, validation_files, Path(tokenizer_dir), sizes, precision, train_embeddings, overrides)
 
 
 def record_template(tokenizer, template: str, system: str | None) -> None:
@@ -528,7 +544,10 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
     main = args.process_index == 0
     keep_freed_tensor_memory()
     set_seed(options.seed)  # LoRA and resized rows are initialised before the Trainer seeds anything
-    model = load_model(options, plan.precision)
+    model = load_model(options, plan.precision, plan.config_overrides)
+    if plan.config_overrides:
+        rope = plan.config_overrides["rope_parameters"]
+        progress.log(f"rope scaling {rope['rope_type']} × {rope['factor']}: max_position_embeddings {plan.config_overrides['max_position_embeddings']}")
     old_rows, new_rows = resize_vocabulary(model, len(tokenizer))
     result.vocab = {"tokenizer": len(tokenizer), "config": plan.sizes.config, "embedding_rows_before": old_rows,
                     "embedding_rows": new_rows, "resized": new_rows != old_rows, "train_embeddings": plan.train_embeddings}
@@ -589,6 +608,8 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
     trainer.save_model(str(work))
     if main:
         copy_missing_tokenizer_files(plan.tokenizer_dir, work)
+        if plan.config_overrides and not options.full_finetune:  # a full model's config.json already says it
+            (work / CONFIG_OVERRIDES_NAME).write_text(json.dumps(plan.config_overrides, indent=2) + "\n", encoding="utf-8")
         (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; train-config.yaml says the same in YAML
     result.peak_memory_bytes = peak_memory_bytes()
 
