@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnllm.core.errors import UsageError
-from cnllm.core.templates import TEMPLATES, get_template
+from cnllm.core.templates import TEMPLATES, get_template, jinja_renderer
 
 MODELFILE_SUFFIX = ".Modelfile"
 
@@ -65,8 +65,6 @@ PROBES = (
 
 def identify_template(jinja_source: str, *, bos_token: str = "<s>", eos_token: str = "</s>") -> str | None:
     """The built-in template a Jinja chat template renders exactly like on the probe conversations, if any."""
-    from cnllm.core.generation.base import jinja_renderer
-
     render = jinja_renderer(jinja_source, bos_token=bos_token, eos_token=eos_token)
     try:
         rendered = [render(list(p), True) for p in PROBES]
