@@ -22,9 +22,16 @@ REWARD_MARGIN = "rewards/margins"
 
 def preference_arguments(options, arguments: dict[str, Any]):
     """TRL's config for the method: the shared Trainer arguments plus beta and the lengths."""
+    import warnings
+
+    # TRL's configs still carry transformers' old name for activation checkpointing; cnllm enables it itself.
+    warnings.filterwarnings("ignore", message=".*`gradient_checkpointing` is deprecated.*", category=FutureWarning)
     common = dict(arguments, beta=options.beta, max_length=options.max_length, gradient_checkpointing=False,
                   disable_dropout=True, dataset_num_proc=None)
     if options.method == "orpo":
+        import os
+
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO lives in trl.experimental in TRL 1.x
         from trl.experimental.orpo import ORPOConfig
 
         return ORPOConfig(**common)
@@ -78,12 +85,20 @@ def build_align_data(plan, tokenizer, progress: Progress):
     return built.train, built.eval, None, summary
 
 
-def preference_trainer(options, *, model, args, train_dataset, eval_dataset, tokenizer, callbacks):
-    """TRL's trainer for the method, fed the pairs already tokenised with the sft template."""
+def preference_trainer(options, *, model, args, train_dataset, eval_dataset, tokenizer, callbacks, peft_config=None):
+    """TRL's trainer for the method, fed the pairs already tokenised with the sft template. ``peft_config``:
+    a new adapter TRL adds, so the reference is the model with it disabled (no copy of anything)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if options.method == "orpo":
         from trl.experimental.orpo import ORPOTrainer
 
         class PretokenizedORPOTrainer(ORPOTrainer):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                collate = self.data_collator
+                self.data_collator = lambda features: with_token_count(collate(features))
+
             def tokenize_row(self, feature, model=None):
                 return orpo_row(feature)
 
@@ -96,7 +111,7 @@ def preference_trainer(options, *, model, args, train_dataset, eval_dataset, tok
             return dataset  # already prompt_ids / chosen_ids / rejected_ids
 
     return PretokenizedDPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                                  processing_class=tokenizer, callbacks=callbacks)
+                                  processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
 
 
 def orpo_row(feature: dict) -> dict:
@@ -111,3 +126,14 @@ def orpo_row(feature: dict) -> dict:
         row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
         row[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + answer
     return row
+
+
+def with_token_count(batch: dict) -> dict:
+    """ORPO's batches carry chosen_*/rejected_* keys only; the Trainer counts tokens from ``input_ids`` and
+    ``attention_mask`` (tokens/s), which ORPO's loss ignores: give it both sides' masks."""
+    import torch
+
+    masks = [batch[f"{side}_attention_mask"].flatten() for side in ("chosen", "rejected")]
+    batch["attention_mask"] = torch.cat(masks)
+    batch["input_ids"] = batch["chosen_input_ids"]
+    return batch

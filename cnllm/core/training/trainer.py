@@ -222,24 +222,29 @@ def resize_vocabulary(model, tokenizer_length: int) -> tuple[int, int]:
     return old_rows, model.get_input_embeddings().weight.shape[0]
 
 
+def lora_config(options: TrainOptions, train_embeddings: bool):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=options.lora_rank,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=list(options.lora_targets),
+        modules_to_save=list(EMBEDDING_MODULES) if train_embeddings else None,
+    )
+
+
 def apply_peft(model, options: TrainOptions, train_embeddings: bool, precision: str):
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if options.load_in_4bit or options.load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
     if options.peft_path is not None:
         model = PeftModel.from_pretrained(model, str(options.peft_path), is_trainable=True)
     else:
-        config = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=options.lora_rank,
-            lora_alpha=options.lora_alpha,
-            lora_dropout=options.lora_dropout,
-            target_modules=list(options.lora_targets),
-            modules_to_save=list(EMBEDDING_MODULES) if train_embeddings else None,
-        )
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, lora_config(options, train_embeddings))
     if precision in ("fp16", "bf16"):
         # Trained weights stay fp32 (the optimizer and the fp16 grad scaler need it); autocast does the rest.
         for parameter in model.parameters():
@@ -549,28 +554,34 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
         if not plan.train_embeddings and not options.full_finetune:
             progress.log("warning: the new embedding rows stay frozen at the mean; pass --train-embeddings to learn them")
     model.config.use_cache = False
+    # A new adapter for a reference-based preference loss goes to TRL as a config: TRL then scores the
+    # reference by disabling it (a wrapped model would make it keep a frozen copy of the adapter as well).
+    peft_config = None
     if options.full_finetune:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
+    elif plan.mode == "align" and options.method != "orpo" and options.peft_path is None and not (options.load_in_4bit or options.load_in_8bit):
+        peft_config = lora_config(options, plan.train_embeddings)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
     else:
         model = apply_peft(model, options, plan.train_embeddings, plan.precision)
     if options.gradient_checkpointing:
         enable_activation_checkpointing(model)
         if not options.full_finetune and not plan.train_embeddings:
             model.enable_input_require_grads()
-    result.trainable_parameters, result.total_parameters = count_parameters(model)
-    progress.log(f"training {result.trainable_parameters:,} of {result.total_parameters:,} parameters ({plan.precision}, {plan.mode})")
-
     metrics_path = work / METRICS_NAME
     monitor = TrainingMonitor(progress, metrics_path)
     if plan.mode == "align":
         from cnllm.core.training.align import preference_trainer
 
         trainer = preference_trainer(options, model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                     tokenizer=tokenizer, callbacks=[monitor])
+                                     tokenizer=tokenizer, callbacks=[monitor], peft_config=peft_config)
     else:
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
                           processing_class=tokenizer, callbacks=[monitor])
+    result.trainable_parameters, result.total_parameters = count_parameters(trainer.model)
+    progress.log(f"training {result.trainable_parameters:,} of {result.total_parameters:,} parameters ({plan.precision}, {plan.mode})")
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
