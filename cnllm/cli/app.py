@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not), "
         "/v1/completions (echo, logprobs), /v1/embeddings, /health.",
     ),
-    "eval": ("cnllm.commands.eval", "app", "Evaluate a model: perplexity (ppl) and multiple-choice exams (mc)."),
+    "eval": ("cnllm.commands.eval", "app", "Evaluate a model: perplexity (ppl), multiple-choice exams (mc), preference accuracy (pref)."),
     "checksum": ("cnllm.commands.checksum", "app", "Create and verify checksum manifests (GNU, BSD, SHA256.md tables, MD5 lists)."),
     "pipeline": ("cnllm.commands.pipeline", "pipeline", "Run a recipe: vocab → pt → merge_pt → sft → merge_sft → align → merge_align → convert → quantize → eval → checksum."),
     "demo": (
