@@ -141,17 +141,19 @@ def split_pairs(pairs: Sequence[PreferencePair], share: float, seed: int) -> tup
 
 
 def render_pair(pair: PreferencePair, segments: Callable[[list[Message]], list[Segment]]) -> tuple[list[Segment], str, str]:
-    """(prompt segments, chosen text, rejected text): the answers as the template ends them (end marker included)."""
+    """(prompt segments, chosen text, rejected text): the answers as the template ends them (end marker included;
+    text a template puts after the marker, such as ChatML's newline, is left out)."""
     rendered = []
     for answer in (pair.chosen, pair.rejected):
         try:
             parts = segments([*pair.prompt, Message("assistant", answer)])
         except UsageError as exc:
             raise UsageError(f"{pair.where}: {exc.message}") from None
-        if not parts or not parts[-1].trainable:
+        last = max((i for i, part in enumerate(parts) if part.trainable), default=None)
+        if last is None:
             raise UsageError(f"{pair.where}: the template left no answer to score")
-        rendered.append(parts)
-    return rendered[0][:-1], rendered[0][-1].text, rendered[1][-1].text
+        rendered.append((parts[:last], parts[last].text))  # what follows the answer's end marker is not scored
+    return rendered[0][0], rendered[0][1], rendered[1][1]
 
 
 # ------------------------------------------------------------------------------- training data
