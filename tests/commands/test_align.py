@@ -19,13 +19,9 @@ TINY_RUN = ["--batch-size", "4", "--lora-rank", "8", "--lora-alpha", "16", "--lo
 
 
 @pytest.fixture(scope="module")
-def pref_split(tmp_path_factory):
-    """The bundled pairs split into 40 for training and 12 held out."""
-    folder = tmp_path_factory.mktemp("pref")
-    lines = asset("pref_zh.jsonl").read_text(encoding="utf-8").splitlines()
-    (folder / "train.jsonl").write_text("\n".join(lines[:40]) + "\n", encoding="utf-8")
-    (folder / "heldout.jsonl").write_text("\n".join(lines[40:]) + "\n", encoding="utf-8")
-    return folder / "train.jsonl", folder / "heldout.jsonl"
+def pref_split():
+    """The bundled pairs: 40 to train on, 12 held out."""
+    return asset("pref_zh.jsonl"), asset("pref_zh_heldout.jsonl")
 
 
 def pref_accuracy(cli, model, heldout, *extra) -> dict:
@@ -78,7 +74,7 @@ def test_orpo_adapter_merges_converts_and_chats(cli, tmp_path, tiny_llama_dir):
     assert chat.exit_code == 0, chat.stderr
     assert json.loads(chat.stdout)["template"] == "auto"
     heldout = tmp_path / "two.jsonl"
-    heldout.write_text("\n".join(asset("pref_zh.jsonl").read_text(encoding="utf-8").splitlines()[:2]) + "\n", encoding="utf-8")
+    heldout.write_text("\n".join(asset("pref_zh_heldout.jsonl").read_text(encoding="utf-8").splitlines()[:2]) + "\n", encoding="utf-8")
     on_gguf = cli("eval", "pref", tmp_path / "model.gguf", "-d", heldout, "--json")
     on_hf = cli("eval", "pref", tmp_path / "merged", "-d", heldout, "--json")
     assert on_gguf.exit_code == 0 and on_hf.exit_code == 0, on_gguf.stderr + on_hf.stderr

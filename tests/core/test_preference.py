@@ -54,8 +54,8 @@ def test_bad_record_is_named_by_line_or_skipped_and_counted(tmp_path):
 
 
 def test_bundled_set_reads_whole_and_renders_with_the_sft_template():
-    read = read_preference_pairs([asset("pref_zh.jsonl")])
-    assert len(read.pairs) >= 50 and not read.skipped
+    read = read_preference_pairs([asset("pref_zh.jsonl"), asset("pref_zh_heldout.jsonl")])
+    assert len(read.pairs) == 52 and not read.skipped
     prompt, chosen, rejected = render_pair(read.pairs[0], lambda messages: TEMPLATES["alpaca"].segments(messages, add_generation_prompt=False))
     assert "".join(s.text for s in prompt).endswith("### Response: ") and chosen.endswith("</s>") and rejected.endswith("</s>")
     train, held = split_pairs(read.pairs, 0.25, seed=7)
