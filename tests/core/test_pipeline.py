@@ -85,6 +85,8 @@ def test_failed_step_stops_and_keeps_earlier_outputs(tmp_path, tiny_llama_dir, a
         ("eval: {models: [sft], ppl: {data: [DATA]}}\n", r"recipe step eval: models: no model named sft in this recipe \(available: base\)"),
         ("eval: {mc: {data: DIR, format: cmmlu, split: val}}\n", "recipe step eval: mc: cmmlu has no 'val' split; choose one of dev, test"),
         ("checksum: {algo: md5}\n", "recipe step checksum: unknown option 'algo'"),
+        ("align: {data: [DATA], method: kto}\n", "recipe step align: --method 'kto' is not one of dpo, ipo"),
+        ("merge_align: {}\n", "recipe step merge_align needs the align step before it"),
     ],
 )
 def test_every_step_is_checked_before_anything_runs(tmp_path, tiny_llama_dir, assets, extra, message):
