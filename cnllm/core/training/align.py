@@ -15,11 +15,6 @@ from typing import Any
 from cnllm.core.progress import Progress
 from cnllm.core.training.options import ALIGN_LOSSES
 
-# TRL's metric names (train logs; "eval_" in front for evaluation) and ours.
-REWARD_ACCURACY = "rewards/accuracies"
-REWARD_MARGIN = "rewards/margins"
-
-
 def preference_arguments(options, arguments: dict[str, Any]):
     """TRL's config for the method: the shared Trainer arguments plus beta and the lengths."""
     import warnings

@@ -236,7 +236,6 @@ def lora_config(options: TrainOptions, train_embeddings: bool):
 
 
 def apply_peft(model, options: TrainOptions, train_embeddings: bool, precision: str):
-    import torch
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if options.load_in_4bit or options.load_in_8bit:
@@ -245,12 +244,18 @@ def apply_peft(model, options: TrainOptions, train_embeddings: bool, precision: 
         model = PeftModel.from_pretrained(model, str(options.peft_path), is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(options, train_embeddings))
+    trained_weights_fp32(model, precision)
+    return model
+
+
+def trained_weights_fp32(model, precision: str) -> None:
+    """Trained weights stay fp32 (the optimizer and the fp16 grad scaler need it); autocast does the rest."""
+    import torch
+
     if precision in ("fp16", "bf16"):
-        # Trained weights stay fp32 (the optimizer and the fp16 grad scaler need it); autocast does the rest.
         for parameter in model.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
-    return model
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -577,6 +582,8 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
 
         trainer = preference_trainer(options, model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                      tokenizer=tokenizer, callbacks=[monitor], peft_config=peft_config)
+        if peft_config is not None:
+            trained_weights_fp32(trainer.model, plan.precision)  # the optimizer is made later, in train()
     else:
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
                           processing_class=tokenizer, callbacks=[monitor])
