@@ -48,7 +48,7 @@ check-installed: install
 	"$$dir/venv/bin/python" -m pip install --quiet "$(TORCH)" "$(CURDIR)"; \
 	echo "==> cnllm demo -o demo-out, run in $$dir"; \
 	cd "$$dir" && venv/bin/cnllm demo -o demo-out; \
-	test -f demo-out/report.md && test -f demo-out/07-quantize/demo-q4_k_m.gguf
+	test -f demo-out/report.md && test -f demo-out/09-quantize/demo-q4_k_m.gguf
 
 bench: install
 	$(BIN)/python bench/bench_cli_startup.py

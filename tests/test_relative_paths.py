@@ -136,9 +136,9 @@ def test_demo_from_a_fresh_folder_with_a_relative_output(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "cnllm", "demo", "-o", "cnllm-demo"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert completed.returncode == 0, completed.stderr
     demo = tmp_path / "cnllm-demo"
-    assert (demo / "report.md").is_file() and (demo / "07-quantize").is_dir()
+    assert (demo / "report.md").is_file() and (demo / "09-quantize").is_dir()
     # The way forward names the demo's own outputs, relative to where the user stands.
-    assert "cnllm chat cnllm-demo/07-quantize/" in completed.stdout and "cnllm serve cnllm-demo/07-quantize/" in completed.stdout
+    assert "cnllm chat cnllm-demo/09-quantize/" in completed.stdout and "cnllm serve cnllm-demo/09-quantize/" in completed.stdout
     assert "cnllm-demo/report.md" in completed.stdout
 
     document = json.loads((demo / "report.json").read_text(encoding="utf-8"))
@@ -149,8 +149,12 @@ def test_demo_from_a_fresh_folder_with_a_relative_output(tmp_path):
     assert steps["pt"]["figures"]["perplexity"]["after"] < steps["pt"]["figures"]["perplexity"]["before"]
     bits = steps["eval"]["figures"]["bits_per_byte"]
     assert bits["pt"] < bits["base"] and {"gguf-q8_0", "gguf-q4_k_m"} <= set(bits)
+    align = steps["align"]["figures"]
+    assert align["preference_accuracy"]["after"] >= align["preference_accuracy"]["before"] + 0.25
+    assert align["reward_accuracy"]["after"] > align["reward_accuracy"]["before"]
+    assert "preference_accuracy" in (demo / "report.md").read_text(encoding="utf-8")
     assert document["notes"]["chat"]["answer"] is not None
-    assert cnllm(tmp_path, "checksum", "verify", "cnllm-demo/09-checksum/SHA256SUMS", "--root", "cnllm-demo").returncode == 0
+    assert cnllm(tmp_path, "checksum", "verify", "cnllm-demo/11-checksum/SHA256SUMS", "--root", "cnllm-demo").returncode == 0
 
     again = json.loads(cnllm(tmp_path, "demo", "-o", "cnllm-demo", "--json").stdout)
     assert {s["status"] for s in again["steps"]} == {"skipped"}

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "vocab": ("cnllm.commands.vocab", "app", "Train a Chinese vocabulary, merge it into a LLaMA tokenizer, and inspect tokenizers."),
     "pt": ("cnllm.commands.pt", "pt", 'Continue pre-training a model on raw text with LoRA (text files, directories, JSONL "text").'),
     "sft": ("cnllm.commands.sft", "sft", "Instruction-tune a model with LoRA; the loss covers the assistant's answers only."),
+    "align": ("cnllm.commands.align", "align", "Align a model to preference pairs (DPO, ORPO, …) with TRL; LoRA by default, the reference is the base."),
     "merge-lora": ("cnllm.commands.merge_lora", "merge_lora", "Merge LoRA adapters into a base model: W += scale·B·A in fp32, one tensor at a time."),
     "diff-recover": (
         "cnllm.commands.diff_recover",
@@ -50,9 +51,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not), "
         "/v1/completions (echo, logprobs), /v1/embeddings, /health.",
     ),
-    "eval": ("cnllm.commands.eval", "app", "Evaluate a model: perplexity (ppl), multiple-choice exams (mc), long context (passkey, longbench)."),
+    "eval": (
+        "cnllm.commands.eval",
+        "app",
+        "Evaluate a model: perplexity (ppl), multiple-choice exams (mc), preference accuracy (pref), long context (passkey, longbench).",
+    ),
     "checksum": ("cnllm.commands.checksum", "app", "Create and verify checksum manifests (GNU, BSD, SHA256.md tables, MD5 lists)."),
-    "pipeline": ("cnllm.commands.pipeline", "pipeline", "Run a recipe: vocab → pt → merge_pt → sft → merge_sft → convert → quantize → eval → checksum."),
+    "pipeline": ("cnllm.commands.pipeline", "pipeline", "Run a recipe: vocab → pt → merge_pt → sft → merge_sft → align → merge_align → convert → quantize → eval → checksum."),
     "demo": (
         "cnllm.commands.demo",
         "demo",

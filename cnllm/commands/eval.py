@@ -1,5 +1,5 @@
-"""``cnllm eval``: perplexity of text files and C-Eval/CMMLU/MMLU multiple-choice accuracy, on a Hugging Face
-directory (optionally with an unmerged LoRA adapter) or a GGUF file."""
+"""``cnllm eval``: perplexity of text files, C-Eval/CMMLU/MMLU multiple-choice accuracy and preference accuracy
+on held-out pairs, on a Hugging Face directory (optionally with an unmerged LoRA adapter) or a GGUF file."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from cnllm.cli.options import (
 from cnllm.core.errors import UsageError
 
 app = typer.Typer(
-    help="Evaluate a model: perplexity (ppl), multiple-choice exams (mc), long context (passkey, longbench).", no_args_is_help=True
+    help="Evaluate a model: perplexity (ppl), multiple-choice exams (mc), preference accuracy (pref), long context (passkey, longbench).",
+    no_args_is_help=True,
 )
 
 
@@ -304,7 +305,7 @@ def passkey(
     options = build_options(PasskeyOptions, values)
     for path in (output_file, plot):
         if path is not None:
-            check_output(path, force)
+            check_output(path, force, inputs=[model, lora])
     load = LoadOptions(threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope)
     result = evaluate_passkey(model, options, load, progress=output.CliProgress())
     warn_beyond_trained(max(options.lengths), result.model.get("trained_context"), rope)
@@ -368,7 +369,7 @@ def longbench(
         raise UsageError("--datasets is empty; give comma-separated dataset names")
     options = build_options(LongBenchOptions, {"datasets": chosen, "max_length": max_length, "limit": limit, "template": template})
     if out_dir is not None:
-        check_output(out_dir, force)
+        check_output(out_dir, force, inputs=[model, lora, data])
     load = LoadOptions(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope)
     result = evaluate_longbench(model, data, options, load, progress=output.CliProgress())
     warn_beyond_trained(result.model.get("n_ctx"), result.model.get("trained_context"), rope)
@@ -387,3 +388,55 @@ def longbench(
     )
     if out_dir is not None:
         output.print_note(f"wrote {', '.join(written)} to {out_dir}")
+
+
+@app.command()
+def pref(
+    model: ModelArg,
+    data: Annotated[List[Path], typer.Option("--data", "-d", help="Preference pairs (JSON/JSONL: prompt/chosen/rejected, or chosen/rejected message lists); repeat for more.")],
+    template: TemplateOpt = "auto",
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt replacing the template's default.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", min=8, help="Longest prompt + answer in tokens (llama.cpp context size).")] = 2048,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip malformed records (counted) instead of stopping at the first.")] = False,
+    lora: LoraOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    trust_remote_code: TrustOpt = False,
+    output_file: OutputFileOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Preference accuracy: the share of pairs where the model's log-probability per token of chosen beats rejected.
+
+    The summed (unnormalised) figure is reported beside it; measure it before and after cnllm align.
+
+    Example: cnllm eval pref sft-merged/ -d pref_heldout.jsonl --template alpaca
+    Example: cnllm eval pref sft-merged/ --lora dpo-lora/ -d pref_heldout.jsonl --json
+    """
+    from cnllm.core.atomic import check_output
+    from cnllm.core.config import build_options
+    from cnllm.core.evaluation.pref import PrefOptions, evaluate_preference, write_report
+
+    options = build_options(PrefOptions, {"template": template, "system": system, "ctx": ctx, "skip_invalid": skip_invalid})
+    spec = _spec(model, lora, device, dtype, threads, trust_remote_code)
+    if output_file is not None:
+        check_output(output_file, force, inputs=[model, lora, *data])
+    result = evaluate_preference(spec, data, options, progress=output.CliProgress())
+    document = result.to_dict()
+    if result.skipped:
+        output.print_note(f"warning: skipped {len(result.skipped)} invalid records (first: {result.skipped[0]})")
+    if template == "auto" and result.model.get("template") == "none":
+        output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")
+    if output_file is not None:
+        write_report(result, output_file, data, force=force)
+    if json_:
+        output.print_json(document)
+        return
+    output.print_table(
+        f"preference accuracy of {model.name} ({result.model['backend']}, template {result.model.get('template')})",
+        ["pairs", "accuracy % (per token)", "accuracy % (summed)", "mean margin (nats/token)", "seconds"],
+        [(len(result.pairs), _pct(result.accuracy), _pct(result.accuracy_unnormalized), _fmt(result.mean_margin), _fmt(result.seconds, 1))],
+    )
+    if output_file is not None:
+        output.print_note(f"wrote {output_file}")

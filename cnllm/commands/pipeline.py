@@ -40,7 +40,7 @@ def pipeline(
     force: Annotated[bool, typer.Option("--force", "-f", help="Re-run the selected steps even when up to date.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Run a recipe: vocab → pt → merge_pt → sft → merge_sft → convert → quantize → eval → checksum.
+    """Run a recipe: vocab → pt → merge_pt → sft → merge_sft → align → merge_align → convert → quantize → eval → checksum.
 
     Each step writes its own folder in the work directory with a record of its inputs' checksums and
     options; unchanged steps are skipped on re-runs. Ends with WORKDIR/report.md and report.json.

@@ -1,4 +1,4 @@
-"""The options ``cnllm pt`` and ``cnllm sft`` share, declared once.
+"""The options ``cnllm pt``, ``cnllm sft`` and ``cnllm align`` share, declared once.
 
 Each command declares only its own options and takes the shared ones through :func:`with_options`,
 which extends the function's signature (Typer reads it). Values then pass through ``--config``
@@ -124,7 +124,11 @@ def render(result, json_: bool) -> None:
     rows = [("output", document["output"]), ("steps", document["steps"]), ("train loss (last)", _num(document["train_loss"]))]
     if document["eval_loss"] is not None:
         rows.append(("eval loss", f"{_num(document['eval_loss_before'])} → {_num(document['eval_loss'])}"))
-        rows.append(("perplexity", f"{_num(document['perplexity_before'])} → {_num(document['perplexity'])}"))
+        if document["reward_accuracy"] is not None:
+            rows.append(("reward accuracy", f"{_num(document['reward_accuracy_before'])} → {_num(document['reward_accuracy'])}"))
+            rows.append(("reward margin", f"{_num(document['reward_margin_before'])} → {_num(document['reward_margin'])}"))
+        else:
+            rows.append(("perplexity", f"{_num(document['perplexity_before'])} → {_num(document['perplexity'])}"))
     rows += [
         ("tokens/s", _num(document["tokens_per_second"])),
         ("trainable parameters", f"{document['trainable_parameters']:,} of {document['total_parameters']:,}"),

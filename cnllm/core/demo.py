@@ -2,8 +2,9 @@
 
 Builds a 2-layer LLaMA with a SentencePiece tokenizer trained on English (the "base LLaMA"),
 then runs the recipe ``cnllm/assets/demo-recipe.yaml``: Chinese vocabulary, continued
-pre-training, merge, instruction tuning, merge, GGUF, quantization, evaluation, checksums — and
-asks the instruction model one question through the generation core.
+pre-training, merge, instruction tuning, merge, preference alignment (DPO), merge, GGUF,
+quantization, evaluation, checksums — and asks the final model one question through the
+generation core.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def build_demo_base(folder: Path, progress: Progress = NULL_PROGRESS) -> Path:
 
 
 def ask(model: Path, question: str) -> str:
-    """One answer from the instruction model, through the same generation core as `cnllm chat`, in the
+    """One answer from the instruction (or aligned) model, through the same generation core as `cnllm chat`, in the
     template sft recorded in the model (``--template auto``)."""
     from cnllm.core.backends import load_generator
     from cnllm.core.generation.base import SamplingParams
@@ -66,7 +67,8 @@ def run_demo(workdir: Path, *, force: bool = False, progress: Progress = NULL_PR
     result = run_pipeline(recipe, force=force, progress=progress)
     answer = None
     if result.failed is None:
-        model = result.artifacts.models.get("sft", result.artifacts.model)
+        models = result.artifacts.models
+        model = models.get("align", models.get("sft", result.artifacts.model))
         answer = ask(model, DEMO_QUESTION)
         result.notes["chat"] = {"model": str(model), "question": DEMO_QUESTION, "answer": answer}
         result.report_md, result.report_json = write_report(result)

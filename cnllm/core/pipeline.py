@@ -1,7 +1,7 @@
 """``cnllm pipeline``: the whole adaptation as one recipe, run like a build tool.
 
 A recipe (YAML) names the base model, the data and the options of each step. Steps run in a
-fixed order — vocab → pt → merge_pt → sft → merge_sft → convert → quantize → eval → checksum —
+fixed order — vocab → pt → merge_pt → sft → merge_sft → align → merge_align → convert → quantize → eval → checksum —
 each only if the recipe has it, each in its own folder ``WORKDIR/NN-step/`` written atomically.
 A step's fingerprint covers its options, the content of its external inputs (SHA-256) and the
 fingerprint of the step before it; a step whose fingerprint is unchanged is skipped, so editing
@@ -39,7 +39,7 @@ def _paths(options: dict, key: str, root: Path) -> None:
 
 
 TRAIN_PATH_KEYS = ("data", "validation_data", "peft_path", "deepspeed", "cache_dir")
-PATH_KEYS = {"vocab": ("corpus", "add", "measure_text"), "pt": TRAIN_PATH_KEYS, "sft": TRAIN_PATH_KEYS}
+PATH_KEYS = {"vocab": ("corpus", "add", "measure_text"), "pt": TRAIN_PATH_KEYS, "sft": TRAIN_PATH_KEYS, "align": TRAIN_PATH_KEYS}
 
 
 def recipe_from_dict(data: dict, *, root: Path, workdir: Path | None = None, source: Path | None = None) -> Recipe:

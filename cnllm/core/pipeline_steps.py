@@ -112,7 +112,7 @@ def _vocab_inputs(recipe: Recipe, step: VocabStep) -> list[Path]:
     return paths + [recipe.base_tokenizer]
 
 
-# --- pt / sft --------------------------------------------------------------------------------------
+# --- pt / sft / align --------------------------------------------------------------------------------------
 
 
 def _parse_train(recipe: Recipe, name: str, options: dict):
@@ -138,10 +138,32 @@ def _train(mode: str, context: StepContext, train_options) -> dict:
     document = result.to_dict()
     figures = {key: document[key] for key in ("steps", "train_loss", "tokens_per_second", "trainable_parameters")}
     figures["eval_loss"] = {"before": document["eval_loss_before"], "after": document["eval_loss"]}
-    figures["perplexity"] = {"before": document["perplexity_before"], "after": document["perplexity"]}
+    if mode == "align":
+        figures["reward_accuracy"] = {"before": document["reward_accuracy_before"], "after": document["reward_accuracy"]}
+        figures["reward_margin"] = {"before": document["reward_margin_before"], "after": document["reward_margin"]}
+    else:
+        figures["perplexity"] = {"before": document["perplexity_before"], "after": document["perplexity"]}
     curve = result.output / "loss.png"
     if curve.exists():
         figures["loss_curve"] = str(context.final_path(curve).relative_to(context.recipe.workdir))
+    return figures
+
+
+def run_align(context: StepContext, train_options) -> dict:
+    """Preference training on the model so far; with held-out pairs (``validation_data``), the preference
+    accuracy of the model before (no adapter) and after (with it), as ``cnllm eval pref`` measures it."""
+    from cnllm.core.evaluation.models import ModelSpec
+    from cnllm.core.evaluation.pref import PrefOptions, evaluate_preference
+
+    model = context.artifacts.model
+    figures = _train("align", context, train_options)
+    adapter = context.folder / "adapter"
+    if train_options.validation_data:
+        options = PrefOptions(template=train_options.template, system=train_options.system, ctx=train_options.max_length * 2)
+        before = evaluate_preference(ModelSpec(model), train_options.validation_data, options, progress=context.progress)
+        after = evaluate_preference(ModelSpec(model, lora=adapter), train_options.validation_data, options, progress=context.progress)
+        figures["preference_accuracy"] = {"before": round(before.accuracy, 4), "after": round(after.accuracy, 4)}
+        figures["preference_accuracy_summed"] = {"before": round(before.accuracy_unnormalized, 4), "after": round(after.accuracy_unnormalized, 4)}
     return figures
 
 
@@ -273,7 +295,7 @@ def _model_names(recipe: Recipe) -> set[str] | None:
     """The names ``eval.models`` may use, from the recipe's steps (None when a GGUF type is only known at run time)."""
     from cnllm.core.gguf.convert import gguf_outtype
 
-    names = {"base"} | {name for name in ("pt", "sft") if f"merge_{name}" in recipe.steps}
+    names = {"base"} | {name for name in ("pt", "sft", "align") if f"merge_{name}" in recipe.steps}
     if "convert" in recipe.steps:
         outtype = gguf_outtype(str(recipe.steps["convert"].get("outtype", "auto")))
         if outtype == "auto":
@@ -315,7 +337,7 @@ def parse_eval(recipe: Recipe, name: str, options: dict) -> EvalStep:
 
 
 def _eval_targets(artifacts: Artifacts, wanted: list[str] | None) -> dict[str, Path]:
-    """Every model the run produced (base, pt, sft, each GGUF), or the names the recipe lists."""
+    """Every model the run produced (base, pt, sft, align, each GGUF), or the names the recipe lists."""
     targets = {name: path for name, path in artifacts.models.items()}
     targets.update({f"gguf-{kind}": path for kind, path in artifacts.gguf.items()})
     if wanted is None:
@@ -376,7 +398,7 @@ def parse_checksum(recipe: Recipe, name: str, options: dict) -> dict:
 
 def run_checksum(context: StepContext, options: dict) -> dict:
     """A SHA256SUMS over the final model directory and every GGUF file, relative to the working folder
-    (``cnllm checksum verify WORK/09-checksum/SHA256SUMS --root WORK``: verify keeps to its root)."""
+    (``cnllm checksum verify WORK/11-checksum/SHA256SUMS --root WORK``: verify keeps to its root)."""
     from cnllm.core.hashing import create_manifest
 
     targets = [context.artifacts.model, *context.artifacts.gguf.values()]
@@ -395,6 +417,8 @@ STEP_KINDS: dict[str, StepKind] = {
     "merge_pt": StepKind(_parse_merge("pt"), _merge("pt"), _no_inputs),
     "sft": StepKind(_parse_train, lambda c, o: _train("sft", c, o), _train_inputs),
     "merge_sft": StepKind(_parse_merge("sft"), _merge("sft"), _no_inputs),
+    "align": StepKind(_parse_train, run_align, _train_inputs),
+    "merge_align": StepKind(_parse_merge("align"), _merge("align"), _no_inputs),
     "convert": StepKind(parse_convert, run_convert, _no_inputs),
     "quantize": StepKind(parse_quantize, run_quantize, _no_inputs),
     "eval": StepKind(parse_eval, run_eval, _eval_inputs),

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from cnllm.core.progress import Progress
 
 
-STEP_ORDER = ("vocab", "pt", "merge_pt", "sft", "merge_sft", "convert", "quantize", "eval", "checksum")
+STEP_ORDER = ("vocab", "pt", "merge_pt", "sft", "merge_sft", "align", "merge_align", "convert", "quantize", "eval", "checksum")
 
 
 @dataclass

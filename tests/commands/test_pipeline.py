@@ -42,7 +42,7 @@ def test_pipeline_cli_dry_run_then_run_then_skip(cli, tmp_path, tiny_llama_dir, 
     assert ran.exit_code == 0 and "report:" in ran.stdout
     again = json.loads(cli("pipeline", recipe, "-o", tmp_path / "w", "--json").stdout)
     assert [s["status"] for s in again["steps"]] == ["skipped"]
-    manifest = tmp_path / "w" / "09-checksum" / "SHA256SUMS"
+    manifest = tmp_path / "w" / "11-checksum" / "SHA256SUMS"
     # this recipe's final model is its base, outside the working folder
     assert cli("checksum", "verify", manifest, "--root", tmp_path / "w", "--allow-outside").exit_code == 0
 

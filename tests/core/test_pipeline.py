@@ -34,7 +34,7 @@ def test_run_skip_and_rerun_on_change(tmp_path, tiny_llama_dir, assets):
     vocab = first.outcomes[0].figures
     assert vocab["merged_vocab"] > vocab["base_vocab"] and vocab["chinese_chars_per_token"]["after"] > vocab["chinese_chars_per_token"]["before"]
     assert (tmp_path / "work" / "01-vocab" / "tokenizer" / "tokenizer.json").exists()
-    assert (tmp_path / "work" / "09-checksum" / "SHA256SUMS").exists()
+    assert (tmp_path / "work" / "11-checksum" / "SHA256SUMS").exists()
     report = json.loads((tmp_path / "work" / "report.json").read_text())
     assert [s["status"] for s in report["steps"]] == ["ran", "ran"]
     assert "chinese_chars_per_token" in (tmp_path / "work" / "report.md").read_text()
@@ -69,7 +69,7 @@ def test_failed_step_stops_and_keeps_earlier_outputs(tmp_path, tiny_llama_dir, a
     assert [o.status for o in result.outcomes] == ["ran", "failed", "not-run"]
     assert "no 'val' split" in result.failed.error
     assert (tmp_path / "work" / "01-vocab" / "cnllm-step.json").exists()
-    assert not (tmp_path / "work" / "08-eval").exists()
+    assert not (tmp_path / "work" / "10-eval").exists()
 
 
 @pytest.mark.parametrize(
@@ -85,6 +85,8 @@ def test_failed_step_stops_and_keeps_earlier_outputs(tmp_path, tiny_llama_dir, a
         ("eval: {models: [sft], ppl: {data: [DATA]}}\n", r"recipe step eval: models: no model named sft in this recipe \(available: base\)"),
         ("eval: {mc: {data: DIR, format: cmmlu, split: val}}\n", "recipe step eval: mc: cmmlu has no 'val' split; choose one of dev, test"),
         ("checksum: {algo: md5}\n", "recipe step checksum: unknown option 'algo'"),
+        ("align: {data: [DATA], method: kto}\n", "recipe step align: --method 'kto' is not one of dpo, ipo"),
+        ("merge_align: {}\n", "recipe step merge_align needs the align step before it"),
     ],
 )
 def test_every_step_is_checked_before_anything_runs(tmp_path, tiny_llama_dir, assets, extra, message):

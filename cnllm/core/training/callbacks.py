@@ -1,4 +1,7 @@
-"""Trainer callbacks: progress through the core Progress protocol, metrics.jsonl, and the loss curve."""
+"""Trainer callbacks: progress through the core Progress protocol, metrics.jsonl, and the loss curve.
+
+Preference runs (align) also log TRL's reward accuracy and margin (train batches and held-out pairs):
+they go into the same rows and onto a second panel of the curve."""
 
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ class TrainingMonitor(TrainerCallback):
             "tokens_per_second": round(speed, 1),
             "tokens": tokens,
         }
+        if "rewards/accuracies" in logs:
+            row["reward_accuracy"], row["reward_margin"] = logs["rewards/accuracies"], logs.get("rewards/margins")
         self._write(row)
         if self.started:
             self.progress.advance(0, loss=float(row["loss"]), lr=float(row["lr"] or 0.0), tok_s=round(speed))
@@ -68,6 +73,11 @@ class TrainingMonitor(TrainerCallback):
         if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
             return
         loss = float(metrics["eval_loss"])
+        if "eval_rewards/accuracies" in metrics:
+            accuracy, margin = float(metrics["eval_rewards/accuracies"]), float(metrics["eval_rewards/margins"])
+            self._write({"step": state.global_step, "eval_loss": loss, "reward_accuracy": accuracy, "reward_margin": margin})
+            self.progress.log(f"step {state.global_step}: eval loss {loss:.4f}, reward accuracy {accuracy:.3f}, margin {margin:.4f}")
+            return
         self._write({"step": state.global_step, "eval_loss": loss, "perplexity": perplexity(loss)})
         self.progress.log(f"step {state.global_step}: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
 
@@ -100,7 +110,22 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> None:
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    rewards = [(r["step"], r["reward_accuracy"]) for r in rows if "eval_loss" in r and r.get("reward_accuracy") is not None]
+    if rewards:
+        figure, (axis, reward_axis) = plt.subplots(2, 1, figsize=(7, 6), dpi=100, sharex=True)
+        margins = [(r["step"], r["reward_margin"]) for r in rows if "eval_loss" in r and r.get("reward_margin") is not None]
+        reward_axis.plot(*zip(*rewards), "o-", label="eval reward accuracy", color="tab:green")
+        reward_axis.set_ylabel("reward accuracy")
+        reward_axis.set_xlabel("step")
+        reward_axis.grid(alpha=0.3)
+        if margins:
+            margin_axis = reward_axis.twinx()
+            margin_axis.plot(*zip(*margins), "s--", label="eval reward margin", color="tab:red")
+            margin_axis.set_ylabel("reward margin")
+            margin_axis.legend(loc="lower right")
+        reward_axis.legend(loc="upper left")
+    else:
+        figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         axis.plot(*zip(*train), label="train loss", color="tab:blue")
     if evals:

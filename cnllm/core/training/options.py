@@ -17,6 +17,11 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 PRECISIONS = ("auto", *words_for(FLOAT_DTYPES))
 PT_ONLY = ("block_size", "streaming", "cache_dir")
 SFT_ONLY = ("template", "system", "max_seq_length", "packing", "skip_invalid")
+ALIGN_ONLY = ("method", "beta", "max_length", "max_prompt_length")
+# cnllm align --method: TRL's DPOTrainer loss_type for each DPO-family name; ORPO has its own trainer (no reference).
+ALIGN_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "dpo-norm": "sigmoid_norm",
+                "bco": "bco_pair", "nca": "nca_pair", "sppo": "sppo_hard", "apo-zero": "apo_zero", "apo-down": "apo_down"}
+ALIGN_METHODS = (*ALIGN_LOSSES, "orpo")
 
 
 @dataclass
@@ -78,9 +83,19 @@ class TrainOptions:
     max_seq_length: int = 1024
     packing: bool = False
     skip_invalid: bool = False
+    # preference alignment (align; template, system and skip_invalid as sft)
+    method: str = "dpo"
+    beta: float = 0.1
+    max_length: int = 1024
+    max_prompt_length: Optional[int] = None  # None: half of max_length
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+
+    @property
+    def prompt_length(self) -> int:
+        """The longest prompt align keeps: ``max_prompt_length``, by default half of ``max_length``."""
+        return self.max_prompt_length if self.max_prompt_length is not None else max(1, self.max_length // 2)
 
     @property
     def precision_short(self) -> str:
@@ -89,7 +104,8 @@ class TrainOptions:
 
     def to_dict(self, mode: str | None = None) -> dict:
         """The options (those that matter to ``mode`` when given: pt has no template, sft no block size)."""
-        skip = {"pt": SFT_ONLY, "sft": PT_ONLY}.get(mode or "", ())
+        skip = {"pt": SFT_ONLY + ALIGN_ONLY, "sft": PT_ONLY + ALIGN_ONLY,
+                "align": ("block_size", "streaming", "max_seq_length", "packing")}.get(mode or "", ())
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
     def validate(self, mode: str) -> None:
@@ -155,5 +171,15 @@ class TrainOptions:
 
             if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
                 raise UsageError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}; got {self.attn_implementation!r}")
-        if mode == "sft" and self.streaming:
-            raise UsageError("--streaming is for pt corpora; sft data is read into memory")
+        if mode in ("sft", "align") and self.streaming:
+            raise UsageError(f"--streaming is for pt corpora; {mode} data is read into memory")
+        if mode == "align":
+            self.validate_align()
+
+    def validate_align(self) -> None:
+        if self.method not in ALIGN_METHODS:
+            raise UsageError(f"--method {self.method!r} is not one of {', '.join(ALIGN_METHODS)}")
+        if self.beta <= 0:
+            raise UsageError(f"--beta must be positive, got {self.beta}")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise UsageError(f"--max-prompt-length ({self.max_prompt_length}) must be at least 1 and below --max-length ({self.max_length})")

@@ -1,4 +1,5 @@
-"""One training core for ``cnllm pt`` and ``cnllm sft``: Hugging Face ``Trainer`` + PEFT LoRA.
+"""One training core for ``cnllm pt``, ``cnllm sft`` and ``cnllm align``: Hugging Face ``Trainer`` (TRL's
+preference trainers for align, :mod:`cnllm.core.training.align`) + PEFT LoRA.
 
 The run trains inside a working directory beside the output (``.<name>.cnllm-training``) so
 checkpoints survive an interruption and ``--resume`` can continue them; only a finished run is
@@ -55,6 +56,10 @@ class TrainResult:
     eval_loss: float | None = None
     perplexity_before: float | None = None
     perplexity: float | None = None
+    reward_accuracy_before: float | None = None  # align: held-out pairs whose implicit reward ranks chosen first
+    reward_accuracy: float | None = None
+    reward_margin_before: float | None = None
+    reward_margin: float | None = None
     tokens_per_second: float | None = None
     tokens_seen: int = 0
     train_cpu_seconds: float = 0.0
@@ -222,30 +227,40 @@ def resize_vocabulary(model, tokenizer_length: int) -> tuple[int, int]:
     return old_rows, model.get_input_embeddings().weight.shape[0]
 
 
+def lora_config(options: TrainOptions, train_embeddings: bool):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=options.lora_rank,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=list(options.lora_targets),
+        modules_to_save=list(EMBEDDING_MODULES) if train_embeddings else None,
+    )
+
+
 def apply_peft(model, options: TrainOptions, train_embeddings: bool, precision: str):
-    import torch
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if options.load_in_4bit or options.load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
     if options.peft_path is not None:
         model = PeftModel.from_pretrained(model, str(options.peft_path), is_trainable=True)
     else:
-        config = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=options.lora_rank,
-            lora_alpha=options.lora_alpha,
-            lora_dropout=options.lora_dropout,
-            target_modules=list(options.lora_targets),
-            modules_to_save=list(EMBEDDING_MODULES) if train_embeddings else None,
-        )
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, lora_config(options, train_embeddings))
+    trained_weights_fp32(model, precision)
+    return model
+
+
+def trained_weights_fp32(model, precision: str) -> None:
+    """Trained weights stay fp32 (the optimizer and the fp16 grad scaler need it); autocast does the rest."""
+    import torch
+
     if precision in ("fp16", "bf16"):
-        # Trained weights stay fp32 (the optimizer and the fp16 grad scaler need it); autocast does the rest.
         for parameter in model.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
-    return model
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -316,6 +331,10 @@ def build_data(plan: Plan, tokenizer, progress: Progress):
 
     options, train_files, validation_files = plan.options, plan.train_files, plan.validation_files
 
+    if plan.mode == "align":
+        from cnllm.core.training.align import build_align_data
+
+        return build_align_data(plan, tokenizer, progress)
     if plan.mode == "pt":
         built = data.build_pt_data(
             train_files,
@@ -384,7 +403,7 @@ def training_arguments(plan: Plan, has_eval: bool):
     options, precision = plan.options, plan.precision
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return TrainingArguments(
+    arguments = dict(
         output_dir=str(plan.work),
         per_device_train_batch_size=options.batch_size,
         per_device_eval_batch_size=options.batch_size,
@@ -420,6 +439,11 @@ def training_arguments(plan: Plan, has_eval: bool):
         log_level="error",
         log_level_replica="error",
     )
+    if plan.mode == "align":
+        from cnllm.core.training.align import preference_arguments
+
+        return preference_arguments(options, arguments)
+    return TrainingArguments(**arguments)
 
 
 @dataclass
@@ -447,7 +471,7 @@ def plan_run(mode: str, options: TrainOptions) -> Plan:
     work, resuming = plan_output(options)
     train_files = check_data_files(options.data)
     validation_files = check_data_files(options.validation_data, what="validation data") if options.validation_data else []
-    if mode == "sft":
+    if mode in ("sft", "align"):
         from cnllm.core.templates import TEMPLATE_NAMES, check_template_name
 
         check_template_name(options.template, allowed=TEMPLATE_NAMES)
@@ -512,7 +536,7 @@ def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PRO
     plan = plan_run(mode, options)
     result = TrainResult(output=options.output, mode=mode, main_process=world_rank() == 0)
     tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir), trust_remote_code=options.trust_remote_code)
-    if mode == "sft":
+    if mode in ("sft", "align"):
         record_template(tokenizer, options.template, options.system)
     # Arguments first: they join the process group, so the main process can build the data cache before the others.
     args = training_arguments(plan, has_eval=False)
@@ -556,21 +580,36 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
         if not plan.train_embeddings and not options.full_finetune:
             progress.log("warning: the new embedding rows stay frozen at the mean; pass --train-embeddings to learn them")
     model.config.use_cache = False
+    # A new adapter for a reference-based preference loss goes to TRL as a config: TRL then scores the
+    # reference by disabling it (a wrapped model would make it keep a frozen copy of the adapter as well).
+    peft_config = None
     if options.full_finetune:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
+    elif plan.mode == "align" and options.method != "orpo" and options.peft_path is None and not (options.load_in_4bit or options.load_in_8bit):
+        peft_config = lora_config(options, plan.train_embeddings)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
     else:
         model = apply_peft(model, options, plan.train_embeddings, plan.precision)
     if options.gradient_checkpointing:
         enable_activation_checkpointing(model)
         if not options.full_finetune and not plan.train_embeddings:
             model.enable_input_require_grads()
-    result.trainable_parameters, result.total_parameters = count_parameters(model)
-    progress.log(f"training {result.trainable_parameters:,} of {result.total_parameters:,} parameters ({plan.precision}, {plan.mode})")
-
     metrics_path = work / METRICS_NAME
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
-                      processing_class=tokenizer, callbacks=[TrainingMonitor(progress, metrics_path)])
+    monitor = TrainingMonitor(progress, metrics_path)
+    if plan.mode == "align":
+        from cnllm.core.training.align import preference_trainer
+
+        trainer = preference_trainer(options, model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                     tokenizer=tokenizer, callbacks=[monitor], peft_config=peft_config)
+        if peft_config is not None:
+            trained_weights_fp32(trainer.model, plan.precision)  # the optimizer is made later, in train()
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
+                          processing_class=tokenizer, callbacks=[monitor])
+    result.trainable_parameters, result.total_parameters = count_parameters(trainer.model)
+    progress.log(f"training {result.trainable_parameters:,} of {result.total_parameters:,} parameters ({plan.precision}, {plan.mode})")
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
@@ -584,7 +623,8 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
         trainer.evaluate()
     before = [r for r in read_metrics(metrics_path) if r.get("step") == 0 and "eval_loss" in r] if main else []
     if before:
-        result.eval_loss_before, result.perplexity_before = before[0]["eval_loss"], before[0]["perplexity"]
+        result.eval_loss_before, result.perplexity_before = before[0]["eval_loss"], before[0].get("perplexity")
+        result.reward_accuracy_before, result.reward_margin_before = before[0].get("reward_accuracy"), before[0].get("reward_margin")
 
     tokens_at_start = _checkpoint_tokens(checkpoint)
     cpu_at_start = time.process_time()
@@ -602,9 +642,12 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
     runtime = output.metrics.get("train_runtime") or 0.0
     result.tokens_per_second = round((result.tokens_seen - tokens_at_start) / runtime, 1) if runtime > 0 else None
     if eval_set is not None:
-        evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == result.steps]
-        result.eval_loss = float(evals[-1]) if evals else float(trainer.evaluate()["eval_loss"])
-        result.perplexity = perplexity(result.eval_loss)
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == result.steps]
+        final = evals[-1] if evals else trainer.evaluate()
+        result.eval_loss = float(final["eval_loss"])
+        result.perplexity = perplexity(result.eval_loss) if plan.mode != "align" else None
+        if "eval_rewards/accuracies" in final:
+            result.reward_accuracy, result.reward_margin = float(final["eval_rewards/accuracies"]), float(final["eval_rewards/margins"])
     trainer.save_model(str(work))
     if main:
         copy_missing_tokenizer_files(plan.tokenizer_dir, work)
