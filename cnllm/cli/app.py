@@ -61,7 +61,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": (
         "cnllm.commands.demo",
         "demo",
-        "Run the embedded demo on CPU: tiny LLaMA → Chinese vocabulary → pre-training → SFT → GGUF → Q8_0/Q4_K → eval → checksums.",
+        "Run the embedded demo on CPU: tiny LLaMA → Chinese vocabulary → pre-training → SFT → DPO → GGUF → Q8_0/Q4_K → eval → checksums.",
     ),
 }
 

@@ -17,7 +17,7 @@ def demo(
     force: Annotated[bool, typer.Option("--force", "-f", help="Re-run every step even when up to date.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Run the embedded demo on CPU: tiny LLaMA → Chinese vocabulary → pre-training → SFT → GGUF → Q8_0/Q4_K → eval → checksums.
+    """Run the embedded demo on CPU: tiny LLaMA → Chinese vocabulary → pre-training → SFT → DPO → GGUF → Q8_0/Q4_K → eval → checksums.
 
     Re-running skips the steps that are up to date. Ends with WORKDIR/report.md and report.json.
 

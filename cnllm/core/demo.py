@@ -78,7 +78,7 @@ def run_demo(workdir: Path, *, force: bool = False, progress: Progress = NULL_PR
 def next_commands(result: PipelineResult) -> list[tuple[str, str]]:
     """What to try next on the demo's own outputs: (what it does, command), paths relative to the current folder.
 
-    No ``--template``: the sft step's template travels with the model into its GGUF files.
+    No ``--template``: the chat template sft recorded travels with the model into its GGUF files.
     """
 
     def shown(path: Path) -> str:
