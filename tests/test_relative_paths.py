@@ -42,7 +42,7 @@ def assets_listing() -> set[str]:
 def workspace(tmp_path, tiny_llama_dir) -> Path:
     """A user's folder: a base model and the bundled samples beside each other, nothing else."""
     shutil.copytree(tiny_llama_dir, tmp_path / "base")
-    for name in ("zh.txt", "zh_heldout.txt", "alpaca_zh.json", "ceval-mini"):
+    for name in ("zh.txt", "zh_heldout.txt", "alpaca_zh.json", "pref_zh.jsonl", "pref_zh_heldout.jsonl", "ceval-mini"):
         source = ASSETS / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
     return tmp_path
@@ -59,6 +59,8 @@ def test_every_command_takes_paths_relative_to_the_current_folder(workspace):
     run("pt", "--model", "base", "--tokenizer", "tok", "--data", "zh.txt", "-o", "pt-lora", "--block-size", "64", *tiny_training)
     run("merge-lora", "--base", "base", "--lora", "pt-lora", "-o", "merged")
     run("sft", "--model", "merged", "--data", "alpaca_zh.json", "--template", "alpaca", "-o", "sft-lora", "--max-seq-length", "128", *tiny_training)
+    run("align", "--model", "merged", "--data", "pref_zh.jsonl", "--template", "alpaca", "-o", "align-lora", "--max-length", "128", *tiny_training)
+    run("eval", "pref", "merged", "--lora", "align-lora", "--data", "pref_zh_heldout.jsonl", "--template", "alpaca", "-o", "pref.json")
     run("diff-recover", "--make-diff", "--base", "base", "--tuned", "merged", "-o", "diff")
     run("diff-recover", "--base", "base", "--diff", "diff", "-o", "recovered", "--reference", "merged")
     run("merge-lora", "--base", "base", "--lora", "pt-lora", "-o", "meta", "--format", "pth")
@@ -70,10 +72,16 @@ def test_every_command_takes_paths_relative_to_the_current_folder(workspace):
     ppl = json.loads(run("eval", "ppl", "merged.gguf", "--data", "zh_heldout.txt", "--ctx", "64", "--json", "-o", "ppl.json").stdout)
     assert ppl["total"]["ppl"] > 1
     run("eval", "mc", "merged", "--data", "ceval-mini", "--format", "ceval", "--shots", "0", "-o", "mc")
+    run("eval", "passkey", "merged.gguf", "--length", "192", "--depth", "0.5", "--trials", "1", "-o", "passkey.json")
+    (workspace / "longbench").mkdir()
+    sample = {"input": "中国的首都是哪里？", "context": "北京是中国的首都。" * 8, "answers": ["北京"], "length": 72,
+              "dataset": "multifieldqa_zh", "language": "zh", "all_classes": None, "_id": "zh-1"}
+    (workspace / "longbench" / "multifieldqa_zh.jsonl").write_text(json.dumps(sample, ensure_ascii=False) + "\n", encoding="utf-8")
+    run("eval", "longbench", "merged.gguf", "--data", "longbench", "--max-length", "200", "-o", "lb")
     run("checksum", "create", "merged", "-o", "merged.sha256")
     run("checksum", "verify", "merged.sha256")
 
-    for output in ("zh.model", "tok", "pt-lora", "merged", "meta-hf", "sft-lora", "diff", "recovered", "merged.gguf", "merged-q8.gguf", "from-gguf", "ppl.json", "mc", "merged.sha256"):
+    for output in ("zh.model", "tok", "pt-lora", "merged", "meta-hf", "sft-lora", "diff", "recovered", "merged.gguf", "merged-q8.gguf", "from-gguf", "ppl.json", "mc", "align-lora", "pref.json", "passkey.json", "lb", "merged.sha256"):
         assert (workspace / output).exists(), output
     assert assets_listing() == before
 
