@@ -106,24 +106,10 @@ def record_pair(record: Any, where: str) -> PreferencePair:
 
 def read_preference_pairs(paths: Iterable[Path | str], *, skip_invalid: bool = False, what: str = "data") -> PreferenceRead:
     """Pairs from JSON arrays / JSONL files; a bad record is ``file:line: reason`` (or skipped and counted)."""
-    from cnllm.core.training.data import _records_in_file, check_data_files
+    from cnllm.core.training.data import read_records
 
-    paths = list(paths)
-    result = PreferenceRead(pairs=[])
-    for path in check_data_files(paths, what=what):
-        for line, record in _records_in_file(path):
-            where = f"{path}:{line}"
-            try:
-                if isinstance(record, ValueError):
-                    raise record
-                result.pairs.append(record_pair(record, where))
-            except ValueError as exc:
-                if not skip_invalid:
-                    raise UsageError(f"{where}: {exc} (pass --skip-invalid to skip such records)") from None
-                result.skipped.append(f"{where}: {exc}")
-    if not result.pairs:
-        raise UsageError(f"no usable preference pairs in {', '.join(str(p) for p in paths)}")
-    return result
+    pairs, skipped = read_records(paths, record_pair, skip_invalid=skip_invalid, what=what, kind="preference pairs")
+    return PreferenceRead(pairs, skipped)
 
 
 def split_pairs(pairs: Sequence[PreferencePair], share: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:

@@ -305,23 +305,37 @@ def _records_in_file(path: Path) -> Iterator[tuple[int, Any]]:
             yield number, ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})")
 
 
-def read_sft_records(paths: Iterable[Path | str], *, skip_invalid: bool = False) -> SftReadResult:
-    """Conversations from JSON arrays / JSONL files; a bad record is ``file:line: reason`` (or skipped and counted)."""
-    result = SftReadResult(records=[])
-    for path in check_data_files(paths):
+def read_records(
+    paths: Iterable[Path | str], convert: Callable[[Any, str], Any], *, skip_invalid: bool, what: str = "data", kind: str = "records"
+) -> tuple[list, list[str]]:
+    """Each record of JSON arrays / JSONL files through ``convert(record, "file:line")``: (items, skipped).
+
+    Bad JSON or a ``ValueError`` from ``convert`` is one ``file:line: reason`` error, or with
+    ``skip_invalid`` skipped and counted; sft records and preference pairs are read alike.
+    """
+    paths = list(paths)
+    items: list = []
+    skipped: list[str] = []
+    for path in check_data_files(paths, what=what):
         for line, record in _records_in_file(path):
             where = f"{path}:{line}"
             try:
                 if isinstance(record, ValueError):
                     raise record
-                result.records.append(SftRecord(where, _record_messages(record)))
+                items.append(convert(record, where))
             except ValueError as exc:
                 if not skip_invalid:
                     raise UsageError(f"{where}: {exc} (pass --skip-invalid to skip such records)") from None
-                result.skipped.append(f"{where}: {exc}")
-    if not result.records:
-        raise UsageError(f"no usable records in {', '.join(str(p) for p in paths)}")
-    return result
+                skipped.append(f"{where}: {exc}")
+    if not items:
+        raise UsageError(f"no usable {kind} in {', '.join(str(p) for p in paths)}")
+    return items, skipped
+
+
+def read_sft_records(paths: Iterable[Path | str], *, skip_invalid: bool = False) -> SftReadResult:
+    """Conversations from JSON arrays / JSONL files; a bad record is ``file:line: reason`` (or skipped and counted)."""
+    records, skipped = read_records(paths, lambda record, where: SftRecord(where, _record_messages(record)), skip_invalid=skip_invalid)
+    return SftReadResult(records, skipped)
 
 
 @dataclass
