@@ -24,7 +24,8 @@ from cnllm.core.templates import PromptFormat, resolve_template
 
 # How one letter can appear as a vocabulary piece: bare, SentencePiece word start, byte-level BPE space, plain space.
 LETTER_SPELLINGS = ("{}", "\u2581{}", "\u0120{}", " {}")
-SOFTMAX_ROWS = 256  # logits rows turned into float64 log-probabilities at once
+SOFTMAX_ROWS = 8  # logits rows log-softmaxed at once: a few float64 rows stay in cache (large blocks run 100× slower)
+HEAD_ROWS = 1024  # positions put through the output layer at once, so no context × vocabulary matrix is ever built
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,19 @@ def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, dtype=np.float64)
     peak = logits.max(axis=-1, keepdims=True)
     return logits - peak - np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))
+
+
+def target_logprobs_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log P(targets[i]) under row i of ``logits``, in float64, without materialising the log-softmax matrix."""
+    picked = np.empty(len(targets))
+    for at in range(0, len(targets), SOFTMAX_ROWS):
+        rows = np.asarray(logits[at : at + SOFTMAX_ROWS], dtype=np.float64)
+        peak = rows.max(axis=-1)
+        rows -= peak[:, None]
+        own = rows[np.arange(len(rows)), targets[at : at + SOFTMAX_ROWS]]
+        np.exp(rows, out=rows)
+        picked[at : at + len(rows)] = own - np.log(rows.sum(axis=-1))
+    return picked
 
 
 class ScoringModel(ABC):
@@ -155,11 +169,17 @@ class TransformersModel(ScoringModel):
     def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
         import torch
 
+        head, softcap = self.model.get_output_embeddings(), getattr(self.model.config, "final_logit_softcapping", None)
         with torch.inference_mode():
             ids = torch.tensor([list(w) for w in windows], device=self.device)
-            logits = self.model(input_ids=ids, use_cache=False).logits[:, first - 1 : -1].float()
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, first:, None])[..., 0]
-        return list(picked.double().cpu().numpy())
+            hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, first - 1 : -1]
+            targets, picked = ids[:, first:], []
+            for at in range(0, hidden.shape[1], HEAD_ROWS):  # the causal LM's own head, a slice of positions at a time
+                logits = head(hidden[:, at : at + HEAD_ROWS]).float()
+                if softcap:  # Gemma 2/3 squash the final logits
+                    logits = torch.tanh(logits / softcap) * softcap
+                picked.append(torch.log_softmax(logits, dim=-1).gather(-1, targets[:, at : at + HEAD_ROWS, None])[..., 0])
+        return list(torch.cat(picked, dim=1).double().cpu().numpy())
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """One forward pass for the batch: left padding, an attention mask, positions counted from each prompt's start."""
@@ -279,12 +299,9 @@ class LlamaCppModel(ScoringModel):
                         batch.logits[k] = first - 1 <= start + k < len(window) - 1
                     if llama_cpp.llama_decode(ctx, batch) != 0:
                         raise CnllmError(f"llama.cpp failed to decode a window of {len(window)} tokens")
-                    if scored:  # the rows come in batch order; float64 log-softmax a slice at a time (bounded memory)
+                    if scored:  # the rows come in batch order
                         rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(scored), self.n_vocab))
-                        targets = np.asarray([window[p + 1] for p in scored])
-                        for at in range(0, len(scored), SOFTMAX_ROWS):
-                            chunk = log_softmax_rows(rows[at : at + SOFTMAX_ROWS])
-                            picked.append(chunk[np.arange(len(chunk)), targets[at : at + SOFTMAX_ROWS]])
+                        picked.append(target_logprobs_rows(rows, np.asarray([window[p + 1] for p in scored])))
                 results.append(np.concatenate(picked))
         finally:
             llama_cpp.llama_batch_free(batch)

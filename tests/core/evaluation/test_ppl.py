@@ -158,3 +158,44 @@ def test_missing_file_and_unloadable_model(tiny_llama_dir, tmp_path):
         evaluate_perplexity(ModelSpec(fake), [asset("en.txt")], PplOptions())
     with pytest.raises(UsageError, match="neither a .gguf file"):
         evaluate_perplexity(ModelSpec(tmp_path), [asset("en.txt")], PplOptions())
+
+
+def test_target_rows_equal_the_full_log_softmax():
+    import numpy as np
+
+    from cnllm.core.evaluation.models import log_softmax_rows, target_logprobs_rows
+
+    logits = np.random.default_rng(0).normal(scale=8.0, size=(21, 300)).astype(np.float32)  # not a multiple of the row block
+    targets = np.arange(21) * 13 % 300
+    expected = log_softmax_rows(logits)[np.arange(21), targets]
+    assert np.allclose(target_logprobs_rows(logits, targets), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_output_layer_in_slices_equals_the_causal_lm(tiny_llama_dir, tmp_path, monkeypatch, softcap):
+    """Positions go through the output layer a slice at a time (long contexts never build a context × vocabulary
+    matrix); the result must be the causal LM's own, Gemma's final logit soft-capping included."""
+    import torch
+    from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
+
+    import cnllm.core.evaluation.models as models
+
+    model_dir = tiny_llama_dir
+    if softcap:
+        vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
+        config = Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=16, final_logit_softcapping=softcap, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        model_dir = tmp_path / "gemma2"
+        Gemma2ForCausalLM(config).save_pretrained(model_dir)
+        for item in Path(tiny_llama_dir).glob("tokenizer*"):
+            (model_dir / item.name).write_bytes(item.read_bytes())
+    monkeypatch.setattr(models, "HEAD_ROWS", 7)
+    scorer = models.TransformersModel(ModelSpec(model_dir))
+    windows = [list(range(5, 45)), list(range(105, 145))]
+    with torch.no_grad():
+        logits = scorer.model(input_ids=torch.tensor(windows)).logits[:, 2:-1]
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(windows)[:, 3:, None])[..., 0].numpy()
+    got = scorer.target_logprobs(windows, 3)
+    assert [len(row) for row in got] == [37, 37]
+    assert max(abs(a - b).max() for a, b in zip(got, expected)) < 1e-5
