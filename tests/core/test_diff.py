@@ -171,3 +171,28 @@ def test_negative_zero_is_counted_not_refused(tmp_path, tiny_llama_dir, tuned):
     diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered")
     value = dict(iter_tensors(tmp_path / "recovered"))["model.layers.0.self_attn.q_proj.weight"][0, 0]
     assert value == 0 and not torch.signbit(value)
+
+
+def test_rope_scaling_travels_from_adapter_through_diff_to_gguf(tmp_path, tiny_llama_dir):
+    """A long-context model published as a diff: the scaling a pt run trained with (written beside its adapter)
+    reaches the merged config, the diff, the recovered model and the GGUF's rope keys."""
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
+    from cnllm.core.modelio import CONFIG_OVERRIDES_NAME
+    from cnllm.core.rope import training_overrides
+    from tests.core.gguf.util import gguf_fields
+
+    adapter = build_adapter(tiny_llama_dir, tmp_path / "adapter")
+    base_config = json.loads((tiny_llama_dir / "config.json").read_text())
+    overrides = training_overrides("yarn", 4.0, base_config)
+    (adapter / CONFIG_OVERRIDES_NAME).write_text(json.dumps(overrides))
+    tuned = merge_lora(tiny_llama_dir, [adapter], tmp_path / "long").output
+    diff.make_diff(tiny_llama_dir, tuned, tmp_path / "diff")
+    diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "recovered")
+    recovered = json.loads((tmp_path / "recovered" / "config.json").read_text())
+    assert recovered["rope_parameters"] == overrides["rope_parameters"]
+    assert recovered["max_position_embeddings"] == 4 * base_config["max_position_embeddings"]
+    fields = gguf_fields(convert_to_gguf(tmp_path / "recovered", tmp_path / "long.gguf", ConvertOptions(vocab_only=True)).output)
+    assert fields["llama.rope.scaling.type"] == "yarn"
+    assert fields["llama.rope.scaling.factor"] == pytest.approx(4.0)
+    assert fields["llama.rope.scaling.original_context_length"] == base_config["max_position_embeddings"]
+    assert fields["llama.context_length"] == 4 * base_config["max_position_embeddings"]
