@@ -37,6 +37,7 @@ from cnllm.core.modelio import (
     adapter_config_overrides,
     has_tokenizer,
     load_config,
+    read_json,
     tied_head_source,
     ties_embeddings,
     tokenizer_length,
@@ -195,10 +196,7 @@ def read_adapter(directory: Path | str) -> Adapter:
     config_path = directory / "adapter_config.json"
     if not config_path.exists():
         raise UsageError(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{config_path} is not valid JSON") from None
+    config = read_json(config_path)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UsageError(f"{directory} is a {peft_type or 'unknown'} adapter; merge-lora merges LoRA adapters only")

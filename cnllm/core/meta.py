@@ -26,6 +26,7 @@ from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
+from cnllm.core.modelio import read_json
 from cnllm.core.hashing import create_manifest
 from cnllm.core.merge import META_LAYER_NAMES, META_SPLIT_DIM, META_TOP_NAMES, copy_tokenizer, format_shape, permute
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -115,10 +116,7 @@ def read_params(source: Path) -> dict:
     path = source / "params.json"
     if not path.exists():
         raise UsageError(f"{source} has consolidated.NN.pth but no params.json")
-    try:
-        params = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is not valid JSON") from None
+    params = read_json(path)
     missing = [key for key in ("dim", "n_layers", "n_heads") if not isinstance(params.get(key), int)]
     if missing:
         raise UsageError(f"{path} lacks {', '.join(missing)}; is it a LLaMA params.json?")

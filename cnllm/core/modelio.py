@@ -68,6 +68,14 @@ CONFIG_SIZES = (
 CONFIG_NUMBERS = ("rms_norm_eps", "rope_theta", "initializer_range")
 
 
+def read_json(path: Path) -> object:
+    """A JSON file a model, adapter or tokenizer folder carries; a usage error naming it when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{path} is not valid JSON") from None
+
+
 def load_config(model_dir: Path | str) -> dict:
     """``config.json`` as a mapping whose size fields are positive integers (a usage error naming the field otherwise)."""
     path = Path(model_dir) / "config.json"
@@ -75,10 +83,7 @@ def load_config(model_dir: Path | str) -> dict:
         raise UsageError(f"{model_dir} is not a model directory")
     if not path.exists():
         raise UsageError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is not valid JSON") from None
+    config = read_json(path)
     check_config(config, path)
     return config
 
@@ -131,12 +136,7 @@ def tokenizer_length(tokenizer_dir: Path | str) -> int:
 
 def _added_tokens_json(directory: Path) -> dict:
     path = directory / "added_tokens.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UsageError(f"{path} is not valid JSON") from None
+    return read_json(path) if path.exists() else {}
 
 
 @dataclass

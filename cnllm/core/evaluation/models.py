@@ -117,8 +117,6 @@ class TransformersModel(ScoringModel):
     backend = "transformers"
 
     def __init__(self, spec: ModelSpec):
-        import torch
-
         from cnllm.core.modelio import load_causal_lm, load_tokenizer, tokenizer_adds_bos
 
         self.path, self.spec = spec.path, spec

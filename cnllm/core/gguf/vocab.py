@@ -20,11 +20,11 @@ Special ids, ``add_bos``/``add_eos``, merges and the chat template come from ``g
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnllm.core.errors import UsageError
+from cnllm.core.modelio import read_json
 from cnllm.core.tokenizers.spm import load_processor
 
 SPIECE_UNDERLINE = "\u2581"
@@ -77,13 +77,6 @@ class TokenizerVocab:
             writer.add_add_bos_token(False)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is not valid JSON") from None
-
-
 def looks_special(token: str) -> bool:
     """Added tokens some models forget to mark special (the reference converter's heuristic)."""
     return (
@@ -104,7 +97,7 @@ def tokenizer_kind(model_dir: Path) -> str:
     if (model_dir / "tokenizer.model").is_file():
         return "spm"
     if (model_dir / "tokenizer.json").is_file():
-        definition = _read_json(model_dir / "tokenizer.json")
+        definition = read_json(model_dir / "tokenizer.json")
         model = definition.get("model") or {}
         if model.get("type") == "BPE" and model.get("byte_fallback"):
             raise UsageError(
@@ -122,7 +115,7 @@ def base_vocabulary(model_dir: Path) -> dict[str, int]:
     if (model_dir / "tokenizer.model").is_file():
         processor = load_processor(model_dir / "tokenizer.model")
         return {processor.IdToPiece(i): i for i in range(processor.GetPieceSize())}
-    definition = _read_json(model_dir / "tokenizer.json")
+    definition = read_json(model_dir / "tokenizer.json")
     vocab = dict(definition.get("model", {}).get("vocab") or {})
     vocab.update({t["content"]: t["id"] for t in definition.get("added_tokens", [])})
     return vocab
@@ -133,7 +126,7 @@ def check_added_tokens(model_dir: Path) -> None:
     path = model_dir / "added_tokens.json"
     if not path.is_file():
         return
-    added = _read_json(path)
+    added = read_json(path)
     vocab = base_vocabulary(model_dir)
     by_id = {i: t for t, i in vocab.items()}
     for token, token_id in added.items():
@@ -176,7 +169,7 @@ def sentencepiece_vocab(model_dir: Path, vocab_size: int | None) -> TokenizerVoc
 
     added_path = model_dir / "added_tokens.json"
     if added_path.is_file():
-        for token, token_id in _read_json(added_path).items():
+        for token, token_id in read_json(added_path).items():
             if token_id < size:
                 tokens[token_id] = token.encode("utf-8")
                 scores[token_id] = -1000.0
@@ -184,7 +177,7 @@ def sentencepiece_vocab(model_dir: Path, vocab_size: int | None) -> TokenizerVoc
 
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
-        config = _read_json(config_path)
+        config = read_json(config_path)
         for key, data in (config.get("added_tokens_decoder") or {}).items():
             token_id, token = int(key), data["content"]
             if token_id >= size:
@@ -253,7 +246,7 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None, pre_tokenizer: str | None
     from tokenizers import Tokenizer
 
     path = model_dir / "tokenizer.json"
-    definition = _read_json(path)
+    definition = read_json(path)
     pre = pre_tokenizer or detect_pre_tokenizer(definition.get("pre_tokenizer"))
     if pre is None:
         raise UsageError(
@@ -302,5 +295,5 @@ def build_vocab(model_dir: Path | str, vocab_size: int | None, *, pre_tokenizer:
         vocab = bpe_vocab(model_dir, vocab_size, pre_tokenizer)
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
-        vocab.add_space_prefix = _read_json(config_path).get("add_prefix_space")
+        vocab.add_space_prefix = read_json(config_path).get("add_prefix_space")
     return vocab

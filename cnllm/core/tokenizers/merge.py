@@ -10,7 +10,6 @@ Byte-level BPE bases (Llama-3) are extended by :mod:`cnllm.core.tokenizers.bpe`.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Iterable, Literal, Optional, Sequence
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
+from cnllm.core.modelio import read_json
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tokenizers import sources
@@ -188,12 +188,7 @@ def extend_spm(
 
 def _base_config(directory: Path | None) -> dict:
     path = directory / "tokenizer_config.json" if directory else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is not valid JSON") from None
+    return read_json(path) if path is not None and path.is_file() else {}
 
 
 def _write_spm_output(proto, tmp: Path, base: sources.TokenizerSource) -> None:
