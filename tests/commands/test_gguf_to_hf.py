@@ -50,6 +50,39 @@ def test_round_trip_gives_identical_tensors(cli, tmp_path, model):
     record = json.loads((out / "cnllm-gguf-to-hf.json").read_text())
     assert record["results"]["parameters"] == document["parameters"] and record["inputs"][0]["path"].endswith("m.gguf")
     assert cli("checksum", "verify", out / "SHA256SUMS").exit_code == 0
+    assert document["sentencepiece_model"] is (model.name != "llama3") is (out / "tokenizer.model").exists()
+
+
+def test_sentencepiece_gguf_gets_its_tokenizer_model_back_and_converts_again(cli, tmp_path, tiny_llama_dir):
+    """The rebuilt tokenizer.model has the original's pieces, scores and types (special tokens come back as the
+    converter wrote them: control, score -1000, and unk unknown), tokenizes alike, and convert-gguf takes the output
+    again, writing the same vocabulary as the first conversion."""
+    import sentencepiece
+
+    from cnllm.core.tokenizers.spm import load_proto
+    from tests.core.gguf.util import gguf_fields
+
+    first = convert_to_gguf(tiny_llama_dir, tmp_path / "m.gguf", ConvertOptions(outtype="f32")).output
+    assert cli("gguf-to-hf", first, "-o", tmp_path / "back").exit_code == 0
+    original, rebuilt = load_proto(tiny_llama_dir / "tokenizer.model"), load_proto(tmp_path / "back" / "tokenizer.model")
+    special = {0, 1, 2}
+    assert [p.piece for p in rebuilt.pieces] == [p.piece for p in original.pieces]
+    assert [(p.score, p.type) for i, p in enumerate(rebuilt.pieces) if i not in special] == [
+        (p.score, p.type) for i, p in enumerate(original.pieces) if i not in special
+    ]
+    assert [p.type for p in rebuilt.pieces[:3]] == [p.type for p in original.pieces[:3]] == [2, 3, 3]
+    text = "Hello  中文 world,\n 1234! 𝄞"
+    encode = lambda path: sentencepiece.SentencePieceProcessor(model_file=str(path)).encode(text)  # noqa: E731
+    assert encode(tmp_path / "back" / "tokenizer.model") == encode(tiny_llama_dir / "tokenizer.model")
+    again = convert_to_gguf(tmp_path / "back", tmp_path / "again.gguf", ConvertOptions(outtype="f32")).output
+    before, after = gguf_fields(first), gguf_fields(again)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.bos_token_id"):
+        assert after[key] == before[key], key
+    # <unk> may come back unknown rather than control (both special to llama.cpp); every other type is the same.
+    assert after["tokenizer.ggml.token_type"][1:] == before["tokenizer.ggml.token_type"][1:]
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokenize = lambda path: llama_cpp.Llama(str(path), vocab_only=True, verbose=False).tokenize(text.encode())  # noqa: E731
+    assert tokenize(again) == tokenize(first)
 
 
 def test_errors_are_one_line_and_write_nothing(cli, tmp_path, tiny_spm_f32_gguf):

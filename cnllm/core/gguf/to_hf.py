@@ -3,7 +3,8 @@
 transformers reads the GGUF (de-quantizing every tensor to float and undoing llama.cpp's q/k
 permutation) and rebuilds the tokenizer from ``tokenizer.ggml.*``, chat template included. A
 GGUF-loaded model refuses ``save_pretrained``, so its weights are copied into a plain model built
-from the same config, which is saved as safetensors. The file is checked first (magic,
+from the same config, which is saved as safetensors. A SentencePiece GGUF also gets its
+``tokenizer.model`` back (pieces, scores and types), so the output converts to GGUF again. The file is checked first (magic,
 architecture, every tensor's data inside the file), so a wrong or truncated input is one line.
 """
 
@@ -54,6 +55,7 @@ class GgufToHfResult:
     vocab_size: int
     tied_embeddings: bool
     chat_template: bool
+    sentencepiece_model: bool  # tokenizer.model rebuilt from the GGUF's SentencePiece vocabulary
     dtype: str
     files: list[str] = field(default_factory=list)
     total_bytes: int = 0
@@ -71,6 +73,7 @@ class GgufToHfResult:
             "vocab_size": self.vocab_size,
             "tied_embeddings": self.tied_embeddings,
             "chat_template": self.chat_template,
+            "sentencepiece_model": self.sentencepiece_model,
             "dtype": self.dtype,
             "files": self.files,
             "total_bytes": self.total_bytes,
@@ -101,6 +104,41 @@ def inspect_gguf(path: Path) -> tuple[str, str, int]:
     file_type = fields["general.file_type"].contents() if "general.file_type" in fields else None
     name = gguf.LlamaFileType(file_type).name if file_type is not None else "unknown"
     return architecture, name, len(reader.tensors)
+
+
+SPECIAL_ID_KEYS = {"unk_id": "unknown_token_id", "bos_id": "bos_token_id", "eos_id": "eos_token_id", "pad_id": "padding_token_id"}
+
+
+def sentencepiece_model(path: Path) -> bytes | None:
+    """``tokenizer.model`` rebuilt from a SentencePiece GGUF's vocabulary (None for byte-level BPE GGUFs, or when
+    SentencePiece refuses the vocabulary): the pieces, scores and types llama.cpp tokenizes with."""
+    import gguf
+    import sentencepiece
+
+    from cnllm.core.tokenizers.spm import proto_from_pieces
+
+    fields = gguf.GGUFReader(path).fields
+
+    def value(key: str, default=None):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        return default if field is None else field.contents()
+
+    if value("model") != "llama" or value("tokens") is None:
+        return None
+    tokens = value("tokens")
+    proto = proto_from_pieces(
+        tokens,
+        value("scores", [0.0] * len(tokens)),
+        value("token_type", [1] * len(tokens)),
+        special_ids={name: value(key, -1) for name, key in SPECIAL_ID_KEYS.items()},
+        add_dummy_prefix=value("add_space_prefix", True),
+    )
+    data = proto.SerializeToString()
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=data)
+    except RuntimeError:
+        return None
+    return data
 
 
 @contextlib.contextmanager
@@ -168,6 +206,7 @@ def gguf_to_hf(
     progress.finish()
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
+    spm_model = sentencepiece_model(source)
     parameters = sum(p.numel() for p in plain.parameters())
     del loaded, state
     result = GgufToHfResult(
@@ -180,12 +219,15 @@ def gguf_to_hf(
         vocab_size=config.vocab_size,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        sentencepiece_model=spm_model is not None,
         dtype=str(options.dtype),
     )
     with atomic_dir(output, force=force) as tmp:
         progress.log(f"writing {output}")
         plain.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=options.max_shard_size)
         tokenizer.save_pretrained(str(tmp))
+        if spm_model is not None:
+            (tmp / "tokenizer.model").write_bytes(spm_model)
         write_record(tmp, "gguf-to-hf", inputs=[source], options=dataclasses.asdict(options), results={
             k: v for k, v in result.to_dict().items() if k not in ("files", "total_bytes", "seconds")
         })

@@ -35,6 +35,27 @@ def model_proto_class():
     return sentencepiece_model_pb2.ModelProto
 
 
+def proto_from_pieces(pieces: list[str], scores: list[float], types: list[int], *, special_ids: dict[str, int], add_dummy_prefix: bool):
+    """A BPE ``tokenizer.model`` (LLaMA's kind) from a vocabulary's pieces, scores and types (SentencePiece's type
+    numbers, which GGUF shares): all that llama.cpp and the slow tokenizer use of the model a GGUF was made from.
+    ``special_ids``: ``unk_id``, ``bos_id``, ``eos_id``, ``pad_id`` (-1 or absent: none)."""
+    proto = model_proto_class()()
+    trainer = proto.trainer_spec
+    trainer.model_type = trainer.BPE
+    trainer.vocab_size = len(pieces)
+    trainer.byte_fallback = PIECE_BYTE in types
+    for name in ("unk_id", "bos_id", "eos_id", "pad_id"):
+        setattr(trainer, name, special_ids.get(name, -1))
+    normalizer = proto.normalizer_spec
+    normalizer.name, normalizer.add_dummy_prefix = "identity", add_dummy_prefix
+    normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, True
+    for piece, score, kind in zip(pieces, scores, types):
+        proto.pieces.add(piece=piece, score=score, type=kind if PIECE_NORMAL <= kind <= PIECE_BYTE else PIECE_NORMAL)
+    if 0 <= trainer.unk_id < len(pieces):  # converters mark every special token control; SentencePiece needs its unk
+        proto.pieces[trainer.unk_id].type = PIECE_UNKNOWN
+    return proto
+
+
 def load_proto(path: Path | str):
     """Parse a ``tokenizer.model``; a file that is not one is a usage error naming it."""
     from google.protobuf.message import DecodeError

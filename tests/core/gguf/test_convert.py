@@ -270,15 +270,15 @@ def test_pickled_checkpoint_gives_the_same_tensors(tmp_path, tiny_llama_dir, tin
         assert np.array_equal(data, expected[name][2]), name
 
 
-def test_chinese_llama_2_vocabulary_tokenizes_in_llama_cpp_like_sentencepiece(tmp_path, shared_fixtures):
-    """The published 55,296-piece Chinese-LLaMA-2 tokenizer, through a vocab-only GGUF (weights are zeros)."""
+@pytest.fixture(scope="module")
+def chinese_llama_2_vocab_gguf(tmp_path_factory, shared_fixtures) -> tuple[Path, Path]:
+    """The published 55,296-piece Chinese-LLaMA-2 tokenizer as a vocab-only GGUF (weights are zeros):
+    ``(tokenizer.model, GGUF)``."""
     import shutil
 
-    import llama_cpp
-    import sentencepiece as spm
     from safetensors.numpy import save_file
 
-    model = tmp_path / "model"
+    model = tmp_path_factory.mktemp("chinese-llama-2") / "model"
     model.mkdir()
     shutil.copy2(shared_fixtures / "tokenizers/chinese-llama-2/tokenizer.model", model / "tokenizer.model")
     rows, hidden = 55296, 16
@@ -290,14 +290,37 @@ def test_chinese_llama_2_vocabulary_tokenizes_in_llama_cpp_like_sentencepiece(tm
     (model / "config.json").write_text(json.dumps(config))
     zeros = np.zeros((rows, hidden), dtype=np.float16)
     save_file({"model.embed_tokens.weight": zeros, "lm_head.weight": zeros}, str(model / "model.safetensors"))
-    out = convert_to_gguf(model, tmp_path / "vocab.gguf", ConvertOptions(vocab_only=True)).output
-    sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
+    return model / "tokenizer.model", convert_to_gguf(model, model.parent / "vocab.gguf", ConvertOptions(vocab_only=True)).output
+
+
+def test_chinese_llama_2_vocabulary_tokenizes_in_llama_cpp_like_sentencepiece(chinese_llama_2_vocab_gguf):
+    import llama_cpp
+    import sentencepiece as spm
+
+    tokenizer_model, out = chinese_llama_2_vocab_gguf
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
     try:
         for text in TEXTS.values():
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
     finally:
         llm.close()
+
+
+def test_tokenizer_model_rebuilt_from_the_gguf_tokenizes_like_the_published_one(chinese_llama_2_vocab_gguf):
+    """What gguf-to-hf writes as tokenizer.model for a SentencePiece GGUF, on the real Chinese-LLaMA-2 vocabulary."""
+    import sentencepiece as spm
+
+    from cnllm.core.gguf.to_hf import sentencepiece_model
+
+    tokenizer_model, out = chinese_llama_2_vocab_gguf
+    published = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    rebuilt = spm.SentencePieceProcessor(model_proto=sentencepiece_model(out))
+    assert rebuilt.vocab_size() == published.vocab_size() == 55296
+    assert [rebuilt.bos_id(), rebuilt.eos_id(), rebuilt.unk_id()] == [published.bos_id(), published.eos_id(), published.unk_id()]
+    for text in TEXTS.values():
+        assert rebuilt.encode(text) == published.encode(text), text
+        assert rebuilt.decode(published.encode(text)) == published.decode(published.encode(text))
 
 
 def test_sentencepiece_tokenizer_json_without_tokenizer_model_is_refused(tmp_path, tiny_llama_dir):
