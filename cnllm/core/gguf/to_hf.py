@@ -4,8 +4,9 @@ transformers reads the GGUF (de-quantizing every tensor to float and undoing lla
 permutation) and rebuilds the tokenizer from ``tokenizer.ggml.*``, chat template included. A
 GGUF-loaded model refuses ``save_pretrained``, so its weights are copied into a plain model built
 from the same config, which is saved as safetensors. A SentencePiece GGUF also gets its
-``tokenizer.model`` back (pieces, scores and types), so the output converts to GGUF again. The file is checked first (magic,
-architecture, every tensor's data inside the file), so a wrong or truncated input is one line.
+``tokenizer.model`` back (pieces, scores and types), so the output converts to GGUF again. The
+file is checked first (magic, architecture, every tensor's data inside the file), so a wrong or
+truncated input is one line.
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ def inspect_gguf(path: Path) -> tuple[str, str, int]:
 SPECIAL_ID_KEYS = {"unk_id": "unknown_token_id", "bos_id": "bos_token_id", "eos_id": "eos_token_id", "pad_id": "padding_token_id"}
 
 
-def sentencepiece_model(path: Path) -> bytes | None:
-    """``tokenizer.model`` rebuilt from a SentencePiece GGUF's vocabulary (None for byte-level BPE GGUFs, or when
-    SentencePiece refuses the vocabulary): the pieces, scores and types llama.cpp tokenizes with."""
+def sentencepiece_model(path: Path, progress: Progress = NULL_PROGRESS) -> bytes | None:
+    """``tokenizer.model`` rebuilt from a SentencePiece GGUF's vocabulary (None for byte-level BPE GGUFs, or, said
+    on ``progress``, when SentencePiece refuses the vocabulary): the pieces, scores and types llama.cpp uses."""
     import gguf
     import sentencepiece
 
@@ -136,7 +137,9 @@ def sentencepiece_model(path: Path) -> bytes | None:
     data = proto.SerializeToString()
     try:
         sentencepiece.SentencePieceProcessor(model_proto=data)
-    except RuntimeError:
+    except RuntimeError as exc:
+        progress.log(f"no tokenizer.model written: SentencePiece refuses this GGUF's vocabulary ({str(exc).strip()[:200]}); "
+                     "convert-gguf will need the original tokenizer.model")
         return None
     return data
 
@@ -206,7 +209,7 @@ def gguf_to_hf(
     progress.finish()
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
-    spm_model = sentencepiece_model(source)
+    spm_model = sentencepiece_model(source, progress)
     parameters = sum(p.numel() for p in plain.parameters())
     del loaded, state
     result = GgufToHfResult(
