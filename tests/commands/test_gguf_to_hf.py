@@ -121,3 +121,30 @@ def test_existing_output_needs_force(cli, tmp_path, tiny_spm_f32_gguf):
     assert cli("gguf-to-hf", tiny_spm_f32_gguf, "-o", out, "--force", "--dtype", "bf16").exit_code == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     shutil.rmtree(out)
+
+
+def test_a_vocabulary_sentencepiece_refuses_is_said_and_skipped(tmp_path):
+    import gguf
+
+    from cnllm.core.gguf.to_hf import sentencepiece_model
+    from cnllm.core.progress import NullProgress
+
+    path = tmp_path / "dup.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>", "▁a", "▁a"])  # a piece twice
+    writer.add_token_scores([0.0, 0.0, 0.0, -1.0, -2.0])
+    writer.add_token_types([2, 3, 3, 1, 1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+    class Said(NullProgress):
+        lines: list[str] = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    said = Said()
+    assert sentencepiece_model(path, said) is None
+    assert len(said.lines) == 1 and "no tokenizer.model written" in said.lines[0]
