@@ -140,7 +140,8 @@ def test_a_vocabulary_sentencepiece_refuses_is_said_and_skipped(tmp_path):
     writer.close()
 
     class Said(NullProgress):
-        lines: list[str] = []
+        def __init__(self) -> None:
+            self.lines: list[str] = []
 
         def log(self, message: str) -> None:
             self.lines.append(message)
