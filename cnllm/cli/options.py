@@ -68,7 +68,7 @@ NCtxOpt = Annotated[
     typer.Option(
         "--n-ctx",
         min=16,
-        help="Context window in tokens (default: the model's, at most 4096 for GGUF); beyond the trained context, choose a --rope-scaling.",
+        help="Context window in tokens (default: the model's, at most 4096 for GGUF, or trained × --rope-factor); beyond the trained context, choose a --rope-scaling.",
     ),
 ]
 # Context extension at load time (chat, serve, eval), one meaning on both backends (cnllm.core.rope).

@@ -68,6 +68,10 @@ class RopeOptions:
             return float(self.factor)
         return max(1.0, n_ctx / trained) if n_ctx else 1.0
 
+    def extended_context(self, trained: int | None) -> int | None:
+        """The context a chosen factor reaches (``T · f``), the default ``--n-ctx`` when only ``--rope-factor`` says it."""
+        return int(trained * self.factor) if trained and self.factor is not None else None
+
     def to_dict(self) -> dict:
         return {"scaling": self.scaling, "factor": self.factor, "freq_base": self.freq_base}
 

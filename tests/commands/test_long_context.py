@@ -32,6 +32,18 @@ def test_chat_warns_beyond_the_trained_context_and_takes_rope_flags(cli, short_c
     assert bad.exit_code == 2 and "--rope-factor needs" in bad.stderr
 
 
+def test_a_rope_factor_alone_sets_the_gguf_context(short_context_gguf):
+    """``--rope-factor 8`` without ``--n-ctx`` reaches 8 × the trained context (not the trained one, scaled for
+    nothing); llama.cpp's smallest context is 256."""
+    from cnllm.core.backends import load_generator
+    from cnllm.core.generation.base import LoadOptions
+    from cnllm.core.rope import RopeOptions
+
+    for rope, expected in ((RopeOptions("linear", 8.0), 8 * SHORT_CONTEXT), (RopeOptions("yarn"), 256), (None, 256)):
+        with load_generator(short_context_gguf, LoadOptions(rope=rope, threads=1)) as generator:
+            assert generator.context_length == expected, rope
+
+
 def test_eval_ppl_records_the_scaling(cli, short_context_gguf, tmp_path):
     result = cli("eval", "ppl", short_context_gguf, "-d", _text(tmp_path), "--ctx", str(LONG), "--rope-scaling", "linear", "--json")
     assert result.exit_code == 0, result.stderr

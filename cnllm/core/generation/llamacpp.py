@@ -86,7 +86,8 @@ class LlamaCppGenerator(Generator):
         facts = gguf_model_rope(self.path)
         trained = facts.trained if facts else None
         self.trained_context = trained
-        n_ctx = options.n_ctx or min(DEFAULT_N_CTX, trained or DEFAULT_N_CTX)
+        extended = options.rope.extended_context(trained) if options.rope else None
+        n_ctx = options.n_ctx or extended or min(DEFAULT_N_CTX, trained or DEFAULT_N_CTX)
         self._rope = llama_rope_kwargs(self.path, options.rope, n_ctx, facts)
         self._draft_llama = None
         self._draft = None
