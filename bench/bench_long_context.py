@@ -47,8 +47,6 @@ CASES = [
     ("gguf", "passkey", "none", (4096, 8192, 16384)),
     ("gguf", "passkey", "yarn", (16384,)),
     ("gguf", "passkey", "ntk-auto", (16384,)),
-    ("gguf", "ppl", "ntk-auto", (16384, 32768)),
-    ("gguf", "ppl", "linear", (16384, 32768)),
 ]
 PASSKEY_DEPTHS = ("0.1", "0.5", "0.9")
 
