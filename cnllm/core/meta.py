@@ -26,9 +26,9 @@ from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
-from cnllm.core.modelio import read_json
 from cnllm.core.hashing import create_manifest
 from cnllm.core.merge import META_LAYER_NAMES, META_SPLIT_DIM, META_TOP_NAMES, copy_tokenizer, format_shape, permute
+from cnllm.core.modelio import read_json
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tensors import StreamingShardWriter, load_pickled_tensors, parse_size
