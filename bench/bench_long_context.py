@@ -46,6 +46,7 @@ CASES = [
     ("hf", "ppl", "linear", (16384, 32768)),
     ("gguf", "passkey", "none", (4096, 8192, 16384)),
     ("gguf", "passkey", "yarn", (16384,)),
+    ("gguf", "passkey", "ntk-auto", (16384,)),
 ]
 PASSKEY_DEPTHS = ("0.1", "0.5", "0.9")
 
