@@ -343,7 +343,7 @@ def special_token_ids(target: Path) -> dict:
         path = target / source
         if not path.exists():
             continue
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = read_json(path)
         for key in ("bos_token", "eos_token"):
             token = document.get(key)
             token = token.get("content") if isinstance(token, dict) else token
