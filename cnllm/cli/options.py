@@ -20,7 +20,7 @@ SHORT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "-j": (("--jobs",), "checksum"),
     "-v": (("--verbose",), "chat, serve, quantize"),
     "-c": (("--config",), "pt, sft, align"),
-    "-m": (("--model",), "pt, sft, align"),
+    "-m": (("--model",), "pt, sft, align, vocab extend-model"),
     "-d": (("--data",), "pt, sft, align, eval ppl, eval mc, eval pref, eval longbench"),
     "-b": (("--base",), "merge-lora, diff-recover"),
     "-l": (("--lora",), "merge-lora, chat, serve, eval"),
@@ -51,6 +51,12 @@ OutputFileOpt = Annotated[
     typer.Option("--output", "-o", dir_okay=False, help="Write the result to this file (atomically)."),
 ]
 OutputDirArg = Annotated[Path, typer.Option("--output", "-o", file_okay=False, help="Output directory (written atomically).")]
+
+# Rows for the tokens a merged vocabulary adds (pt, sft, align, vocab extend-model): cnllm.core.embeddings.
+NEW_ROW_INIT_HELP = (
+    "How embedding rows for tokens the tokenizer adds start: subword-mean (the mean of the base pieces each new token "
+    "splits into, so the model keeps what it knew) or mean (the mean of all rows)."
+)
 
 # Loading a model for generation or scoring (chat, serve, eval).
 ModelArg = Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp) or a Hugging Face model directory (transformers).")]

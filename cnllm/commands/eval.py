@@ -138,18 +138,17 @@ def ppl(
         rows = [
             (
                 Path(s.path).name if s.path != "total" else "[bold]total[/]",
-                s.tokens,
-                s.tokens_scored,
-                f"{s.ppl:.4f}",
-                f"{s.mean_nll:.4f}",
+                _fmt(s.bits_per_char),
                 _fmt(s.bits_per_byte),
+                _fmt(s.chars_per_token, 3),
+                f"{s.ppl:.4f}",
                 _fmt(s.tokens_per_second, 1),
             )
             for s in scores
         ]
         output.print_table(
             f"perplexity of {model.name} ({backend}, ctx {contexts[0]}, {mode}{scaling})",
-            ["file", "tokens", "scored", "ppl", "mean NLL", "bits/byte", "tokens/s"],
+            ["file", "bits/char", "bits/byte", "chars/token", "ppl/token", "tokens/s"],
             rows,
         )
     else:
@@ -157,13 +156,14 @@ def ppl(
         for result in sweep.results:
             for s in result.files + ([result.total] if len(result.files) > 1 else []):
                 name = Path(s.path).name if s.path != "total" else "total"
-                rows.append((result.options.ctx, name, s.tokens_scored, f"{s.ppl:.4f}", _fmt(s.bits_per_byte), f"{s.seconds:.2f}", _fmt(s.tokens_per_second, 1)))
+                rows.append((result.options.ctx, name, _fmt(s.bits_per_char), f"{s.ppl:.4f}", f"{s.seconds:.2f}", _fmt(s.tokens_per_second, 1)))
         trained = sweep.trained_context
         output.print_table(
             f"perplexity by context of {model.name} ({backend}, trained context {trained or '?'}, {mode}{scaling})",
-            ["ctx", "file", "scored", "ppl", "bits/byte", "seconds", "tokens/s"],
+            ["ctx", "file", "bits/char", "ppl/token", "seconds", "tokens/s"],
             rows,
         )
+    output.print_note("bits per character (and per byte) compare models whose tokenizers differ; perplexity per token does not")
     for path in (output_file, plot):
         if path is not None:
             output.print_note(f"wrote {path}")

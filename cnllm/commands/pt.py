@@ -23,8 +23,8 @@ def pt(ctx: typer.Context, **values) -> None:
     """Continue pre-training a model on raw text with LoRA (text files, directories, JSONL "text").
 
     Documents get an EOS each and are cut into --block-size blocks; tokenisation is cached.
-    A tokenizer larger than the model's vocabulary resizes the embeddings (new rows = mean)
-    and trains embed_tokens/lm_head in full.
+    A tokenizer larger than the model's vocabulary resizes the embeddings (each new row starts as
+    the mean of the base pieces its token splits into: --new-row-init) and trains embed_tokens/lm_head in full.
 
     Example: cnllm pt -m llama-7b --tokenizer merged-tokenizer -d corpus/ -o pt-lora --max-steps 1000
 

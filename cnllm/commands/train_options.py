@@ -16,8 +16,9 @@ import typer
 from click.core import ParameterSource
 
 from cnllm.cli import output
-from cnllm.cli.options import DTYPE_WORDS
+from cnllm.cli.options import DTYPE_WORDS, NEW_ROW_INIT_HELP
 from cnllm.core.config import build_options, merge
+from cnllm.core.embeddings import DEFAULT_INIT, INIT_METHODS
 from cnllm.core.modelio import ATTN_IMPLEMENTATIONS
 from cnllm.core.rope import TRAINING_METHODS
 from cnllm.core.training.options import DEFAULT_LORA_TARGETS, TrainOptions
@@ -56,6 +57,7 @@ COMMON = [
     param("lora_dropout", Annotated[float, option("--lora-dropout", help="Dropout on the LoRA input.", panel=LORA)], 0.05),
     param("lora_targets", Annotated[Optional[str], option("--lora-targets", help=f"Comma-separated linear layers to adapt (default: {','.join(DEFAULT_LORA_TARGETS)}).", panel=LORA)], None),
     param("train_embeddings", Annotated[Optional[bool], option("--train-embeddings/--no-train-embeddings", help="Train embed_tokens and lm_head in full (PEFT modules_to_save) (default: on when the tokenizer is larger than the model's vocabulary).", panel=LORA)], None),
+    param("new_row_init", Annotated[str, option("--new-row-init", click_type=click.Choice(INIT_METHODS), help=NEW_ROW_INIT_HELP, panel=LORA)], DEFAULT_INIT),
     param("full_finetune", Annotated[bool, option("--full-finetune", help="Train every weight instead of a LoRA adapter.", panel=LORA)], False),
     param("peft_path", Annotated[Optional[Path], option("--peft-path", help="Continue training this existing adapter.", panel=LORA)], None),
     param("batch_size", Annotated[int, option("--batch-size", help="Sequences per device per step.", panel=OPTIM)], 1),

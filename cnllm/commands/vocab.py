@@ -6,12 +6,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
+import click
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import ForceOpt, JsonOpt, OutputDirArg
+from cnllm.cli.options import NEW_ROW_INIT_HELP, ForceOpt, JsonOpt, OutputDirArg
+from cnllm.core.embeddings import DEFAULT_INIT, INIT_METHODS
 
-app = typer.Typer(help="Train a Chinese vocabulary, merge it into a LLaMA tokenizer, and inspect tokenizers.", no_args_is_help=True)
+app = typer.Typer(
+    help="Train a Chinese vocabulary, merge it into a LLaMA tokenizer, extend a model to it, and inspect tokenizers.", no_args_is_help=True
+)
 
 
 class ModelType(str, Enum):
@@ -123,6 +127,42 @@ def merge(
     output.stdout().print(
         f"wrote {result.output}: {result.base_size} → {result.final_size} tokens, {result.added} added "
         f"({', '.join(details)}) in {result.seconds:.2f}s",
+        markup=False,
+        highlight=False,
+    )
+
+
+@app.command("extend-model")
+def extend_model(
+    model: Annotated[Path, typer.Option("--model", "-m", file_okay=False, help="Base model directory (Hugging Face format, with its own tokenizer).")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="The merged tokenizer directory (from `cnllm vocab merge`).")],
+    output_dir: OutputDirArg,
+    new_row_init: Annotated[str, typer.Option("--new-row-init", click_type=click.Choice(INIT_METHODS), help=NEW_ROW_INIT_HELP)] = DEFAULT_INIT,
+    pad_to_multiple_of: Annotated[int, typer.Option("--pad-to-multiple-of", min=1, help="Embedding rows padded to a multiple of N (as pt pads them).")] = 64,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model directory's own Python code to run.")] = False,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Grow a model's embeddings to a merged tokenizer and initialise the new rows, without training (step 0).
+
+    The result is a complete model folder: evaluate it (`cnllm eval ppl`), convert it, chat with it, or train it.
+
+    Example: cnllm vocab extend-model -m llama-2-7b --tokenizer merged-tokenizer -o llama-2-7b-zh-step0
+    """
+    from cnllm.core.embeddings import extend_model as extend
+
+    result = extend(model, tokenizer, output_dir, method=new_row_init, multiple=pad_to_multiple_of, force=force,
+                    trust_remote_code=trust_remote_code, progress=output.CliProgress())
+    document = result.to_dict()
+    if json_:
+        output.print_json(document)
+        return
+    rows = document["new_rows"]
+    fallback = ", ".join(f"{n} {why}" for why, n in rows["mean_fallback"].items()) or "none"
+    output.stdout().print(
+        f"wrote {document['output']}: {rows['base_tokens']} → {rows['tokens']} tokens, embedding rows {document['rows_before']} → "
+        f"{document['rows']} ({document['method']}: {rows['decomposed']} from their base pieces, {rows['mean_pieces']} pieces each on "
+        f"average; at the mean: {fallback}) in {document['seconds']:.1f}s",
         markup=False,
         highlight=False,
     )

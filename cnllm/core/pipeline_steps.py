@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cnllm.core.config import build_options, coerce_fields, option_names
+from cnllm.core.embeddings import DEFAULT_INIT, check_init_method
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.pipeline_types import Artifacts, Recipe, StepContext, StepKind, step_folder
 
@@ -59,17 +60,22 @@ def _check_files(paths: list[Path], key: str) -> None:
 
 @dataclass
 class VocabInputs:
-    """The vocab step's own inputs: the corpus to train on, extra pieces to add, a text to measure on."""
+    """The vocab step's own inputs: the corpus to train on, extra pieces to add, a text to measure on; with
+    ``extend_model`` it also writes the base model extended to the merged vocabulary, untrained (step 0, which the
+    eval step then measures beside the others), its new rows initialised by ``new_row_init`` as pt initialises them."""
 
     corpus: list[Path] = field(default_factory=list)
     add: list[Path] = field(default_factory=list)
     measure_text: Optional[Path] = None
+    extend_model: bool = False
+    new_row_init: str = DEFAULT_INIT
 
     def __post_init__(self) -> None:
         coerce_fields(self)
 
     def validate(self) -> None:
         _check_files(self.corpus, "corpus")
+        check_init_method(self.new_row_init, where="new_row_init")
 
 
 @dataclass
@@ -102,6 +108,13 @@ def run_vocab(context: StepContext, step: VocabStep) -> dict:
         after = inspect_tokenizer(merged.output, measure_text).text
         figures["chinese_chars_per_token"] = {"before": round(before.cjk_per_token, 3), "after": round(after.cjk_per_token, 3)}
         figures["tokens_on_text"] = {"before": before.tokens, "after": after.tokens}
+    if step.inputs.extend_model:
+        from cnllm.core.embeddings import extend_model
+
+        extended = extend_model(context.artifacts.model, merged.output, context.folder / "extended-model", method=step.inputs.new_row_init,
+                                progress=context.progress)
+        context.artifacts.models["extended"] = context.final_path(extended.output)
+        figures["extended_model"] = {"new_row_init": extended.method, "rows": extended.rows, "decomposed": extended.new_rows["decomposed"]}
     return figures
 
 
@@ -360,12 +373,15 @@ def run_eval(context: StepContext, step: EvalStep) -> dict:
     figures: dict = {}
     if step.ppl is not None:
         files, ppl_options = step.ppl
-        figures["perplexity"], figures["bits_per_byte"] = {}, {}
+        # bits per character first: the models differ in tokenizer, so perplexity per token does not compare them
+        figures["bits_per_char"], figures["chars_per_token"], figures["bits_per_byte"], figures["perplexity"] = {}, {}, {}, {}
         for name, path in targets.items():
             result = evaluate_perplexity(ModelSpec(Path(path)), files.data, ppl_options, progress=context.progress)
             document = result.to_dict()
-            figures["perplexity"][name] = round(document["total"]["ppl"], 3)
+            figures["bits_per_char"][name] = round(document["total"]["bits_per_char"], 4)
+            figures["chars_per_token"][name] = round(document["total"]["chars_per_token"], 3)
             figures["bits_per_byte"][name] = round(document["total"]["bits_per_byte"], 4)
+            figures["perplexity"][name] = round(document["total"]["ppl"], 3)
             (context.folder / f"ppl-{name}.json").write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")
     if step.mc is not None:
         data, mc_options = step.mc

@@ -40,7 +40,7 @@ def test_ppl_json_and_output_file(cli, tiny_llama_dir, small_text, tmp_path):
 def test_ppl_table(cli, tiny_llama_dir, small_text):
     result = cli("eval", "ppl", tiny_llama_dir, "-d", small_text, "-d", small_text, "--ctx", "64", "--stride", "32")
     assert result.exit_code == 0, result.stderr
-    assert "sample.txt" in result.stdout and "total" in result.stdout and "bits/byte" in result.stdout
+    assert "sample.txt" in result.stdout and "total" in result.stdout and "bits/char" in result.stdout and "bits/byte" in result.stdout
 
 
 def test_mc_table_and_outputs(cli, tiny_llama_dir, exam, tmp_path):
@@ -138,3 +138,25 @@ def test_mc_template_auto_without_a_template_is_plain_like_everywhere(cli, tiny_
     documents = [json.loads(r.stdout) for r in (auto, none)]
     assert [d["model"]["template"] for d in documents] == ["none", "none"]
     assert documents[0]["settings"]["template"] == "auto" and documents[0]["prompt_tokens"] == documents[1]["prompt_tokens"]
+
+
+def test_ppl_of_an_adapter_that_extended_the_vocabulary_reads_with_its_tokenizer(cli, tiny_llama_dir, tmp_path):
+    """An adapter trained with a larger tokenizer is scored with that tokenizer (as chat reads it), so --lora and
+    the merged model agree."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    tokenizer.add_tokens(["中国", "天气", "我们", "今天", "可以"])
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    adapter = tmp_path / "pt"
+    trained = cli("pt", "-m", tiny_llama_dir, "--tokenizer", tmp_path / "tok", "-d", asset("zh.txt"), "-o", adapter, "--max-steps", "1",
+                  "--block-size", "64", "--lora-rank", "4", "--validation-split", "0", "--cache-dir", tmp_path / "cache")
+    assert trained.exit_code == 0, trained.stderr
+    assert cli("merge-lora", "--base", tiny_llama_dir, "--lora", adapter, "-o", tmp_path / "merged").exit_code == 0
+    totals = []
+    for args in ((tiny_llama_dir, "--lora", adapter), (tmp_path / "merged",)):
+        ran = cli("eval", "ppl", *args, "-d", asset("zh_heldout.txt"), "--ctx", "64", "--json")
+        assert ran.exit_code == 0, ran.stderr
+        totals.append(json.loads(ran.stdout)["total"])
+    assert totals[0]["tokens"] == totals[1]["tokens"]
+    assert totals[0]["bits_per_char"] == pytest.approx(totals[1]["bits_per_char"], rel=1e-4)

@@ -104,3 +104,31 @@ def test_example_recipes_run_their_first_steps_with_their_own_dtype_words(cli, t
     assert steps["merge_pt"]["figures"]["dtype"] == dtype  # the recipe's word comes back
     merged = Path(steps["merge_pt"]["folder"]) / "model"
     assert json.loads((merged / "config.json").read_text())["dtype"] == canonical
+
+
+def test_vocab_step_extend_model_is_measured_beside_the_base(cli, tmp_path, tiny_llama_dir, assets):
+    """``extend_model: true`` writes step 0 (the base with the merged vocabulary, untrained) and the eval step reports
+    bits per character of both, the figure that compares models whose tokenizers differ."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "step0", "base": {"model": str(tiny_llama_dir)},
+        "vocab": {"corpus": [str(assets / "zh.txt")], "vocab_size": 2000, "extend_model": True},
+        "eval": {"ppl": {"data": [str(assets / "zh_heldout.txt")], "ctx": 64}},
+    }), encoding="utf-8")
+    result = cli("pipeline", recipe, "-o", tmp_path / "w", "--json")
+    assert result.exit_code == 0, result.stderr
+    steps = {s["step"]: s for s in json.loads(result.stdout)["steps"]}
+    assert steps["vocab"]["figures"]["extended_model"]["new_row_init"] == "subword-mean"
+    figures = steps["eval"]["figures"]
+    assert set(figures["bits_per_char"]) == {"base", "extended"}
+    assert figures["chars_per_token"]["extended"] > figures["chars_per_token"]["base"]
+    record = json.loads((tmp_path / "w" / "01-vocab" / "extended-model" / "cnllm-extend-model.json").read_text(encoding="utf-8"))
+    assert record["options"]["new_row_init"] == "subword-mean"
+
+
+def test_vocab_step_new_row_init_is_checked_before_anything_runs(cli, tmp_path, tiny_llama_dir, assets):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": {"model": str(tiny_llama_dir)},
+                                      "vocab": {"corpus": [str(assets / "zh.txt")], "extend_model": True, "new_row_init": "zero"}}))
+    result = cli("pipeline", recipe, "-o", tmp_path / "w", "--dry-run")
+    assert result.exit_code == 2 and "new_row_init 'zero' is not one of subword-mean, mean" in result.stderr

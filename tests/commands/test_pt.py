@@ -49,6 +49,8 @@ def test_pt_writes_adapter_tokenizer_metrics_curve_config_and_provenance(cli, tm
     assert record["options"]["mode"] == "pt" and record["inputs"][0]["sha256"]
     assert record["results"]["steps"] == 6
     assert "lora-rank: 4" in (out / "train-config.yaml").read_text()
+    assert "new-row-init: subword-mean" in (out / "train-config.yaml").read_text()
+    assert report["vocab"]["new_row_init"] == "subword-mean" and report["vocab"]["new_rows"]["decomposed"] == 10
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(str(out))) == 1010
@@ -117,6 +119,23 @@ def test_bad_input_is_one_line_exit_2_and_nothing_trained(cli, tmp_path, tiny_ll
 
     assert re.search(message, " ".join(result.stderr.split())), result.stderr
     assert not out.exists() and not (tmp_path / ".out.cnllm-training").exists() and not (tmp_path / "cache").exists()
+
+
+def test_new_row_init_mean_is_recorded(cli, tmp_path, tiny_llama_dir, bigger_tokenizer):
+    out = tmp_path / "pt"
+    result = cli("pt", "-m", tiny_llama_dir, "--tokenizer", bigger_tokenizer, "-d", asset("zh.txt"), "-o", out, *TINY_RUN,
+                 "--max-steps", "1", "--validation-split", "0", "--new-row-init", "mean", "--cache-dir", tmp_path / "cache", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["vocab"]["new_rows"]["mean_fallback"] == {"method mean": 10}
+    assert "new-row-init: mean" in (out / "train-config.yaml").read_text()
+
+
+def test_a_tokenizer_that_does_not_extend_the_models_is_one_line_exit_2(cli, tmp_path, tiny_llama_dir, bpe_tokenizer_dir):
+    out = tmp_path / "out"
+    result = cli("pt", "-m", tiny_llama_dir, "--tokenizer", bpe_tokenizer_dir, "-d", asset("zh.txt"), "-o", out, "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "does not extend the base tokenizer" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 def test_existing_output_is_refused_without_resume_or_force(cli, tmp_path, tiny_llama_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,27 @@ def test_train_vocab_too_small_names_the_smallest_that_fits(cli, tmp_path):
     assert "INTERNAL" not in result.stderr and not list(tmp_path.glob("zh.model*"))
     smallest = re.search(r"pass --vocab-size (\d+) or more", result.stderr).group(1)
     assert cli("vocab", "train", corpus, "--vocab-size", smallest, "--character-coverage", "1.0", "-o", out).exit_code == 0
+
+
+def test_extend_model_then_eval_reports_bits_per_char(cli, tmp_path, tiny_llama_dir, assets):
+    """``vocab extend-model`` writes step 0; ``eval ppl`` compares it with the base per character."""
+    zh = tmp_path / "zh.model"
+    assert cli("vocab", "train", assets / "zh.txt", "--vocab-size", "2000", "-o", zh).exit_code == 0
+    assert cli("vocab", "merge", "--base", tiny_llama_dir, "--add", zh, "-o", tmp_path / "tok").exit_code == 0
+    out = tmp_path / "step0"
+    result = cli("vocab", "extend-model", "-m", tiny_llama_dir, "--tokenizer", tmp_path / "tok", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert "embedding rows 1000 → " in result.stdout and "subword-mean" in result.stdout
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    scores = {}
+    for model in (tiny_llama_dir, out):
+        ran = cli("eval", "ppl", model, "-d", assets / "zh_heldout.txt", "--ctx", "64", "--json")
+        assert ran.exit_code == 0, ran.stderr
+        scores[model] = json.loads(ran.stdout)["total"]
+    assert scores[out]["chars_per_token"] > 2 * scores[tiny_llama_dir]["chars_per_token"]
+    for total in scores.values():
+        assert total["bits_per_char"] == pytest.approx(total["mean_nll"] * total["tokens_scored"] / math.log(2) / total["chars_scored"])
+    again = cli("vocab", "extend-model", "-m", tiny_llama_dir, "--tokenizer", tmp_path / "tok", "-o", out, "--new-row-init", "bogus")
+    assert again.exit_code == 2 and "bogus" in again.stderr
+    exists = cli("vocab", "extend-model", "-m", tiny_llama_dir, "--tokenizer", tmp_path / "tok", "-o", out)
+    assert exists.exit_code == 2 and "already exists" in exists.stderr

@@ -76,8 +76,9 @@ class ScoringModel(ABC):
         """Token ids; BOS only when ``add_bos`` and the model adds one; ``special`` parses special-token text."""
 
     @abstractmethod
-    def tokenize_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
-        """Ids of the whole text (with BOS) and, per token, how many UTF-8 bytes of the text it stands for."""
+    def tokenize_with_lengths(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        """Ids of the whole text (with BOS) and, per token, how many UTF-8 bytes and how many characters of the
+        text it stands for (what bits per byte and per character divide by)."""
 
     @abstractmethod
     def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
@@ -117,12 +118,14 @@ class TransformersModel(ScoringModel):
     backend = "transformers"
 
     def __init__(self, spec: ModelSpec):
-        from cnllm.core.modelio import load_causal_lm, load_tokenizer, tokenizer_adds_bos
+        from cnllm.core.modelio import has_tokenizer, load_causal_lm, load_tokenizer, tokenizer_adds_bos
 
         self.path, self.spec = spec.path, spec
         dtype = DType(spec.dtype, where="--dtype").torch if spec.dtype else None
+        # an adapter that extended the vocabulary carries its tokenizer (as generation reads it)
+        tokenizer_dir = spec.lora if spec.lora is not None and has_tokenizer(spec.lora) else spec.path
         try:
-            self.tokenizer = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
+            self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=spec.trust_remote_code)
             self.model = load_causal_lm(
                 spec.path,
                 lora=spec.lora,
@@ -151,18 +154,20 @@ class TransformersModel(ScoringModel):
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
         return [self.tokenizer.bos_token_id, *ids] if add_bos and self.adds_bos else list(ids)
 
-    def tokenize_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+    def tokenize_with_lengths(self, text: str) -> tuple[list[int], list[int], list[int]]:
         encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-        ids, sizes, covered = list(encoded["input_ids"]), [], 0
+        ids, sizes, chars, covered = list(encoded["input_ids"]), [], [], 0
         for _, end in encoded["offset_mapping"]:
             end = max(end, covered)
             sizes.append(len(text[covered:end].encode("utf-8")))
+            chars.append(end - covered)
             covered = end
         if sizes:  # text after the last token (trailing whitespace some tokenizers drop) belongs to it
             sizes[-1] += len(text[covered:].encode("utf-8"))
+            chars[-1] += len(text) - covered
         if self.adds_bos:
-            ids, sizes = [self.tokenizer.bos_token_id, *ids], [0, *sizes]
-        return ids, sizes
+            ids, sizes, chars = [self.tokenizer.bos_token_id, *ids], [0, *sizes], [0, *chars]
+        return ids, sizes, chars
 
     def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
         import torch
@@ -250,7 +255,7 @@ class LlamaCppModel(ScoringModel):
         self.eos_token = self._piece(self.llm.token_eos(), special=True).decode("utf-8", errors="replace")
         self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab)) and self.llm.token_bos() >= 0
         self.bos_id = self.llm.token_bos() if self.adds_bos else None
-        self._piece_sizes: dict[int, int] = {}
+        self._piece_sizes: dict[int, tuple[int, int]] = {}  # bytes and characters of each piece
         self._letters: dict[str, set[int]] | None = None
         self._context: list[int] = []  # tokens whose KV entries the context currently holds (prefix reuse)
 
@@ -266,11 +271,13 @@ class LlamaCppModel(ScoringModel):
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
-    def tokenize_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+    def tokenize_with_lengths(self, text: str) -> tuple[list[int], list[int], list[int]]:
         ids = self.tokenize(text)
         for token_id in set(ids) - self._piece_sizes.keys():
-            self._piece_sizes[token_id] = len(self._piece(token_id))
-        return ids, [self._piece_sizes[t] for t in ids]
+            piece = self._piece(token_id)
+            # characters: the bytes that start one (a character split across tokens counts where it starts)
+            self._piece_sizes[token_id] = (len(piece), sum(1 for b in piece if b & 0xC0 != 0x80))
+        return ids, [self._piece_sizes[t][0] for t in ids], [self._piece_sizes[t][1] for t in ids]
 
     def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
         """Each window decoded in a fresh context asking llama.cpp for logits only at the scored positions

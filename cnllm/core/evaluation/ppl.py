@@ -8,8 +8,9 @@ Each file is tokenised whole (with the model's BOS) and cut into windows of ``ct
 * ``llamacpp_compatible`` — llama.cpp's ``perplexity`` tool: only whole chunks of ``ctx`` tokens, the first token
   of each replaced by BOS, and only the second half of each chunk scored; figures match that tool's.
 
-Bits per byte divide the scored tokens' negative log-likelihood (in bits) by the UTF-8 bytes those tokens stand
-for, which makes models with different tokenizers comparable.
+Bits per character (and per byte) divide the scored tokens' negative log-likelihood (in bits) by the characters
+(UTF-8 bytes) those tokens stand for: unlike perplexity per token, they compare models whose tokenizers differ,
+such as a base model and the same model with a merged Chinese vocabulary. They are the headline figures.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TextScore:
     tokens_scored: int = 0
     tokens_evaluated: int = 0
     bytes_scored: int = 0
+    chars_scored: int = 0
     nll_sum: float = 0.0
     seconds: float = 0.0
 
@@ -82,12 +84,20 @@ class TextScore:
         return self.nll_sum / math.log(2) / self.bytes_scored if self.bytes_scored else None
 
     @property
+    def bits_per_char(self) -> float | None:
+        return self.nll_sum / math.log(2) / self.chars_scored if self.chars_scored else None
+
+    @property
+    def chars_per_token(self) -> float | None:
+        return self.chars_scored / self.tokens_scored if self.tokens_scored else None
+
+    @property
     def tokens_per_second(self) -> float | None:
         """Tokens run through the model (context included) per second of scoring."""
         return self.tokens_evaluated / self.seconds if self.seconds > 0 else None
 
     def add(self, other: "TextScore") -> None:
-        for name in ("tokens", "windows", "tokens_scored", "tokens_evaluated", "bytes_scored", "nll_sum", "seconds"):
+        for name in ("tokens", "windows", "tokens_scored", "tokens_evaluated", "bytes_scored", "chars_scored", "nll_sum", "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def to_dict(self) -> dict:
@@ -98,8 +108,11 @@ class TextScore:
             "tokens_scored": self.tokens_scored,
             "mean_nll": self.mean_nll,
             "ppl": self.ppl,
-            "bytes_scored": self.bytes_scored,
+            "bits_per_char": self.bits_per_char,
             "bits_per_byte": self.bits_per_byte,
+            "chars_per_token": self.chars_per_token,
+            "chars_scored": self.chars_scored,
+            "bytes_scored": self.bytes_scored,
             "tokens_evaluated": self.tokens_evaluated,
             "seconds": round(self.seconds, 3),
             "tokens_per_second": self.tokens_per_second,
@@ -186,7 +199,7 @@ def _batches(windows: Sequence[Window], size: int) -> list[list[Window]]:
 
 
 def score_text(model: ScoringModel, text: str, options: PplOptions, *, name: str, progress: Progress = NULL_PROGRESS) -> TextScore:
-    ids, sizes = model.tokenize_with_bytes(text)
+    ids, sizes, chars = model.tokenize_with_lengths(text)
     score = TextScore(name, tokens=len(ids))
     windows = plan_windows(len(ids), options)
     if not windows:
@@ -206,6 +219,7 @@ def score_text(model: ScoringModel, text: str, options: PplOptions, *, name: str
                 score.tokens_scored += len(logprobs)
                 score.tokens_evaluated += window.end - window.start
                 score.bytes_scored += sum(sizes[window.start + first : window.end])
+                score.chars_scored += sum(chars[window.start + first : window.end])
                 score.windows += 1
             progress.advance(len(batch), ppl=score.ppl)
     finally:

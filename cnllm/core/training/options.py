@@ -11,6 +11,7 @@ from typing import Optional
 
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import FLOAT_DTYPES, DType, words_for
+from cnllm.core.embeddings import DEFAULT_INIT, check_init_method
 from cnllm.core.errors import UsageError
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -39,6 +40,7 @@ class TrainOptions:
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     train_embeddings: Optional[bool] = None
+    new_row_init: str = DEFAULT_INIT  # how rows for tokens the tokenizer adds start (cnllm.core.embeddings)
     full_finetune: bool = False
     peft_path: Optional[Path] = None
     # optimisation
@@ -118,6 +120,7 @@ class TrainOptions:
             raise UsageError("--output is required (on the command line or in --config)")
         if self.precision.lower() not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        check_init_method(self.new_row_init)
         if self.load_in_4bit and self.load_in_8bit:
             raise UsageError("choose one of --load-in-4bit and --load-in-8bit")
         if self.full_finetune and (self.peft_path or self.load_in_4bit or self.load_in_8bit):

@@ -211,22 +211,6 @@ def load_model(options: TrainOptions, precision: str, config_overrides: dict | N
     )
 
 
-def resize_vocabulary(model, tokenizer_length: int) -> tuple[int, int]:
-    """Grow embeddings and lm_head to the tokenizer (padded to a multiple of 64); new rows are the mean row."""
-    import torch
-
-    old_rows = model.get_input_embeddings().weight.shape[0]
-    if tokenizer_length <= old_rows:
-        return old_rows, old_rows
-    model.resize_token_embeddings(tokenizer_length, pad_to_multiple_of=VOCAB_MULTIPLE, mean_resizing=False)
-    with torch.no_grad():
-        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if layer is not None:
-                weight = layer.weight
-                weight[old_rows:] = weight[:old_rows].float().mean(dim=0, keepdim=True).to(weight.dtype)
-    return old_rows, model.get_input_embeddings().weight.shape[0]
-
-
 def lora_config(options: TrainOptions, train_embeddings: bool):
     from peft import LoraConfig
 
@@ -536,6 +520,13 @@ def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PRO
     plan = plan_run(mode, options)
     result = TrainResult(output=options.output, mode=mode, main_process=world_rank() == 0)
     tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir), trust_remote_code=options.trust_remote_code)
+    base_tokenizer = None
+    if plan.tokenizer_dir.resolve() != Path(options.model).resolve():  # another tokenizer: new rows decompose with the model's own
+        from cnllm.core.embeddings import check_extends, load_base_tokenizer
+
+        base_tokenizer = load_base_tokenizer(options.model, options.new_row_init, trust_remote_code=options.trust_remote_code)
+        if base_tokenizer is not None:
+            check_extends(base_tokenizer, tokenizer, base_name=str(options.model), name=str(plan.tokenizer_dir))
     if mode in ("sft", "align"):
         record_template(tokenizer, options.template, options.system)
     # Arguments first: they join the process group, so the main process can build the data cache before the others.
@@ -546,7 +537,7 @@ def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PRO
         if main:
             _prepare_work_dir(plan, progress)
     try:
-        _train(plan, result, tokenizer, train_set, eval_set, collator, progress)
+        _train(plan, result, tokenizer, base_tokenizer, train_set, eval_set, collator, progress)
     except BaseException:
         if main and plan.work.is_dir() and last_complete_checkpoint(plan.work) is None:
             shutil.rmtree(plan.work, ignore_errors=True)  # nothing worth resuming: leave no trace
@@ -557,8 +548,10 @@ def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PRO
     return result
 
 
-def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, collator, progress: Progress) -> None:
+def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, train_set, eval_set, collator, progress: Progress) -> None:
     from transformers import Trainer, set_seed
+
+    from cnllm.core.embeddings import resize_and_fill
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from cnllm.core.training.callbacks import TrainingMonitor, perplexity, read_metrics, truncate_metrics
@@ -572,13 +565,15 @@ def _train(plan: Plan, result: TrainResult, tokenizer, train_set, eval_set, coll
     if plan.config_overrides:
         rope = plan.config_overrides["rope_parameters"]
         progress.log(f"rope scaling {rope['rope_type']} × {rope['factor']}: max_position_embeddings {plan.config_overrides['max_position_embeddings']}")
-    old_rows, new_rows = resize_vocabulary(model, len(tokenizer))
+    old_rows, new_rows, new_tokens = resize_and_fill(model, tokenizer, base_tokenizer, options.new_row_init, multiple=VOCAB_MULTIPLE,
+                                                     base_name=str(options.model), name=str(plan.tokenizer_dir))
     result.vocab = {"tokenizer": len(tokenizer), "config": plan.sizes.config, "embedding_rows_before": old_rows,
                     "embedding_rows": new_rows, "resized": new_rows != old_rows, "train_embeddings": plan.train_embeddings}
-    if new_rows != old_rows:
-        progress.log(f"resized the vocabulary {old_rows} → {new_rows} rows for {len(tokenizer)} tokens (new rows = mean embedding)")
+    if new_tokens is not None:
+        result.vocab.update(new_row_init=options.new_row_init, new_rows=new_tokens.to_dict())
+        progress.log(f"{new_tokens.added} new tokens: embedding rows {old_rows} → {new_rows}, initialised by {options.new_row_init}")
         if not plan.train_embeddings and not options.full_finetune:
-            progress.log("warning: the new embedding rows stay frozen at the mean; pass --train-embeddings to learn them")
+            progress.log("warning: the new embedding rows stay as initialised; pass --train-embeddings to learn them")
     model.config.use_cache = False
     # A new adapter for a reference-based preference loss goes to TRL as a config: TRL then scores the
     # reference by disabling it (a wrapped model would make it keep a frozen copy of the adapter as well).

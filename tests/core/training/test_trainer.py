@@ -56,20 +56,6 @@ def test_config_and_embedding_disagreement_names_which(tmp_path, tiny_llama_dir)
         trainer.check_vocabulary(broken, broken)
 
 
-def test_resize_uses_the_mean_row_and_pads_to_64(tiny_llama_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-    mean_in = model.get_input_embeddings().weight[:1000].mean(0)
-    mean_out = model.get_output_embeddings().weight[:1000].mean(0)
-    assert trainer.resize_vocabulary(model, 1020) == (1000, 1024)
-    assert model.config.vocab_size == 1024
-    assert torch.allclose(model.get_input_embeddings().weight[1000:], mean_in.expand(24, -1))
-    assert torch.allclose(model.get_output_embeddings().weight[1000:], mean_out.expand(24, -1))
-    assert trainer.resize_vocabulary(model, 1000) == (1024, 1024)
-
-
 def test_unknown_lora_target_lists_the_linear_layers(tiny_llama_dir):
     with pytest.raises(UsageError, match=r"LoRA target qkv_proj is not a linear layer .*down_proj, gate_proj, k_proj, lm_head, o_proj"):
         trainer.check_lora_targets(tiny_llama_dir, ["q_proj", "qkv_proj"], False)
