@@ -34,7 +34,7 @@ from cnllm.core.embeddings import INIT_METHODS  # noqa: E402
 from cnllm.core.tiny import asset  # noqa: E402
 
 HELD_OUT_CHARS = 6000
-PT_ARGS = ["--block-size", "128", "--batch-size", "4", "--learning-rate", "2e-3", "--warmup-ratio", "0.05", "--lora-rank", "8",
+PT_ARGS = ["--block-size", "128", "--batch-size", "4", "--learning-rate", "1e-3", "--warmup-ratio", "0.05", "--lora-rank", "8",
            "--lora-alpha", "16", "--logging-steps", "10", "--seed", "7", "--validation-split", "0", "--no-eval-before"]
 
 
