@@ -55,8 +55,8 @@ def _llama_class() -> type:
     class CnllmLlama(Llama):
         """``Llama`` whose model parameters get cnllm's ``use_extra_bufts`` as ``Llama.__init__`` assigns them."""
 
-        def __init__(self, *args: Any, repack: RepackDecision, **kwargs: Any):
-            self.repack = repack
+        def __init__(self, *args: Any, repack: RepackDecision | None = None, **kwargs: Any):
+            self.repack = repack if repack is not None else repack_decision()  # None: Llama.__setstate__ re-running __init__
             self.repack_applied = False
             super().__init__(*args, **kwargs)
 
