@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet
 # A CPU build of torch on these machines; set TORCH="torch" (or a CUDA wheel spec) elsewhere.
 TORCH ?= torch==2.13.0
+# The llama-cpp-python cnllm is tested with (pinned in pyproject.toml too): its llama_model_params carries the
+# use_extra_bufts field cnllm sets to keep llama.cpp's AMX path off on CPUs where it crashes (docs/cpu.md).
+LLAMA_CPP ?= llama-cpp-python==0.3.36
 PYTEST_WORKERS ?= 2
 
 .PHONY: install test test-all test-real demo check-installed bench completions clean
@@ -16,8 +19,8 @@ $(BIN)/.installed: pyproject.toml
 	@$(PIP) --upgrade pip
 	@echo "==> [2/4] installing $(TORCH) (a large download the first time: about 1-3 minutes)"
 	@$(PIP) "$(TORCH)"
-	@echo "==> [3/4] installing llama-cpp-python (the first time it compiles llama.cpp: about 6 minutes on 2 cores; later installs reuse pip's cached wheel)"
-	@$(PIP) "llama-cpp-python>=0.3"
+	@echo "==> [3/4] installing $(LLAMA_CPP) (the first time it compiles llama.cpp: about 6 minutes on 2 cores; later installs reuse pip's cached wheel)"
+	@$(PIP) "$(LLAMA_CPP)"
 	@echo "==> [4/4] installing cnllm and its other dependencies (about 1 minute)"
 	@$(PIP) -e '.[test]'
 	@touch $@

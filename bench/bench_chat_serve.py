@@ -33,15 +33,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class DirectLlama:
-    """The anchor: llama-cpp-python's own generate loop, loaded once, with the sampler settings cnllm passes."""
+    """The anchor: llama-cpp-python's own generate loop, loaded once, with the sampler settings cnllm passes
+    (and cnllm's weight-repacking decision, so both sides run the same kernels)."""
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int):
-        from llama_cpp import Llama
-
         from cnllm.core.generation.llamacpp import silence_llama_logs
+        from cnllm.core.llama_loader import open_llama
 
         silence_llama_logs(False)
-        self.llama = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llama = open_llama(gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run(self, tokens: int) -> dict:
         import llama_cpp

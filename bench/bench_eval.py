@@ -63,9 +63,10 @@ def llamacpp_reference_ppl(model_path: Path, text: str, n_ctx: int, threads: int
     import llama_cpp
 
     from cnllm.core.generation.llamacpp import silence_llama_logs
+    from cnllm.core.llama_loader import model_params
 
     silence_llama_logs(False)
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params())  # cnllm's repack decision
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
     params.n_threads = params.n_threads_batch = threads

@@ -133,11 +133,11 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 def llama3_check(folder: Path, ref_cmd_prefix: list[str], ref_env: dict) -> dict:
     """Tiny models with the real Llama-3 tokenizer, plain and extended with Chinese tokens (see the module docstring)."""
-    import llama_cpp
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
     from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
+    from cnllm.core.llama_loader import open_llama
     from cnllm.core.tiny import build_tiny_llama
 
     plain_tok, extended_tok = folder / "llama3-tok", folder / "llama3-zh-tok"
@@ -160,7 +160,7 @@ def llama3_check(folder: Path, ref_cmd_prefix: list[str], ref_env: dict) -> dict
         else:
             entry["reference_error"] = next((line for line in reversed(ref.stderr.splitlines()) if "Error" in line), ref.stderr[-200:])
         hf = AutoTokenizer.from_pretrained(str(model))
-        llm = llama_cpp.Llama(str(ours), vocab_only=True, verbose=False)
+        llm = open_llama(ours, vocab_only=True, verbose=False)
         text = "我想在大语言模型的中文能力上工作 and English text, 2024年"
         entry["llama_cpp_tokenizes_like_hf"] = llm.tokenize(text.encode(), add_bos=False, special=False) == hf(text, add_special_tokens=False)["input_ids"]
         llm.close()
@@ -169,9 +169,9 @@ def llama3_check(folder: Path, ref_cmd_prefix: list[str], ref_env: dict) -> dict
 
 
 def generate(path: Path) -> str:
-    import llama_cpp
+    from cnllm.core.llama_loader import open_llama
 
-    llm = llama_cpp.Llama(str(path), n_ctx=128, verbose=False)
+    llm = open_llama(path, n_ctx=128, verbose=False)
     try:
         return llm("The capital of China is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     finally:

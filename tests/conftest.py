@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CNLLM_SHARED_DIR", REPO.parent / "shared"))
 
 
+def _amx_here() -> bool:
+    from cnllm.core.cpu import cpu_info
+
+    return bool(cpu_info().amx)
+
+
+# Tests that force llama.cpp's weight repacking on: on a CPU with AMX that is the crash cnllm avoids (docs/cpu.md).
+forces_repack_on = pytest.mark.skipif(_amx_here(), reason="repacking forced on crashes llama.cpp on CPUs with AMX (llama.cpp issue 20824)")
+
+
 @dataclass
 class CliResult:
     exit_code: int
@@ -133,3 +143,15 @@ def short_context_gguf(tmp_path_factory, short_context_dir) -> Path:
     from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
 
     return convert_to_gguf(short_context_dir, tmp_path_factory.mktemp("short-gguf") / "short.gguf", ConvertOptions(outtype="f32")).output
+
+
+@pytest.fixture(scope="session")
+def tiny_q4_0_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny model in Q4_0, a type llama.cpp repacks on AVX2, AVX-512 and NEON (and moves to AMX where it has it):
+    where --repack and --no-repack load different kernels."""
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
+    from cnllm.core.gguf.quantize import QuantizeOptions, quantize_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-q4_0")
+    f32 = convert_to_gguf(tiny_llama_dir, folder / "tiny-f32.gguf", ConvertOptions(outtype="f32")).output
+    return quantize_gguf(f32, folder / "tiny-q4_0.gguf", QuantizeOptions(type="Q4_0", threads=1)).output

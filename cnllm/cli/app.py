@@ -63,6 +63,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "demo",
         "Run the embedded demo on CPU: tiny LLaMA → Chinese vocabulary → pre-training → SFT → DPO → GGUF → Q8_0/Q4_K → eval → checksums.",
     ),
+    "doctor": (
+        "cnllm.commands.doctor",
+        "doctor",
+        "Show library versions, the CPU and its features, llama.cpp's build, and what cnllm will use (repacking, threads, backends).",
+    ),
 }
 
 

@@ -93,6 +93,16 @@ RopeFactorOpt = Annotated[
 ]
 RopeFreqBaseOpt = Annotated[Optional[float], typer.Option("--rope-freq-base", min=0.0, help="Override the RoPE base frequency (theta).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for llama.cpp (default: llama.cpp's choice).")]
+RepackOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--repack/--no-repack",
+        show_default=False,
+        help="llama.cpp: repack the weights into its CPU-optimised layouts (llama.cpp's default) or keep them as stored "
+        "(llama.cpp's --no-repack). Default: on, off on CPUs with AMX, where llama.cpp's AMX weights crash; "
+        "CNLLM_LLAMA_REPACK=on|off|auto sets the default (docs/cpu.md).",
+    ),
+]
 GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", min=-1, help="Layers llama.cpp offloads to the GPU (-1: all).")]
 LoraOpt = Annotated[Optional[Path], typer.Option("--lora", "-l", file_okay=False, help="Apply this PEFT LoRA adapter (not merged) to a Hugging Face model.")]
 LoadIn4bitOpt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantise a Hugging Face model to 4 bits on load (CUDA + bitsandbytes).")]

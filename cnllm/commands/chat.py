@@ -18,6 +18,7 @@ from cnllm.cli.options import (
     LoraOpt,
     ModelArg,
     NCtxOpt,
+    RepackOpt,
     RopeFactorOpt,
     RopeFreqBaseOpt,
     RopeScalingOpt,
@@ -197,6 +198,7 @@ def chat(
     rope_factor: RopeFactorOpt = None,
     rope_freq_base: RopeFreqBaseOpt = None,
     threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
     gpu_layers: GpuLayersOpt = 0,
     lora: LoraOpt = None,
     load_in_4bit: LoadIn4bitOpt = False,
@@ -245,6 +247,7 @@ def chat(
     options = LoadOptions(
         n_ctx=n_ctx,
         threads=threads,
+        repack=repack,
         gpu_layers=gpu_layers,
         lora=lora,
         load_in_4bit=load_in_4bit,

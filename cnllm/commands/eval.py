@@ -17,6 +17,7 @@ from cnllm.cli.options import (
     GpuLayersOpt,
     JsonOpt,
     OutputFileOpt,
+    RepackOpt,
     RopeFactorOpt,
     RopeFreqBaseOpt,
     RopeScalingOpt,
@@ -48,12 +49,12 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="lla
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a Hugging Face model's own Python code to run.")]
 
 
-def _spec(model: Path, lora: Optional[Path], device: Optional[str], dtype: str, threads: Optional[int], trust: bool, rope=None):
+def _spec(model: Path, lora: Optional[Path], device: Optional[str], dtype: str, threads: Optional[int], trust: bool, rope=None, repack=None):
     from cnllm.core.dtypes import DType
     from cnllm.core.evaluation.models import ModelSpec
 
     chosen = None if dtype == "auto" else DType(dtype, where="--dtype")
-    return ModelSpec(model, lora=lora, device=device, dtype=chosen, threads=threads, trust_remote_code=trust, rope=rope)
+    return ModelSpec(model, lora=lora, device=device, dtype=chosen, threads=threads, trust_remote_code=trust, rope=rope, repack=repack)
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
@@ -87,6 +88,7 @@ def ppl(
     device: DeviceOpt = None,
     dtype: DTypeOpt = "auto",
     threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
     trust_remote_code: TrustOpt = False,
     rope_scaling: RopeScalingOpt = None,
     rope_factor: RopeFactorOpt = None,
@@ -113,7 +115,7 @@ def ppl(
     options = build_options(PplOptions, {"ctx": contexts[0], "stride": stride, "llamacpp_compatible": llamacpp_compatible, "batch_size": batch_size})
     if plot is not None and len(contexts) < 2:
         raise UsageError("--plot draws perplexity by context length: give two or more --ctx values")
-    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, rope)
+    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, rope, repack)
     for path in (output_file, plot):
         if path is not None:
             check_output(path, force, inputs=[model, lora, *data])
@@ -184,6 +186,7 @@ def mc(
     device: DeviceOpt = None,
     dtype: DTypeOpt = "auto",
     threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
     trust_remote_code: TrustOpt = False,
     rope_scaling: RopeScalingOpt = None,
     rope_factor: RopeFactorOpt = None,
@@ -221,7 +224,7 @@ def mc(
     }
     options = build_options(McOptions, values)
     rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
-    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, rope)
+    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, rope, repack)
     if out_dir is not None:
         check_output(out_dir, force, inputs=[model, lora, data])
     result = evaluate_multiple_choice(spec, data, options, progress=output.CliProgress())
@@ -276,6 +279,7 @@ def passkey(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the keys (the filler is fixed).")] = 0,
     lora: LoraOpt = None,
     threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
     gpu_layers: GpuLayersOpt = 0,
     trust_remote_code: TrustOpt = False,
     rope_scaling: RopeScalingOpt = None,
@@ -306,7 +310,7 @@ def passkey(
     for path in (output_file, plot):
         if path is not None:
             check_output(path, force, inputs=[model, lora])
-    load = LoadOptions(threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope)
+    load = LoadOptions(threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope, repack=repack)
     result = evaluate_passkey(model, options, load, progress=output.CliProgress())
     warn_beyond_trained(max(options.lengths), result.model.get("trained_context"), rope)
     if output_file is not None:
@@ -344,6 +348,7 @@ def longbench(
     n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window (default: --max-length plus the longest answer).")] = None,
     lora: LoraOpt = None,
     threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
     gpu_layers: GpuLayersOpt = 0,
     trust_remote_code: TrustOpt = False,
     rope_scaling: RopeScalingOpt = None,
@@ -370,7 +375,9 @@ def longbench(
     options = build_options(LongBenchOptions, {"datasets": chosen, "max_length": max_length, "limit": limit, "template": template})
     if out_dir is not None:
         check_output(out_dir, force, inputs=[model, lora, data])
-    load = LoadOptions(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope)
+    load = LoadOptions(
+        n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope, repack=repack
+    )
     result = evaluate_longbench(model, data, options, load, progress=output.CliProgress())
     warn_beyond_trained(result.model.get("n_ctx"), result.model.get("trained_context"), rope)
     written = write_outputs(result, out_dir, force=force) if out_dir is not None else []
@@ -402,6 +409,7 @@ def pref(
     device: DeviceOpt = None,
     dtype: DTypeOpt = "auto",
     threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
     trust_remote_code: TrustOpt = False,
     output_file: OutputFileOpt = None,
     force: ForceOpt = False,
@@ -419,7 +427,7 @@ def pref(
     from cnllm.core.evaluation.pref import PrefOptions, evaluate_preference, write_report
 
     options = build_options(PrefOptions, {"template": template, "system": system, "ctx": ctx, "skip_invalid": skip_invalid})
-    spec = _spec(model, lora, device, dtype, threads, trust_remote_code)
+    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, repack=repack)
     if output_file is not None:
         check_output(output_file, force, inputs=[model, lora, *data])
     result = evaluate_preference(spec, data, options, progress=output.CliProgress())

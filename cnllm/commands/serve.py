@@ -14,6 +14,7 @@ from cnllm.cli.options import (
     LoraOpt,
     ModelArg,
     NCtxOpt,
+    RepackOpt,
     RopeFactorOpt,
     RopeFreqBaseOpt,
     RopeScalingOpt,
@@ -59,6 +60,7 @@ def serve(
     rope_factor: RopeFactorOpt = None,
     rope_freq_base: RopeFreqBaseOpt = None,
     threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
     gpu_layers: GpuLayersOpt = 0,
     lora: LoraOpt = None,
     load_in_4bit: LoadIn4bitOpt = False,
@@ -83,6 +85,7 @@ def serve(
         options = LoadOptions(
             n_ctx=n_ctx,
             threads=threads,
+            repack=repack,
             gpu_layers=gpu_layers,
             lora=lora,
             load_in_4bit=load_in_4bit,

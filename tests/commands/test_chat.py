@@ -172,9 +172,9 @@ def chatml_gguf(tmp_path_factory, tiny_llama_dir):
 
 def greedy_completion(gguf, text: str, max_tokens: int) -> str:
     """llama-cpp-python's own greedy completion of ``text`` (the model must carry a chat template)."""
-    from llama_cpp import Llama
+    from cnllm.core.llama_loader import open_llama
 
-    llama = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    llama = open_llama(gguf, n_ctx=512, verbose=False)
     try:
         assert llama.metadata.get("tokenizer.chat_template")
         return llama.create_completion(text, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]

@@ -80,8 +80,10 @@ def test_sentencepiece_gguf_gets_its_tokenizer_model_back_and_converts_again(cli
         assert after[key] == before[key], key
     # <unk> may come back unknown rather than control (both special to llama.cpp); every other type is the same.
     assert after["tokenizer.ggml.token_type"][1:] == before["tokenizer.ggml.token_type"][1:]
-    llama_cpp = pytest.importorskip("llama_cpp")
-    tokenize = lambda path: llama_cpp.Llama(str(path), vocab_only=True, verbose=False).tokenize(text.encode())  # noqa: E731
+    pytest.importorskip("llama_cpp")
+    from cnllm.core.llama_loader import open_llama
+
+    tokenize = lambda path: open_llama(path, vocab_only=True, verbose=False).tokenize(text.encode())  # noqa: E731
     assert tokenize(again) == tokenize(first)
 
 

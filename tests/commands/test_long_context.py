@@ -73,8 +73,7 @@ def test_long_context_training_travels_through_merge_and_gguf(cli, tmp_path, sho
     """pt at twice the trained context (gradient checkpointing) writes the scaling; merge-lora carries it into
     config.json; convert-gguf writes llama.cpp's rope scaling keys, which llama.cpp reads back and applies exactly
     as transformers does (the logits agree with no rope flag given)."""
-    import llama_cpp
-
+    from cnllm.core.llama_loader import open_llama
     from cnllm.core.modelio import CONFIG_OVERRIDES_NAME
 
     adapter, merged, gguf = tmp_path / "pt", tmp_path / "merged", tmp_path / "long.gguf"
@@ -95,7 +94,7 @@ def test_long_context_training_travels_through_merge_and_gguf(cli, tmp_path, sho
     assert config["rope_parameters"] == expected and config["max_position_embeddings"] == LONG
 
     assert cli("convert-gguf", merged, "-o", gguf, "--outtype", "f32").exit_code == 0
-    header = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    header = open_llama(gguf, vocab_only=True, verbose=False)
     try:
         meta = header.metadata
     finally:

@@ -30,7 +30,7 @@ def test_list_types_with_bits_per_weight(cli):
 
 @pytest.mark.parametrize("quant_type", ["Q8_0", "Q4_K_M"])
 def test_quantized_model_loads_and_generates(cli, tmp_path, f16_gguf, quant_type):
-    import llama_cpp
+    from cnllm.core.llama_loader import open_llama
 
     out = tmp_path / f"{quant_type}.gguf"
     result = cli("quantize", f16_gguf, "-o", out, "--type", quant_type, "--threads", "1", "--json")
@@ -43,7 +43,7 @@ def test_quantized_model_loads_and_generates(cli, tmp_path, f16_gguf, quant_type
     assert record["inputs"][0]["sha256"]
     if quant_type == "Q4_K_M":
         assert report["fallback_tensors"] > 0  # hidden size 64 is not divisible by 256
-    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=1, verbose=False)
+    llm = open_llama(out, n_ctx=64, n_threads=1, verbose=False)
     try:
         completion = llm("The quick brown", max_tokens=8, temperature=0.0)
     finally:

@@ -93,9 +93,9 @@ def test_bad_sft_input_is_exit_2_and_nothing_trained(cli, tmp_path, tiny_llama_d
 def test_the_sft_template_travels_through_merge_and_gguf_to_chat(cli, tmp_path, tiny_llama_dir):
     """sft records its template in the adapter's tokenizer; merge-lora and convert-gguf carry it; chat's
     --template auto then renders with it, without being told."""
-    from llama_cpp import Llama
     from transformers import AutoTokenizer
 
+    from cnllm.core.llama_loader import open_llama
     from cnllm.core.templates import TEMPLATES
 
     sft = cli("sft", "-m", tiny_llama_dir, "-d", asset("alpaca_zh.json"), "--template", "llama2", "--system", "简短回答。", "-o", tmp_path / "sft",
@@ -108,7 +108,7 @@ def test_the_sft_template_travels_through_merge_and_gguf_to_chat(cli, tmp_path, 
     assert AutoTokenizer.from_pretrained(str(tmp_path / "merged")).chat_template == recorded
     converted = cli("convert-gguf", tmp_path / "merged", "-o", tmp_path / "model.gguf", "--outtype", "f32")
     assert converted.exit_code == 0, converted.stderr
-    llama = Llama(model_path=str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
+    llama = open_llama(tmp_path / "model.gguf", vocab_only=True, verbose=False)
     try:
         assert llama.metadata["tokenizer.chat_template"] == recorded
     finally:

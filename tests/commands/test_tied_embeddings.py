@@ -95,9 +95,9 @@ def test_make_diff_and_recover_an_untied_model(cli, tmp_path, tiny_tied_llama_di
 
 
 def _llama_cpp_logits(path, ids):
-    import llama_cpp
+    from cnllm.core.llama_loader import open_llama
 
-    llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, n_threads=1)
+    llm = open_llama(path, logits_all=True, verbose=False, n_ctx=64, n_threads=1)
     try:
         llm.eval(ids)
         return np.asarray(llm.scores[: len(ids)])

@@ -40,6 +40,7 @@ class ModelSpec:
     threads: int | None = None
     trust_remote_code: bool = False
     rope: RopeOptions | None = None  # context extension on either backend (cnllm.core.rope)
+    repack: bool | None = None  # llama.cpp weight repacking: None lets cnllm decide (cnllm.core.cpu.decide_repack)
 
 
 def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -230,14 +231,16 @@ class LlamaCppModel(ScoringModel):
         import llama_cpp
 
         from cnllm.core.generation.llamacpp import llama_rope_kwargs, metadata_rope, silence_llama_logs
+        from cnllm.core.llama_loader import open_llama
 
         self.path, self.spec, self.logits_all = spec.path, spec, logits_all
         silence_llama_logs(False)
         rope = llama_rope_kwargs(spec.path, spec.rope, spec.n_ctx)
         threads = {"n_threads": spec.threads, "n_threads_batch": spec.threads} if spec.threads else {}
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(spec.path),
+            self.llm = open_llama(
+                spec.path,
+                repack=spec.repack,
                 n_ctx=spec.n_ctx,
                 n_batch=min(spec.n_ctx, 2048),
                 logits_all=logits_all,
@@ -356,6 +359,7 @@ class LlamaCppModel(ScoringModel):
             "backend": self.backend,
             "n_ctx": self.llm.n_ctx(),
             "threads": self.llm.n_threads,
+            "repack": self.llm.repack_in_effect,
             "trained_context": self.trained_context,
             "rope": self.spec.rope.to_dict() if self.spec.rope is not None and self.spec.rope.active else None,
         }

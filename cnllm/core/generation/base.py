@@ -384,6 +384,7 @@ class LoadOptions:
     trust_remote_code: bool = False
     verbose: bool = False
     rope: RopeOptions | None = None  # context extension (--rope-scaling, --rope-factor, --rope-freq-base)
+    repack: bool | None = None  # llama.cpp weight repacking (--repack / --no-repack); None: cnllm decides (cnllm.core.cpu)
 
 
 DEFAULT_N_CTX = 4096

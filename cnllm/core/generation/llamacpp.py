@@ -42,10 +42,10 @@ def silence_llama_logs(verbose: bool) -> None:
 def gguf_model_rope(path: Path) -> ModelRope | None:
     """Trained context, rotary dimension and rope base, read by loading only the vocabulary and metadata
     (fast even for large files); None when the GGUF does not say its context length."""
-    from llama_cpp import Llama
+    from cnllm.core.llama_loader import open_llama
 
     try:
-        header = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        header = open_llama(path, vocab_only=True, verbose=False)
     except (ValueError, RuntimeError, OSError) as exc:
         raise UsageError(f"llama.cpp could not read {path} ({exc}); is it a complete GGUF file?") from None
     try:
@@ -117,7 +117,9 @@ class LlamaCppGenerator(Generator):
         self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and self._llama.token_bos() >= 0
 
     def _load(self, path: Path, *, n_ctx: int, embedding: bool = False, draft_model=None):
-        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
+        from llama_cpp import LLAMA_POOLING_TYPE_MEAN
+
+        from cnllm.core.llama_loader import open_llama
 
         extra = {}
         if embedding:
@@ -126,8 +128,9 @@ class LlamaCppGenerator(Generator):
         if self.options.threads:
             extra["n_threads"] = extra["n_threads_batch"] = self.options.threads
         try:
-            return Llama(
-                model_path=str(path),
+            return open_llama(
+                path,
+                repack=self.options.repack,
                 n_ctx=n_ctx,
                 n_gpu_layers=self.options.gpu_layers,
                 draft_model=draft_model,

@@ -30,9 +30,9 @@ def converted(request, tiny_llama_dir, tiny_llama3_dir, tiny_spm_f32_gguf, tiny_
 
 
 def _llama(path: Path):
-    import llama_cpp
+    from cnllm.core.llama_loader import open_llama
 
-    return llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=256, n_threads=1)
+    return open_llama(path, logits_all=True, verbose=False, n_ctx=256, n_threads=1)
 
 
 def test_next_token_logits_match_transformers(converted):
@@ -294,12 +294,13 @@ def chinese_llama_2_vocab_gguf(tmp_path_factory, shared_fixtures) -> tuple[Path,
 
 
 def test_chinese_llama_2_vocabulary_tokenizes_in_llama_cpp_like_sentencepiece(chinese_llama_2_vocab_gguf):
-    import llama_cpp
     import sentencepiece as spm
+
+    from cnllm.core.llama_loader import open_llama
 
     tokenizer_model, out = chinese_llama_2_vocab_gguf
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    llm = open_llama(out, vocab_only=True, verbose=False)
     try:
         for text in TEXTS.values():
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
