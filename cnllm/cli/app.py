@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "convert_meta",
         "Convert a Meta LLaMA checkpoint (params.json + consolidated.NN.pth) to a Hugging Face model, one layer at a time.",
     ),
-    "vocab": ("cnllm.commands.vocab", "app", "Train a Chinese vocabulary, merge it into a LLaMA tokenizer, and inspect tokenizers."),
+    "vocab": ("cnllm.commands.vocab", "app", "Train a Chinese vocabulary, merge it into a LLaMA tokenizer, extend a model to it, and inspect tokenizers."),
     "pt": ("cnllm.commands.pt", "pt", 'Continue pre-training a model on raw text with LoRA (text files, directories, JSONL "text").'),
     "sft": ("cnllm.commands.sft", "sft", "Instruction-tune a model with LoRA; the loss covers the assistant's answers only."),
     "align": ("cnllm.commands.align", "align", "Align a model to preference pairs (DPO, ORPO, …) with TRL; LoRA by default, the reference is the base."),
