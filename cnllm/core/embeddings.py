@@ -15,7 +15,6 @@ tokens — start at the mean under either method, as do padding rows past the to
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from cnllm.core.progress import NULL_PROGRESS, Progress
 
 INIT_METHODS = ("subword-mean", "mean")
 DEFAULT_INIT = "subword-mean"
-BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
 def check_init_method(name: str, *, where: str = "--new-row-init") -> None:
@@ -91,6 +89,8 @@ def decompose_new_tokens(base_tokenizer, tokenizer, base_size: int) -> NewRows:
     byte-level BPE's printable bytes), so it goes to the base tokenizer's *model* directly, past normalizer and
     pre-tokenizer, which would otherwise add a word-start marker or split it. Byte-fallback pieces (``<0xE4>``) map
     to the same byte piece of the base; a token added as text (``added_tokens``) is encoded as text."""
+    from cnllm.core.tokenizers.inspect import BYTE_PIECE
+
     plan = NewRows(base_size, len(tokenizer))
     model = _fast_model(base_tokenizer)
     base_vocab = base_tokenizer.get_vocab()
@@ -208,7 +208,7 @@ def extend_model(
     progress: Progress = NULL_PROGRESS,
 ) -> ExtendResult:
     """The base model with its embeddings grown to ``tokenizer_dir`` and the new rows initialised, written as a
-    Hugging Face model folder (fp32 as loaded, safetensors, the merged tokenizer, provenance) without any
+    Hugging Face model folder (in the dtype the base is stored in, safetensors, the merged tokenizer, provenance) without any
     training: step 0 of the adaptation, to evaluate, convert or chat with."""
     from cnllm.core.atomic import atomic_dir, check_output
     from cnllm.core.modelio import copy_missing_tokenizer_files, load_causal_lm, load_tokenizer
