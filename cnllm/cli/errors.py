@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import click
 
 from cnllm.cli import output
+from cnllm.core.config import OptionError, flag
 from cnllm.core.errors import CnllmError, Terminated
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -42,6 +43,8 @@ def _os_error_message(exc: OSError) -> tuple[str, int]:
 
 def describe(exc: BaseException) -> tuple[str, int]:
     """Message and exit code for any exception that reaches the top of a command."""
+    if isinstance(exc, OptionError):  # not rendered by the command: on the command line, options are flags
+        return exc.render(flag), exc.exit_code
     if isinstance(exc, CnllmError):
         return exc.message, exc.exit_code
     if isinstance(exc, click.UsageError):

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import click
 import typer
 
+from cnllm.core.dtypes import DTYPE_WORDS  # noqa: F401 - every --dtype help spells the dtypes with it
+from cnllm.core.embeddings import NEW_ROW_INIT_HELP  # noqa: F401 - vocab extend-model's help, as pt's
 from cnllm.core.rope import INFERENCE_METHODS
 from cnllm.core.templates import PROMPT_TEMPLATE_NAMES
 
@@ -34,9 +36,6 @@ SHORT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "-r": (("--root",), "checksum verify"),
 }
 
-# The one dtype vocabulary (cnllm.core.dtypes), spelled out in every --dtype / --precision help.
-DTYPE_WORDS = "fp16 (float16, half), bf16 (bfloat16) or fp32 (float32, float)"
-
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print exactly one JSON document on stdout (and nothing else there)."),
@@ -51,12 +50,6 @@ OutputFileOpt = Annotated[
     typer.Option("--output", "-o", dir_okay=False, help="Write the result to this file (atomically)."),
 ]
 OutputDirArg = Annotated[Path, typer.Option("--output", "-o", file_okay=False, help="Output directory (written atomically).")]
-
-# Rows for the tokens a merged vocabulary adds (pt, sft, align, vocab extend-model): cnllm.core.embeddings.
-NEW_ROW_INIT_HELP = (
-    "How embedding rows for tokens the tokenizer adds start: subword-mean (the mean of the base pieces each new token "
-    "splits into, so the model keeps what it knew) or mean (the mean of all rows)."
-)
 
 # Loading a model for generation or scoring (chat, serve, eval).
 ModelArg = Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp) or a Hugging Face model directory (transformers).")]

@@ -3,8 +3,9 @@
 A path typed on the command line is relative to the current directory: every path parameter of a
 command (``click.Path`` options and arguments, lists of them) is made absolute here, before the
 command runs, so core only ever sees absolute paths and no later step can re-anchor a relative one
-elsewhere. Where a model is expected (:data:`MODEL_PARAMETERS`), a Hugging Face id that is no local
-path becomes its snapshot folder in the local cache (:mod:`cnllm.core.hub`). Paths inside a
+elsewhere. Where a model is expected (:data:`MODEL_PARAMETERS`, or the names a command's function lists in
+``model_parameters``: the training commands' options declared ``model=True``), a Hugging Face id that is no
+local path becomes its snapshot folder in the local cache (:mod:`cnllm.core.hub`). Paths inside a
 ``--config`` file or a recipe are relative to that file's folder (see ``cnllm.core.config`` and
 ``cnllm.core.pipeline``).
 """
@@ -21,7 +22,7 @@ import click
 STDIN = "-"
 # Parameters that name a model, an adapter or a tokenizer: there a Hugging Face id (org/name) that is
 # not a local path resolves to its snapshot in the local cache.
-MODEL_PARAMETERS = frozenset({"model", "model_dir", "base", "lora", "diff", "tuned", "reference", "draft_model", "tokenizer", "peft_path", "compare"})
+MODEL_PARAMETERS = frozenset({"model", "model_dir", "base", "lora", "diff", "tuned", "reference", "draft_model", "tokenizer", "compare"})
 
 
 class Downloads:
@@ -56,7 +57,8 @@ def apply_path_rule(command: click.Command) -> click.Command:
     """Wrap ``command`` (and its subcommands) so its callback receives absolute paths."""
     callback = command.callback
     if callback is not None and not getattr(callback, "_absolute_paths", False):
-        rules = {p.name: model_path if p.name in MODEL_PARAMETERS else absolute for p in command.params if isinstance(p.type, click.Path)}
+        models = MODEL_PARAMETERS | getattr(callback, "model_parameters", frozenset())
+        rules = {p.name: model_path if p.name in models else absolute for p in command.params if isinstance(p.type, click.Path)}
 
         @functools.wraps(callback)
         def with_absolute_paths(*args: Any, **kwargs: Any) -> Any:

@@ -1,13 +1,17 @@
-"""The options ``cnllm pt``, ``cnllm sft`` and ``cnllm align`` share, declared once.
+"""``cnllm pt``, ``cnllm sft`` and ``cnllm align``: command-line parameters generated from the method's options.
 
-Each command declares only its own options and takes the shared ones through :func:`with_options`,
-which extends the function's signature (Typer reads it). Values then pass through ``--config``
-merging (flags given on the command line win) into a :class:`TrainOptions`.
+Each option is declared once, in core (:mod:`cnllm.core.training.options` and the method's module);
+:func:`training_command` builds the command's signature from that declaration (Typer reads it), so a
+new option there is a new flag here, a ``--config`` key and a recipe key at once. Values then pass
+through ``--config`` merging (flags given on the command line win) into the method's options, and
+messages name each option as the user gave it: ``--max-steps`` for a flag, its key for a ``--config`` value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, List, Optional
 
@@ -16,105 +20,78 @@ import typer
 from click.core import ParameterSource
 
 from cnllm.cli import output
-from cnllm.cli.options import DTYPE_WORDS, NEW_ROW_INIT_HELP
-from cnllm.core.config import build_options, merge
-from cnllm.core.embeddings import DEFAULT_INIT, INIT_METHODS
-from cnllm.core.modelio import ATTN_IMPLEMENTATIONS
-from cnllm.core.rope import TRAINING_METHODS
-from cnllm.core.training.options import DEFAULT_LORA_TARGETS, TrainOptions
+from cnllm.core.config import Declared, build_options, declared_fields, flag, merge, options_spelled, unwrap_optional
+from cnllm.core.training.method import TrainingMethod
+from cnllm.core.training.options import MODEL, TrainOptions
 
-MODEL = "Model"
-DATA = "Data"
-LORA = "LoRA"
-OPTIM = "Optimisation"
-RUN = "Checkpoints and logging"
-DIST = "Distributed"
-LONG = "Long context"
+# The parameters that are no training option: where options come from, and how the result is printed.
+CONFIG = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], typer.Option(
+    "--config", "-c", dir_okay=False, help="YAML file of options (keys as the option names); command-line flags override it.", rich_help_panel=MODEL)])
+JSON = inspect.Parameter("json_", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+    "--json", help="Print exactly one JSON document on stdout (and nothing else there).")])
 
 
-def option(*names: str, help: str, panel: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
+def parameter(field: dataclasses.Field, declared: Declared, annotation: Any) -> inspect.Parameter:
+    """The command-line parameter of one declared option: ``max_steps`` → ``--max-steps``; lists of paths repeat
+    the flag, lists of words are comma-separated; the default shown is the declaration's."""
+    target = unwrap_optional(annotation)
+    default = None if field.default is dataclasses.MISSING else field.default
+    if typing.get_origin(target) is list:
+        (item,) = typing.get_args(target)
+        cli_type, default = (Optional[List[Path]], None) if item is Path else (Optional[str], None)
+    elif default is None:
+        cli_type = Optional[target]
+    else:
+        cli_type = target
+    names = [f"{flag(field.name)}/--no-{field.name.replace('_', '-')}" if declared.toggle else flag(field.name), *declared.aliases]
+    settings: dict[str, Any] = {"help": declared.help, "rich_help_panel": declared.panel}
+    if declared.choices:
+        settings["click_type"] = click.Choice(declared.choices)
+    if not declared.file_okay:
+        settings["file_okay"] = False
+    if not declared.dir_okay:
+        settings["dir_okay"] = False
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[cli_type, typer.Option(*names, **settings)], default=default)
 
 
-def param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+def training_command(method: TrainingMethod) -> Callable[[Callable], Callable]:
+    """Give a command function ``ctx``, one parameter per option of ``method`` (its own first, as in its help)
+    and ``--config``/``--json``.
 
-
-def _targets(value: Optional[str]) -> Optional[List[str]]:
-    return None if value is None else [t.strip() for t in value.split(",") if t.strip()]
-
-
-COMMON = [
-    param("model", Annotated[Optional[Path], option("--model", "-m", help="Base model directory (Hugging Face format).", panel=MODEL)], None),
-    param("data", Annotated[Optional[List[Path]], option("--data", "-d", help="Training data file or directory (repeat for more).", panel=DATA)], None),
-    param("output", Annotated[Optional[Path], option("--output", "-o", file_okay=False, help="Output directory (adapter, tokenizer, metrics, loss curve, config).", panel=MODEL)], None),
-    param("tokenizer", Annotated[Optional[Path], option("--tokenizer", help="Tokenizer directory (default: the --peft-path adapter's, else the model's).", panel=MODEL)], None),
-    param("config", Annotated[Optional[Path], option("--config", "-c", dir_okay=False, help="YAML file of options (keys as the option names); command-line flags override it.", panel=MODEL)], None),
-    param("validation_data", Annotated[Optional[List[Path]], option("--validation-data", help="Held-out evaluation data (instead of --validation-split).", panel=DATA)], None),
-    param("validation_split", Annotated[float, option("--validation-split", help="Share of the data held out for eval loss and perplexity.", panel=DATA)], 0.01),
-    param("lora_rank", Annotated[int, option("--lora-rank", help="LoRA rank r.", panel=LORA)], 64),
-    param("lora_alpha", Annotated[float, option("--lora-alpha", help="LoRA alpha (scale = alpha / r).", panel=LORA)], 128.0),
-    param("lora_dropout", Annotated[float, option("--lora-dropout", help="Dropout on the LoRA input.", panel=LORA)], 0.05),
-    param("lora_targets", Annotated[Optional[str], option("--lora-targets", help=f"Comma-separated linear layers to adapt (default: {','.join(DEFAULT_LORA_TARGETS)}).", panel=LORA)], None),
-    param("train_embeddings", Annotated[Optional[bool], option("--train-embeddings/--no-train-embeddings", help="Train embed_tokens and lm_head in full (PEFT modules_to_save) (default: on when the tokenizer is larger than the model's vocabulary).", panel=LORA)], None),
-    param("new_row_init", Annotated[str, option("--new-row-init", click_type=click.Choice(INIT_METHODS), help=NEW_ROW_INIT_HELP, panel=LORA)], DEFAULT_INIT),
-    param("full_finetune", Annotated[bool, option("--full-finetune", help="Train every weight instead of a LoRA adapter.", panel=LORA)], False),
-    param("peft_path", Annotated[Optional[Path], option("--peft-path", help="Continue training this existing adapter.", panel=LORA)], None),
-    param("batch_size", Annotated[int, option("--batch-size", help="Sequences per device per step.", panel=OPTIM)], 1),
-    param("gradient_accumulation_steps", Annotated[int, option("--gradient-accumulation-steps", help="Steps whose gradients are summed before an update.", panel=OPTIM)], 1),
-    param("epochs", Annotated[float, option("--epochs", help="Passes over the data (ignored with --max-steps).", panel=OPTIM)], 1.0),
-    param("max_steps", Annotated[int, option("--max-steps", help="Stop after this many optimizer updates (-1: use --epochs).", panel=OPTIM)], -1),
-    param("warmup_ratio", Annotated[float, option("--warmup-ratio", help="Share of the steps with a linear warmup before the cosine decay.", panel=OPTIM)], 0.03),
-    param("weight_decay", Annotated[float, option("--weight-decay", help="AdamW weight decay.", panel=OPTIM)], 0.0),
-    param("max_grad_norm", Annotated[float, option("--max-grad-norm", help="Gradient clipping norm.", panel=OPTIM)], 1.0),
-    param("seed", Annotated[int, option("--seed", help="Random seed (data order, dropout, initialisation).", panel=OPTIM)], 42),
-    param("precision", Annotated[str, option("--precision", help=f"auto (bf16/fp16 on a GPU, fp32 on CPU), {DTYPE_WORDS}.", panel=OPTIM)], "auto"),
-    param("gradient_checkpointing", Annotated[bool, option("--gradient-checkpointing", help="Recompute activations in the backward pass to save memory.", panel=OPTIM)], False),
-    param("load_in_4bit", Annotated[bool, option("--load-in-4bit", help="QLoRA: load the base model in 4 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)], False),
-    param("load_in_8bit", Annotated[bool, option("--load-in-8bit", help="Load the base model in 8 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)], False),
-    param("save_steps", Annotated[int, option("--save-steps", help="Write a checkpoint (adapter + tokenizer + optimizer state) every N steps.", panel=RUN)], 500),
-    param("save_total_limit", Annotated[int, option("--save-total-limit", help="Keep only the newest N checkpoints.", panel=RUN)], 3),
-    param("logging_steps", Annotated[int, option("--logging-steps", help="Log loss, lr, grad-norm and tokens/s every N steps.", panel=RUN)], 10),
-    param("eval_steps", Annotated[Optional[int], option("--eval-steps", help="Evaluate every N steps (default: --save-steps).", panel=RUN)], None),
-    param("eval_before", Annotated[bool, option("--eval-before/--no-eval-before", help="Measure eval loss before training, as the baseline.", panel=RUN)], True),
-    param("tensorboard", Annotated[bool, option("--tensorboard", help="Also log to TensorBoard (in OUTPUT/runs).", panel=RUN)], False),
-    param("resume", Annotated[bool, option("--resume", help="Continue from the last checkpoint (optimizer, scheduler, RNG and data position).", panel=RUN)], False),
-    param("force", Annotated[bool, option("--force", "-f", help="Start over: replace an existing output or interrupted run.", panel=RUN)], False),
-    param("deepspeed", Annotated[Optional[Path], option("--deepspeed", dir_okay=False, help="DeepSpeed JSON config (e.g. ZeRO-2); run under torchrun or accelerate launch.", panel=DIST)], None),
-    param("fsdp", Annotated[Optional[str], option("--fsdp", help='FSDP mode for the Trainer, e.g. "full_shard auto_wrap".', panel=DIST)], None),
-    param("rope_scaling", Annotated[Optional[str], option("--rope-scaling", click_type=click.Choice(TRAINING_METHODS), help="Train for a longer context with this RoPE scaling, written into the model config (linear: position interpolation).", panel=LONG)], None),
-    param("rope_factor", Annotated[Optional[float], option("--rope-factor", help="Context extension factor (e.g. 4: 4K → 16K).", panel=LONG)], None),
-    param("original_context", Annotated[Optional[int], option("--original-context", help="The base model's trained context (default: its config's max_position_embeddings).", panel=LONG)], None),
-    param("attn_implementation", Annotated[Optional[str], option("--attn-implementation", click_type=click.Choice(ATTN_IMPLEMENTATIONS), help="transformers attention: eager, sdpa (default) or flash_attention_2 (CUDA with flash-attn installed).", panel=LONG)], None),
-    param("trust_remote_code", Annotated[bool, option("--trust-remote-code", help="Allow model code from the model directory.", panel=MODEL)], False),
-    param("json_", Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout (and nothing else there).")], False),
-]
-
-
-def with_options(extra: list[inspect.Parameter]) -> Callable[[Callable], Callable]:
-    """Give a command function the shared options plus ``extra`` (its own), with ``ctx`` first."""
+    Options declared ``model=True`` take a Hugging Face id too (:func:`cnllm.cli.paths.apply_path_rule` reads
+    ``model_parameters``)."""
 
     def decorate(function: Callable) -> Callable:
+        hints = typing.get_type_hints(method.options_type)
         ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-        function.__signature__ = inspect.Signature([ctx, *extra, *COMMON])
+        shared = {f.name for f in dataclasses.fields(TrainOptions)}
+        own_first = sorted(declared_fields(method.options_type), key=lambda declared: declared[0].name in shared)
+        options = [parameter(f, d, hints[f.name]) for f, d in own_first]
+        after_tokenizer = [p.name for p in options].index("tokenizer") + 1  # --config beside the other inputs in the help
+        function.__signature__ = inspect.Signature([ctx, *options[:after_tokenizer], CONFIG, *options[after_tokenizer:], JSON])
+        function.model_parameters = frozenset(f.name for f, d in declared_fields(method.options_type) if d.model)
         return function
 
     return decorate
 
 
-def resolve_options(ctx: click.Context, values: dict[str, Any]) -> TrainOptions:
-    """Command-line values merged over ``--config``; flags typed by the user win over the file."""
+def train(ctx: click.Context, method: TrainingMethod, values: dict[str, Any]) -> None:
+    """Resolve the options (flags over ``--config`` over the declared defaults), train, print the figures."""
+    from cnllm.core.training.trainer import run_training
+
     values = dict(values)
-    config = values.pop("config", None)
-    values.pop("json_", None)
+    config, json_ = values.pop("config"), values.pop("json_")
     explicit = {name for name in values if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
-    values["lora_targets"] = _targets(values.get("lora_targets"))
-    values["data"] = values.get("data") or []
-    values["validation_data"] = values.get("validation_data") or []
-    merged = merge(TrainOptions, values, explicit, config)
-    if merged.get("lora_targets") is None:
-        merged["lora_targets"] = list(DEFAULT_LORA_TARGETS)
-    return build_options(TrainOptions, merged)
+    merged, from_file = merge(method.options_type, {name: values[name] for name in explicit}, explicit, config)
+
+    def spell(name: str) -> str:
+        return f"{name.replace('_', '-')} in {config}" if name in from_file else flag(name)
+
+    options = build_options(method.options_type, merged, spell=spell)
+    with options_spelled(spell):
+        result = run_training(options, output.CliProgress())
+    if result.main_process:
+        render(result, json_)
 
 
 def render(result, json_: bool) -> None:

@@ -8,19 +8,118 @@ to the field's type here (``"2e-4"`` to a float, a path string to ``Path``, ``fp
 
 For ``--config`` files, flags given on the command line win over the file, and the file wins over
 built-in defaults. Keys are option names with ``-`` or ``_`` (``lora-rank`` or ``lora_rank``).
+
+An options dataclass may declare each field with :func:`option` (help, panel, extra flags, whether a
+recipe may set it): the command-line parameters, ``--config`` keys and recipe keys are then derived
+from that one declaration, and path-ness from the field's type (``Path``, ``list[Path]``). Core raises
+:class:`OptionError` naming fields; the layer that knows how the user spelled them (a flag, a key in a
+recipe or a ``--config`` file) renders the message with :meth:`OptionError.render`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import string
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
+
+
+DECLARATION = "cnllm"  # the field metadata key of an :func:`option` declaration
+
+
+@dataclass(frozen=True)
+class Declared:
+    """How an option meets the user, besides its name, type and default (the dataclass field's own)."""
+
+    help: str
+    panel: str | None = None  # the help section on the command line
+    aliases: tuple[str, ...] = ()  # more command-line names: "-m", "--lr"
+    toggle: bool = False  # --name/--no-name instead of a plain flag
+    choices: tuple[str, ...] = ()  # allowed values, checked on every route (click.Choice on the command line)
+    model: bool = False  # names a model, adapter or tokenizer: a Hugging Face id resolves to its cached snapshot
+    recipe: bool = True  # False: a pipeline step sets it itself (the model, the output)
+    file_okay: bool = True
+    dir_okay: bool = True
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None, **declared: Any) -> Any:
+    """A dataclass field declared once for every route: its :class:`Declared` rides in the field metadata."""
+    metadata = {DECLARATION: Declared(help=help, **declared)}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def declared_fields(options_type: type) -> list[tuple[dataclasses.Field, Declared]]:
+    """The fields of ``options_type`` declared with :func:`option`, in field order."""
+    return [(f, f.metadata[DECLARATION]) for f in dataclasses.fields(options_type) if DECLARATION in f.metadata]
+
+
+def is_path_type(annotation: Any) -> bool:
+    """``Path``, ``Optional[Path]`` or a list of paths: the values the path rule anchors."""
+    target = unwrap_optional(annotation)
+    if typing.get_origin(target) in (list, tuple):
+        target = typing.get_args(target)[0]
+    return target is Path
+
+
+def path_fields(options_type: type) -> list[str]:
+    """The fields holding paths, from their types: relative ones are anchored where the value was written."""
+    hints = typing.get_type_hints(options_type)
+    return [name for name in option_names(options_type) if is_path_type(hints[name])]
+
+
+def recipe_fields(options_type: type) -> list[str]:
+    """The fields a recipe step may set (those a step sets itself are declared ``recipe=False``)."""
+    excluded = {f.name for f, d in declared_fields(options_type) if not d.recipe}
+    return [name for name in option_names(options_type) if name not in excluded]
+
+
+def flag(name: str) -> str:
+    """A field's command-line flag: ``max_steps`` → ``--max-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+class OptionError(UsageError):
+    """A bad option value, its message naming options by field: ``OptionError("{max_steps} must be ≥ 1, got {value}", value=0)``.
+
+    Placeholders that are not among the keyword values are option fields; :meth:`render` spells them the
+    way the user gave them (``--max-steps`` on the command line, ``max_steps`` in a recipe). The plain
+    message uses the field names, as core knows them.
+    """
+
+    def __init__(self, template: str, **values: Any):
+        self.template, self.values = template, values
+        self.options = [name for _, name, _, _ in string.Formatter().parse(template) if name and name not in values]
+        super().__init__(self.render(str))
+
+    def render(self, spell: Callable[[str], str]) -> str:
+        return self.template.format(**{name: spell(name) for name in self.options}, **self.values)
+
+
+@contextlib.contextmanager
+def options_spelled(spell: Callable[[str], str], prefix: str = "") -> Iterator[None]:
+    """Re-raise an :class:`OptionError` from the block as a :class:`UsageError` with the options spelled by ``spell``."""
+    try:
+        yield
+    except OptionError as exc:
+        raise UsageError(prefix + exc.render(spell)) from None
+
+
+def check_choices(options: Any) -> None:
+    """Every declared ``choices`` holds on every route (the command line checks it first, with click)."""
+    for f, declaration in declared_fields(type(options)):
+        value = getattr(options, f.name)
+        if declaration.choices and value is not None and value not in declaration.choices:
+            raise OptionError("{%s} {value!r} is not one of {allowed}" % f.name, value=value, allowed=", ".join(declaration.choices))
 
 
 def load_yaml(path: Path | str) -> dict[str, Any]:
@@ -45,7 +144,7 @@ def load_yaml(path: Path | str) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
-def _unwrap_optional(annotation: Any) -> Any:
+def unwrap_optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
@@ -60,7 +159,7 @@ def coerce(value: Any, annotation: Any, *, where: str, root: Path | None = None)
     """
     if value is None:
         return None
-    target = _unwrap_optional(annotation)
+    target = unwrap_optional(annotation)
     origin = typing.get_origin(target)
     if origin is typing.Literal:
         choices = typing.get_args(target)
@@ -125,19 +224,28 @@ def option_names(options_type: type) -> list[str]:
     return [f.name for f in dataclasses.fields(options_type)]
 
 
-def build_options(options_type: type, values: Mapping[str, Any], *, where: str | None = None, exclude: Iterable[str] = (), **fixed: Any):
+def build_options(
+    options_type: type,
+    values: Mapping[str, Any],
+    *,
+    where: str | None = None,
+    exclude: Iterable[str] = (),
+    spell: Callable[[str], str] | None = None,
+    **fixed: Any,
+):
     """An ``options_type`` from ``values`` (flags, a config file or a recipe step), coerced and validated.
 
     ``where`` names the source in messages (``recipe step merge_pt``); without it keys read as flags
     (``--dtype``). ``exclude`` lists fields the source may not set; ``fixed`` sets them (inputs and
-    outputs a pipeline step decides itself). ``validate()`` runs when the dataclass has one without arguments.
+    outputs a pipeline step decides itself). ``validate()`` runs when the dataclass has one without
+    arguments; its :class:`OptionError` names options by ``spell`` (default: as flags without ``where``,
+    else as the keys were written in ``values``, field names for the others).
     """
     hints = typing.get_type_hints(options_type)
     allowed = [n for n in option_names(options_type) if n not in set(exclude)]
-
-    def label(key: str) -> str:
-        name = key.replace("_", "-")
-        return f"--{name}" if where is None else f"{where}: {name}"
+    written = {str(key).replace("-", "_"): str(key) for key in values}
+    if spell is None:
+        spell = flag if where is None else (lambda name: written.get(name, name))
 
     kwargs = dict(fixed)
     for key, value in values.items():
@@ -146,12 +254,13 @@ def build_options(options_type: type, values: Mapping[str, Any], *, where: str |
             known = ", ".join(n.replace("_", "-") for n in allowed)
             place = "" if where is None else f"{where}: "
             raise UsageError(f"{place}unknown option {key.replace('_', '-')!r}; known options: {known}")
-        kwargs[key] = coerce(value, hints[key], where=label(key))
+        kwargs[key] = coerce(value, hints[key], where=flag(key) if where is None else f"{where}: {written[key]}")
     options = options_type(**kwargs)
     validate = getattr(options, "validate", None)
     if validate is not None and not inspect.signature(validate).parameters:
         try:
-            validate()
+            with options_spelled(spell):
+                validate()
         except UsageError as exc:
             if where is None:
                 raise
@@ -164,16 +273,18 @@ def merge(
     cli_values: Mapping[str, Any],
     explicit: set[str],
     config_path: Path | None,
-) -> dict[str, Any]:
-    """Values for ``options_type`` (a dataclass): explicit CLI flags, then the file, then CLI defaults.
+) -> tuple[dict[str, Any], set[str]]:
+    """Values for ``options_type`` (a dataclass): explicit CLI flags, then the file, then CLI defaults;
+    and the fields whose value came from the file (messages name those as its keys).
 
     Relative paths in the file are relative to the file's folder (flags' paths arrive absolute).
     """
     values = dict(cli_values)
     if config_path is None:
-        return values
+        return values, set()
     hints = typing.get_type_hints(options_type)
     names = {f.name for f in dataclasses.fields(options_type)}
+    from_file = set()
     for key, raw in load_yaml(config_path).items():
         if key not in names:
             known = ", ".join(sorted(n.replace("_", "-") for n in names))
@@ -181,7 +292,8 @@ def merge(
         if key in explicit:
             continue
         values[key] = coerce(raw, hints[key], where=f"{config_path}: {key.replace('_', '-')}", root=config_path.absolute().parent)
-    return values
+        from_file.add(key)
+    return values, from_file
 
 
 def dump_yaml(values: Mapping[str, Any]) -> str:

@@ -20,6 +20,8 @@ WORDS = {word: canonical for canonical, words in SPELLINGS.items() for word in w
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # what models are stored and run in
 SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 GGUF_TYPES = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
+# The vocabulary spelled out in every --dtype / --precision help.
+DTYPE_WORDS = "fp16 (float16, half), bf16 (bfloat16) or fp32 (float32, float)"
 
 
 def words_for(canonical: Iterable[str]) -> list[str]:

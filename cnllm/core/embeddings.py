@@ -25,6 +25,11 @@ from cnllm.core.progress import NULL_PROGRESS, Progress
 
 INIT_METHODS = ("subword-mean", "mean")
 DEFAULT_INIT = "subword-mean"
+# The help of --new-row-init (pt, sft, align, vocab extend-model) and of the recipe key.
+NEW_ROW_INIT_HELP = (
+    "How embedding rows for tokens the tokenizer adds start: subword-mean (the mean of the base pieces each new token "
+    "splits into, so the model keeps what it knew) or mean (the mean of all rows)."
+)
 
 
 def check_init_method(name: str, *, where: str = "--new-row-init") -> None:

@@ -38,12 +38,10 @@ def _paths(options: dict, key: str, root: Path) -> None:
         options[key] = [_resolve(v, root) for v in value] if isinstance(value, list) else _resolve(value, root)
 
 
-TRAIN_PATH_KEYS = ("data", "validation_data", "peft_path", "deepspeed", "cache_dir")
-PATH_KEYS = {"vocab": ("corpus", "add", "measure_text"), "pt": TRAIN_PATH_KEYS, "sft": TRAIN_PATH_KEYS, "align": TRAIN_PATH_KEYS}
-
-
 def recipe_from_dict(data: dict, *, root: Path, workdir: Path | None = None, source: Path | None = None) -> Recipe:
     """Validate a recipe mapping; relative paths resolve against ``root`` (the recipe's folder)."""
+    from cnllm.core.pipeline_steps import STEP_KINDS
+
     if not isinstance(data, dict):
         raise UsageError("a recipe is a YAML mapping with 'base' and one key per step")
     unknown = sorted(set(data) - RECIPE_KEYS)
@@ -59,8 +57,9 @@ def recipe_from_dict(data: dict, *, root: Path, workdir: Path | None = None, sou
         if not isinstance(data[name] or {}, dict):
             raise UsageError(f"recipe step {name!r} must be a mapping of options")
         options = dict(data[name] or {})
-        for key in PATH_KEYS.get(name, ()):
-            _paths(options, key, root)
+        for key in options:
+            if str(key).replace("-", "_") in STEP_KINDS[name].paths:
+                _paths(options, key, root)
         if name == "eval":
             for kind in ("ppl", "mc"):
                 if isinstance(options.get(kind), dict):

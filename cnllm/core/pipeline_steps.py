@@ -1,7 +1,7 @@
 """The pipeline's steps: each calls one command's core function and records its key figures.
 
 A step first parses its recipe options into that function's typed options (``MergeOptions``,
-``TrainOptions``, …) through :func:`~cnllm.core.config.build_options`, the coercion and validation
+``PtOptions``, …) through :func:`~cnllm.core.config.build_options`, the coercion and validation
 the commands' flags and ``--config`` files go through; the pipeline does this for every step
 before any runs, so ``--dry-run`` names the step, key and allowed values of a bad option. A step
 reads and updates :class:`~cnllm.core.pipeline_types.Artifacts` (current model, tokenizer,
@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from cnllm.core.config import build_options, coerce_fields, option_names
+from cnllm.core.config import build_options, coerce_fields, option_names, options_spelled, path_fields, recipe_fields
 from cnllm.core.embeddings import DEFAULT_INIT, check_init_method
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.pipeline_types import Artifacts, Recipe, StepContext, StepKind, step_folder
+from cnllm.core.training.align import ALIGN, AlignOptions
+from cnllm.core.training.pt import PT, PtOptions
+from cnllm.core.training.sft import SFT, SftOptions
 
-TRAIN_KEYS_NOT_IN_RECIPE = {"model", "tokenizer", "output", "force", "resume"}
 MERGE_KEYS_NOT_IN_RECIPE = {"format", "shards"}  # later steps need a Hugging Face directory
 CONVERT_KEYS_NOT_IN_RECIPE = {"vocab_only"}  # later steps need the weights
 
@@ -128,38 +130,36 @@ def _vocab_inputs(recipe: Recipe, step: VocabStep) -> list[Path]:
 # --- pt / sft / align --------------------------------------------------------------------------------------
 
 
-def _parse_train(recipe: Recipe, name: str, options: dict):
-    """The step's TrainOptions, validated with the step folder as output (model and tokenizer are set when it runs)."""
-    from cnllm.core.training.options import TrainOptions
+def _parse_train(method):
+    def parse(recipe: Recipe, name: str, options: dict):
+        """The step's options, validated with the step folder as output (model and tokenizer are set when it runs)."""
+        fixed = {"model": recipe.base_model, "tokenizer": recipe.base_tokenizer, "output": step_folder(recipe, name) / "adapter"}
+        excluded = set(option_names(method.options_type)) - set(recipe_fields(method.options_type))
+        return build_options(method.options_type, options, where=f"recipe step {name}", exclude=excluded, **fixed)
 
-    where = f"recipe step {name}"
-    fixed = {"model": recipe.base_model, "tokenizer": recipe.base_tokenizer, "output": step_folder(recipe, name) / "adapter"}
-    train_options = build_options(TrainOptions, options, where=where, exclude=TRAIN_KEYS_NOT_IN_RECIPE, **fixed)
-    try:
-        train_options.validate(name)
-    except UsageError as exc:
-        raise UsageError(f"{where}: {exc.message}") from None
-    return train_options
+    return parse
 
 
-def _train(mode: str, context: StepContext, train_options) -> dict:
-    from cnllm.core.training.trainer import run_training
+def _run_train(method):
+    def run(context: StepContext, train_options) -> dict:
+        from cnllm.core.training.trainer import run_training
 
-    train_options = dataclasses.replace(train_options, model=context.artifacts.model, tokenizer=context.artifacts.tokenizer, output=context.folder / "adapter")
-    result = run_training(mode, train_options, progress=context.progress)
-    context.artifacts.adapters[mode] = context.final_path(result.output)
-    document = result.to_dict()
-    figures = {key: document[key] for key in ("steps", "train_loss", "tokens_per_second", "trainable_parameters")}
-    figures["eval_loss"] = {"before": document["eval_loss_before"], "after": document["eval_loss"]}
-    if mode == "align":
-        figures["reward_accuracy"] = {"before": document["reward_accuracy_before"], "after": document["reward_accuracy"]}
-        figures["reward_margin"] = {"before": document["reward_margin_before"], "after": document["reward_margin"]}
-    else:
-        figures["perplexity"] = {"before": document["perplexity_before"], "after": document["perplexity"]}
-    curve = result.output / "loss.png"
-    if curve.exists():
-        figures["loss_curve"] = str(context.final_path(curve).relative_to(context.recipe.workdir))
-    return figures
+        train_options = dataclasses.replace(train_options, model=context.artifacts.model, tokenizer=context.artifacts.tokenizer,
+                                            output=context.folder / "adapter")
+        written = {str(key).replace("-", "_"): str(key) for key in context.recipe.steps[method.name]}
+        with options_spelled(lambda field: written.get(field, field), prefix=f"recipe step {method.name}: "):
+            result = run_training(train_options, progress=context.progress)
+        context.artifacts.adapters[method.name] = context.final_path(result.output)
+        document = result.to_dict()
+        figures = {key: document[key] for key in ("steps", "train_loss", "tokens_per_second", "trainable_parameters")}
+        figures["eval_loss"] = {"before": document["eval_loss_before"], "after": document["eval_loss"]}
+        figures.update(method.figures(document))
+        curve = result.output / "loss.png"
+        if curve.exists():
+            figures["loss_curve"] = str(context.final_path(curve).relative_to(context.recipe.workdir))
+        return figures
+
+    return run
 
 
 def run_align(context: StepContext, train_options) -> dict:
@@ -169,7 +169,7 @@ def run_align(context: StepContext, train_options) -> dict:
     from cnllm.core.evaluation.pref import PrefOptions, evaluate_preference
 
     model = context.artifacts.model
-    figures = _train("align", context, train_options)
+    figures = _run_train(ALIGN)(context, train_options)
     adapter = context.folder / "adapter"
     if train_options.validation_data:
         options = PrefOptions(template=train_options.template, system=train_options.system, ctx=train_options.max_length * 2)
@@ -428,12 +428,12 @@ def _no_inputs(recipe: Recipe, step: Any) -> list[Path]:
 
 
 STEP_KINDS: dict[str, StepKind] = {
-    "vocab": StepKind(parse_vocab, run_vocab, _vocab_inputs),
-    "pt": StepKind(_parse_train, lambda c, o: _train("pt", c, o), _train_inputs),
+    "vocab": StepKind(parse_vocab, run_vocab, _vocab_inputs, tuple(path_fields(VocabInputs))),
+    "pt": StepKind(_parse_train(PT), _run_train(PT), _train_inputs, tuple(path_fields(PtOptions))),
     "merge_pt": StepKind(_parse_merge("pt"), _merge("pt"), _no_inputs),
-    "sft": StepKind(_parse_train, lambda c, o: _train("sft", c, o), _train_inputs),
+    "sft": StepKind(_parse_train(SFT), _run_train(SFT), _train_inputs, tuple(path_fields(SftOptions))),
     "merge_sft": StepKind(_parse_merge("sft"), _merge("sft"), _no_inputs),
-    "align": StepKind(_parse_train, run_align, _train_inputs),
+    "align": StepKind(_parse_train(ALIGN), run_align, _train_inputs, tuple(path_fields(AlignOptions))),
     "merge_align": StepKind(_parse_merge("align"), _merge("align"), _no_inputs),
     "convert": StepKind(parse_convert, run_convert, _no_inputs),
     "quantize": StepKind(parse_quantize, run_quantize, _no_inputs),

@@ -71,6 +71,7 @@ class StepKind:
     parse: Callable[[Recipe, str, dict], Any]  # (recipe, step name, recipe options) -> typed options; UsageError naming the key
     run: Callable[[StepContext, Any], dict]  # (context, typed options) -> figures; updates context.artifacts
     inputs: Callable[[Recipe, Any], list[Path]]  # (recipe, typed options) -> external inputs to fingerprint
+    paths: tuple[str, ...] = ()  # option keys holding paths, relative to the recipe's folder (from the options' declared types)
 
 
 def step_folder(recipe: Recipe, name: str) -> Path:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from cnllm.core.config import OptionError
 from cnllm.core.errors import UsageError
 from cnllm.core.templates import Message, Segment, normalize_messages
 
@@ -266,7 +267,8 @@ def build_preference_data(
     train_rows = tokenize_pairs(train_pairs, tokenizer, **lengths)
     eval_rows = tokenize_pairs(eval_pairs, tokenizer, **lengths)
     if not train_rows:
-        raise UsageError(f"no preference pair leaves room for an answer within --max-length {max_length}; raise it or lower --max-prompt-length")
+        raise OptionError("no preference pair leaves room for an answer within {max_length} {value}; raise it or lower {max_prompt_length}",
+                          value=max_length)
     stats.pairs, stats.eval_pairs = len(train_rows), len(eval_rows)
     root.mkdir(parents=True, exist_ok=True)
     with atomic_dir(target, force=True) as tmp:

@@ -96,19 +96,23 @@ def test_a_local_folder_wins_over_an_id(cli, tmp_path, hub, tiny_llama_dir):
 
 
 def test_model_parameters_cover_every_model_option():
-    """Every command option that takes a model, adapter or tokenizer is in MODEL_PARAMETERS."""
+    """Every command option that takes a model, adapter or tokenizer is in MODEL_PARAMETERS, or declared one
+    (the training commands' ``model=True`` options, listed in their function's ``model_parameters``)."""
     from cnllm.cli.app import COMMANDS, load_command
 
     import click
 
-    named = set()
+    missing = set()
     for name in COMMANDS:
         command = load_command(name)
         for sub in [command, *getattr(command, "commands", {}).values()]:
+            models = MODEL_PARAMETERS | getattr(sub.callback, "model_parameters", frozenset())
             for param in sub.params:
                 if isinstance(param.type, click.Path) and any(word in (param.name or "") for word in ("model", "lora", "base", "tokenizer", "peft")):
-                    named.add(param.name)
-    assert named <= MODEL_PARAMETERS, named - MODEL_PARAMETERS
+                    if param.name not in models:
+                        missing.add(f"{name} {param.name}")
+    assert not missing, missing
+    assert {"model", "tokenizer", "peft_path"} <= load_command("pt").callback.model_parameters
 
 
 def test_relative_paths_reach_the_command_absolute(cli, tmp_path, monkeypatch):

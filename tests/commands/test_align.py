@@ -144,9 +144,8 @@ def test_align_resumes_after_sigkill_with_the_same_loss(cli, tmp_path, tiny_llam
 
 @pytest.mark.parametrize(("method", "loss"), [("dpo", "sigmoid"), ("ipo", "ipo"), ("dpo-norm", "sigmoid_norm"), ("apo-zero", "apo_zero")])
 def test_dpo_family_methods_are_trl_loss_types(tmp_path, method, loss):
-    from cnllm.core.training.align import preference_arguments
-    from cnllm.core.training.options import TrainOptions
+    from cnllm.core.training.align import ALIGN, AlignOptions
 
-    options = TrainOptions(method=method, beta=0.3, max_length=64)
-    config = preference_arguments(options, {"output_dir": str(tmp_path), "use_cpu": True, "report_to": []})
+    options = AlignOptions(method=method, beta=0.3, max_length=64)
+    config = ALIGN.arguments(options, {"output_dir": str(tmp_path), "use_cpu": True, "report_to": []})
     assert config.loss_type == [loss] and config.beta == 0.3 and config.max_length == 64 and not config.gradient_checkpointing

@@ -26,10 +26,11 @@ def test_flags_given_on_the_command_line_win(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model: base\nlora-rank: 16\nlearning_rate: 1e-4\ndata: [a.txt, b.txt]\ntargets: q_proj,v_proj\n", encoding="utf-8")
     cli = {"model": None, "data": [], "lora_rank": 8, "learning_rate": 2e-4, "streaming": False, "targets": []}
-    merged = merge(Options, cli, {"lora_rank"}, config)
+    merged, from_file = merge(Options, cli, {"lora_rank"}, config)
     assert merged == {"model": tmp_path / "base", "data": [tmp_path / "a.txt", tmp_path / "b.txt"], "lora_rank": 8, "learning_rate": 1e-4,
                       "streaming": False, "targets": ["q_proj", "v_proj"]}
-    assert merge(Options, cli, set(), None) == cli
+    assert from_file == {"model", "learning_rate", "data", "targets"}  # messages name these as the file's keys
+    assert merge(Options, cli, set(), None) == (cli, set())
 
 
 def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch):
@@ -37,7 +38,7 @@ def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, mo
     config = tmp_path / "configs" / "run.yaml"
     config.write_text("model: ../models/base\ndata: [corpus.txt, /abs/x.txt]\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path / "configs")
-    merged = merge(Options, {"model": None, "data": []}, set(), Path("run.yaml"))
+    merged, _ = merge(Options, {"model": None, "data": []}, set(), Path("run.yaml"))
     assert merged["model"] == tmp_path / "configs" / ".." / "models" / "base"
     assert merged["data"] == [tmp_path / "configs" / "corpus.txt", Path("/abs/x.txt")]
 
@@ -46,7 +47,7 @@ def test_resolved_config_reads_back(tmp_path):
     values = {"model": tmp_path / "m", "data": [tmp_path / "x.txt"], "lora_rank": 4, "learning_rate": 0.5, "streaming": True, "targets": ["o_proj"]}
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(values), encoding="utf-8")
-    assert merge(Options, {k: None for k in values}, set(), path) == values
+    assert merge(Options, {k: None for k in values}, set(), path)[0] == values
 
 
 @pytest.mark.parametrize(
@@ -76,15 +77,18 @@ def test_missing_config_file(tmp_path):
 
 def test_build_options_coerces_recipe_strings_and_names_the_key():
     from cnllm.core.config import build_options
-    from cnllm.core.training.options import TrainOptions
+    from cnllm.core.training.pt import PtOptions
 
-    options = build_options(TrainOptions, {"learning_rate": "2e-4", "data": "a.txt", "precision": "half"}, where="recipe step pt")
+    fixed = {"model": Path("m"), "output": Path("o")}
+    options = build_options(PtOptions, {"learning_rate": "2e-4", "data": "a.txt", "precision": "half"}, where="recipe step pt", **fixed)
     assert options.learning_rate == 2e-4 and isinstance(options.learning_rate, float)
     assert options.data == [Path("a.txt")] and options.precision == "half" and options.precision_short == "fp16"
-    with pytest.raises(UsageError, match=r"recipe step pt: learning-rate: expected a number, got 'fast'"):
-        build_options(TrainOptions, {"learning_rate": "fast"}, where="recipe step pt")
+    with pytest.raises(UsageError, match=r"recipe step pt: learning_rate: expected a number, got 'fast'"):
+        build_options(PtOptions, {"learning_rate": "fast"}, where="recipe step pt", **fixed)
+    with pytest.raises(UsageError, match=r"recipe step pt: max-steps must be at least 1, or -1 to train for epochs; got 0"):
+        build_options(PtOptions, {"data": "a.txt", "max-steps": 0}, where="recipe step pt", **fixed)  # named as the recipe spells it
     with pytest.raises(UsageError, match=r"recipe step pt: unknown option 'learning-rat'; known options: .*learning-rate"):
-        build_options(TrainOptions, {"learning-rat": 1}, where="recipe step pt")
+        build_options(PtOptions, {"learning-rat": 1}, where="recipe step pt", **fixed)
 
 
 def test_build_options_checks_choices_and_dtypes_with_the_allowed_values():

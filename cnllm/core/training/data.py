@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from cnllm.core.atomic import atomic_dir
 from cnllm.core.corpus import CorpusStats, corpus_files, iter_documents
+from cnllm.core.config import OptionError
 from cnllm.core.errors import UsageError
 from cnllm.core.hashing import hash_file
 from cnllm.core.templates import AUTO, TEMPLATE_NAMES, TEMPLATES, Message, Segment, bos_needed, check_template_name, normalize_messages, resolve_template
@@ -155,7 +156,8 @@ def _generate_blocks(files: list[str], tokenizer, block_size: int, stats: Corpus
         blocks += 1
         yield {"input_ids": block}
     if blocks == 0:
-        raise UsageError(f"the data holds fewer than --block-size {block_size} tokens ({stats.lines} documents); lower --block-size or add data")
+        raise OptionError("the data holds fewer than {block_size} {value} tokens ({documents} documents); lower {block_size} or add data",
+                          value=block_size, documents=stats.lines)
 
 
 def build_pt_data(
@@ -325,7 +327,7 @@ def read_records(
                 items.append(convert(record, where))
             except ValueError as exc:
                 if not skip_invalid:
-                    raise UsageError(f"{where}: {exc} (pass --skip-invalid to skip such records)") from None
+                    raise OptionError("{where}: {problem} (pass {skip_invalid} to skip such records)", where=where, problem=exc) from None
                 skipped.append(f"{where}: {exc}")
     if not items:
         raise UsageError(f"no usable {kind} in {', '.join(str(p) for p in paths)}")
@@ -359,7 +361,7 @@ def segment_function(template: str, tokenizer, system: str | None) -> Callable[[
     check_template_name(template, allowed=TEMPLATE_NAMES)
     source = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
     if template == AUTO and not source:
-        raise UsageError(f"--template auto: the tokenizer has no chat template; choose {', '.join(TEMPLATES)}")
+        raise OptionError("{template} auto: the tokenizer has no chat template; choose {allowed}", allowed=", ".join(TEMPLATES))
     prompt_format = resolve_template(template, jinja_source=source, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "</s>")
     return lambda messages: prompt_format.segments(messages, system, add_generation_prompt=False)
 
@@ -476,7 +478,7 @@ def build_sft_data(
     train_examples = tokenize_records(records, tokenizer, stats=stats, **options)
     eval_examples = tokenize_records(eval_records, tokenizer, stats=stats, **options) if eval_records else []
     if not train_examples:
-        raise UsageError(f"no training sample has a trainable token within --max-seq-length {max_seq_length}; raise it")
+        raise OptionError("no training sample has a trainable token within {max_seq_length} {value}; raise it", value=max_seq_length)
     if packing:
         train_examples = pack_examples(train_examples, max_seq_length)
     eval_dataset = _as_dataset(eval_examples) if eval_examples else None

@@ -1,188 +1,157 @@
-"""Every option of a training run, in one dataclass: the CLI, ``--config`` files and the resolved
-config written beside the adapter all use these names."""
+"""The options every training method shares, each declared once (:func:`~cnllm.core.config.option`).
+
+A method's own options subclass :class:`TrainOptions` in its module (``PtOptions`` in
+:mod:`cnllm.core.training.pt`, …), with its own defaults; the command-line flags of ``cnllm pt``/``sft``/
+``align``, their ``--config`` keys, the recipe keys of the pipeline's steps and the resolved config written
+beside the adapter are all derived from these declarations. Messages name options by field
+(:class:`~cnllm.core.config.OptionError`); the command line renders ``--max-steps``, a recipe ``max_steps``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from cnllm.core.config import coerce_fields
-from cnllm.core.dtypes import FLOAT_DTYPES, DType, words_for
-from cnllm.core.embeddings import DEFAULT_INIT, check_init_method
-from cnllm.core.errors import UsageError
+from cnllm.core.config import OptionError, check_choices, coerce_fields, option
+from cnllm.core.dtypes import DTYPE_WORDS, FLOAT_DTYPES, DType, words_for
+from cnllm.core.embeddings import DEFAULT_INIT, INIT_METHODS, NEW_ROW_INIT_HELP
+from cnllm.core.modelio import ATTN_IMPLEMENTATIONS
+from cnllm.core.rope import TRAINING_METHODS
+from cnllm.core.templates import TEMPLATE_NAMES
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRECISIONS = ("auto", *words_for(FLOAT_DTYPES))
-PT_ONLY = ("block_size", "streaming", "cache_dir")
-SFT_ONLY = ("template", "system", "max_seq_length", "packing", "skip_invalid")
-ALIGN_ONLY = ("method", "beta", "max_length", "max_prompt_length")
-# cnllm align --method: TRL's DPOTrainer loss_type for each DPO-family name; ORPO has its own trainer (no reference).
-ALIGN_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "dpo-norm": "sigmoid_norm",
-                "bco": "bco_pair", "nca": "nca_pair", "sppo": "sppo_hard", "apo-zero": "apo_zero", "apo-down": "apo_down"}
-ALIGN_METHODS = (*ALIGN_LOSSES, "orpo")
+# Help sections on the command line.
+MODEL, DATA, LORA, OPTIM, RUN, DIST, LONG = "Model", "Data", "LoRA", "Optimisation", "Checkpoints and logging", "Distributed", "Long context"
+
+
+def learning_rate(default: float) -> float:
+    """The learning rate, declared by each method with the default that suits it."""
+    return option(default, help="Peak learning rate.", panel=OPTIM, aliases=("--lr",))
 
 
 @dataclass
 class TrainOptions:
+    """The shared options; a method's options (its subclass) add its own and declare its ``learning_rate``."""
+
     # what to train, and where the result goes
-    model: Optional[Path] = None
-    data: list[Path] = field(default_factory=list)
-    output: Optional[Path] = None
-    tokenizer: Optional[Path] = None
-    validation_data: list[Path] = field(default_factory=list)
-    validation_split: float = 0.01
+    model: Optional[Path] = option(None, help="Base model directory (Hugging Face format).", panel=MODEL, aliases=("-m",), model=True, recipe=False)
+    data: list[Path] = option(help="Training data file or directory (repeat for more).", panel=DATA, aliases=("-d",), factory=list)
+    output: Optional[Path] = option(None, help="Output directory (adapter, tokenizer, metrics, loss curve, config).", panel=MODEL, aliases=("-o",),
+                                    file_okay=False, recipe=False)
+    tokenizer: Optional[Path] = option(None, help="Tokenizer directory (default: the --peft-path adapter's, else the model's).", panel=MODEL,
+                                       model=True, recipe=False)
+    validation_data: list[Path] = option(help="Held-out evaluation data (instead of --validation-split).", panel=DATA, factory=list)
+    validation_split: float = option(0.01, help="Share of the data held out for eval loss and perplexity.", panel=DATA)
     # LoRA / full fine-tuning
-    lora_rank: int = 64
-    lora_alpha: float = 128.0
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    train_embeddings: Optional[bool] = None
-    new_row_init: str = DEFAULT_INIT  # how rows for tokens the tokenizer adds start (cnllm.core.embeddings)
-    full_finetune: bool = False
-    peft_path: Optional[Path] = None
+    lora_rank: int = option(64, help="LoRA rank r.", panel=LORA)
+    lora_alpha: float = option(128.0, help="LoRA alpha (scale = alpha / r).", panel=LORA)
+    lora_dropout: float = option(0.05, help="Dropout on the LoRA input.", panel=LORA)
+    lora_targets: list[str] = option(help=f"Comma-separated linear layers to adapt (default: {','.join(DEFAULT_LORA_TARGETS)}).", panel=LORA,
+                                     factory=lambda: list(DEFAULT_LORA_TARGETS))
+    train_embeddings: Optional[bool] = option(None, help="Train embed_tokens and lm_head in full (PEFT modules_to_save) (default: on when the "
+                                              "tokenizer is larger than the model's vocabulary).", panel=LORA, toggle=True)
+    new_row_init: str = option(DEFAULT_INIT, help=NEW_ROW_INIT_HELP, panel=LORA, choices=INIT_METHODS)
+    full_finetune: bool = option(False, help="Train every weight instead of a LoRA adapter.", panel=LORA)
+    peft_path: Optional[Path] = option(None, help="Continue training this existing adapter.", panel=LORA, model=True)
     # optimisation
-    learning_rate: float = 2e-4
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    epochs: float = 1.0
-    max_steps: int = -1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
+    batch_size: int = option(1, help="Sequences per device per step.", panel=OPTIM)
+    gradient_accumulation_steps: int = option(1, help="Steps whose gradients are summed before an update.", panel=OPTIM)
+    epochs: float = option(1.0, help="Passes over the data (ignored with --max-steps).", panel=OPTIM)
+    max_steps: int = option(-1, help="Stop after this many optimizer updates (-1: use --epochs).", panel=OPTIM)
+    warmup_ratio: float = option(0.03, help="Share of the steps with a linear warmup before the cosine decay.", panel=OPTIM)
+    weight_decay: float = option(0.0, help="AdamW weight decay.", panel=OPTIM)
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm.", panel=OPTIM)
+    seed: int = option(42, help="Random seed (data order, dropout, initialisation).", panel=OPTIM)
+    precision: str = option("auto", help=f"auto (bf16/fp16 on a GPU, fp32 on CPU), {DTYPE_WORDS}.", panel=OPTIM)
+    gradient_checkpointing: bool = option(False, help="Recompute activations in the backward pass to save memory.", panel=OPTIM)
+    load_in_4bit: bool = option(False, help="QLoRA: load the base model in 4 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)
+    load_in_8bit: bool = option(False, help="Load the base model in 8 bits (CUDA GPU + bitsandbytes).", panel=OPTIM)
     # checkpoints, logging, evaluation
-    save_steps: int = 500
-    save_total_limit: int = 3
-    logging_steps: int = 10
-    eval_steps: Optional[int] = None
-    eval_before: bool = True
-    tensorboard: bool = False
-    resume: bool = False
-    force: bool = False
+    save_steps: int = option(500, help="Write a checkpoint (adapter + tokenizer + optimizer state) every N steps.", panel=RUN)
+    save_total_limit: int = option(3, help="Keep only the newest N checkpoints.", panel=RUN)
+    logging_steps: int = option(10, help="Log loss, lr, grad-norm and tokens/s every N steps.", panel=RUN)
+    eval_steps: Optional[int] = option(None, help="Evaluate every N steps (default: --save-steps).", panel=RUN)
+    eval_before: bool = option(True, help="Measure eval loss before training, as the baseline.", panel=RUN, toggle=True)
+    tensorboard: bool = option(False, help="Also log to TensorBoard (in OUTPUT/runs).", panel=RUN)
+    resume: bool = option(False, help="Continue from the last checkpoint (optimizer, scheduler, RNG and data position).", panel=RUN, recipe=False)
+    force: bool = option(False, help="Start over: replace an existing output or interrupted run.", panel=RUN, aliases=("-f",), recipe=False)
     # distributed engines
-    deepspeed: Optional[Path] = None
-    fsdp: Optional[str] = None
-    trust_remote_code: bool = False
+    deepspeed: Optional[Path] = option(None, help="DeepSpeed JSON config (e.g. ZeRO-2); run under torchrun or accelerate launch.", panel=DIST,
+                                       dir_okay=False)
+    fsdp: Optional[str] = option(None, help='FSDP mode for the Trainer, e.g. "full_shard auto_wrap".', panel=DIST)
     # long context
-    rope_scaling: Optional[str] = None
-    rope_factor: Optional[float] = None
-    original_context: Optional[int] = None
-    attn_implementation: Optional[str] = None
-    # pt data
-    block_size: int = 1024
-    streaming: bool = False
-    cache_dir: Optional[Path] = None
-    # sft data
-    template: str = "alpaca"
-    system: Optional[str] = None
-    max_seq_length: int = 1024
-    packing: bool = False
-    skip_invalid: bool = False
-    # preference alignment (align; template, system and skip_invalid as sft)
-    method: str = "dpo"
-    beta: float = 0.1
-    max_length: int = 1024
-    max_prompt_length: Optional[int] = None  # None: half of max_length
+    rope_scaling: Optional[str] = option(None, help="Train for a longer context with this RoPE scaling, written into the model config "
+                                         "(linear: position interpolation).", panel=LONG, choices=TRAINING_METHODS)
+    rope_factor: Optional[float] = option(None, help="Context extension factor (e.g. 4: 4K → 16K).", panel=LONG)
+    original_context: Optional[int] = option(None, help="The base model's trained context (default: its config's max_position_embeddings).", panel=LONG)
+    attn_implementation: Optional[str] = option(None, help="transformers attention: eager, sdpa (default) or flash_attention_2 (CUDA with "
+                                                "flash-attn installed).", panel=LONG, choices=ATTN_IMPLEMENTATIONS)
+    trust_remote_code: bool = option(False, help="Allow model code from the model directory.", panel=MODEL)
 
     def __post_init__(self) -> None:
         coerce_fields(self)
 
     @property
-    def prompt_length(self) -> int:
-        """The longest prompt align keeps: ``max_prompt_length``, by default half of ``max_length``."""
-        return self.max_prompt_length if self.max_prompt_length is not None else max(1, self.max_length // 2)
-
-    @property
     def precision_short(self) -> str:
         """``auto``, or fp32/bf16/fp16 whichever word the user chose for it (``precision`` keeps the word)."""
-        return "auto" if self.precision.lower() == "auto" else DType(self.precision, where="--precision").short
+        return "auto" if self.precision.lower() == "auto" else DType(self.precision, where="precision").short
 
-    def to_dict(self, mode: str | None = None) -> dict:
-        """The options (those that matter to ``mode`` when given: pt has no template, sft no block size)."""
-        skip = {"pt": SFT_ONLY + ALIGN_ONLY, "sft": PT_ONLY + ALIGN_ONLY,
-                "align": ("block_size", "streaming", "max_seq_length", "packing")}.get(mode or "", ())
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+    def to_dict(self) -> dict:
+        """Every option of the run, by field name (the method's options hold only what matters to it)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def validate(self, mode: str) -> None:
+    def validate(self) -> None:
         """Option combinations that cannot work: one line each, before anything is loaded."""
-        if self.model is None:
-            raise UsageError("--model is required (on the command line or in --config)")
-        if not self.data:
-            raise UsageError("--data is required (on the command line or in --config)")
-        if self.output is None:
-            raise UsageError("--output is required (on the command line or in --config)")
+        for required in ("model", "data", "output"):
+            if not getattr(self, required):
+                raise OptionError("{%s} is required" % required)
         if self.precision.lower() not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        check_init_method(self.new_row_init)
+            raise OptionError("{precision} {value!r} is not one of {allowed}", value=self.precision, allowed=", ".join(PRECISIONS))
+        check_choices(self)
         if self.load_in_4bit and self.load_in_8bit:
-            raise UsageError("choose one of --load-in-4bit and --load-in-8bit")
+            raise OptionError("choose one of {load_in_4bit} and {load_in_8bit}")
         if self.full_finetune and (self.peft_path or self.load_in_4bit or self.load_in_8bit):
-            raise UsageError("--full-finetune trains every weight; it cannot be combined with --peft-path or --load-in-4bit/8bit")
+            raise OptionError("{full_finetune} trains every weight; it cannot be combined with {peft_path}, {load_in_4bit} or {load_in_8bit}")
         if not self.full_finetune and not self.lora_targets and not self.peft_path:
-            raise UsageError("--lora-targets is empty: name at least one linear layer (or use --full-finetune)")
+            raise OptionError("{lora_targets} is empty: name at least one linear layer (or use {full_finetune})")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise UsageError(f"--max-steps must be at least 1, or -1 to train for --epochs; got {self.max_steps}")
+            raise OptionError("{max_steps} must be at least 1, or -1 to train for {epochs}; got {value}", value=self.max_steps)
         if not math.isfinite(self.epochs) or self.epochs <= 0:
-            raise UsageError(f"--epochs must be a positive number, got {self.epochs}")
-        if self.streaming and self.max_steps <= 0:
-            raise UsageError("--streaming reads the data once as it goes and cannot count it: set --max-steps")
-        for name, value, low, low_ok in (
-            ("learning-rate", self.learning_rate, 0, False),
-            ("lora-alpha", self.lora_alpha, 0, False),
-            ("weight-decay", self.weight_decay, 0, True),
-            ("max-grad-norm", self.max_grad_norm, 0, True),
-        ):
+            raise OptionError("{epochs} must be a positive number, got {value}", value=self.epochs)
+        for name, low, low_ok in (("learning_rate", 0, False), ("lora_alpha", 0, False), ("weight_decay", 0, True), ("max_grad_norm", 0, True)):
+            value = getattr(self, name)
             if not math.isfinite(value) or value < low or (value == low and not low_ok):
-                raise UsageError(f"--{name} must be a finite number {'>=' if low_ok else '>'} {low}, got {value}")
-        if not 0 <= self.lora_dropout < 1:
-            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.validation_split < 1:
-            raise UsageError(f"--validation-split must be in [0, 1), got {self.validation_split}")
-        positive = {"lora-rank": self.lora_rank, "batch-size": self.batch_size, "save-steps": self.save_steps,
-                    "gradient-accumulation-steps": self.gradient_accumulation_steps, "logging-steps": self.logging_steps,
-                    "block-size": self.block_size, "max-seq-length": self.max_seq_length, "save-total-limit": self.save_total_limit,
-                    "eval-steps": 1 if self.eval_steps is None else self.eval_steps}
-        for name, value in positive.items():
-            if value < 1:
-                raise UsageError(f"--{name} must be at least 1, got {value}")
+                raise OptionError("{%s} must be a finite number {bound} {low}, got {value}" % name, bound=">=" if low_ok else ">", low=low, value=value)
+        for name in ("lora_dropout", "warmup_ratio", "validation_split"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise OptionError("{%s} must be in [0, 1), got {value}" % name, value=value)
+        for name in ("lora_rank", "batch_size", "save_steps", "gradient_accumulation_steps", "logging_steps", "save_total_limit", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise OptionError("{%s} must be at least 1, got {value}" % name, value=value)
         if self.deepspeed is not None and not self.deepspeed.is_file():
-            raise UsageError(f"DeepSpeed config {self.deepspeed} does not exist")
+            raise OptionError("{deepspeed}: DeepSpeed config {path} does not exist", path=self.deepspeed)
         if self.peft_path is not None and not (self.peft_path / "adapter_config.json").is_file():
-            raise UsageError(f"--peft-path {self.peft_path} is not a PEFT adapter directory (no adapter_config.json)")
+            raise OptionError("{peft_path} {path} is not a PEFT adapter directory (no adapter_config.json)", path=self.peft_path)
         if self.rope_scaling is not None:
-            from cnllm.core.rope import TRAINING_METHODS
-
-            if self.rope_scaling not in TRAINING_METHODS:
-                raise UsageError(f"--rope-scaling must be one of {', '.join(TRAINING_METHODS)}; got {self.rope_scaling!r}")
             if self.rope_factor is None or self.rope_factor <= 1:
-                raise UsageError(f"--rope-scaling {self.rope_scaling} needs --rope-factor greater than 1 (e.g. 4 for 4K → 16K)")
+                raise OptionError("{rope_scaling} {method} needs {rope_factor} greater than 1 (e.g. 4 for 4K → 16K)", method=self.rope_scaling)
         elif self.rope_factor is not None or self.original_context is not None:
-            raise UsageError("--rope-factor and --original-context need --rope-scaling")
+            raise OptionError("{rope_factor} and {original_context} need {rope_scaling}")
         if self.original_context is not None and self.original_context < 1:
-            raise UsageError(f"--original-context must be at least 1, got {self.original_context}")
-        if self.attn_implementation is not None:
-            from cnllm.core.modelio import ATTN_IMPLEMENTATIONS
+            raise OptionError("{original_context} must be at least 1, got {value}", value=self.original_context)
 
-            if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-                raise UsageError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}; got {self.attn_implementation!r}")
-        if mode in ("sft", "align") and self.streaming:
-            raise UsageError(f"--streaming is for pt corpora; {mode} data is read into memory")
-        if mode == "align":
-            self.validate_align()
 
-    def validate_align(self) -> None:
-        if self.method not in ALIGN_METHODS:
-            raise UsageError(f"--method {self.method!r} is not one of {', '.join(ALIGN_METHODS)}")
-        if self.beta <= 0:
-            raise UsageError(f"--beta must be positive, got {self.beta}")
-        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
-            raise UsageError(f"--max-prompt-length ({self.max_prompt_length}) must be at least 1 and below --max-length ({self.max_length})")
+@dataclass
+class ChatTrainOptions(TrainOptions):
+    """What the methods trained on conversations (sft, align) add: the template, its system prompt, and bad records."""
+
+    template: str = option("alpaca", help="Chat template the samples are rendered with (auto: the tokenizer's own; align: the one sft trained "
+                           "with); recorded in the adapter's tokenizer.", panel=DATA, choices=TEMPLATE_NAMES)
+    system: Optional[str] = option(None, help="System prompt replacing the template's default.", panel=DATA)
+    skip_invalid: bool = option(False, help="Skip malformed records (counted) instead of stopping at the first.", panel=DATA)

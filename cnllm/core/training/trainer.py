@@ -1,5 +1,8 @@
-"""One training core for ``cnllm pt``, ``cnllm sft`` and ``cnllm align``: Hugging Face ``Trainer`` (TRL's
-preference trainers for align, :mod:`cnllm.core.training.align`) + PEFT LoRA.
+"""One training core for ``cnllm pt``, ``cnllm sft`` and ``cnllm align``: Hugging Face ``Trainer`` + PEFT LoRA.
+
+What differs between them is a :class:`~cnllm.core.training.method.TrainingMethod` (its options, data,
+Trainer and figures; :data:`~cnllm.core.training.methods.METHODS`); the plan, the checks, the model, the
+loop, checkpoints, resume and the output are this module's, shared.
 
 The run trains inside a working directory beside the output (``.<name>.cnllm-training``) so
 checkpoints survive an interruption and ``--resume`` can continue them; only a finished run is
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnllm.core.config import dump_yaml
+from cnllm.core.config import OptionError, dump_yaml
 from cnllm.core.atomic import check_not_input, check_output, replace_dir
 from cnllm.core.errors import CheckFailed, Terminated, UsageError
 from cnllm.core.modelio import (
@@ -35,6 +38,8 @@ from cnllm.core.modelio import (
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tensors import read_safetensors_header
+from cnllm.core.training.method import Data, TrainingMethod
+from cnllm.core.training.methods import method_for
 from cnllm.core.training.options import TrainOptions
 
 VOCAB_MULTIPLE = 64
@@ -109,11 +114,11 @@ def plan_output(options: TrainOptions) -> tuple[Path, bool]:
     if options.resume:
         if work.is_dir() or last_complete_checkpoint(output):
             return work, True
-        raise UsageError(f"--resume: nothing to resume, neither {work} nor {output} holds a checkpoint")
+        raise OptionError("{resume}: nothing to resume, neither {work} nor {output} holds a checkpoint", work=work, output=output)
     if (output.exists() or output.is_symlink()) and not options.force:
-        raise UsageError(f"output {output} already exists; pass --resume to continue its training or --force to start over")
+        raise OptionError("output {path} already exists; pass {resume} to continue its training or {force} to start over", path=output)
     if work.exists() and not options.force:
-        raise UsageError(f"an interrupted run left checkpoints in {work}; pass --resume to continue it or --force to start over")
+        raise OptionError("an interrupted run left checkpoints in {work}; pass {resume} to continue it or {force} to start over", work=work)
     check_output(work, force=True)  # the folder must be writable before any data is tokenised
     return work, False
 
@@ -124,9 +129,10 @@ def check_vocabulary(model_dir: Path, tokenizer_dir: Path) -> VocabSizes:
     check_vocab_agreement(VocabSizes(None, sizes.config, sizes.embedding, sizes.lm_head), where=str(model_dir))
     rows = sizes.embedding if sizes.embedding is not None else sizes.config
     if sizes.tokenizer is not None and rows is not None and round_up(sizes.tokenizer, VOCAB_MULTIPLE) < rows:
-        raise UsageError(
-            f"the tokenizer in {tokenizer_dir} has {sizes.tokenizer} tokens, fewer than the model's {rows} embedding rows "
-            f"({sizes.describe()}): pass the tokenizer the model was trained with (--tokenizer)"
+        raise OptionError(
+            "the tokenizer in {directory} has {tokens} tokens, fewer than the model's {rows} embedding rows "
+            "({sizes}): pass the tokenizer the model was trained with ({tokenizer})",
+            directory=tokenizer_dir, tokens=sizes.tokenizer, rows=rows, sizes=sizes.describe(),
         )
     return sizes
 
@@ -158,20 +164,20 @@ def check_quantization(options: TrainOptions) -> None:
 
     import torch
 
-    flag = "--load-in-4bit" if options.load_in_4bit else "--load-in-8bit"
+    flag = "{load_in_4bit}" if options.load_in_4bit else "{load_in_8bit}"
     if not torch.cuda.is_available():
-        raise UsageError(f"{flag} (QLoRA) needs a CUDA GPU and none is available here; drop the flag to train unquantised")
+        raise OptionError(flag + " (QLoRA) needs a CUDA GPU and none is available here; drop it to train unquantised")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError(f"{flag} (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+        raise OptionError(flag + " (QLoRA) needs bitsandbytes: pip install bitsandbytes")
 
 
 def check_optional_packages(options: TrainOptions) -> None:
     import importlib.util
 
     if options.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
-        raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
+        raise OptionError("{deepspeed} needs the deepspeed package: pip install deepspeed")
     if options.tensorboard and not any(importlib.util.find_spec(n) for n in ("tensorboard", "tensorboardX")):
-        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        raise OptionError("{tensorboard} needs the tensorboard package: pip install tensorboard")
 
 
 def choose_precision(requested: str) -> str:
@@ -182,7 +188,7 @@ def choose_precision(requested: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if requested == "fp16" and not torch.cuda.is_available():
-        raise UsageError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on this machine")
+        raise OptionError("{precision} fp16 needs a CUDA GPU; use fp32 (or bf16) on this machine")
     return requested
 
 
@@ -275,114 +281,11 @@ def verify_adapter(directory: Path, targets: list[str], train_embeddings: bool) 
     return {"tensors": len(names), "bytes": weights.stat().st_size}
 
 
-# ------------------------------------------------------------------------------------------- data
-
-
-class BlockCollator:
-    """Equal-length pre-training blocks: labels are the inputs (the model shifts them)."""
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
-        return {"input_ids": ids, "labels": ids.clone()}
-
-
-class PaddingCollator:
-    """SFT examples padded on the right: pad id for inputs, -100 for labels, a zero attention mask."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        length = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(features), length), dtype=torch.long)
-        for row, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            ids[row, :n] = torch.tensor(feature["input_ids"])
-            labels[row, :n] = torch.tensor(feature["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def build_data(plan: Plan, tokenizer, progress: Progress):
-    """Train set, eval set (or None), the batch collator, and a summary for the report."""
-    from cnllm.core.training import data
-
-    options, train_files, validation_files = plan.options, plan.train_files, plan.validation_files
-
-    if plan.mode == "align":
-        from cnllm.core.training.align import build_align_data
-
-        return build_align_data(plan, tokenizer, progress)
-    if plan.mode == "pt":
-        built = data.build_pt_data(
-            train_files,
-            tokenizer,
-            block_size=options.block_size,
-            validation_files=validation_files,
-            validation_split=options.validation_split,
-            streaming=options.streaming,
-            cache_dir=options.cache_dir,
-            seed=options.seed,
-        )
-        if built.stats.invalid_utf8_lines:
-            progress.log(f"warning: skipped {built.stats.invalid_utf8_lines} lines that are not UTF-8")
-        summary = {
-            "train_blocks": built.train_blocks,
-            "eval_blocks": built.eval_blocks,
-            "block_size": options.block_size,
-            "documents": built.stats.lines,
-            "cache": str(built.cache_path) if built.cache_path else None,
-            "cache_hit": built.cache_hit,
-        }
-        if built.cache_path is not None:
-            progress.log(f"{'reused' if built.cache_hit else 'built'} {built.train_blocks + built.eval_blocks} blocks of {options.block_size} tokens ({built.cache_path})")
-        return built.train, built.eval, BlockCollator(), summary
-    built = data.build_sft_data(
-        train_files,
-        tokenizer,
-        template=options.template,
-        system=options.system,
-        max_seq_length=options.max_seq_length,
-        packing=options.packing,
-        validation_files=validation_files,
-        validation_split=options.validation_split,
-        skip_invalid=options.skip_invalid,
-        seed=options.seed,
-    )
-    if built.skipped:
-        progress.log(f"warning: skipped {len(built.skipped)} invalid records (first: {built.skipped[0]})")
-    if built.stats.truncated:
-        progress.log(f"warning: {built.stats.truncated} of {built.stats.samples} samples were longer than --max-seq-length {options.max_seq_length} and were truncated")
-    if built.stats.dropped_no_target:
-        progress.log(f"warning: dropped {built.stats.dropped_no_target} samples left without an answer token after truncation")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    summary = {
-        "records": built.stats.samples,
-        "train_samples": len(built.train),
-        "eval_samples": built.eval_samples,
-        "skipped_invalid": len(built.skipped),
-        "truncated": built.stats.truncated,
-        "dropped_no_target": built.stats.dropped_no_target,
-        "trainable_tokens": built.stats.trainable_tokens,
-        "total_tokens": built.stats.total_tokens,
-        "template": options.template,
-        "packing": options.packing,
-    }
-    return built.train, built.eval, PaddingCollator(pad_id if pad_id is not None else 0), summary
-
-
 # ---------------------------------------------------------------------------------------- the run
 
 
 def training_arguments(plan: Plan, has_eval: bool):
     import torch
-    from transformers import TrainingArguments
 
     options, precision = plan.options, plan.precision
 
@@ -406,7 +309,7 @@ def training_arguments(plan: Plan, has_eval: bool):
         use_cpu=not torch.cuda.is_available(),
         logging_steps=options.logging_steps,
         logging_first_step=True,
-        include_num_input_tokens_seen="all" if plan.mode == "pt" else "non_padding",
+        include_num_input_tokens_seen=plan.method.counts_tokens,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=options.eval_steps or options.save_steps,
         save_strategy="steps",
@@ -423,19 +326,15 @@ def training_arguments(plan: Plan, has_eval: bool):
         log_level="error",
         log_level_replica="error",
     )
-    if plan.mode == "align":
-        from cnllm.core.training.align import preference_arguments
-
-        return preference_arguments(options, arguments)
-    return TrainingArguments(**arguments)
+    return plan.method.arguments(options, arguments)
 
 
 @dataclass
 class Plan:
     """Everything checked before any work: what to train on, with which tokenizer, where, how."""
 
-    mode: str
-    options: TrainOptions
+    method: TrainingMethod
+    options: TrainOptions  # the method's own subclass
     work: Path
     resuming: bool
     train_files: list[Path]
@@ -447,24 +346,21 @@ class Plan:
     config_overrides: dict = field(default_factory=dict)  # long-context rope scaling written into the model config
 
 
-def plan_run(mode: str, options: TrainOptions) -> Plan:
+def plan_run(options: TrainOptions) -> Plan:
     """Every usage check, cheapest first; raises UsageError before anything is loaded or written."""
     from cnllm.core.training.data import check_data_files
 
-    options.validate(mode)
+    method = method_for(options)
+    options.validate()
     work, resuming = plan_output(options)
     train_files = check_data_files(options.data)
     validation_files = check_data_files(options.validation_data, what="validation data") if options.validation_data else []
-    if mode in ("sft", "align"):
-        from cnllm.core.templates import TEMPLATE_NAMES, check_template_name
-
-        check_template_name(options.template, allowed=TEMPLATE_NAMES)
     load_config(options.model)
     tokenizer_dir = options.tokenizer
     if tokenizer_dir is None:
         tokenizer_dir = options.peft_path if options.peft_path is not None and has_tokenizer(options.peft_path) else options.model
     if not has_tokenizer(tokenizer_dir):
-        raise UsageError(f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model); pass --tokenizer")
+        raise OptionError("{directory} has no tokenizer (tokenizer.json or tokenizer.model); pass {tokenizer}", directory=tokenizer_dir)
     sizes = check_vocabulary(options.model, tokenizer_dir)
     if options.peft_path is None and not options.full_finetune:
         check_lora_targets(options.model, options.lora_targets, options.trust_remote_code)
@@ -488,26 +384,18 @@ def plan_run(mode: str, options: TrainOptions) -> Plan:
         adapter_rows = adapter_vocab_rows(options.peft_path)
         expected = round_up(sizes.tokenizer, VOCAB_MULTIPLE) if needs_resize else rows
         if adapter_rows is not None and adapter_rows != expected:
-            raise UsageError(
-                f"the adapter {options.peft_path} has {adapter_rows} embedding rows but the model with tokenizer {tokenizer_dir} "
-                f"has {expected}: pass the --tokenizer the adapter was trained with"
+            raise OptionError(
+                "the adapter {adapter} has {adapter_rows} embedding rows but the model with tokenizer {directory} "
+                "has {expected}: pass the {tokenizer} the adapter was trained with",
+                adapter=options.peft_path, adapter_rows=adapter_rows, directory=tokenizer_dir, expected=expected,
             )
     train_embeddings = options.train_embeddings if options.train_embeddings is not None else needs_resize
-    return Plan(mode, options, work, resuming, train_files, validation_files, Path(tokenizer_dir), sizes, precision, train_embeddings, overrides)
+    return Plan(method, options, work, resuming, train_files, validation_files, Path(tokenizer_dir), sizes, precision, train_embeddings, overrides)
 
 
-def record_template(tokenizer, template: str, system: str | None) -> None:
-    """The template travels with the model: the adapter's tokenizer (saved beside it, then copied by merge-lora
-    into the merged model and by convert-gguf into ``tokenizer.chat_template``) carries the one sft trained with,
-    as Jinja, so ``--template auto`` finds it. ``auto`` keeps the tokenizer's own template."""
-    from cnllm.core.templates import TEMPLATES
-
-    if template in TEMPLATES:
-        tokenizer.chat_template = TEMPLATES[template].jinja(default_system=system)
-
-
-def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PROGRESS) -> TrainResult:
-    """Check everything, then train; returns the figures (``main_process`` False on the other ranks)."""
+def run_training(options: TrainOptions, progress: Progress = NULL_PROGRESS) -> TrainResult:
+    """Check everything, then train the method ``options`` belong to (a PtOptions trains pt); returns the
+    figures (``main_process`` False on the other ranks)."""
     from transformers import AutoTokenizer
 
     from cnllm.core.runtime import quiet_libraries
@@ -517,8 +405,8 @@ def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PRO
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")  # PEFT noting the resize we did on purpose
     warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")  # tied embeddings trained apart: merge-lora unties them
-    plan = plan_run(mode, options)
-    result = TrainResult(output=options.output, mode=mode, main_process=world_rank() == 0)
+    plan = plan_run(options)
+    result = TrainResult(output=options.output, mode=plan.method.name, main_process=world_rank() == 0)
     tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir), trust_remote_code=options.trust_remote_code)
     base_tokenizer = None
     if plan.tokenizer_dir.resolve() != Path(options.model).resolve():  # another tokenizer: new rows decompose with the model's own
@@ -527,17 +415,17 @@ def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PRO
         base_tokenizer = load_base_tokenizer(options.model, options.new_row_init, trust_remote_code=options.trust_remote_code)
         if base_tokenizer is not None:
             check_extends(base_tokenizer, tokenizer, base_name=str(options.model), name=str(plan.tokenizer_dir))
-    if mode in ("sft", "align"):
-        record_template(tokenizer, options.template, options.system)
+    plan.method.prepare_tokenizer(tokenizer, options)
     # Arguments first: they join the process group, so the main process can build the data cache before the others.
     args = training_arguments(plan, has_eval=False)
     main = args.process_index == 0
     with args.main_process_first(desc="prepare the data and the working directory"):
-        train_set, eval_set, collator, result.data = build_data(plan, tokenizer, progress)
+        data = plan.method.build_data(plan, tokenizer, progress)
+        result.data = data.summary
         if main:
             _prepare_work_dir(plan, progress)
     try:
-        _train(plan, result, tokenizer, base_tokenizer, train_set, eval_set, collator, progress)
+        _train(plan, result, tokenizer, base_tokenizer, data, progress)
     except BaseException:
         if main and plan.work.is_dir() and last_complete_checkpoint(plan.work) is None:
             shutil.rmtree(plan.work, ignore_errors=True)  # nothing worth resuming: leave no trace
@@ -548,8 +436,8 @@ def run_training(mode: str, options: TrainOptions, progress: Progress = NULL_PRO
     return result
 
 
-def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, train_set, eval_set, collator, progress: Progress) -> None:
-    from transformers import Trainer, set_seed
+def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, data: Data, progress: Progress) -> None:
+    from transformers import set_seed
 
     from cnllm.core.embeddings import resize_and_fill
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -557,7 +445,7 @@ def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, train_set
     from cnllm.core.training.callbacks import TrainingMonitor, perplexity, read_metrics, truncate_metrics
 
     options, work = plan.options, plan.work
-    args = training_arguments(plan, has_eval=eval_set is not None)
+    args = training_arguments(plan, has_eval=data.eval is not None)
     main = args.process_index == 0
     keep_freed_tensor_memory()
     set_seed(options.seed)  # LoRA and resized rows are initialised before the Trainer seeds anything
@@ -575,13 +463,11 @@ def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, train_set
         if not plan.train_embeddings and not options.full_finetune:
             progress.log("warning: the new embedding rows stay as initialised; pass --train-embeddings to learn them")
     model.config.use_cache = False
-    # A new adapter for a reference-based preference loss goes to TRL as a config: TRL then scores the
-    # reference by disabling it (a wrapped model would make it keep a frozen copy of the adapter as well).
     peft_config = None
     if options.full_finetune:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
-    elif plan.mode == "align" and options.method != "orpo" and options.peft_path is None and not (options.load_in_4bit or options.load_in_8bit):
+    elif plan.method.adapter_for_trainer(options):
         peft_config = lora_config(options, plan.train_embeddings)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -593,18 +479,11 @@ def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, train_set
             model.enable_input_require_grads()
     metrics_path = work / METRICS_NAME
     monitor = TrainingMonitor(progress, metrics_path)
-    if plan.mode == "align":
-        from cnllm.core.training.align import preference_trainer
-
-        trainer = preference_trainer(options, model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                     tokenizer=tokenizer, callbacks=[monitor], peft_config=peft_config)
-        if peft_config is not None:
-            trained_weights_fp32(trainer.model, plan.precision)  # the optimizer is made later, in train()
-    else:
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
-                          processing_class=tokenizer, callbacks=[monitor])
+    trainer = plan.method.trainer(options, model=model, args=args, data=data, tokenizer=tokenizer, callbacks=[monitor], peft_config=peft_config)
+    if peft_config is not None:
+        trained_weights_fp32(trainer.model, plan.precision)  # the Trainer added the adapter; the optimizer is made later, in train()
     result.trainable_parameters, result.total_parameters = count_parameters(trainer.model)
-    progress.log(f"training {result.trainable_parameters:,} of {result.total_parameters:,} parameters ({plan.precision}, {plan.mode})")
+    progress.log(f"training {result.trainable_parameters:,} of {result.total_parameters:,} parameters ({plan.precision}, {plan.method.name})")
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
@@ -614,7 +493,7 @@ def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, train_set
         if main:
             truncate_metrics(metrics_path, json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
         progress.log(f"resuming from {checkpoint}")
-    elif eval_set is not None and options.eval_before:
+    elif data.eval is not None and options.eval_before:
         trainer.evaluate()
     before = [r for r in read_metrics(metrics_path) if r.get("step") == 0 and "eval_loss" in r] if main else []
     if before:
@@ -636,11 +515,11 @@ def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, train_set
     result.train_loss = losses[-1] if losses else output.training_loss
     runtime = output.metrics.get("train_runtime") or 0.0
     result.tokens_per_second = round((result.tokens_seen - tokens_at_start) / runtime, 1) if runtime > 0 else None
-    if eval_set is not None:
+    if data.eval is not None:
         evals = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == result.steps]
         final = evals[-1] if evals else trainer.evaluate()
         result.eval_loss = float(final["eval_loss"])
-        result.perplexity = perplexity(result.eval_loss) if plan.mode != "align" else None
+        result.perplexity = perplexity(result.eval_loss) if plan.method.reports_perplexity else None
         if "eval_rewards/accuracies" in final:
             result.reward_accuracy, result.reward_margin = float(final["eval_rewards/accuracies"]), float(final["eval_rewards/margins"])
     trainer.save_model(str(work))
@@ -719,12 +598,12 @@ def _finish_output(plan: Plan, result: TrainResult) -> None:
     """Verify the adapter, add curve, config and provenance, then rename the working directory to the output."""
     from cnllm.core.training.callbacks import plot_loss_curve
 
-    options, work, mode = plan.options, plan.work, plan.mode
+    options, work, mode = plan.options, plan.work, plan.method.name
     if not options.full_finetune:
         targets = [] if options.peft_path else list(options.lora_targets)
         result.data["adapter"] = verify_adapter(work, targets, plan.train_embeddings and not options.peft_path)
     plot_loss_curve(work / METRICS_NAME, work / LOSS_PNG, f"cnllm {mode}: {options.model.name}")
-    (work / CONFIG_NAME).write_text(dump_yaml(options.to_dict(mode)), encoding="utf-8")
+    (work / CONFIG_NAME).write_text(dump_yaml(options.to_dict()), encoding="utf-8")
     inputs = [*plan.train_files, *plan.validation_files, options.model / "config.json"]
-    write_record(work, "train", inputs=inputs, options={"mode": mode, **options.to_dict(mode)}, results=result.to_dict())
+    write_record(work, "train", inputs=inputs, options={"mode": mode, **options.to_dict()}, results=result.to_dict())
     replace_dir(work, options.output, force=True)  # plan_output refused an existing output without --force/--resume

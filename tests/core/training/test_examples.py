@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cnllm.core.config import build_options, merge
-from cnllm.core.training.options import TrainOptions
+from cnllm.core.training.methods import METHODS
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "training"
 
@@ -16,9 +16,10 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "training"
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_example_config_resolves(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # paths in a config are relative to its folder, wherever the command runs
-    options = build_options(TrainOptions, merge(TrainOptions, TrainOptions().to_dict(), set(), EXAMPLES / name))
-    options.validate(name.split("-")[0])  # what the run checks before loading anything
-    assert options.model is not None and options.data and options.output is not None
+    options_type = METHODS[name.split("-")[0]].options_type
+    values, from_file = merge(options_type, {}, set(), EXAMPLES / name)
+    options = build_options(options_type, values)  # validated as the run validates it, before loading anything
+    assert options.model is not None and options.data and options.output is not None and "model" in from_file
     assert options.lora_rank == 64 and options.lora_alpha == 128 and options.gradient_checkpointing
     if "8gpu" in name:
         assert options.deepspeed == EXAMPLES / "ds_zero2.json" and options.deepspeed.is_file()

@@ -16,7 +16,7 @@ import pytest
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.tiny import asset
 from cnllm.core.training import trainer
-from cnllm.core.training.options import TrainOptions
+from cnllm.core.training.pt import PtOptions
 
 from .helpers import heldout_perplexity
 
@@ -24,14 +24,14 @@ REPO = Path(__file__).resolve().parents[3]
 PYTHON = sys.executable
 
 
-def small_options(model: Path, output: Path, cache: Path, **overrides) -> TrainOptions:
+def small_options(model: Path, output: Path, cache: Path, **overrides) -> PtOptions:
     values = dict(
         model=model, data=[asset("zh.txt")], output=output, validation_data=[asset("zh_heldout.txt")],
         lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, learning_rate=3e-3, batch_size=4, max_steps=20,
         block_size=128, save_steps=10, eval_steps=20, logging_steps=5, cache_dir=cache, seed=0,
     )
     values.update(overrides)
-    return TrainOptions(**values)
+    return PtOptions(**values)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -66,8 +66,8 @@ def test_qlora_without_gpu_is_a_clear_usage_error():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(UsageError, match="--load-in-4bit .QLoRA. needs a CUDA GPU"):
-        trainer.check_quantization(TrainOptions(load_in_4bit=True))
+    with pytest.raises(UsageError, match="load_in_4bit .QLoRA. needs a CUDA GPU"):
+        trainer.check_quantization(PtOptions(load_in_4bit=True))
 
 
 def test_verify_adapter_rejects_an_adapter_without_trained_tensors(tmp_path):
@@ -106,7 +106,7 @@ def test_malloc_thresholds_are_fixed_on_glibc_unless_the_user_tunes_them():
 
 def test_pt_lowers_heldout_perplexity_and_saves_the_trained_tensors(tmp_path, tiny_llama_dir, zh_tokenizer_dir):
     output = tmp_path / "pt"
-    result = trainer.run_training("pt", small_options(tiny_llama_dir, output, tmp_path / "cache", tokenizer=zh_tokenizer_dir))
+    result = trainer.run_training(small_options(tiny_llama_dir, output, tmp_path / "cache", tokenizer=zh_tokenizer_dir))
     assert result.vocab["resized"] and result.vocab["embedding_rows"] == 1024 and result.vocab["train_embeddings"]
     assert result.eval_loss < result.eval_loss_before
     from safetensors import safe_open
