@@ -21,6 +21,7 @@ from cnllm.core.embeddings import DEFAULT_INIT, check_init_method
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.pipeline_types import Artifacts, Recipe, StepContext, StepKind, step_folder
 from cnllm.core.training.align import ALIGN, AlignOptions
+from cnllm.core.training.methods import METHODS
 from cnllm.core.training.pt import PT, PtOptions
 from cnllm.core.training.sft import SFT, SftOptions
 
@@ -308,7 +309,7 @@ def _model_names(recipe: Recipe) -> set[str] | None:
     """The names ``eval.models`` may use, from the recipe's steps (None when a GGUF type is only known at run time)."""
     from cnllm.core.gguf.convert import gguf_outtype
 
-    names = {"base"} | {name for name in ("pt", "sft", "align") if f"merge_{name}" in recipe.steps}
+    names = {"base"} | {name for name in METHODS if f"merge_{name}" in recipe.steps}
     if "convert" in recipe.steps:
         outtype = gguf_outtype(str(recipe.steps["convert"].get("outtype", "auto")))
         if outtype == "auto":
