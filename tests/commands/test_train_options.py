@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from cnllm.core.config import declared_fields, flag, load_yaml, recipe_fields
+from cnllm.core.errors import UsageError
 from cnllm.core.pipeline import recipe_from_dict
 from cnllm.core.pipeline_steps import STEP_KINDS
 from cnllm.core.pipeline_types import step_folder
@@ -145,3 +146,19 @@ def test_an_error_names_the_option_as_the_user_spelled_it(cli, tmp_path, tiny_ll
     recipe.write_text(yaml.safe_dump({"base": {"model": str(tiny_llama_dir)}, "pt": {"data": [str(data)], "max_steps": 0}}))
     in_recipe = cli("pipeline", recipe, "-o", tmp_path / "w", "--dry-run")
     assert in_recipe.exit_code == 2 and "recipe step pt: max_steps must be at least 1, or -1 to train for epochs; got 0" in in_recipe.stderr
+
+
+def test_one_declaration_is_the_flag_the_config_key_and_the_recipe_key(tmp_path, resolve):
+    """--lr-scheduler is declared once, in TrainOptions: the flag, the --config key and the recipe key follow."""
+    config = tmp_path / "pt.yaml"
+    config.write_text("lr-scheduler: linear\n")
+    common = ["-m", tmp_path, "-d", "d.txt", "-o", tmp_path / "out"]
+    assert resolve(tmp_path, "pt", *common, "--lr-scheduler", "linear").lr_scheduler == "linear"
+    assert resolve(tmp_path, "pt", *common, "--config", config).lr_scheduler == "linear"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": {"model": str(tmp_path)}, "pt": {"data": ["d.txt"], "lr_scheduler": "linear"}}))
+    assert recipe_step(recipe, yaml.safe_load(recipe.read_text()), tmp_path, "pt")[1].lr_scheduler == "linear"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": {"model": str(tmp_path)}, "pt": {"data": ["d.txt"], "lr_scheduler": "step"}}))
+    with pytest.raises(UsageError, match="recipe step pt: lr_scheduler 'step' is not one of cosine, linear, constant"):
+        recipe_step(bad, yaml.safe_load(bad.read_text()), tmp_path, "pt")

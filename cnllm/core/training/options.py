@@ -24,6 +24,7 @@ from cnllm.core.templates import TEMPLATE_NAMES
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRECISIONS = ("auto", *words_for(FLOAT_DTYPES))
+LR_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # --lr-scheduler → the Trainer's lr_scheduler_type
 # Help sections on the command line.
 MODEL, DATA, LORA, OPTIM, RUN, DIST, LONG = "Model", "Data", "LoRA", "Optimisation", "Checkpoints and logging", "Distributed", "Long context"
 
@@ -62,7 +63,9 @@ class TrainOptions:
     gradient_accumulation_steps: int = option(1, help="Steps whose gradients are summed before an update.", panel=OPTIM)
     epochs: float = option(1.0, help="Passes over the data (ignored with --max-steps).", panel=OPTIM)
     max_steps: int = option(-1, help="Stop after this many optimizer updates (-1: use --epochs).", panel=OPTIM)
-    warmup_ratio: float = option(0.03, help="Share of the steps with a linear warmup before the cosine decay.", panel=OPTIM)
+    warmup_ratio: float = option(0.03, help="Share of the steps with a linear warmup before the --lr-scheduler schedule.", panel=OPTIM)
+    lr_scheduler: str = option("cosine", help="Learning-rate schedule after the warmup: cosine or linear decay to 0, or constant.", panel=OPTIM,
+                               choices=tuple(LR_SCHEDULERS))
     weight_decay: float = option(0.0, help="AdamW weight decay.", panel=OPTIM)
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.", panel=OPTIM)
     seed: int = option(42, help="Random seed (data order, dropout, initialisation).", panel=OPTIM)

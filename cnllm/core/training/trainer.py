@@ -40,7 +40,7 @@ from cnllm.core.provenance import write_record
 from cnllm.core.tensors import read_safetensors_header
 from cnllm.core.training.method import Data, TrainingMethod
 from cnllm.core.training.methods import method_for
-from cnllm.core.training.options import TrainOptions
+from cnllm.core.training.options import LR_SCHEDULERS, TrainOptions
 
 VOCAB_MULTIPLE = 64
 EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
@@ -298,7 +298,7 @@ def training_arguments(plan: Plan, has_eval: bool):
         num_train_epochs=options.epochs,
         max_steps=options.max_steps,
         learning_rate=options.learning_rate,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=LR_SCHEDULERS[options.lr_scheduler],
         warmup_steps=options.warmup_ratio,
         weight_decay=options.weight_decay,
         max_grad_norm=options.max_grad_norm,

@@ -101,6 +101,16 @@ def test_malloc_thresholds_are_fixed_on_glibc_unless_the_user_tunes_them():
     assert run({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}) == "False"
 
 
+@pytest.mark.parametrize(("word", "schedule"), [("cosine", "cosine"), ("linear", "linear"), ("constant", "constant_with_warmup")])
+def test_lr_scheduler_is_the_trainers_schedule(tmp_path, word, schedule):
+    from types import SimpleNamespace
+
+    from cnllm.core.training.pt import PT
+
+    plan = SimpleNamespace(options=PtOptions(lr_scheduler=word), precision="fp32", work=tmp_path, method=PT)
+    assert trainer.training_arguments(plan, has_eval=False).lr_scheduler_type.value == schedule
+
+
 # -------------------------------------------------------------------------------------- real runs
 
 
