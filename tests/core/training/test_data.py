@@ -92,7 +92,7 @@ def test_validation_split_and_streaming(tmp_path, tokenizer):
 
 
 def test_too_little_data_for_one_block(tmp_path, tokenizer):
-    with pytest.raises(UsageError, match="fewer than --block-size 1024 tokens"):
+    with pytest.raises(UsageError, match="fewer than block_size 1024 tokens"):  # core names the field; the command line renders --block-size
         data.build_pt_data([write(tmp_path / "small.txt", "短短的一句话。\n")], tokenizer, block_size=1024, cache_dir=tmp_path / "cache")
 
 
@@ -139,7 +139,7 @@ def test_malformed_record_is_reported_with_file_and_line(tmp_path, record, reaso
     with pytest.raises(UsageError) as caught:
         data.read_sft_records([path])
     assert caught.value.message.startswith(f"{path}:3: ")
-    assert reason in caught.value.message and "--skip-invalid" in caught.value.message
+    assert reason in caught.value.message and "(pass skip_invalid to skip such records)" in caught.value.message  # --skip-invalid on the command line
     result = data.read_sft_records([path], skip_invalid=True)
     assert len(result.records) == 1 and len(result.skipped) == 1 and result.skipped[0].startswith(f"{path}:3: ")
 
