@@ -11,7 +11,6 @@ from typing import Annotated, Any, Callable, Optional
 import click
 import typer
 
-from cnllm.core.generation.base import LoadOptions
 from cnllm.core.rope import INFERENCE_METHODS
 from cnllm.core.templates import PROMPT_TEMPLATE_NAMES
 
@@ -143,9 +142,10 @@ def load_options(
     rope_scaling: Optional[str],
     rope_factor: Optional[float],
     rope_freq_base: Optional[float],
-) -> LoadOptions:
+) -> "LoadOptions":
     """The :class:`LoadOptions` of the model-loading group (the dtype word and the rope flags checked)."""
     from cnllm.core.dtypes import DType
+    from cnllm.core.generation.base import LoadOptions
 
     return LoadOptions(
         lora=lora,
