@@ -30,7 +30,17 @@ from cnllm.core.generation.base import (
     TokenLogprob,
     context_window,
 )
-from cnllm.core.modelio import check_tokenizer_files, has_tokenizer, load_config, load_tokenizer, tokenizer_adds_bos, tokenizer_length
+from cnllm.core.generation.speculative import ForwardCounter
+from cnllm.core.modelio import (
+    check_tokenizer_files,
+    has_tokenizer,
+    load_causal_lm,
+    load_config,
+    load_tokenizer,
+    tokenizer_adds_bos,
+    tokenizer_length,
+)
+from cnllm.core.rope import hf_model_rope
 from cnllm.core.runtime import quiet_libraries
 
 HEAD_ROWS = 1024  # positions put through the output layer at once, so no context × vocabulary matrix is ever built
@@ -57,8 +67,6 @@ class TransformersModel(LoadedModel):
         except (OSError, ValueError) as exc:
             raise UsageError(f"could not load the tokenizer in {tokenizer_dir}: {exc}") from None
         self.model = self._load_model(self.path, lora=options.lora)
-        from cnllm.core.rope import hf_model_rope
-
         self.trained_context = hf_model_rope(self.model.config).trained if getattr(self.model.config, "max_position_embeddings", None) else None
         self.context_length = context_window(options, self.trained_context, cap=None)
         self.device = next(self.model.parameters()).device
@@ -80,8 +88,6 @@ class TransformersModel(LoadedModel):
 
     def _load_model(self, path: Path, *, lora: Path | None = None):
         """Through the one loader, with its device and dtype rules (bf16/fp16 on accelerators, fp32 on CPU)."""
-        from cnllm.core.modelio import load_causal_lm
-
         options = self.options
         try:
             return load_causal_lm(
@@ -101,8 +107,6 @@ class TransformersModel(LoadedModel):
             raise UsageError(f"cannot load model {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
     def _load_draft(self, draft_path: Path):
-        from cnllm.core.generation.speculative import ForwardCounter
-
         if not (draft_path / "config.json").is_file():
             raise UsageError(f"--draft-model {draft_path} is not a Hugging Face model directory (the target is one)")
         if has_tokenizer(draft_path) and tokenizer_length(draft_path) != len(self.tokenizer):

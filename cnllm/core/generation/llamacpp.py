@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from cnllm.core import llama_loader
 from cnllm.core.errors import CnllmError, UsageError
-from cnllm.core.rope import ModelRope, RopeOptions, llama_cpp_kwargs
 from cnllm.core.generation.base import (
     DEFAULT_N_CTX,
     LETTER_SPELLINGS,
@@ -30,6 +30,8 @@ from cnllm.core.generation.base import (
     log_softmax_rows,
     target_logprobs_rows,
 )
+from cnllm.core.generation.speculative import llama_draft
+from cnllm.core.rope import ModelRope, RopeOptions, llama_cpp_kwargs
 
 _SILENT_LOG_CALLBACK = None
 SCORING_CHUNK = 64  # tokens per decode when scoring prompt logprobs: llama.cpp keeps a logits row per token of a batch
@@ -54,10 +56,8 @@ def silence_llama_logs(verbose: bool) -> None:
 def gguf_model_rope(path: Path) -> ModelRope | None:
     """Trained context, rotary dimension and rope base, read by loading only the vocabulary and metadata
     (fast even for large files); None when the GGUF does not say its context length."""
-    from cnllm.core.llama_loader import open_llama
-
     try:
-        header = open_llama(path, vocab_only=True, verbose=False)
+        header = llama_loader.open_llama(path, vocab_only=True, verbose=False)
     except (ValueError, RuntimeError, OSError) as exc:
         raise UsageError(f"llama.cpp could not read {path} ({exc}); is it a complete GGUF file?") from None
     try:
@@ -103,8 +103,6 @@ class LlamaCppModel(LoadedModel):
         self._draft_llama = None
         self._draft = None
         if options.draft_model is not None:
-            from cnllm.core.generation.speculative import llama_draft
-
             self._draft_llama = self._load(Path(options.draft_model), n_ctx=n_ctx)
             self._draft = llama_draft(self._draft_llama, options.draft_tokens)
         self._llama = self._load(self.path, n_ctx=n_ctx, draft_model=self._draft)
@@ -133,8 +131,6 @@ class LlamaCppModel(LoadedModel):
     def _load(self, path: Path, *, n_ctx: int, embedding: bool = False, draft_model=None):
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN
 
-        from cnllm.core.llama_loader import open_llama
-
         extra = {"n_batch": min(n_ctx, MAX_BATCH)}
         if embedding:
             # Mean pooling needs the whole text in one physical batch.
@@ -142,7 +138,7 @@ class LlamaCppModel(LoadedModel):
         if self.options.threads:
             extra["n_threads"] = extra["n_threads_batch"] = self.options.threads
         try:
-            return open_llama(
+            return llama_loader.open_llama(
                 path,
                 repack=self.options.repack,
                 n_ctx=n_ctx,

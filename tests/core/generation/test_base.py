@@ -14,7 +14,7 @@ from cnllm.core.generation.base import (
     SamplingParams,
     StopMatcher,
 )
-from tests.fake_model import EOS, ByteModel
+from tests.fake_model import ByteModel
 
 
 def test_detokenizer_never_emits_half_a_character(spm_tokenizer_dir):
