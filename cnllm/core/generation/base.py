@@ -413,7 +413,7 @@ DEFAULT_N_CTX = 4096  # the context a model loads with when neither --n-ctx nor 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """Everything a command may say about loading a model, on either backend (cnllm.cli.options.with_model_loading)."""
+    """Everything a command may say about loading a model, on either backend (the CLI's model-loading group fills it)."""
 
     n_ctx: int | None = None  # None: context_window's rule
     threads: int | None = None
