@@ -148,7 +148,7 @@ def hf_tiny(tokens: int, rounds: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
     from cnllm.core.generation.base import SamplingParams
     from cnllm.core.tiny import build_spm_tokenizer, build_tiny_llama
 
@@ -156,7 +156,7 @@ def hf_tiny(tokens: int, rounds: int) -> dict:
         model_dir = build_tiny_llama(Path(scratch) / "model", build_spm_tokenizer(Path(scratch) / "tok"))
         params = SamplingParams(max_tokens=tokens, temperature=0, repetition_penalty=1.0)
         ours, anchor = [], []
-        with load_generator(model_dir) as generator:
+        with load_model(model_dir) as generator:
             prompt = generator.encode_prompt(PROMPT)
             eos = sorted(generator.eos_ids)
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()

@@ -42,7 +42,7 @@ from cnllm.core.evaluation.mc import (  # noqa: E402
     evaluate_multiple_choice,
     load_subjects,
 )
-from cnllm.core.evaluation.models import ModelSpec  # noqa: E402
+from cnllm.core.generation.base import LoadOptions  # noqa: E402
 from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity  # noqa: E402
 from cnllm.core.tiny import asset  # noqa: E402
 
@@ -180,7 +180,7 @@ def build_poem_exam(root: Path, per_subject: int, seed: int = 0) -> Path:
 def ppl_row(label: str, model: Path, text_path: Path, ctx: int, threads: int, flash_attn: str = "off") -> tuple[str, dict]:
     text = text_path.read_text(encoding="utf-8")
     ref_ppl, ref_count, ref_seconds, ref_tokens = llamacpp_reference_ppl(model, text, ctx, threads, flash_attn)
-    ours = evaluate_perplexity(ModelSpec(model, threads=threads), [text_path], PplOptions(ctx=ctx, llamacpp_compatible=True)).total
+    ours = evaluate_perplexity(model, [text_path], PplOptions(ctx=ctx, llamacpp_compatible=True), LoadOptions(threads=threads)).total
     diff = ours.ppl / ref_ppl - 1
     line = (
         f"| {label} | {text_path.name} | {ours.tokens_scored} / {ref_count} | {ours.ppl:.4f} | {ref_ppl:.4f} | {100 * diff:+.4f}% | "
@@ -256,11 +256,12 @@ def main() -> None:
             "| model | text | tokens scored | ppl | bits/byte | tokens/s |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
-        variants = [("Q4_K_M GGUF (llama.cpp)", ModelSpec(gemma_q4, threads=args.threads)), ("Q8_0 re-quantized (llama.cpp)", ModelSpec(gemma_q8, threads=args.threads))]
+        on_cpu = LoadOptions(threads=args.threads)
+        variants = [("Q4_K_M GGUF (llama.cpp)", gemma_q4, on_cpu), ("Q8_0 re-quantized (llama.cpp)", gemma_q8, on_cpu)]
         if (gemma_hf / "config.json").exists():
-            variants.append(("de-quantized HF f32 (transformers)", ModelSpec(gemma_hf)))
-        for label, spec in variants:
-            result = evaluate_perplexity(spec, [zh_text, en_text], PplOptions(ctx=args.ctx, batch_size=1))
+            variants.append(("de-quantized HF f32 (transformers)", gemma_hf, LoadOptions()))
+        for label, path, load in variants:
+            result = evaluate_perplexity(path, [zh_text, en_text], PplOptions(ctx=args.ctx, batch_size=1), load)
             for score in result.files:
                 lines.append(
                     f"| {label} | {Path(score.path).name} | {score.tokens_scored} | {score.ppl:.3f} | {score.bits_per_byte:.4f} | {score.tokens_per_second:.0f} |"
@@ -273,8 +274,8 @@ def main() -> None:
         subjects = load_subjects(exam, options)
         prompts = [build_prompt(s, q) for s in subjects for q in s.questions]
         expected, ref_seconds = reference_mc(gemma_hf, prompts)
-        ours = evaluate_multiple_choice(ModelSpec(gemma_hf), exam, options)
-        on_gguf = evaluate_multiple_choice(ModelSpec(gemma_q4, threads=args.threads), exam, options)
+        ours = evaluate_multiple_choice(gemma_hf, exam, options)
+        on_gguf = evaluate_multiple_choice(gemma_q4, exam, options, LoadOptions(threads=args.threads))
         ref_predictions = [LETTERS[int(np.argmax(p))] for p in expected]
         same = sum(p.prediction == r for p, r in zip(ours.predictions, ref_predictions))
         max_diff = max(abs(p.probabilities[x] - r[i]) for p, r in zip(ours.predictions, expected) for i, x in enumerate(LETTERS))

@@ -222,7 +222,7 @@ def throughput(work: Path, threads: int, repeats: int) -> str:
     import statistics
 
     from bench_eval import llamacpp_reference_ppl
-    from cnllm.core.evaluation.models import ModelSpec
+    from cnllm.core.generation.base import LoadOptions
     from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity
     from cnllm.core.smollm2 import fetch_smollm2_gguf
 
@@ -241,7 +241,7 @@ def throughput(work: Path, threads: int, repeats: int) -> str:
                 ppl, scored, seconds, decoded = llamacpp_reference_ppl(model, text.read_text(encoding="utf-8"), ctx, threads, "off")
                 reference.append((ppl, scored, decoded / seconds))
             else:
-                total = evaluate_perplexity(ModelSpec(model, threads=threads), [text], PplOptions(ctx=ctx, llamacpp_compatible=True)).total
+                total = evaluate_perplexity(model, [text], PplOptions(ctx=ctx, llamacpp_compatible=True), LoadOptions(threads=threads)).total
                 ours.append((total.ppl, total.tokens_scored, total.tokens_per_second))
         a, b = statistics.median(x[2] for x in ours), statistics.median(x[2] for x in reference)
         lines.append(f"| {ctx} | {ours[0][1]} / {reference[0][1]} | {ours[0][0]:.4f} / {reference[0][0]:.4f} | {a:.0f} / {b:.0f} | {a / b:.2f}× |")

@@ -89,11 +89,11 @@ def run(llm, prompt: list[int], tokens: int) -> dict:
 
 
 def perplexity(gguf: Path, repack: bool, threads: int) -> float:
-    from cnllm.core.evaluation.models import ModelSpec
+    from cnllm.core.generation.base import LoadOptions
     from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity
     from cnllm.core.tiny import asset
 
-    result = evaluate_perplexity(ModelSpec(gguf, n_ctx=512, threads=threads, repack=repack), [asset("zh_heldout.txt")], PplOptions(ctx=512))
+    result = evaluate_perplexity(gguf, [asset("zh_heldout.txt")], PplOptions(ctx=512), LoadOptions(threads=threads, repack=repack))
     return result.total.ppl
 
 

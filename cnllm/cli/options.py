@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import click
 import typer
@@ -51,7 +54,7 @@ OutputFileOpt = Annotated[
 ]
 OutputDirArg = Annotated[Path, typer.Option("--output", "-o", file_okay=False, help="Output directory (written atomically).")]
 
-# Loading a model for generation or scoring (chat, serve, eval).
+# Loading a model for generation or scoring (chat, serve, eval): the model argument, then the shared group below.
 ModelArg = Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp) or a Hugging Face model directory (transformers).")]
 TemplateOpt = Annotated[
     str,
@@ -70,38 +73,103 @@ NCtxOpt = Annotated[
         help="Context window in tokens (default: the model's, at most 4096 for GGUF, or trained × --rope-factor); beyond the trained context, choose a --rope-scaling.",
     ),
 ]
-# Context extension at load time (chat, serve, eval), one meaning on both backends (cnllm.core.rope).
-RopeScalingOpt = Annotated[
-    Optional[str],
-    typer.Option(
+THREADS_HELP = "CPU threads for llama.cpp (default: llama.cpp's choice)."
+REPACK_HELP = (
+    "llama.cpp: repack the weights into its CPU-optimised layouts (llama.cpp's default) or keep them as stored "
+    "(llama.cpp's --no-repack). Default: on, off on CPUs with AMX, where llama.cpp's AMX weights crash; "
+    "CNLLM_LLAMA_REPACK=on|off|auto sets the default (docs/cpu.md)."
+)
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)]  # doctor
+RepackOpt = Annotated[Optional[bool], typer.Option("--repack/--no-repack", show_default=False, help=REPACK_HELP)]  # doctor
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' own logs (llama.cpp load messages, transformers).")]
+
+# The model-loading group: every command that loads a model for generation or scoring (chat, serve, every eval
+# subcommand) takes these same flags through with_model_loading, which collects them into one LoadOptions.
+LOADING_PANEL = "Model loading"
+
+
+def _loading(name: str, kind: Any, default: Any, *flags: str, help: str, **kwargs: Any) -> inspect.Parameter:
+    option = typer.Option(*flags, help=help, rich_help_panel=LOADING_PANEL, **kwargs)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option], default=default)
+
+
+MODEL_LOADING = [
+    _loading("lora", Optional[Path], None, "--lora", "-l", file_okay=False, help="Apply this PEFT LoRA adapter (not merged) to a Hugging Face model."),
+    _loading("device", Optional[str], None, "--device", help="transformers device: cpu, cuda, cuda:1, mps (default: the best available)."),
+    _loading("dtype", str, "auto", "--dtype", help=f"transformers weights dtype: auto (bf16/fp16 on GPUs, fp32 on CPU), {DTYPE_WORDS}."),
+    _loading("load_in_4bit", bool, False, "--load-in-4bit", help="Quantise a Hugging Face model to 4 bits on load (CUDA + bitsandbytes)."),
+    _loading("load_in_8bit", bool, False, "--load-in-8bit", help="Quantise a Hugging Face model to 8 bits on load (CUDA + bitsandbytes)."),
+    _loading("trust_remote_code", bool, False, "--trust-remote-code", help="Allow the model directory's own Python code to run."),
+    _loading("threads", Optional[int], None, "--threads", min=1, help=THREADS_HELP),
+    _loading("gpu_layers", int, 0, "--gpu-layers", min=-1, help="Layers llama.cpp offloads to the GPU (-1: all)."),
+    _loading("repack", Optional[bool], None, "--repack/--no-repack", show_default=False, help=REPACK_HELP),
+    # Context extension at load time, one meaning on both backends (cnllm.core.rope).
+    _loading(
+        "rope_scaling",
+        Optional[str],
+        None,
         "--rope-scaling",
         click_type=click.Choice(INFERENCE_METHODS),
         help="RoPE context extension: none, linear (position interpolation), ntk (NTK-aware base), ntk-auto (adaptive NTK "
         "from the sequence length, no factor needed), dynamic (dynamic NTK), yarn (default: the model's own setting).",
     ),
-]
-RopeFactorOpt = Annotated[
-    Optional[float],
-    typer.Option("--rope-factor", min=1.0, help="Context extension factor for linear, ntk, dynamic, yarn (default: context / trained context)."),
-]
-RopeFreqBaseOpt = Annotated[Optional[float], typer.Option("--rope-freq-base", min=0.0, help="Override the RoPE base frequency (theta).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for llama.cpp (default: llama.cpp's choice).")]
-RepackOpt = Annotated[
-    Optional[bool],
-    typer.Option(
-        "--repack/--no-repack",
-        show_default=False,
-        help="llama.cpp: repack the weights into its CPU-optimised layouts (llama.cpp's default) or keep them as stored "
-        "(llama.cpp's --no-repack). Default: on, off on CPUs with AMX, where llama.cpp's AMX weights crash; "
-        "CNLLM_LLAMA_REPACK=on|off|auto sets the default (docs/cpu.md).",
+    _loading(
+        "rope_factor", Optional[float], None, "--rope-factor", min=1.0,
+        help="Context extension factor for linear, ntk, dynamic, yarn (default: context / trained context).",
     ),
+    _loading("rope_freq_base", Optional[float], None, "--rope-freq-base", min=0.0, help="Override the RoPE base frequency (theta)."),
 ]
-GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", min=-1, help="Layers llama.cpp offloads to the GPU (-1: all).")]
-LoraOpt = Annotated[Optional[Path], typer.Option("--lora", "-l", file_okay=False, help="Apply this PEFT LoRA adapter (not merged) to a Hugging Face model.")]
-LoadIn4bitOpt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantise a Hugging Face model to 4 bits on load (CUDA + bitsandbytes).")]
-LoadIn8bitOpt = Annotated[bool, typer.Option("--load-in-8bit", help="Quantise a Hugging Face model to 8 bits on load (CUDA + bitsandbytes).")]
-TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model directory's own Python code to run.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' own logs (llama.cpp load messages, transformers).")]
+
+
+def load_options(
+    *,
+    lora: Optional[Path],
+    device: Optional[str],
+    dtype: str,
+    load_in_4bit: bool,
+    load_in_8bit: bool,
+    trust_remote_code: bool,
+    threads: Optional[int],
+    gpu_layers: int,
+    repack: Optional[bool],
+    rope_scaling: Optional[str],
+    rope_factor: Optional[float],
+    rope_freq_base: Optional[float],
+) -> "LoadOptions":
+    """The :class:`LoadOptions` of the model-loading group (the dtype word and the rope flags checked)."""
+    from cnllm.core.dtypes import DType
+    from cnllm.core.generation.base import LoadOptions
+
+    return LoadOptions(
+        lora=lora,
+        device=device,
+        dtype=None if dtype == "auto" else DType(dtype, where="--dtype"),
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        trust_remote_code=trust_remote_code,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        repack=repack,
+        rope=rope_options(rope_scaling, rope_factor, rope_freq_base),
+    )
+
+
+def with_model_loading(command: Callable) -> Callable:
+    """Give ``command`` the model-loading group after its own options; it receives the group as ``load``
+    (a :class:`LoadOptions`), its other parameters as declared. Typer reads the extended signature."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values() if p.name != "load"]
+    names = [p.name for p in MODEL_LOADING]
+
+    @functools.wraps(command)
+    def run(**values: Any) -> Any:
+        group = {name: values.pop(name) for name in names}
+        return command(**values, load=load_options(**group))
+
+    run.__signature__ = inspect.Signature([*own, *MODEL_LOADING])
+    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+    return run
+
 
 # An Ollama Modelfile beside a GGUF (convert-gguf, quantize).
 ModelfileOpt = Annotated[

@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional, TextIO
 
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import (
-    GpuLayersOpt,
-    JsonOpt,
-    LoadIn4bitOpt,
-    LoadIn8bitOpt,
-    LoraOpt,
-    ModelArg,
-    NCtxOpt,
-    RepackOpt,
-    RopeFactorOpt,
-    RopeFreqBaseOpt,
-    RopeScalingOpt,
-    TemplateOpt,
-    ThreadsOpt,
-    TrustRemoteCodeOpt,
-    VerboseOpt,
-    rope_options,
-    warn_beyond_trained,
-)
+from cnllm.cli.options import JsonOpt, ModelArg, NCtxOpt, TemplateOpt, VerboseOpt, warn_beyond_trained, with_model_loading
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import Completion, GenerationStream, LoadOptions, SamplingParams
 
@@ -180,6 +162,7 @@ def read_stdin_text() -> str:
         raise UsageError(f"stdin is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); convert it first, e.g. with iconv") from None
 
 
+@with_model_loading
 def chat(
     model: ModelArg,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this prompt once and exit.")] = None,
@@ -194,21 +177,12 @@ def chat(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed, for reproducible sampling.")] = None,
     stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop the answer at this text (repeatable).")] = None,
     n_ctx: NCtxOpt = None,
-    rope_scaling: RopeScalingOpt = None,
-    rope_factor: RopeFactorOpt = None,
-    rope_freq_base: RopeFreqBaseOpt = None,
-    threads: ThreadsOpt = None,
-    repack: RepackOpt = None,
-    gpu_layers: GpuLayersOpt = 0,
-    lora: LoraOpt = None,
-    load_in_4bit: LoadIn4bitOpt = False,
-    load_in_8bit: LoadIn8bitOpt = False,
     draft_model: Annotated[Optional[Path], typer.Option("--draft-model", help="A small model with the same vocabulary for speculative decoding.")] = None,
     draft_tokens: Annotated[int, typer.Option("--draft-tokens", min=1, help="Tokens the draft model proposes per step.")] = 4,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status line on stderr.")] = False,
     verbose: VerboseOpt = False,
     json_: JsonOpt = False,
+    load: LoadOptions = LoadOptions(),
 ) -> None:
     """Chat with a model (GGUF via llama.cpp, or a Hugging Face directory via transformers).
 
@@ -217,7 +191,7 @@ def chat(
 
     Example: cnllm chat chinese-alpaca-q4.gguf --template alpaca -p "用一句话介绍北京"
     """
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
     from cnllm.core.generation.session import ChatSession
 
     params = SamplingParams(
@@ -243,23 +217,9 @@ def chat(
             raise UsageError("no prompt: stdin is empty (pass --prompt TEXT or pipe text in)")
     if draft_model is not None and not draft_model.exists():
         raise UsageError(f"--draft-model {draft_model} does not exist")
-    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
-    options = LoadOptions(
-        n_ctx=n_ctx,
-        threads=threads,
-        repack=repack,
-        gpu_layers=gpu_layers,
-        lora=lora,
-        load_in_4bit=load_in_4bit,
-        load_in_8bit=load_in_8bit,
-        draft_model=draft_model,
-        draft_tokens=draft_tokens,
-        trust_remote_code=trust_remote_code,
-        verbose=verbose,
-        rope=rope,
-    )
-    with load_generator(model, options) as generator:
-        warn_beyond_trained(generator.context_length, generator.trained_context, rope)
+    options = replace(load, n_ctx=n_ctx, draft_model=draft_model, draft_tokens=draft_tokens, verbose=verbose)
+    with load_model(model, options) as generator:
+        warn_beyond_trained(generator.context_length, generator.trained_context, options.rope)
         prompt_format = generator.prompt_format(template)
         if prompt_format.is_plain and template == "auto":
             output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")

@@ -3,6 +3,7 @@ on held-out pairs, on a Hugging Face directory (optionally with an unmerged LoRA
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -11,21 +12,9 @@ import click
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import (
-    DTYPE_WORDS,
-    ForceOpt,
-    GpuLayersOpt,
-    JsonOpt,
-    OutputFileOpt,
-    RepackOpt,
-    RopeFactorOpt,
-    RopeFreqBaseOpt,
-    RopeScalingOpt,
-    TemplateOpt,
-    rope_options,
-    warn_beyond_trained,
-)
+from cnllm.cli.options import ForceOpt, JsonOpt, ModelArg, OutputFileOpt, TemplateOpt, warn_beyond_trained, with_model_loading
 from cnllm.core.errors import UsageError
+from cnllm.core.generation.base import LoadOptions
 
 app = typer.Typer(
     help="Evaluate a model: perplexity (ppl), multiple-choice exams (mc), preference accuracy (pref), long context (passkey, longbench).",
@@ -37,24 +26,6 @@ class Format(str, Enum):
     ceval = "ceval"
     cmmlu = "cmmlu"
     mmlu = "mmlu"
-
-
-ModelArg = Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")]
-LoraOpt = Annotated[
-    Optional[Path], typer.Option("--lora", "-l", help="PEFT adapter directory applied (unmerged) to a Hugging Face model.")
-]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="transformers device: cpu, cuda, cuda:1, mps (default: the best available).")]
-DTypeOpt = Annotated[str, typer.Option("--dtype", help=f"transformers weights dtype: auto (bf16/fp16 on GPUs, fp32 on CPU), {DTYPE_WORDS}.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="llama.cpp threads (default: llama.cpp's choice).")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a Hugging Face model's own Python code to run.")]
-
-
-def _spec(model: Path, lora: Optional[Path], device: Optional[str], dtype: str, threads: Optional[int], trust: bool, rope=None, repack=None):
-    from cnllm.core.dtypes import DType
-    from cnllm.core.evaluation.models import ModelSpec
-
-    chosen = None if dtype == "auto" else DType(dtype, where="--dtype")
-    return ModelSpec(model, lora=lora, device=device, dtype=chosen, threads=threads, trust_remote_code=trust, rope=rope, repack=repack)
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
@@ -70,6 +41,7 @@ def _pct(value: Optional[float]) -> str:
 
 
 @app.command()
+@with_model_loading
 def ppl(
     model: ModelArg,
     data: Annotated[List[Path], typer.Option("--data", "-d", help="Text file to score (plain text, or JSONL with a 'text' field); repeat for more.")],
@@ -84,21 +56,13 @@ def ppl(
         bool, typer.Option("--llamacpp-compatible", help="Score as llama.cpp's perplexity tool: whole chunks, BOS first, second half only.")
     ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass (transformers).")] = 1,
-    lora: LoraOpt = None,
-    device: DeviceOpt = None,
-    dtype: DTypeOpt = "auto",
-    threads: ThreadsOpt = None,
-    repack: RepackOpt = None,
-    trust_remote_code: TrustOpt = False,
-    rope_scaling: RopeScalingOpt = None,
-    rope_factor: RopeFactorOpt = None,
-    rope_freq_base: RopeFreqBaseOpt = None,
     plot: Annotated[
         Optional[Path], typer.Option("--plot", dir_okay=False, help="With several --ctx: draw perplexity by context length here (.png, .svg, .pdf).")
     ] = None,
     output_file: OutputFileOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
+    load: LoadOptions = LoadOptions(),
 ) -> None:
     """Perplexity, mean NLL, bits per byte and speed of text files, at one context size or several.
 
@@ -110,16 +74,15 @@ def ppl(
     from cnllm.core.config import build_options
     from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity_sweep, plot_sweep, write_report, write_sweep_report
 
-    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
+    rope = load.rope
     contexts = sorted(set(ctx))
     options = build_options(PplOptions, {"ctx": contexts[0], "stride": stride, "llamacpp_compatible": llamacpp_compatible, "batch_size": batch_size})
     if plot is not None and len(contexts) < 2:
         raise UsageError("--plot draws perplexity by context length: give two or more --ctx values")
-    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, rope, repack)
     for path in (output_file, plot):
         if path is not None:
-            check_output(path, force, inputs=[model, lora, *data])
-    sweep = evaluate_perplexity_sweep(spec, data, options, contexts, progress=output.CliProgress())
+            check_output(path, force, inputs=[model, load.lora, *data])
+    sweep = evaluate_perplexity_sweep(model, data, options, contexts, load, progress=output.CliProgress())
     warn_beyond_trained(contexts[-1], sweep.trained_context, rope)
     single = sweep.results[0] if len(contexts) == 1 else None
     if output_file is not None:
@@ -172,6 +135,7 @@ def ppl(
 
 
 @app.command()
+@with_model_loading
 def mc(
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset folder (dev/, val/, test/ as published).")],
@@ -182,21 +146,13 @@ def mc(
     template: TemplateOpt = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Questions per forward pass (transformers).")] = 8,
     ctx: Annotated[int, typer.Option("--ctx", min=8, help="Longest prompt allowed in tokens (llama.cpp context size).")] = 4096,
-    lora: LoraOpt = None,
-    device: DeviceOpt = None,
-    dtype: DTypeOpt = "auto",
-    threads: ThreadsOpt = None,
-    repack: RepackOpt = None,
-    trust_remote_code: TrustOpt = False,
-    rope_scaling: RopeScalingOpt = None,
-    rope_factor: RopeFactorOpt = None,
-    rope_freq_base: RopeFreqBaseOpt = None,
     out_dir: Annotated[
         Optional[Path],
         typer.Option("--output", "-o", file_okay=False, help="Write results.json, predictions.jsonl (and submission.json for test) here."),
     ] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
+    load: LoadOptions = LoadOptions(),
 ) -> None:
     """Multiple-choice accuracy (C-Eval, CMMLU, MMLU) from the option letters' next-token probabilities.
 
@@ -223,11 +179,9 @@ def mc(
         "ctx": ctx,
     }
     options = build_options(McOptions, values)
-    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
-    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, rope, repack)
     if out_dir is not None:
-        check_output(out_dir, force, inputs=[model, lora, data])
-    result = evaluate_multiple_choice(spec, data, options, progress=output.CliProgress())
+        check_output(out_dir, force, inputs=[model, load.lora, data])
+    result = evaluate_multiple_choice(model, data, options, load, progress=output.CliProgress())
     if template == "auto" and result.model.get("template") == "none":
         output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")
     written = write_outputs(result, out_dir, force=force) if out_dir is not None else []
@@ -266,6 +220,7 @@ def mc(
 
 
 @app.command()
+@with_model_loading
 def passkey(
     model: ModelArg,
     length: Annotated[
@@ -277,18 +232,11 @@ def passkey(
     trials: Annotated[int, typer.Option("--trials", min=1, help="Prompts (each with its own key) per length and depth.")] = 3,
     language: Annotated[str, typer.Option("--language", click_type=click.Choice(["en", "zh"]), help="Filler and question language.")] = "en",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the keys (the filler is fixed).")] = 0,
-    lora: LoraOpt = None,
-    threads: ThreadsOpt = None,
-    repack: RepackOpt = None,
-    gpu_layers: GpuLayersOpt = 0,
-    trust_remote_code: TrustOpt = False,
-    rope_scaling: RopeScalingOpt = None,
-    rope_factor: RopeFactorOpt = None,
-    rope_freq_base: RopeFreqBaseOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", dir_okay=False, help="Draw accuracy by length × depth here (.png, .svg, .pdf).")] = None,
     output_file: OutputFileOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
+    load: LoadOptions = LoadOptions(),
 ) -> None:
     """Passkey retrieval: a random number hidden at chosen depths of filler text, asked for at the end.
 
@@ -298,9 +246,8 @@ def passkey(
     from cnllm.core.atomic import check_output
     from cnllm.core.config import build_options
     from cnllm.core.evaluation.passkey import PasskeyOptions, evaluate_passkey, plot_passkey, write_report
-    from cnllm.core.generation.base import LoadOptions
 
-    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
+    rope = load.rope
     values = {"trials": trials, "language": language, "seed": seed}
     if length:
         values["lengths"] = tuple(sorted(set(length)))
@@ -309,8 +256,7 @@ def passkey(
     options = build_options(PasskeyOptions, values)
     for path in (output_file, plot):
         if path is not None:
-            check_output(path, force, inputs=[model, lora])
-    load = LoadOptions(threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope, repack=repack)
+            check_output(path, force, inputs=[model, load.lora])
     result = evaluate_passkey(model, options, load, progress=output.CliProgress())
     warn_beyond_trained(max(options.lengths), result.model.get("trained_context"), rope)
     if output_file is not None:
@@ -336,6 +282,7 @@ def passkey(
 
 
 @app.command()
+@with_model_loading
 def longbench(
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", "-d", file_okay=False, help="Folder of LongBench's {dataset}.jsonl files (its data/ as published).")],
@@ -346,17 +293,10 @@ def longbench(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N samples of each dataset (quick runs).")] = None,
     template: TemplateOpt = "none",
     n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=16, help="Context window (default: --max-length plus the longest answer).")] = None,
-    lora: LoraOpt = None,
-    threads: ThreadsOpt = None,
-    repack: RepackOpt = None,
-    gpu_layers: GpuLayersOpt = 0,
-    trust_remote_code: TrustOpt = False,
-    rope_scaling: RopeScalingOpt = None,
-    rope_factor: RopeFactorOpt = None,
-    rope_freq_base: RopeFreqBaseOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--output", "-o", file_okay=False, help="Write result.json and pred/{dataset}.jsonl here.")] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
+    load: LoadOptions = LoadOptions(),
 ) -> None:
     """LongBench on a local copy of its data: per-dataset prompts, generation lengths and metrics, and the average.
 
@@ -366,20 +306,15 @@ def longbench(
     from cnllm.core.atomic import check_output
     from cnllm.core.config import build_options
     from cnllm.core.evaluation.longbench import LongBenchOptions, evaluate_longbench, write_outputs
-    from cnllm.core.generation.base import LoadOptions
 
-    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
     chosen = tuple(d.strip() for d in datasets.split(",") if d.strip()) if datasets else ()
     if datasets is not None and not chosen:
         raise UsageError("--datasets is empty; give comma-separated dataset names")
     options = build_options(LongBenchOptions, {"datasets": chosen, "max_length": max_length, "limit": limit, "template": template})
     if out_dir is not None:
-        check_output(out_dir, force, inputs=[model, lora, data])
-    load = LoadOptions(
-        n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, lora=lora, trust_remote_code=trust_remote_code, rope=rope, repack=repack
-    )
-    result = evaluate_longbench(model, data, options, load, progress=output.CliProgress())
-    warn_beyond_trained(result.model.get("n_ctx"), result.model.get("trained_context"), rope)
+        check_output(out_dir, force, inputs=[model, load.lora, data])
+    result = evaluate_longbench(model, data, options, replace(load, n_ctx=n_ctx), progress=output.CliProgress())
+    warn_beyond_trained(result.model.get("n_ctx"), result.model.get("trained_context"), load.rope)
     written = write_outputs(result, out_dir, force=force) if out_dir is not None else []
     if json_:
         document = result.to_dict()
@@ -398,6 +333,7 @@ def longbench(
 
 
 @app.command()
+@with_model_loading
 def pref(
     model: ModelArg,
     data: Annotated[List[Path], typer.Option("--data", "-d", help="Preference pairs (JSON/JSONL: prompt/chosen/rejected, or chosen/rejected message lists); repeat for more.")],
@@ -405,15 +341,10 @@ def pref(
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt replacing the template's default.")] = None,
     ctx: Annotated[int, typer.Option("--ctx", min=8, help="Longest prompt + answer in tokens (llama.cpp context size).")] = 2048,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip malformed records (counted) instead of stopping at the first.")] = False,
-    lora: LoraOpt = None,
-    device: DeviceOpt = None,
-    dtype: DTypeOpt = "auto",
-    threads: ThreadsOpt = None,
-    repack: RepackOpt = None,
-    trust_remote_code: TrustOpt = False,
     output_file: OutputFileOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
+    load: LoadOptions = LoadOptions(),
 ) -> None:
     """Preference accuracy: the share of pairs where the model's log-probability per token of chosen beats rejected.
 
@@ -427,10 +358,9 @@ def pref(
     from cnllm.core.evaluation.pref import PrefOptions, evaluate_preference, write_report
 
     options = build_options(PrefOptions, {"template": template, "system": system, "ctx": ctx, "skip_invalid": skip_invalid})
-    spec = _spec(model, lora, device, dtype, threads, trust_remote_code, repack=repack)
     if output_file is not None:
-        check_output(output_file, force, inputs=[model, lora, *data])
-    result = evaluate_preference(spec, data, options, progress=output.CliProgress())
+        check_output(output_file, force, inputs=[model, load.lora, *data])
+    result = evaluate_preference(model, data, options, load, progress=output.CliProgress())
     document = result.to_dict()
     if result.skipped:
         output.print_note(f"warning: skipped {len(result.skipped)} invalid records (first: {result.skipped[0]})")

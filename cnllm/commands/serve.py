@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import (
-    GpuLayersOpt,
-    LoadIn4bitOpt,
-    LoadIn8bitOpt,
-    LoraOpt,
-    ModelArg,
-    NCtxOpt,
-    RepackOpt,
-    RopeFactorOpt,
-    RopeFreqBaseOpt,
-    RopeScalingOpt,
-    TemplateOpt,
-    ThreadsOpt,
-    TrustRemoteCodeOpt,
-    VerboseOpt,
-    rope_options,
-    warn_beyond_trained,
-)
+from cnllm.cli.options import ModelArg, NCtxOpt, TemplateOpt, VerboseOpt, warn_beyond_trained, with_model_loading
 from cnllm.core.generation.base import LoadOptions
 from cnllm.core.server import DEFAULT_MAX_REQUEST_BYTES, LOOPBACK_HOSTS
 
 
+@with_model_loading
 def serve(
     model: ModelArg,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes the model to the network).")] = "127.0.0.1",
@@ -56,17 +41,8 @@ def serve(
     ] = False,
     template: TemplateOpt = "auto",
     n_ctx: NCtxOpt = None,
-    rope_scaling: RopeScalingOpt = None,
-    rope_factor: RopeFactorOpt = None,
-    rope_freq_base: RopeFreqBaseOpt = None,
-    threads: ThreadsOpt = None,
-    repack: RepackOpt = None,
-    gpu_layers: GpuLayersOpt = 0,
-    lora: LoraOpt = None,
-    load_in_4bit: LoadIn4bitOpt = False,
-    load_in_8bit: LoadIn8bitOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
+    load: LoadOptions = LoadOptions(),
 ) -> None:
     """Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not),
     /v1/completions (echo, logprobs), /v1/embeddings, /health.
@@ -75,28 +51,16 @@ def serve(
 
     Example: cnllm serve chinese-alpaca-q4.gguf --template alpaca --port 8000 --parallel 2
     """
-    from cnllm.core.backends import load_generator
-    from cnllm.core.server.app import ServerConfig, bind_socket, create_app, default_allowed_hosts, serve_until_stopped
+    from cnllm.core.backends import load_model
+    from cnllm.core.server.app import bind_socket, create_app, default_allowed_hosts, serve_until_stopped
+    from cnllm.core.server.state import ServerConfig
 
-    rope = rope_options(rope_scaling, rope_factor, rope_freq_base)
     sock = bind_socket(host, port)
     generators = []
     try:
-        options = LoadOptions(
-            n_ctx=n_ctx,
-            threads=threads,
-            repack=repack,
-            gpu_layers=gpu_layers,
-            lora=lora,
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-            prompt_cache=prompt_cache,
-            trust_remote_code=trust_remote_code,
-            verbose=verbose,
-            rope=rope,
-        )
-        generators.append(load_generator(model, options))
-        warn_beyond_trained(generators[0].context_length, generators[0].trained_context, rope)
+        options = replace(load, n_ctx=n_ctx, prompt_cache=prompt_cache, verbose=verbose)
+        generators.append(load_model(model, options))
+        warn_beyond_trained(generators[0].context_length, generators[0].trained_context, options.rope)
         while len(generators) < parallel:
             generators.append(generators[0].for_slot())
         name = model_name or (model.stem if model.is_file() else model.resolve().name)
@@ -109,7 +73,7 @@ def serve(
             allowed_hosts=tuple(allowed_host) if allowed_host else default_allowed_hosts(host),
         )
         app = create_app(generators, config)
-        if app.state.prompt_format.is_plain and template == "auto":
+        if app.state.server.prompt_format.is_plain and template == "auto":
             output.print_note(f"note: {model} has no chat template; chat requests are plain continuation, as with --template none (choose one with --template)")
         if host not in LOOPBACK_HOSTS and not api_key:
             output.print_warning(f"listening on {host} without --api-key: anyone who can reach this machine can use the model")

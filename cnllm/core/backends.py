@@ -1,18 +1,17 @@
-"""One backend dispatcher for generation (chat, serve) and scoring (eval): what a model path holds decides
-the backend — a GGUF file runs on llama.cpp, a Hugging Face directory on transformers — with the same
-checks and messages for every command. It sits above both backends' modules and imports them lazily."""
+"""The one backend dispatcher of every command that loads a model (chat, serve, eval): what a model path holds
+decides the backend — a GGUF file runs on llama.cpp, a Hugging Face directory on transformers — with the same
+checks and messages for every command. It sits above both backends' modules (which import torch and llama_cpp
+only when a model loads)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cnllm.core.errors import UsageError
+from cnllm.core.generation.base import LoadedModel, LoadOptions
+from cnllm.core.generation.hf import TransformersModel
+from cnllm.core.generation.llamacpp import LlamaCppModel
 from cnllm.core.gguf import is_gguf
-
-if TYPE_CHECKING:
-    from cnllm.core.evaluation.models import ModelSpec, ScoringModel
-    from cnllm.core.generation.base import Generator, LoadOptions
 
 LLAMA_CPP, TRANSFORMERS = "llama.cpp", "transformers"
 
@@ -39,29 +38,10 @@ def backend_for(model: Path | str, *, lora: Path | None = None, quantize: bool =
     raise UsageError(f"{path} is neither a .gguf file nor a Hugging Face model directory with config.json{hint}")
 
 
-def load_generator(model: Path | str, options: "LoadOptions | None" = None) -> "Generator":
-    """A streaming generator for ``model`` (chat, serve)."""
-    from cnllm.core.generation.base import LoadOptions
-
+def load_model(model: Path | str, options: LoadOptions | None = None) -> LoadedModel:
+    """The loaded model for ``model`` on its backend: it generates (chat, serve, passkey, longbench) and scores (eval)."""
     options = options or LoadOptions()
     path = Path(model)
     if backend_for(path, lora=options.lora, quantize=options.load_in_4bit or options.load_in_8bit) == LLAMA_CPP:
-        from cnllm.core.generation.llamacpp import LlamaCppGenerator
-
-        return LlamaCppGenerator(path, options)
-    from cnllm.core.generation.hf import HFGenerator
-
-    return HFGenerator(path, options)
-
-
-def load_scorer(spec: "ModelSpec", *, logits_all: bool = False) -> "ScoringModel":
-    """A batched scorer for ``spec.path`` (eval); ``logits_all`` keeps every position's logits (perplexity)."""
-    if backend_for(spec.path, lora=spec.lora) == LLAMA_CPP:
-        from cnllm.core.evaluation.models import LlamaCppModel
-
-        return LlamaCppModel(spec, logits_all=logits_all)
-    from cnllm.core.evaluation.models import TransformersModel
-    from cnllm.core.runtime import quiet_libraries
-
-    quiet_libraries()
-    return TransformersModel(spec)
+        return LlamaCppModel(path, options)
+    return TransformersModel(path, options)

@@ -52,10 +52,10 @@ def build_demo_base(folder: Path, progress: Progress = NULL_PROGRESS) -> Path:
 def ask(model: Path, question: str) -> str:
     """One answer from the instruction (or aligned) model, through the same generation core as `cnllm chat`, in the
     template sft recorded in the model (``--template auto``)."""
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
     from cnllm.core.generation.base import SamplingParams
 
-    with load_generator(model) as generator:
+    with load_model(model) as generator:
         prompt_format = generator.prompt_format("auto")
         prompt = prompt_format.render([{"role": "user", "content": question}], None)
         # A fixed seed keeps the answer reproducible; greedy decoding makes a model this small repeat one token.

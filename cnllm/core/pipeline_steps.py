@@ -166,16 +166,16 @@ def _run_train(method):
 def run_align(context: StepContext, train_options) -> dict:
     """Preference training on the model so far; with held-out pairs (``validation_data``), the preference
     accuracy of the model before (no adapter) and after (with it), as ``cnllm eval pref`` measures it."""
-    from cnllm.core.evaluation.models import ModelSpec
     from cnllm.core.evaluation.pref import PrefOptions, evaluate_preference
+    from cnllm.core.generation.base import LoadOptions
 
     model = context.artifacts.model
     figures = _run_train(ALIGN)(context, train_options)
     adapter = context.folder / "adapter"
     if train_options.validation_data:
         options = PrefOptions(template=train_options.template, system=train_options.system, ctx=train_options.max_length * 2)
-        before = evaluate_preference(ModelSpec(model), train_options.validation_data, options, progress=context.progress)
-        after = evaluate_preference(ModelSpec(model, lora=adapter), train_options.validation_data, options, progress=context.progress)
+        before = evaluate_preference(model, train_options.validation_data, options, progress=context.progress)
+        after = evaluate_preference(model, train_options.validation_data, options, LoadOptions(lora=adapter), progress=context.progress)
         figures["preference_accuracy"] = {"before": round(before.accuracy, 4), "after": round(after.accuracy, 4)}
         figures["preference_accuracy_summed"] = {"before": round(before.accuracy_unnormalized, 4), "after": round(after.accuracy_unnormalized, 4)}
     return figures
@@ -367,7 +367,6 @@ def run_eval(context: StepContext, step: EvalStep) -> dict:
     import json
 
     from cnllm.core.evaluation.mc import evaluate_multiple_choice
-    from cnllm.core.evaluation.models import ModelSpec
     from cnllm.core.evaluation.ppl import evaluate_perplexity
 
     targets = _eval_targets(context.artifacts, step.models)
@@ -377,7 +376,7 @@ def run_eval(context: StepContext, step: EvalStep) -> dict:
         # bits per character first: the models differ in tokenizer, so perplexity per token does not compare them
         figures["bits_per_char"], figures["chars_per_token"], figures["bits_per_byte"], figures["perplexity"] = {}, {}, {}, {}
         for name, path in targets.items():
-            result = evaluate_perplexity(ModelSpec(Path(path)), files.data, ppl_options, progress=context.progress)
+            result = evaluate_perplexity(Path(path), files.data, ppl_options, progress=context.progress)
             document = result.to_dict()
             figures["bits_per_char"][name] = round(document["total"]["bits_per_char"], 4)
             figures["chars_per_token"][name] = round(document["total"]["chars_per_token"], 3)
@@ -388,7 +387,7 @@ def run_eval(context: StepContext, step: EvalStep) -> dict:
         data, mc_options = step.mc
         figures["mc_accuracy"] = {}
         for name, path in targets.items():
-            result = evaluate_multiple_choice(ModelSpec(Path(path)), data, mc_options, progress=context.progress)
+            result = evaluate_multiple_choice(Path(path), data, mc_options, progress=context.progress)
             document = result.to_dict()
             figures["mc_accuracy"][name] = round(document["average"], 4) if document["average"] is not None else None
             (context.folder / f"mc-{name}.json").write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -135,9 +135,9 @@ def test_repl_exit_command(tiny_generator_dir_session):
 
 @pytest.fixture(scope="module")
 def tiny_generator_dir_session(tiny_llama_dir):
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
 
-    generator = load_generator(tiny_llama_dir)
+    generator = load_model(tiny_llama_dir)
     yield generator
     generator.close()
 

@@ -35,12 +35,12 @@ def test_chat_warns_beyond_the_trained_context_and_takes_rope_flags(cli, short_c
 def test_a_rope_factor_alone_sets_the_gguf_context(short_context_gguf):
     """``--rope-factor 8`` without ``--n-ctx`` reaches 8 × the trained context (not the trained one, scaled for
     nothing); llama.cpp's smallest context is 256."""
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
     from cnllm.core.generation.base import LoadOptions
     from cnllm.core.rope import RopeOptions
 
     for rope, expected in ((RopeOptions("linear", 8.0), 8 * SHORT_CONTEXT), (RopeOptions("yarn"), 256), (None, 256)):
-        with load_generator(short_context_gguf, LoadOptions(rope=rope, threads=1)) as generator:
+        with load_model(short_context_gguf, LoadOptions(rope=rope, threads=1)) as generator:
             assert generator.context_length == expected, rope
 
 
@@ -103,13 +103,13 @@ def test_long_context_training_travels_through_merge_and_gguf(cli, tmp_path, sho
     if method == "yarn":
         assert int(meta["llama.rope.scaling.original_context_length"]) == SHORT_CONTEXT
 
-    from cnllm.core.backends import load_scorer
-    from cnllm.core.evaluation.models import ModelSpec
+    from cnllm.core.backends import load_model
+    from cnllm.core.generation.base import LoadOptions
 
     ids = [1] + [int(x) for x in np.random.default_rng(1).integers(3, 900, size=LONG - 1)]
     rows = []
     for path in (merged, gguf):
-        with load_scorer(ModelSpec(path, n_ctx=LONG, threads=1)) as model:
+        with load_model(path, LoadOptions(n_ctx=LONG, threads=1)) as model:
             rows.append(model.target_logprobs([ids], 1)[0])
     assert np.abs(rows[0] - rows[1]).max() < 5e-3
 

@@ -102,11 +102,11 @@ def test_training_configs():
 
 
 def _logprobs(path, rope: RopeOptions | None) -> np.ndarray:
-    from cnllm.core.backends import load_scorer
-    from cnllm.core.evaluation.models import ModelSpec
+    from cnllm.core.backends import load_model
+    from cnllm.core.generation.base import LoadOptions
 
     ids = [1] + [int(x) for x in np.random.default_rng(0).integers(3, 900, size=LONG - 1)]
-    with load_scorer(ModelSpec(path, n_ctx=LONG, threads=1, rope=rope), logits_all=True) as model:
+    with load_model(path, LoadOptions(n_ctx=LONG, threads=1, rope=rope)) as model:
         assert model.trained_context == SHORT_CONTEXT
         return model.target_logprobs([ids], 1)[0]
 

@@ -27,13 +27,16 @@ import re
 import string
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from cnllm.core.backends import load_model
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
+from cnllm.core.generation.base import LoadOptions, SamplingParams
 from cnllm.core.progress import NULL_PROGRESS, Progress
+from cnllm.core.templates import Message, check_template_name
 
 # LongBench's config/dataset2prompt.json (the datasets cnllm supports: all of LongBench v1).
 PROMPTS = {
@@ -338,13 +341,8 @@ class LongBenchResult:
         }
 
 
-def evaluate_longbench(model: Path, data_dir: Path, options: LongBenchOptions, load_options=None, *, progress: Progress = NULL_PROGRESS) -> LongBenchResult:
+def evaluate_longbench(model: Path, data_dir: Path, options: LongBenchOptions, load_options: LoadOptions | None = None, *, progress: Progress = NULL_PROGRESS) -> LongBenchResult:
     """Generate and score every sample of the chosen datasets; every file is read and checked before the model loads."""
-    from dataclasses import replace
-
-    from cnllm.core.backends import load_generator
-    from cnllm.core.generation.base import LoadOptions, SamplingParams
-    from cnllm.core.templates import Message, check_template_name
 
     options.validate()
     check_template_name(options.template)
@@ -353,7 +351,7 @@ def evaluate_longbench(model: Path, data_dir: Path, options: LongBenchOptions, l
     load_options = load_options or LoadOptions()
     n_ctx = load_options.n_ctx or options.max_length + max(MAX_NEW_TOKENS[name] for name, _ in data) + 8
     segmenter = segmentation()
-    with load_generator(model, replace(load_options, n_ctx=n_ctx)) as generator:
+    with load_model(model, replace(load_options, n_ctx=n_ctx)) as generator:
         result = LongBenchResult(
             {
                 "path": str(model),

@@ -28,10 +28,10 @@ import numpy as np
 
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
-from cnllm.core.backends import load_scorer
-from cnllm.core.evaluation.models import ModelSpec, ScoringModel
+from cnllm.core.backends import load_model
+from cnllm.core.generation.base import LoadedModel, LoadOptions
 from cnllm.core.progress import NULL_PROGRESS, Progress
-from cnllm.core.templates import NONE, Message, PromptFormat, bos_needed, check_template_name
+from cnllm.core.templates import NONE, Message, PromptFormat, check_template_name
 
 LETTERS = ("A", "B", "C", "D")
 FORMATS = ("ceval", "cmmlu", "mmlu")
@@ -341,18 +341,13 @@ def build_prompt(subject: Subject, question: Question) -> str:
     return HEADER.format(subject=subject.name) + shots + format_example(question, include_answer=False)
 
 
-def tokenize_prompt(model: ScoringModel, text: str, templated: bool) -> list[int]:
-    """Prompt ids under the one BOS rule; templated prompts carry special-token text, plain ones are read literally."""
-    return model.tokenize(text, add_bos=bos_needed(text, bos_token=model.bos_token, adds_bos=model.adds_bos), special=templated)
-
-
-def letter_candidates(model: ScoringModel, text: str, ids: Sequence[int], templated: bool) -> list[list[int]]:
+def letter_candidates(model: LoadedModel, text: str, ids: Sequence[int], templated: bool) -> list[list[int]]:
     """Per letter, the ids that can spell it as the next token: the tokenizer's own choice after this prompt
     (the first token of ``prompt + letter`` beyond the prompt's tokens) and the vocabulary's letter pieces."""
     candidates = []
     for letter in LETTERS:
         ids_for_letter = model.letter_piece_ids(letter)
-        extended = tokenize_prompt(model, text + letter, templated)
+        extended = model.encode_prompt(text + letter, special=templated)
         if len(extended) > len(ids) and extended[: len(ids)] == list(ids):
             ids_for_letter.add(extended[len(ids)])
         if not ids_for_letter:
@@ -380,7 +375,7 @@ class _Item:
     probabilities: np.ndarray | None = field(default=None)
 
 
-def _prepare(model: ScoringModel, prompt_format: PromptFormat, subjects: Sequence[Subject], options: McOptions, progress: Progress) -> list[_Item]:
+def _prepare(model: LoadedModel, prompt_format: PromptFormat, subjects: Sequence[Subject], options: McOptions, progress: Progress) -> list[_Item]:
     """Each question as one user turn of the chat template (or as plain text with ``none``), tokenised."""
     templated = not prompt_format.is_plain
     items = []
@@ -389,7 +384,7 @@ def _prepare(model: ScoringModel, prompt_format: PromptFormat, subjects: Sequenc
         for subject in subjects:
             for question in subject.questions:
                 text = prompt_format.render([Message("user", build_prompt(subject, question))])
-                ids = tokenize_prompt(model, text, templated)
+                ids = model.encode_prompt(text, special=templated)  # templated prompts carry special-token text, plain ones are read literally
                 if len(ids) >= options.ctx:
                     raise UsageError(
                         f"{subject.key} question {question.id}: the prompt is {len(ids)} tokens, --ctx is {options.ctx}; "
@@ -402,7 +397,7 @@ def _prepare(model: ScoringModel, prompt_format: PromptFormat, subjects: Sequenc
     return items
 
 
-def _score(model: ScoringModel, items: list[_Item], batch_size: int, progress: Progress) -> None:
+def _score(model: LoadedModel, items: list[_Item], batch_size: int, progress: Progress) -> None:
     """Fill every item's probabilities; similar lengths share a batch so padding stays small."""
     order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
     if model.backend == "llama.cpp":  # one context, reused: keep each subject's shared prefix in cache
@@ -439,12 +434,14 @@ def _group_scores(predictions: Sequence[Prediction], subjects: Sequence[Subject]
     return subject_scores, [categories[name] for name in sorted(categories)]
 
 
-def evaluate_multiple_choice(spec: ModelSpec, data_dir: Path, options: McOptions, *, progress: Progress = NULL_PROGRESS) -> McResult:
+def evaluate_multiple_choice(
+    model_path: Path, data_dir: Path, options: McOptions, load_options: LoadOptions | None = None, *, progress: Progress = NULL_PROGRESS
+) -> McResult:
     """Read and check every file, load the model, build and tokenise every prompt, then score in batches."""
     options.validate()
     data_dir = Path(data_dir)
     subjects = load_subjects(data_dir, options)
-    with load_scorer(replace(spec, n_ctx=options.ctx)) as model:
+    with load_model(model_path, replace(load_options or LoadOptions(), n_ctx=options.ctx)) as model:
         prompt_format = model.prompt_format(options.template or NONE)
         items = _prepare(model, prompt_format, subjects, options, progress)
         started = time.perf_counter()

@@ -12,10 +12,13 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from cnllm.core.backends import backend_for, load_model
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
+from cnllm.core.generation.base import LoadOptions, SamplingParams
 from cnllm.core.progress import NULL_PROGRESS, Progress
 
 LANGUAGES = ("en", "zh")
@@ -176,13 +179,10 @@ class PasskeyResult:
         }
 
 
-def evaluate_passkey(model: Path, options: PasskeyOptions, load_options=None, *, progress: Progress = NULL_PROGRESS) -> PasskeyResult:
-    """Accuracy for every length × depth on a GGUF or Hugging Face model (``load_options``: a LoadOptions)."""
-    from dataclasses import replace
-
-    from cnllm.core.backends import backend_for, load_generator
-    from cnllm.core.generation.base import LoadOptions, SamplingParams
-
+def evaluate_passkey(
+    model: Path, options: PasskeyOptions, load_options: LoadOptions | None = None, *, progress: Progress = NULL_PROGRESS
+) -> PasskeyResult:
+    """Accuracy for every length × depth on a GGUF or Hugging Face model."""
     options.validate()
     load_options = load_options or LoadOptions()
     backend_for(model, lora=load_options.lora)
@@ -193,7 +193,7 @@ def evaluate_passkey(model: Path, options: PasskeyOptions, load_options=None, *,
     try:
         for length in sorted(set(options.lengths)):
             started = time.perf_counter()
-            with load_generator(model, replace(load_options, n_ctx=length)) as generator:
+            with load_model(model, replace(load_options, n_ctx=length)) as generator:
                 result.model = {
                     "path": str(model),
                     "backend": generator.backend,

@@ -24,8 +24,8 @@ from typing import Sequence
 from cnllm.core.config import coerce_fields
 from cnllm.core.corpus import CorpusStats, iter_documents
 from cnllm.core.errors import UsageError
-from cnllm.core.backends import load_scorer
-from cnllm.core.evaluation.models import ModelSpec, ScoringModel
+from cnllm.core.backends import load_model
+from cnllm.core.generation.base import LoadedModel, LoadOptions
 from cnllm.core.progress import NULL_PROGRESS, Progress
 
 
@@ -198,7 +198,7 @@ def _batches(windows: Sequence[Window], size: int) -> list[list[Window]]:
     return batches
 
 
-def score_text(model: ScoringModel, text: str, options: PplOptions, *, name: str, progress: Progress = NULL_PROGRESS) -> TextScore:
+def score_text(model: LoadedModel, text: str, options: PplOptions, *, name: str, progress: Progress = NULL_PROGRESS) -> TextScore:
     ids, sizes, chars = model.tokenize_with_lengths(text)
     score = TextScore(name, tokens=len(ids))
     windows = plan_windows(len(ids), options)
@@ -229,17 +229,17 @@ def score_text(model: ScoringModel, text: str, options: PplOptions, *, name: str
 
 
 def evaluate_perplexity(
-    spec: ModelSpec, files: Sequence[Path], options: PplOptions, *, progress: Progress = NULL_PROGRESS
+    model: Path, files: Sequence[Path], options: PplOptions, load_options: LoadOptions | None = None, *, progress: Progress = NULL_PROGRESS
 ) -> PplResult:
     """Perplexity of each file (and of all together); every input is read and checked before the model loads."""
     options.validate()
     if not files:
         raise UsageError("no text files given (--data FILE)")
     texts = [(Path(f), read_text(Path(f), progress)) for f in files]
-    with load_scorer(replace(spec, n_ctx=options.ctx)) as model:
-        result = PplResult(model.describe(), options)
+    with load_model(model, replace(load_options or LoadOptions(), n_ctx=options.ctx)) as loaded:
+        result = PplResult(loaded.describe(), options)
         for path, text in texts:
-            result.files.append(score_text(model, text, options, name=str(path), progress=progress))
+            result.files.append(score_text(loaded, text, options, name=str(path), progress=progress))
     return result
 
 
@@ -267,14 +267,20 @@ class PplSweep:
 
 
 def evaluate_perplexity_sweep(
-    spec: ModelSpec, files: Sequence[Path], options: PplOptions, contexts: Sequence[int], *, progress: Progress = NULL_PROGRESS
+    model: Path,
+    files: Sequence[Path],
+    options: PplOptions,
+    contexts: Sequence[int],
+    load_options: LoadOptions | None = None,
+    *,
+    progress: Progress = NULL_PROGRESS,
 ) -> PplSweep:
     """Perplexity of ``files`` at each of ``contexts`` (the classic perplexity-vs-context-length curve)."""
     if not contexts:
         raise UsageError("no context sizes given (--ctx N)")
     for ctx in contexts:
         replace(options, ctx=ctx).validate()
-    return PplSweep([evaluate_perplexity(spec, files, replace(options, ctx=ctx), progress=progress) for ctx in sorted(set(contexts))])
+    return PplSweep([evaluate_perplexity(model, files, replace(options, ctx=ctx), load_options, progress=progress) for ctx in sorted(set(contexts))])
 
 
 def plot_sweep(sweep: PplSweep, path: Path, *, force: bool = False) -> None:

@@ -4,21 +4,20 @@ For each pair the prompt is rendered with the template (as sft and align train i
 end marker included, are scored by the model's log-probability given the prompt. The headline figure
 compares the mean log-probability per answer token (length-normalised, so a short answer is not
 preferred for being short); the summed log-probability is reported too. A tie counts as not preferred.
-Any model :func:`cnllm.core.backends.load_scorer` loads works: Hugging Face (with an unmerged LoRA) or GGUF.
+Any model :func:`cnllm.core.backends.load_model` loads works: Hugging Face (with an unmerged LoRA) or GGUF.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cnllm.core.backends import load_scorer
+from cnllm.core.backends import load_model
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
-from cnllm.core.evaluation.mc import tokenize_prompt
-from cnllm.core.evaluation.models import ModelSpec, ScoringModel
+from cnllm.core.generation.base import LoadedModel, LoadOptions
 from cnllm.core.preference import PreferencePair, read_preference_pairs, render_pair
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.templates import check_template_name
@@ -98,12 +97,12 @@ class PrefResult:
         }
 
 
-def score_pair(model: ScoringModel, prompt_format, pair: PreferencePair, options: PrefOptions) -> PairScore:
+def score_pair(model: LoadedModel, prompt_format, pair: PreferencePair, options: PrefOptions) -> PairScore:
     """Log-probabilities of both answers after the rendered prompt (special-token text parsed when templated)."""
     templated = not prompt_format.is_plain
     prompt_segments, chosen, rejected = render_pair(pair, lambda messages: prompt_format.segments(messages, options.system, add_generation_prompt=False))
     prompt_text = "".join(s.text for s in prompt_segments)
-    prompt_ids = tokenize_prompt(model, prompt_text, templated)
+    prompt_ids = model.encode_prompt(prompt_text, special=templated)
     figures = []
     for answer in (chosen, rejected):
         answer_ids = model.tokenize(answer, add_bos=False, special=templated)
@@ -118,13 +117,14 @@ def score_pair(model: ScoringModel, prompt_format, pair: PreferencePair, options
     return PairScore(pair.where, figures[0][0], figures[1][0], figures[0][1], figures[1][1])
 
 
-def evaluate_preference(spec: ModelSpec, data: Sequence[Path], options: PrefOptions, *, progress: Progress = NULL_PROGRESS) -> PrefResult:
-    """Score every pair of ``data`` on the model of ``spec``."""
-    import dataclasses
-
+def evaluate_preference(
+    model_path: Path, data: Sequence[Path], options: PrefOptions, load_options: LoadOptions | None = None, *, progress: Progress = NULL_PROGRESS
+) -> PrefResult:
+    """Score every pair of ``data`` on the model at ``model_path``."""
+    load_options = load_options or LoadOptions()
     read = read_preference_pairs(data, skip_invalid=options.skip_invalid)
     started = time.monotonic()
-    with load_scorer(dataclasses.replace(spec, n_ctx=max(spec.n_ctx, options.ctx)), logits_all=True) as model:
+    with load_model(model_path, replace(load_options, n_ctx=max(load_options.n_ctx or 0, options.ctx))) as model:
         prompt_format = model.prompt_format(options.template)
         described = {**model.describe(), "template": prompt_format.name}
         result = PrefResult(described, options, skipped=read.skipped)

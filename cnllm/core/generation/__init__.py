@@ -1,1 +1,2 @@
-"""Text generation: one interface (:mod:`.base`), a llama.cpp backend and a transformers backend."""
+"""The loaded model (:mod:`.base`: one interface that generates and scores, one LoadOptions) on its two backends,
+llama.cpp and transformers, and the chat session and speculative decoding on top."""

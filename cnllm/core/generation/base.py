@@ -1,11 +1,12 @@
-"""The generation core shared by ``chat`` and ``serve``: one :class:`Generator` interface, two backends
-(``hf.py``, ``llamacpp.py``; :mod:`cnllm.core.backends` picks one for a model path).
+"""The loaded model every command uses (:class:`LoadedModel`: ``chat``, ``serve`` and every ``eval``), its one
+:class:`LoadOptions`, and the generation core on top of it. Two backends implement it (``hf.py``, ``llamacpp.py``;
+:mod:`cnllm.core.backends` picks one for a model path).
 
-A backend supplies tokenize/decode, a raw token-id stream, prompt log-probabilities and embeddings;
-this module adds what every front end needs on top: sampling parameters, stop strings, EOS and
-length limits, timing, prompts from :mod:`cnllm.core.templates` (one renderer, one BOS rule), and an incremental
-detokenizer that never emits half a character (a Chinese character split across byte-fallback
-tokens is held back until its last byte arrives).
+A backend supplies tokens, decoding, a raw token-id stream, log-probabilities (per prompt token, per window, for the
+next token) and embeddings; this module adds what every front end needs on top: the BOS rule, the context rule,
+sampling parameters, stop strings, EOS and length limits, timing, prompts from :mod:`cnllm.core.templates` (one
+renderer, one BOS rule), and an incremental detokenizer that never emits half a character (a Chinese character
+split across byte-fallback tokens is held back until its last byte arrives).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+
+import numpy as np
 
 from cnllm.core.errors import UsageError
 from cnllm.core.rope import RopeOptions
@@ -185,7 +188,7 @@ class GenerationStream:
     stops the backend at its next token, so a disconnected client frees its worker at once.
     """
 
-    def __init__(self, generator: "Generator", prompt_ids: list[int], params: SamplingParams, *, strip_leading_space: bool = False):
+    def __init__(self, generator: "LoadedModel", prompt_ids: list[int], params: SamplingParams, *, strip_leading_space: bool = False):
         params.validate()
         limit = generator.context_length
         if len(prompt_ids) >= limit:
@@ -284,22 +287,33 @@ class GenerationStream:
             result.speculative = self.generator.speculative_stats()
 
 
-class Generator(ABC):
-    """A loaded model that can stream tokens, score prompts and embed texts. Close it when done."""
+class LoadedModel(ABC):
+    """One loaded model, on either backend, for every command: it streams tokens (chat, serve, passkey, longbench),
+    scores windows and next tokens (eval ppl, mc, pref) and embeds texts (serve). Close it when done.
+
+    Backends supply the raw pieces; what the commands share is here: the BOS rule (:meth:`tokenize`, :meth:`encode_prompt`),
+    the prompt renderer (:meth:`prompt_format`) and UTF-8-safe token pieces.
+    """
 
     path: Path
     backend: str
+    options: "LoadOptions"
     context_length: int
     vocab_size: int  # valid token ids are 0 .. vocab_size - 1
     eos_ids: frozenset[int]
     bos_token: str
     eos_token: str
-    adds_bos: bool  # whether the model's tokenizer puts BOS before a text (llama.cpp: the GGUF's add_bos_token)
+    bos_id: int | None  # the BOS id when the model's tokenizer puts one before a text (llama.cpp: the GGUF's add_bos_token), else None
     trained_context: int | None = None  # the context the model was trained for (before any --rope-scaling)
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the model's tokenizer puts BOS before a text."""
+        return self.bos_id is not None
+
     @abstractmethod
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text`` (special-token text such as ``<|im_end|>`` becomes its special id)."""
+    def text_ids(self, text: str, *, special: bool) -> list[int]:
+        """Token ids of ``text`` alone, no BOS; ``special``: special-token text such as ``<|im_end|>`` becomes its id."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
@@ -314,6 +328,23 @@ class Generator(ABC):
         """Log-probability of every token given the ones before it (the first gets None), plus the ``top`` alternatives."""
 
     @abstractmethod
+    def tokenize_with_lengths(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        """Ids of the whole text (with BOS, special-token text read literally) and, per token, how many UTF-8 bytes and
+        how many characters of the text it stands for (what bits per byte and per character divide by)."""
+
+    @abstractmethod
+    def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
+        """For each window (all the same length): log P(window[t] | window[:t]) for t = first … len-1 (first >= 1)."""
+
+    @abstractmethod
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Log-probabilities of the token following each prompt: an array [len(prompts), vocab]."""
+
+    @abstractmethod
+    def letter_piece_ids(self, letter: str) -> set[int]:
+        """Vocabulary ids whose piece spells ``letter`` alone (bare, after a word-start marker or a space)."""
+
+    @abstractmethod
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         """One L2-normalised embedding per text, and the number of tokens read."""
 
@@ -322,8 +353,12 @@ class Generator(ABC):
         """The model's own Jinja chat template (tokenizer config or GGUF metadata), if any."""
 
     @abstractmethod
-    def for_slot(self) -> "Generator":
-        """A generator another server worker can use concurrently (llama.cpp: a new context; transformers: self, serialised)."""
+    def describe(self) -> dict:
+        """What was loaded, for results files."""
+
+    @abstractmethod
+    def for_slot(self) -> "LoadedModel":
+        """A model another server worker can use concurrently (llama.cpp: a new context; transformers: self, serialised)."""
 
     def speculative_stats(self) -> SpeculativeStats | None:
         return None
@@ -331,11 +366,20 @@ class Generator(ABC):
     def close(self) -> None:
         """Free the model now (llama-cpp-python complains at exit when left to the garbage collector)."""
 
-    def __enter__(self) -> "Generator":
+    def __enter__(self) -> "LoadedModel":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids of ``text``, BOS first when ``add_bos`` and the model's tokenizer adds one."""
+        ids = self.text_ids(text, special=special)
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def encode_prompt(self, text: str, *, special: bool = True) -> list[int]:
+        """Prompt ids under the one BOS rule (:func:`cnllm.core.templates.bos_needed`)."""
+        return self.tokenize(text, add_bos=bos_needed(text, bos_token=self.bos_token, adds_bos=self.adds_bos), special=special)
 
     def token_text(self, token_id: int) -> str:
         """One token's text, special tokens included (``</s>``), where :meth:`decode` leaves them out."""
@@ -343,10 +387,6 @@ class Generator(ABC):
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text, add_bos=False))
-
-    def encode_prompt(self, text: str) -> list[int]:
-        """Prompt ids under the one BOS rule (:func:`cnllm.core.templates.bos_needed`)."""
-        return self.tokenize(text, add_bos=bos_needed(text, bos_token=self.bos_token, adds_bos=self.adds_bos))
 
     def prompt_format(self, template: str | None) -> PromptFormat:
         """The renderer for ``template`` (a built-in name, ``auto`` or ``none``) on this model."""
@@ -368,13 +408,18 @@ class Generator(ABC):
         return pieces
 
 
-@dataclass
-class LoadOptions:
-    """Everything ``chat``/``serve`` may say about loading a model (eval scorers take a ``ModelSpec``)."""
+DEFAULT_N_CTX = 4096  # the context a model loads with when neither --n-ctx nor a rope factor sets one (llama.cpp caps at it)
 
-    n_ctx: int | None = None
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything a command may say about loading a model, on either backend (the CLI's model-loading group fills it)."""
+
+    n_ctx: int | None = None  # None: context_window's rule
     threads: int | None = None
     gpu_layers: int = 0
+    device: str | None = None  # transformers: a device name; None: CUDA, else MPS, else CPU
+    dtype: str | None = None  # transformers: a dtype word (fp16, bf16, …; echoed back); None: bf16/fp16 on accelerators, fp32 on CPU
     lora: Path | None = None
     load_in_4bit: bool = False
     load_in_8bit: bool = False
@@ -387,4 +432,36 @@ class LoadOptions:
     repack: bool | None = None  # llama.cpp weight repacking (--repack / --no-repack); None: cnllm decides (cnllm.core.cpu)
 
 
-DEFAULT_N_CTX = 4096
+def context_window(options: LoadOptions, trained: int | None, *, cap: int | None) -> int:
+    """The one context rule of both backends: ``--n-ctx``, else the trained context × ``--rope-factor``, else the
+    trained context (DEFAULT_N_CTX when the model does not say), at most ``cap`` (llama.cpp allocates it up front)."""
+    extended = options.rope.extended_context(trained) if options.rope else None
+    if options.n_ctx or extended:
+        return options.n_ctx or extended
+    natural = trained or DEFAULT_N_CTX
+    return min(natural, cap) if cap else natural
+
+
+# How one letter can appear as a vocabulary piece: bare, SentencePiece word start, byte-level BPE space, plain space.
+LETTER_SPELLINGS = ("{}", "\u2581{}", "\u0120{}", " {}")
+SOFTMAX_ROWS = 8  # logits rows log-softmaxed at once: a few float64 rows stay in cache (large blocks run 100× slower)
+
+
+def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (llama.cpp hands back float32 logits)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    peak = logits.max(axis=-1, keepdims=True)
+    return logits - peak - np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))
+
+
+def target_logprobs_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log P(targets[i]) under row i of ``logits``, in float64, without materialising the log-softmax matrix."""
+    picked = np.empty(len(targets))
+    for at in range(0, len(targets), SOFTMAX_ROWS):
+        rows = np.asarray(logits[at : at + SOFTMAX_ROWS], dtype=np.float64)
+        peak = rows.max(axis=-1)
+        rows -= peak[:, None]
+        own = rows[np.arange(len(rows)), targets[at : at + SOFTMAX_ROWS]]
+        np.exp(rows, out=rows)
+        picked[at : at + len(rows)] = own - np.log(rows.sum(axis=-1))
+    return picked

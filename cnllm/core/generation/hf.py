@@ -1,9 +1,12 @@
 """The transformers backend for Hugging Face model directories (optionally with a LoRA adapter applied through PEFT),
-loaded by :func:`cnllm.core.modelio.load_causal_lm` like every other Hugging Face model in cnllm.
+loaded by :func:`cnllm.core.modelio.load_causal_lm` like every other Hugging Face model in cnllm: one model object
+that generates (chat, serve, passkey, longbench) and scores (eval ppl, mc, pref).
 
 ``model.generate`` runs in a worker thread and hands each new id to a queue streamer; a stopping
 criterion watches the cancel flag, so stop strings, ``max_tokens`` and disconnected clients end it
 at the next step. One model serves one generation at a time (a lock), so server workers queue.
+Scoring runs whole batches: windows through the decoder and the output head a slice at a time, next-token
+prompts left-padded with an attention mask.
 """
 
 from __future__ import annotations
@@ -13,10 +16,34 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from cnllm.core.errors import UsageError
-from cnllm.core.generation.base import ContextOverflow, Generator, LoadOptions, SamplingParams, SpeculativeStats, TokenLogprob
-from cnllm.core.modelio import check_tokenizer_files, has_tokenizer, load_config, load_tokenizer, tokenizer_adds_bos, tokenizer_length
+import numpy as np
+
+from cnllm.core.dtypes import DType
+from cnllm.core.errors import CnllmError, UsageError
+from cnllm.core.generation.base import (
+    LETTER_SPELLINGS,
+    ContextOverflow,
+    LoadedModel,
+    LoadOptions,
+    SamplingParams,
+    SpeculativeStats,
+    TokenLogprob,
+    context_window,
+)
+from cnllm.core.generation.speculative import ForwardCounter
+from cnllm.core.modelio import (
+    check_tokenizer_files,
+    has_tokenizer,
+    load_causal_lm,
+    load_config,
+    load_tokenizer,
+    tokenizer_adds_bos,
+    tokenizer_length,
+)
+from cnllm.core.rope import hf_model_rope
 from cnllm.core.runtime import quiet_libraries
+
+HEAD_ROWS = 1024  # positions put through the output layer at once, so no context × vocabulary matrix is ever built
 
 
 def _id_list(value) -> list[int]:
@@ -25,7 +52,7 @@ def _id_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-class HFGenerator(Generator):
+class TransformersModel(LoadedModel):
     backend = "transformers"
 
     def __init__(self, path: Path, options: LoadOptions):
@@ -40,19 +67,18 @@ class HFGenerator(Generator):
         except (OSError, ValueError) as exc:
             raise UsageError(f"could not load the tokenizer in {tokenizer_dir}: {exc}") from None
         self.model = self._load_model(self.path, lora=options.lora)
-        from cnllm.core.rope import hf_model_rope
-
-        trained = hf_model_rope(self.model.config).trained if getattr(self.model.config, "max_position_embeddings", None) else 2048
-        self.trained_context = trained
-        self.context_length = options.n_ctx or trained
+        self.trained_context = hf_model_rope(self.model.config).trained if getattr(self.model.config, "max_position_embeddings", None) else None
+        self.context_length = context_window(options, self.trained_context, cap=None)
+        self.device = next(self.model.parameters()).device
         # An id must both decode and have an embedding row (either may be padded beyond the other).
         self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().weight.shape[0])
         generation_config = getattr(self.model, "generation_config", None)
         self.eos_ids = frozenset(_id_list(getattr(generation_config, "eos_token_id", None)) + _id_list(self.tokenizer.eos_token_id))
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
-        self.adds_bos = tokenizer_adds_bos(self.tokenizer)
+        self.bos_id = self.tokenizer.bos_token_id if tokenizer_adds_bos(self.tokenizer) else None
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self._vocab: dict[str, int] | None = None
         self._lock = threading.Lock()
         self.draft = None
         self._counter = None
@@ -62,21 +88,25 @@ class HFGenerator(Generator):
 
     def _load_model(self, path: Path, *, lora: Path | None = None):
         """Through the one loader, with its device and dtype rules (bf16/fp16 on accelerators, fp32 on CPU)."""
-        from cnllm.core.modelio import load_causal_lm
-
-        return load_causal_lm(
-            path,
-            lora=lora,
-            load_in_4bit=self.options.load_in_4bit,
-            load_in_8bit=self.options.load_in_8bit,
-            trust_remote_code=self.options.trust_remote_code,
-            rope=self.options.rope,
-            n_ctx=self.options.n_ctx,
-        )
+        options = self.options
+        try:
+            return load_causal_lm(
+                path,
+                lora=lora,
+                device=options.device,
+                dtype=DType(options.dtype, where="--dtype").torch if options.dtype else None,
+                load_in_4bit=options.load_in_4bit,
+                load_in_8bit=options.load_in_8bit,
+                trust_remote_code=options.trust_remote_code,
+                rope=options.rope,
+                n_ctx=options.n_ctx,
+            )
+        except CnllmError:
+            raise
+        except Exception as exc:  # safetensors, torch and config errors all mean: this model cannot be used
+            raise UsageError(f"cannot load model {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
     def _load_draft(self, draft_path: Path):
-        from cnllm.core.generation.speculative import ForwardCounter
-
         if not (draft_path / "config.json").is_file():
             raise UsageError(f"--draft-model {draft_path} is not a Hugging Face model directory (the target is one)")
         if has_tokenizer(draft_path) and tokenizer_length(draft_path) != len(self.tokenizer):
@@ -89,10 +119,23 @@ class HFGenerator(Generator):
         self._counter = ForwardCounter(self.model, draft)
         return draft
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        return ([bos] if add_bos and bos is not None else []) + list(ids)
+    def text_ids(self, text: str, *, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"])
+
+    def tokenize_with_lengths(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        ids, sizes, chars, covered = list(encoded["input_ids"]), [], [], 0
+        for _, end in encoded["offset_mapping"]:
+            end = max(end, covered)
+            sizes.append(len(text[covered:end].encode("utf-8")))
+            chars.append(end - covered)
+            covered = end
+        if sizes:  # text after the last token (trailing whitespace some tokenizers drop) belongs to it
+            sizes[-1] += len(text[covered:].encode("utf-8"))
+            chars[-1] += len(text) - covered
+        if self.bos_id is not None:
+            ids, sizes, chars = [self.bos_id, *ids], [0, *sizes], [0, *chars]
+        return ids, sizes, chars
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -218,7 +261,51 @@ class HFGenerator(Generator):
             vectors.append(torch.nn.functional.normalize(pooled, dim=0).cpu().tolist())
         return vectors, count
 
-    def for_slot(self) -> "HFGenerator":
+    def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
+        import torch
+
+        head, softcap = self.model.get_output_embeddings(), getattr(self.model.config, "final_logit_softcapping", None)
+        with self._lock, torch.inference_mode():
+            ids = torch.tensor([list(w) for w in windows], device=self.device)
+            hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, first - 1 : -1]
+            targets, picked = ids[:, first:], []
+            for at in range(0, hidden.shape[1], HEAD_ROWS):  # the causal LM's own head, a slice of positions at a time
+                logits = head(hidden[:, at : at + HEAD_ROWS]).float()
+                if softcap:  # Gemma 2/3 squash the final logits
+                    logits = torch.tanh(logits / softcap) * softcap
+                picked.append(torch.log_softmax(logits, dim=-1).gather(-1, targets[:, at : at + HEAD_ROWS, None])[..., 0])
+        return list(torch.cat(picked, dim=1).double().cpu().numpy())
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """One forward pass for the batch: left padding, an attention mask, positions counted from each prompt's start."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self._pad_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1]
+            return torch.log_softmax(logits.float(), dim=-1).double().cpu().numpy()
+
+    def letter_piece_ids(self, letter: str) -> set[int]:
+        if self._vocab is None:
+            self._vocab = self.tokenizer.get_vocab()
+        return {self._vocab[s.format(letter)] for s in LETTER_SPELLINGS if s.format(letter) in self._vocab}
+
+    def describe(self) -> dict:
+        rope = self.options.rope
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "lora": str(self.options.lora) if self.options.lora else None,
+            "device": str(self.device),
+            "dtype": str(self.options.dtype) if self.options.dtype else str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "trained_context": self.trained_context,
+            "rope": rope.to_dict() if rope is not None and rope.active else None,
+        }
+
+    def for_slot(self) -> "TransformersModel":
         return self
 
     def close(self) -> None:

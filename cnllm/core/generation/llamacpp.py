@@ -1,4 +1,9 @@
-"""The llama.cpp backend (llama-cpp-python) for ``.gguf`` files."""
+"""The llama.cpp backend (llama-cpp-python) for ``.gguf`` files: one model object that generates (chat, serve,
+passkey, longbench) and scores (eval ppl, mc, pref).
+
+Scoring reuses the generation context: perplexity windows are decoded asking llama.cpp for logits only at the
+scored positions, next-token prompts re-evaluate only what differs from the previous prompt.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,29 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from cnllm.core.errors import UsageError
-from cnllm.core.rope import ModelRope, RopeOptions, llama_cpp_kwargs
+import numpy as np
+
+from cnllm.core import llama_loader
+from cnllm.core.errors import CnllmError, UsageError
 from cnllm.core.generation.base import (
     DEFAULT_N_CTX,
+    LETTER_SPELLINGS,
     ContextOverflow,
-    Generator,
+    LoadedModel,
     LoadOptions,
     SamplingParams,
     SpeculativeStats,
     TokenLogprob,
+    context_window,
+    log_softmax_rows,
+    target_logprobs_rows,
 )
+from cnllm.core.generation.speculative import llama_draft
+from cnllm.core.rope import ModelRope, RopeOptions, llama_cpp_kwargs
 
 _SILENT_LOG_CALLBACK = None
-SCORING_CHUNK = 64  # tokens per decode when scoring: llama.cpp keeps a logits row per token of a batch
+SCORING_CHUNK = 64  # tokens per decode when scoring prompt logprobs: llama.cpp keeps a logits row per token of a batch
+MAX_BATCH = 2048  # tokens per llama_decode (llama.cpp's own default n_batch)
 
 
 def silence_llama_logs(verbose: bool) -> None:
@@ -42,10 +56,8 @@ def silence_llama_logs(verbose: bool) -> None:
 def gguf_model_rope(path: Path) -> ModelRope | None:
     """Trained context, rotary dimension and rope base, read by loading only the vocabulary and metadata
     (fast even for large files); None when the GGUF does not say its context length."""
-    from cnllm.core.llama_loader import open_llama
-
     try:
-        header = open_llama(path, vocab_only=True, verbose=False)
+        header = llama_loader.open_llama(path, vocab_only=True, verbose=False)
     except (ValueError, RuntimeError, OSError) as exc:
         raise UsageError(f"llama.cpp could not read {path} ({exc}); is it a complete GGUF file?") from None
     try:
@@ -76,7 +88,7 @@ def llama_rope_kwargs(path: Path, rope: RopeOptions | None, n_ctx: int, facts: M
     return llama_cpp_kwargs(rope, facts, n_ctx)
 
 
-class LlamaCppGenerator(Generator):
+class LlamaCppModel(LoadedModel):
     backend = "llama.cpp"
 
     def __init__(self, path: Path, options: LoadOptions):
@@ -86,14 +98,11 @@ class LlamaCppGenerator(Generator):
         facts = gguf_model_rope(self.path)
         trained = facts.trained if facts else None
         self.trained_context = trained
-        extended = options.rope.extended_context(trained) if options.rope else None
-        n_ctx = options.n_ctx or extended or min(DEFAULT_N_CTX, trained or DEFAULT_N_CTX)
+        n_ctx = context_window(options, trained, cap=DEFAULT_N_CTX)
         self._rope = llama_rope_kwargs(self.path, options.rope, n_ctx, facts)
         self._draft_llama = None
         self._draft = None
         if options.draft_model is not None:
-            from cnllm.core.generation.speculative import llama_draft
-
             self._draft_llama = self._load(Path(options.draft_model), n_ctx=n_ctx)
             self._draft = llama_draft(self._draft_llama, options.draft_tokens)
         self._llama = self._load(self.path, n_ctx=n_ctx, draft_model=self._draft)
@@ -110,25 +119,26 @@ class LlamaCppGenerator(Generator):
         self.vocab_size = self._llama.n_vocab()
         import llama_cpp
 
-        vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
-        self.eos_ids = frozenset(i for i in range(self._llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i))
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self.eos_ids = frozenset(i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
         self.bos_token = self._special_text(self._llama.token_bos())
         self.eos_token = self._special_text(self._llama.token_eos())
-        self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and self._llama.token_bos() >= 0
+        adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab)) and self._llama.token_bos() >= 0
+        self.bos_id = self._llama.token_bos() if adds_bos else None
+        self._piece_sizes: dict[int, tuple[int, int]] = {}  # bytes and characters of each piece
+        self._letters: dict[str, set[int]] | None = None
 
     def _load(self, path: Path, *, n_ctx: int, embedding: bool = False, draft_model=None):
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN
 
-        from cnllm.core.llama_loader import open_llama
-
-        extra = {}
+        extra = {"n_batch": min(n_ctx, MAX_BATCH)}
         if embedding:
             # Mean pooling needs the whole text in one physical batch.
             extra = {"embedding": True, "pooling_type": LLAMA_POOLING_TYPE_MEAN, "n_batch": n_ctx, "n_ubatch": n_ctx}
         if self.options.threads:
             extra["n_threads"] = extra["n_threads_batch"] = self.options.threads
         try:
-            return open_llama(
+            return llama_loader.open_llama(
                 path,
                 repack=self.options.repack,
                 n_ctx=n_ctx,
@@ -149,8 +159,24 @@ class LlamaCppGenerator(Generator):
     def token_text(self, token_id: int) -> str:
         return self._llama.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+    def text_ids(self, text: str, *, special: bool) -> list[int]:
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def _piece(self, token_id: int) -> bytes:
+        """The bytes a token stands for in text (special tokens: none)."""
+        import llama_cpp
+
+        buffer = ctypes.create_string_buffer(256)
+        size = llama_cpp.llama_token_to_piece(self._vocab, token_id, buffer, len(buffer), 0, False)
+        return buffer.raw[: max(size, 0)]
+
+    def tokenize_with_lengths(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        ids = self.tokenize(text, special=False)
+        for token_id in set(ids) - self._piece_sizes.keys():
+            piece = self._piece(token_id)
+            # characters: the bytes that start one (a character split across tokens counts where it starts)
+            self._piece_sizes[token_id] = (len(piece), sum(1 for b in piece if b & 0xC0 != 0x80))
+        return ids, [self._piece_sizes[t][0] for t in ids], [self._piece_sizes[t][1] for t in ids]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._llama.detokenize(list(ids)).decode("utf-8", errors="replace")
@@ -191,8 +217,6 @@ class LlamaCppGenerator(Generator):
         return self._draft.stats if self._draft is not None else None
 
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
-        import numpy as np
-
         ids = list(ids)
         if len(ids) > self.context_length:
             raise ContextOverflow(len(ids), self.context_length)
@@ -228,6 +252,84 @@ class LlamaCppGenerator(Generator):
                 llama.reset()
         return result
 
+    def target_logprobs(self, windows: Sequence[Sequence[int]], first: int) -> list[np.ndarray]:
+        """Each window decoded in a fresh context asking llama.cpp for logits only at the scored positions
+        (as its perplexity tool does), so no logits row is computed, copied or kept for unscored tokens."""
+        import llama_cpp
+
+        results = []
+        with self._lock:
+            ctx = self._llama._ctx.ctx
+            memory = llama_cpp.llama_get_memory(ctx)
+            step = self._llama.n_batch
+            batch = llama_cpp.llama_batch_init(step, 0, 1)
+            try:
+                for window in windows:
+                    window = list(window)
+                    llama_cpp.llama_memory_clear(memory, True)
+                    picked = []
+                    for start in range(0, len(window), step):
+                        part = window[start : start + step]
+                        batch.n_tokens = len(part)
+                        scored = [p for p in range(start, start + len(part)) if first - 1 <= p < len(window) - 1]
+                        for k, token in enumerate(part):
+                            batch.token[k], batch.pos[k], batch.n_seq_id[k] = token, start + k, 1
+                            batch.seq_id[k][0] = 0
+                            batch.logits[k] = first - 1 <= start + k < len(window) - 1
+                        if llama_cpp.llama_decode(ctx, batch) != 0:
+                            raise CnllmError(f"llama.cpp failed to decode a window of {len(window)} tokens")
+                        if scored:  # the rows come in batch order
+                            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(scored), self.vocab_size))
+                            picked.append(target_logprobs_rows(rows, np.asarray([window[p + 1] for p in scored])))
+                    results.append(np.concatenate(picked))
+            finally:
+                llama_cpp.llama_batch_free(batch)
+                llama_cpp.llama_memory_clear(memory, True)
+                self._llama.reset()
+        return results
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """One prompt at a time in one context, re-evaluating only what differs from the tokens the context holds
+        (few-shot prompts of a subject share their long prefix)."""
+        rows = []
+        with self._lock:
+            llama = self._llama
+            for prompt in prompts:
+                prompt = list(prompt)
+                keep = 0
+                for old, new in zip(llama.input_ids[: llama.n_tokens].tolist(), prompt[:-1]):
+                    if old != new:
+                        break
+                    keep += 1
+                llama.n_tokens = keep
+                llama.eval(prompt[keep:])
+                rows.append(log_softmax_rows(np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(self.vocab_size,))))
+        return np.stack(rows)
+
+    def letter_piece_ids(self, letter: str) -> set[int]:
+        if self._letters is None:
+            import llama_cpp
+
+            wanted = {s.format(x).encode("utf-8"): x for x in "ABCD" for s in LETTER_SPELLINGS}
+            self._letters = {x: set() for x in "ABCD"}
+            for token_id in range(self.vocab_size):
+                text = llama_cpp.llama_vocab_get_text(self._vocab, token_id)
+                if text in wanted:
+                    self._letters[wanted[text]].add(token_id)
+        return set(self._letters.get(letter, set()))
+
+    def describe(self) -> dict:
+        rope = self.options.rope
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "n_ctx": self.context_length,
+            "threads": self._llama.n_threads,
+            "repack": self._llama.repack_in_effect,
+            "trained_context": self.trained_context,
+            "rope": rope.to_dict() if rope is not None and rope.active else None,
+        }
+
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         with self._embed_lock:
             if self._embedder is None:
@@ -239,8 +341,8 @@ class LlamaCppGenerator(Generator):
             vectors, count = self._embedder.embed(list(texts), normalize=True, truncate=False, return_count=True)
         return [list(map(float, v)) for v in vectors], int(count)
 
-    def for_slot(self) -> "LlamaCppGenerator":
-        return LlamaCppGenerator(self.path, self.options)
+    def for_slot(self) -> "LlamaCppModel":
+        return LlamaCppModel(self.path, self.options)
 
     def close(self) -> None:
         for name in ("_llama", "_embedder", "_draft_llama"):

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cnllm.core.errors import UsageError
-from cnllm.core.generation.base import ContextOverflow, GenerationStream, Generator, SamplingParams
+from cnllm.core.generation.base import ContextOverflow, GenerationStream, LoadedModel, SamplingParams
 from cnllm.core.templates import Message, PromptFormat
 
 SESSION_FORMAT = "cnllm-chat-session/1"
@@ -17,7 +17,7 @@ SESSION_FORMAT = "cnllm-chat-session/1"
 class ChatSession:
     """History, system prompt and sampling parameters; the oldest turns are dropped when the prompt would not fit."""
 
-    generator: Generator
+    generator: LoadedModel
     prompt_format: PromptFormat
     params: SamplingParams
     system: str | None = None

@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
-from cnllm.core.generation.base import Generator
+from cnllm.core.generation.base import LoadedModel
 
 T = TypeVar("T")
 PREPARE_THREADS = 2
@@ -34,12 +34,12 @@ class ClientGone(Exception):
 
 
 class SlotPool:
-    def __init__(self, generators: list[Generator], max_waiting: int):
+    def __init__(self, generators: list[LoadedModel], max_waiting: int):
         self.generators = generators
         self.max_waiting = max_waiting
         self.waiting = 0
         self.closing = False
-        self._free: asyncio.Queue[Generator] = asyncio.Queue()
+        self._free: asyncio.Queue[LoadedModel] = asyncio.Queue()
         for generator in generators:
             self._free.put_nowait(generator)
         self._executor = ThreadPoolExecutor(max_workers=len(generators), thread_name_prefix="cnllm-slot")
@@ -61,7 +61,7 @@ class SlotPool:
         self._refuse_when_closing()
         return await asyncio.get_running_loop().run_in_executor(self._prepare, work)
 
-    async def acquire(self) -> Generator:
+    async def acquire(self) -> LoadedModel:
         """A free generator, waiting in line if needed; :class:`QueueFull` when the line is full too."""
         self._refuse_when_closing()
         if self._free.empty() and self.waiting >= self.max_waiting:
@@ -76,7 +76,7 @@ class SlotPool:
             self._refuse_when_closing()
         return generator
 
-    async def lease(self, gone: Awaitable | None = None) -> Generator:
+    async def lease(self, gone: Awaitable | None = None) -> LoadedModel:
         """:meth:`acquire`, leaving the line with :class:`ClientGone` when ``gone`` (the client hung up) completes first."""
         if gone is None:
             return await self.acquire()
@@ -94,7 +94,7 @@ class SlotPool:
             raise ClientGone()
         return generator
 
-    def _release_from_thread(self, loop: asyncio.AbstractEventLoop, generator: Generator) -> None:
+    def _release_from_thread(self, loop: asyncio.AbstractEventLoop, generator: LoadedModel) -> None:
         try:
             loop.call_soon_threadsafe(self._free.put_nowait, generator)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting for the slot
@@ -114,7 +114,7 @@ class SlotPool:
 
         return untrack
 
-    async def run(self, work: Callable[[Generator], T], *, cancel: Callable[[], None] | None = None, gone: Awaitable | None = None) -> T:
+    async def run(self, work: Callable[[LoadedModel], T], *, cancel: Callable[[], None] | None = None, gone: Awaitable | None = None) -> T:
         """Lease a slot, run ``work(generator)`` in its thread, return the result.
 
         ``cancel`` makes the work stop early (it is called at shutdown, and when ``gone`` completes
@@ -144,11 +144,11 @@ class SlotPool:
             future.exception()
         raise ClientGone()
 
-    def release(self, generator: Generator) -> None:
+    def release(self, generator: LoadedModel) -> None:
         """Give back a slot leased by :meth:`acquire` that no thread was started for."""
         self._free.put_nowait(generator)
 
-    def stream(self, generator: Generator, items: Iterator[T], cancel: Callable[[], None]) -> AsyncIterator[T]:
+    def stream(self, generator: LoadedModel, items: Iterator[T], cancel: Callable[[], None]) -> AsyncIterator[T]:
         """Run ``items`` (a lazy iterator using ``generator``) in the slot's thread now; iterate the result asynchronously.
 
         The thread starts at once and releases the slot when it ends, even if the response is

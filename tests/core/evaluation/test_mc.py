@@ -15,7 +15,7 @@ from cnllm.core.evaluation.mc import (
     load_subjects,
     write_outputs,
 )
-from cnllm.core.evaluation.models import ModelSpec
+from cnllm.core.generation.base import LoadOptions
 from tests.core.evaluation.exam_data import write_ceval, write_cmmlu, write_mmlu
 
 
@@ -128,7 +128,7 @@ def test_matches_reference_scorer_question_by_question(request, ceval_dir, model
     """SentencePiece and byte-level BPE tokenizers spell the letters differently; batches of 3 need left padding."""
     model_dir = request.getfixturevalue(model_fixture)
     options = McOptions(split="val", shots=shots, batch_size=3)
-    result = evaluate_multiple_choice(ModelSpec(model_dir), ceval_dir, options)
+    result = evaluate_multiple_choice(model_dir, ceval_dir, options)
     prompts = []
     from tests.core.evaluation.exam_data import MAPPING, question_rows
 
@@ -148,8 +148,8 @@ def test_matches_reference_scorer_question_by_question(request, ceval_dir, model
 
 def test_gguf_agrees_with_hf(tiny_llama_dir, tiny_f32_gguf, ceval_dir):
     options = McOptions(split="val", shots=1)
-    hf = evaluate_multiple_choice(ModelSpec(tiny_llama_dir), ceval_dir, options)
-    gguf = evaluate_multiple_choice(ModelSpec(tiny_f32_gguf, threads=1), ceval_dir, options)
+    hf = evaluate_multiple_choice(tiny_llama_dir, ceval_dir, options)
+    gguf = evaluate_multiple_choice(tiny_f32_gguf, ceval_dir, options, LoadOptions(threads=1))
     assert gguf.model["backend"] == "llama.cpp"
     for a, b in zip(hf.predictions, gguf.predictions):
         assert a.prediction == b.prediction
@@ -157,8 +157,8 @@ def test_gguf_agrees_with_hf(tiny_llama_dir, tiny_f32_gguf, ceval_dir):
 
 
 def test_template_wraps_the_prompt_and_is_recorded(tiny_llama_dir, ceval_dir):
-    plain = evaluate_multiple_choice(ModelSpec(tiny_llama_dir), ceval_dir, McOptions(shots=0, subjects=("law",)))
-    alpaca = evaluate_multiple_choice(ModelSpec(tiny_llama_dir), ceval_dir, McOptions(shots=0, subjects=("law",), template="alpaca"))
+    plain = evaluate_multiple_choice(tiny_llama_dir, ceval_dir, McOptions(shots=0, subjects=("law",)))
+    alpaca = evaluate_multiple_choice(tiny_llama_dir, ceval_dir, McOptions(shots=0, subjects=("law",), template="alpaca"))
     assert alpaca.prompt_tokens > plain.prompt_tokens
     assert alpaca.to_dict()["settings"]["template"] == "alpaca" and plain.to_dict()["settings"]["template"] == "none"
     assert [p.probabilities for p in alpaca.predictions] != [p.probabilities for p in plain.predictions]
@@ -166,11 +166,11 @@ def test_template_wraps_the_prompt_and_is_recorded(tiny_llama_dir, ceval_dir):
 
 def test_prompt_longer_than_ctx_is_refused(tiny_llama_dir, ceval_dir):
     with pytest.raises(UsageError, match="raise --ctx or use fewer --shots"):
-        evaluate_multiple_choice(ModelSpec(tiny_llama_dir), ceval_dir, McOptions(shots=5, ctx=64))
+        evaluate_multiple_choice(tiny_llama_dir, ceval_dir, McOptions(shots=5, ctx=64))
 
 
 def test_outputs_for_a_test_split(tiny_llama_dir, ceval_dir, tmp_path):
-    result = evaluate_multiple_choice(ModelSpec(tiny_llama_dir), ceval_dir, McOptions(split="test", shots=0))
+    result = evaluate_multiple_choice(tiny_llama_dir, ceval_dir, McOptions(split="test", shots=0))
     assert not result.labelled and result.average is None and result.overall is None
     out = tmp_path / "out"
     assert write_outputs(result, out) == ["results.json", "predictions.jsonl", "submission.json"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cnllm.core.errors import UsageError
-from cnllm.core.evaluation.models import ModelSpec
+from cnllm.core.generation.base import LoadOptions
 from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity, plan_windows
 from cnllm.core.tiny import asset
 
@@ -69,7 +69,7 @@ def test_single_window_equals_transformers_loss(tiny_llama_dir, tmp_path):
     text = "The quick brown fox jumps over the lazy dog. 中文也可以。"
     path = tmp_path / "short.txt"
     path.write_text(text, encoding="utf-8")
-    result = evaluate_perplexity(ModelSpec(tiny_llama_dir), [path], PplOptions(ctx=512))
+    result = evaluate_perplexity(tiny_llama_dir, [path], PplOptions(ctx=512))
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -85,7 +85,7 @@ def test_single_window_equals_transformers_loss(tiny_llama_dir, tmp_path):
 
 
 def test_batched_and_sliding_runs_agree_with_single(tiny_llama_dir, texts):
-    spec, data = ModelSpec(tiny_llama_dir), texts[:1]
+    spec, data = tiny_llama_dir, texts[:1]
     one = evaluate_perplexity(spec, data, PplOptions(ctx=64)).total
     batched = evaluate_perplexity(spec, data, PplOptions(ctx=64, batch_size=8)).total
     assert batched.ppl == pytest.approx(one.ppl, rel=1e-5)
@@ -98,8 +98,8 @@ def test_batched_and_sliding_runs_agree_with_single(tiny_llama_dir, texts):
 def test_f32_gguf_agrees_with_its_hf_source(tiny_llama_dir, tiny_f32_gguf, texts):
     data = texts
     for options in (PplOptions(ctx=128), PplOptions(ctx=128, llamacpp_compatible=True)):
-        hf = evaluate_perplexity(ModelSpec(tiny_llama_dir), data, options)
-        gguf = evaluate_perplexity(ModelSpec(tiny_f32_gguf, threads=1), data, options)
+        hf = evaluate_perplexity(tiny_llama_dir, data, options)
+        gguf = evaluate_perplexity(tiny_f32_gguf, data, options, LoadOptions(threads=1))
         assert gguf.model["backend"] == "llama.cpp" and hf.model["backend"] == "transformers"
         for a, b in zip(hf.files, gguf.files):
             assert a.tokens == b.tokens and a.tokens_scored == b.tokens_scored
@@ -117,9 +117,9 @@ def test_lora_is_applied_unmerged(tiny_llama_dir, tmp_path, texts):
     for item in Path(tiny_llama_dir).glob("tokenizer*"):
         (merged / item.name).write_bytes(item.read_bytes())
     options, data = PplOptions(ctx=64), texts[:1]
-    base = evaluate_perplexity(ModelSpec(tiny_llama_dir), data, options)
-    with_lora = evaluate_perplexity(ModelSpec(tiny_llama_dir, lora=adapter), data, options)
-    reference = evaluate_perplexity(ModelSpec(merged), data, options)
+    base = evaluate_perplexity(tiny_llama_dir, data, options)
+    with_lora = evaluate_perplexity(tiny_llama_dir, data, options, LoadOptions(lora=adapter))
+    reference = evaluate_perplexity(merged, data, options)
     assert with_lora.model["lora"] == str(adapter)
     assert with_lora.total.ppl != pytest.approx(base.total.ppl, rel=1e-3)
     assert with_lora.total.ppl == pytest.approx(reference.total.ppl, rel=1e-4)
@@ -130,7 +130,7 @@ def test_jsonl_texts_are_joined(tiny_llama_dir, tmp_path):
     path.write_text("\n".join(json.dumps({"text": t}) for t in ["first document here", "second one"]) + "\n{bad\n", encoding="utf-8")
     plain = tmp_path / "docs.txt"
     plain.write_text("first document here\n\nsecond one", encoding="utf-8")
-    spec, options = ModelSpec(tiny_llama_dir), PplOptions(ctx=64)
+    spec, options = tiny_llama_dir, PplOptions(ctx=64)
     assert evaluate_perplexity(spec, [path], options).total.ppl == pytest.approx(evaluate_perplexity(spec, [plain], options).total.ppl)
 
 
@@ -146,24 +146,24 @@ def test_bad_text_is_a_usage_error(tiny_llama_dir, tmp_path, content, options, m
     path = tmp_path / "input.txt"
     path.write_bytes(content)
     with pytest.raises(UsageError, match=message):
-        evaluate_perplexity(ModelSpec(tiny_llama_dir), [path], options)
+        evaluate_perplexity(tiny_llama_dir, [path], options)
 
 
 def test_missing_file_and_unloadable_model(tiny_llama_dir, tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
-        evaluate_perplexity(ModelSpec(tiny_llama_dir), [tmp_path / "nope.txt"], PplOptions())
+        evaluate_perplexity(tiny_llama_dir, [tmp_path / "nope.txt"], PplOptions())
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"GGUF" + b"\0" * 64)
-    with pytest.raises(UsageError, match="cannot load"):
-        evaluate_perplexity(ModelSpec(fake), [asset("en.txt")], PplOptions())
+    with pytest.raises(UsageError, match="could not read"):
+        evaluate_perplexity(fake, [asset("en.txt")], PplOptions())
     with pytest.raises(UsageError, match="neither a .gguf file"):
-        evaluate_perplexity(ModelSpec(tmp_path), [asset("en.txt")], PplOptions())
+        evaluate_perplexity(tmp_path, [asset("en.txt")], PplOptions())
 
 
 def test_target_rows_equal_the_full_log_softmax():
     import numpy as np
 
-    from cnllm.core.evaluation.models import log_softmax_rows, target_logprobs_rows
+    from cnllm.core.generation.base import log_softmax_rows, target_logprobs_rows
 
     logits = np.random.default_rng(0).normal(scale=8.0, size=(21, 300)).astype(np.float32)  # not a multiple of the row block
     targets = np.arange(21) * 13 % 300
@@ -178,7 +178,7 @@ def test_output_layer_in_slices_equals_the_causal_lm(tiny_llama_dir, tmp_path, m
     import torch
     from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
 
-    import cnllm.core.evaluation.models as models
+    import cnllm.core.generation.hf as hf
 
     model_dir = tiny_llama_dir
     if softcap:
@@ -190,8 +190,8 @@ def test_output_layer_in_slices_equals_the_causal_lm(tiny_llama_dir, tmp_path, m
         Gemma2ForCausalLM(config).save_pretrained(model_dir)
         for item in Path(tiny_llama_dir).glob("tokenizer*"):
             (model_dir / item.name).write_bytes(item.read_bytes())
-    monkeypatch.setattr(models, "HEAD_ROWS", 7)
-    scorer = models.TransformersModel(ModelSpec(model_dir))
+    monkeypatch.setattr(hf, "HEAD_ROWS", 7)
+    scorer = hf.TransformersModel(model_dir, LoadOptions())
     windows = [list(range(5, 45)), list(range(105, 145))]
     with torch.no_grad():
         logits = scorer.model(input_ids=torch.tensor(windows)).logits[:, 2:-1]

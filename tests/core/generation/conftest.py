@@ -9,9 +9,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_llama_dir):
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
 
-    generator = load_generator(tiny_llama_dir)
+    generator = load_model(tiny_llama_dir)
     yield generator
     generator.close()
 

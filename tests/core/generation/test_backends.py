@@ -2,35 +2,24 @@
 
 import pytest
 
-from cnllm.core.backends import LLAMA_CPP, TRANSFORMERS, backend_for, load_generator, load_scorer
+from cnllm.core.backends import LLAMA_CPP, TRANSFORMERS, backend_for, load_model
 from cnllm.core.errors import UsageError
-from cnllm.core.evaluation.models import ModelSpec
 
 
-def test_load_generator_rejects_what_it_cannot_run(tmp_path):
+def test_load_model_rejects_what_it_cannot_run(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
-        load_generator(tmp_path / "missing.gguf")
+        load_model(tmp_path / "missing.gguf")
     text = tmp_path / "model.bin"
     text.write_bytes(b"not a model")
     with pytest.raises(UsageError, match="not a GGUF file"):
-        load_generator(text)
+        load_model(text)
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     with pytest.raises(UsageError, match="pass that file"):
-        load_generator(tmp_path)
+        load_model(tmp_path)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 7)
     with pytest.raises(UsageError, match="truncated.gguf"):
-        load_generator(truncated)
-
-
-@pytest.mark.parametrize("load", [lambda path: load_generator(path), lambda path: load_scorer(ModelSpec(path))])
-def test_generation_and_scoring_get_the_same_checks(load, tmp_path):
-    text = tmp_path / "model.bin"
-    text.write_bytes(b"not a model")
-    with pytest.raises(UsageError, match="is not a GGUF file"):
-        load(text)
-    with pytest.raises(UsageError, match="neither a .gguf file nor a Hugging Face model directory"):
-        load(tmp_path)
+        load_model(truncated)
 
 
 def test_backend_for(tiny_llama_dir, tiny_gguf, tmp_path):

@@ -10,53 +10,11 @@ from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import (
     REPLACEMENT,
     ContextOverflow,
-    Generator,
     IncrementalDetokenizer,
     SamplingParams,
     StopMatcher,
 )
-
-EOS = 256
-
-
-class ByteGenerator(Generator):
-    """A scripted "model" whose tokens are single bytes: the worst case for multi-byte characters."""
-
-    backend = "test"
-    bos_token = ""
-    eos_token = ""
-    adds_bos = False
-
-    def __init__(self, script: bytes, *, eos: bool = True, context_length: int = 64):
-        self.script = list(script) + ([EOS] if eos else [])
-        self.context_length = context_length
-        self.eos_ids = frozenset({EOS})
-        self.produced = 0
-
-    def tokenize(self, text, *, add_bos=True):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-    def generate_ids(self, prompt_ids, params, max_tokens, cancel):
-        for token in self.script:
-            if cancel.is_set():
-                return
-            self.produced += 1
-            yield token
-
-    def prompt_logprobs(self, ids, top=0):
-        raise NotImplementedError
-
-    def embed(self, texts):
-        raise NotImplementedError
-
-    def chat_template_source(self):
-        return None
-
-    def for_slot(self):
-        return self
+from tests.fake_model import ByteModel
 
 
 def test_detokenizer_never_emits_half_a_character(spm_tokenizer_dir):
@@ -75,14 +33,14 @@ def test_detokenizer_never_emits_half_a_character(spm_tokenizer_dir):
 
 
 def test_detokenizer_drops_an_unfinished_character_at_the_end():
-    detok = IncrementalDetokenizer(ByteGenerator(b"").decode)
+    detok = IncrementalDetokenizer(ByteModel(b"").decode)
     data = "好你".encode("utf-8")
     assert [detok.add(b) for b in data[:4]] == ["", "", "好", ""]
     assert detok.flush() == ""
 
 
 def test_stream_of_single_bytes_yields_whole_characters():
-    generator = ByteGenerator("中文流式输出".encode("utf-8"))
+    generator = ByteModel("中文流式输出".encode("utf-8"))
     stream = generator.stream("提示", SamplingParams(temperature=0))
     assert list(stream) == list("中文流式输出")
     assert stream.completion.finish_reason == "stop"
@@ -91,7 +49,7 @@ def test_stream_of_single_bytes_yields_whole_characters():
 
 
 def test_stop_string_across_tokens_is_cut_and_never_shown():
-    generator = ByteGenerator(b"answer one### Instruction: more")
+    generator = ByteModel(b"answer one### Instruction: more")
     stream = generator.stream("x", SamplingParams(stop=("### Instruction:",)))
     deltas = list(stream)
     assert "".join(deltas) == "answer one"
@@ -110,19 +68,19 @@ def test_stop_matcher_holds_back_only_possible_prefixes():
 
 
 def test_max_tokens_and_context_limit():
-    stream = ByteGenerator(b"abcdefgh", eos=False).stream("p", SamplingParams(max_tokens=3))
+    stream = ByteModel(b"abcdefgh", eos=False).stream("p", SamplingParams(max_tokens=3))
     assert "".join(stream) == "abc"
     assert stream.completion.finish_reason == "length"
-    room = ByteGenerator(b"abcdefgh", eos=False, context_length=6).stream("pp", SamplingParams(max_tokens=None))
+    room = ByteModel(b"abcdefgh", eos=False, context_length=6).stream("pp", SamplingParams(max_tokens=None))
     assert "".join(room) == "abcd"
     with pytest.raises(ContextOverflow, match="context window is 6"):
-        ByteGenerator(b"", context_length=6).stream("long prompt", SamplingParams())
-    zero = ByteGenerator(b"abc").stream("p", SamplingParams(max_tokens=0)).read()
+        ByteModel(b"", context_length=6).stream("long prompt", SamplingParams())
+    zero = ByteModel(b"abc").stream("p", SamplingParams(max_tokens=0)).read()
     assert (zero.text, zero.finish_reason) == ("", "length")
 
 
 def test_cancel_stops_the_backend():
-    generator = ByteGenerator(b"x" * 50, eos=False)
+    generator = ByteModel(b"x" * 50, eos=False)
     stream = generator.stream("p", SamplingParams(max_tokens=None))
     assert next(iter(stream)) == "x"
     stream.close()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cnllm.core.backends import load_generator
+from cnllm.core.backends import load_model
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import ContextOverflow, LoadOptions, SamplingParams
 from cnllm.core.generation.session import ChatSession
@@ -45,7 +45,7 @@ def test_embeddings_are_normalised(tiny_generator):
 
 
 def test_draft_model_gives_the_same_greedy_answer_and_reports_acceptance(tiny_llama_dir, tiny_generator):
-    with load_generator(tiny_llama_dir, LoadOptions(draft_model=tiny_llama_dir, draft_tokens=3)) as speculative:
+    with load_model(tiny_llama_dir, LoadOptions(draft_model=tiny_llama_dir, draft_tokens=3)) as speculative:
         result = speculative.complete("Hello world", GREEDY)
     assert result.token_ids == tiny_generator.complete("Hello world", GREEDY).token_ids
     assert result.speculative.proposed > 0
@@ -54,7 +54,7 @@ def test_draft_model_gives_the_same_greedy_answer_and_reports_acceptance(tiny_ll
 
 def test_draft_model_with_another_vocabulary_is_refused(tiny_llama_dir, tiny_llama3_dir):
     with pytest.raises(UsageError, match="same|share"):
-        load_generator(tiny_llama_dir, LoadOptions(draft_model=tiny_llama3_dir))
+        load_model(tiny_llama_dir, LoadOptions(draft_model=tiny_llama3_dir))
 
 
 def test_lora_adapter_is_applied_without_merging(tmp_path, tiny_llama_dir, tiny_generator):
@@ -67,7 +67,7 @@ def test_lora_adapter_is_applied_without_merging(tmp_path, tiny_llama_dir, tiny_
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = tiny_generator.encode_prompt("Hello world")
-    with load_generator(tiny_llama_dir, LoadOptions(lora=tmp_path / "adapter")) as adapted:
+    with load_model(tiny_llama_dir, LoadOptions(lora=tmp_path / "adapter")) as adapted:
         assert type(adapted.model).__name__ == "PeftModel"
         with_lora = [s.logprob for s in adapted.prompt_logprobs(ids)[1:]]
     with torch.inference_mode():
@@ -75,7 +75,7 @@ def test_lora_adapter_is_applied_without_merging(tmp_path, tiny_llama_dir, tiny_
     assert with_lora == pytest.approx([float(expected[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4)
     assert with_lora != pytest.approx([s.logprob for s in tiny_generator.prompt_logprobs(ids)[1:]], abs=1e-4)
     with pytest.raises(UsageError, match="adapter_config.json"):
-        load_generator(tiny_llama_dir, LoadOptions(lora=tmp_path))
+        load_model(tiny_llama_dir, LoadOptions(lora=tmp_path))
 
 
 def test_stop_string_cuts_a_real_generation(tiny_generator):
@@ -87,7 +87,7 @@ def test_stop_string_cuts_a_real_generation(tiny_generator):
 
 
 def test_chat_session_drops_oldest_turns_but_keeps_the_system_prompt(tiny_llama_dir):
-    with load_generator(tiny_llama_dir, LoadOptions(n_ctx=120)) as generator:
+    with load_model(tiny_llama_dir, LoadOptions(n_ctx=120)) as generator:
         session = ChatSession(generator, generator.prompt_format("llama2"), SamplingParams(max_tokens=20, temperature=0), system="Be brief.")
         for turn in range(6):
             session.record(f"question number {turn} about the weather today", f"answer number {turn} is sunny and warm")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cnllm.core.backends import load_generator
+from cnllm.core.backends import load_model
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import LoadOptions, SamplingParams
 
@@ -15,7 +15,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.0)
 
 @pytest.fixture(scope="module")
 def gguf_generator(tiny_gguf):
-    generator = load_generator(tiny_gguf)
+    generator = load_model(tiny_gguf)
     yield generator
     generator.close()
 
@@ -46,7 +46,7 @@ def test_embeddings(gguf_generator):
 
 
 def test_draft_model_reports_acceptance(tiny_gguf, gguf_generator):
-    with load_generator(tiny_gguf, LoadOptions(draft_model=tiny_gguf, draft_tokens=3)) as speculative:
+    with load_model(tiny_gguf, LoadOptions(draft_model=tiny_gguf, draft_tokens=3)) as speculative:
         result = speculative.complete("Hello world", GREEDY)
     assert result.token_ids == gguf_generator.complete("Hello world", GREEDY).token_ids
     assert result.speculative.proposed > 0 and result.speculative.accepted > 0
@@ -56,6 +56,6 @@ def test_truncated_gguf_is_a_usage_error(tiny_gguf, tmp_path):
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
     with pytest.raises(UsageError, match="truncated.gguf"):
-        load_generator(truncated)
+        load_model(truncated)
     with pytest.raises(UsageError, match="Hugging Face"):
-        load_generator(tiny_gguf, LoadOptions(lora=tmp_path))
+        load_model(tiny_gguf, LoadOptions(lora=tmp_path))

@@ -30,7 +30,8 @@ class LiveServer:
 
 def start_server(generators, *, model_name="tiny", api_key=API_KEY, template="llama2", max_waiting=4, **config):
     """``config``: further :class:`ServerConfig` fields (``max_request_bytes``, ``allowed_hosts``)."""
-    from cnllm.core.server.app import ServerConfig, bind_socket, create_app, make_server
+    from cnllm.core.server.app import bind_socket, create_app, make_server
+    from cnllm.core.server.state import ServerConfig
 
     app = create_app(generators, ServerConfig(model_name=model_name, api_key=api_key, template=template, max_waiting=max_waiting, **config))
     sock = bind_socket("127.0.0.1", 0)

@@ -134,9 +134,9 @@ def wait_until_idle(server, limit=30.0) -> dict:
 
 
 def test_full_queue_is_503_and_a_disconnect_frees_the_slot(tiny_llama_dir):
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
 
-    with load_generator(tiny_llama_dir) as generator:
+    with load_model(tiny_llama_dir) as generator:
         server, stop = start_server([generator], max_waiting=0)
         try:
             client = server.client()
@@ -155,9 +155,9 @@ def test_full_queue_is_503_and_a_disconnect_frees_the_slot(tiny_llama_dir):
 def test_gguf_server_with_two_slots(tiny_gguf):
     from concurrent.futures import ThreadPoolExecutor
 
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
 
-    first = load_generator(tiny_gguf)
+    first = load_model(tiny_gguf)
     generators = [first, first.for_slot()]
     server, stop = start_server(generators, template="chatml")
     try:
@@ -196,13 +196,14 @@ def test_template_none_serves_chat_as_plain_continuation(tiny_generator, monkeyp
     """``--template none``: chat requests are the plain conversation text even when the model has a chat template."""
     from fastapi.testclient import TestClient
 
-    from cnllm.core.server.app import ServerConfig, create_app
+    from cnllm.core.server.app import create_app
+    from cnllm.core.server.state import ServerConfig
 
     monkeypatch.setattr(tiny_generator.tokenizer, "chat_template", "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 2, "temperature": 0}
     for template, prompt in (("none", "Hello there"), ("auto", "<user>Hello there")):
         app = create_app([tiny_generator], ServerConfig(model_name="tiny", template=template))
-        assert app.state.prompt_format.name == template
+        assert app.state.server.prompt_format.name == template
         with TestClient(app) as client:
             answer = client.post("/v1/chat/completions", json=body).json()
         assert answer["usage"]["prompt_tokens"] == len(tiny_generator.encode_prompt(prompt))

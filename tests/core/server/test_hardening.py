@@ -38,9 +38,9 @@ def healthy(server) -> bool:
 
 @pytest.fixture(scope="module")
 def gguf_generator(tiny_gguf):
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
 
-    with load_generator(tiny_gguf) as generator:
+    with load_model(tiny_gguf) as generator:
         yield generator
 
 
@@ -161,10 +161,10 @@ def wait_for(condition, limit: float = 60.0) -> bool:
 
 
 def test_a_non_streaming_client_that_hangs_up_frees_its_slot(tiny_gguf):
-    from cnllm.core.backends import load_generator
+    from cnllm.core.backends import load_model
 
     waits_timed_out: list[int] = []
-    with load_generator(tiny_gguf) as generator:
+    with load_model(tiny_gguf) as generator:
         original = generator.generate_ids
 
         def generate_ids(prompt_ids, params, max_tokens, cancel):
@@ -233,10 +233,10 @@ def lm_eval_parse(document: dict, ctxlens: list[int]) -> list[tuple[float, bool]
 
 
 def test_lm_eval_loglikelihood_agrees_with_the_eval_scorer_also_before_eos(tiny_gguf, tmp_path):
-    from cnllm.core.backends import load_generator, load_scorer
-    from cnllm.core.evaluation.models import ModelSpec
+    from cnllm.core.backends import load_model
+    from cnllm.core.generation.base import LoadOptions
 
-    with load_scorer(ModelSpec(tiny_gguf, n_ctx=512), logits_all=True) as scorer:
+    with load_model(tiny_gguf, LoadOptions(n_ctx=512)) as scorer:
         pairs = [(scorer.tokenize(context), scorer.tokenize(answer, add_bos=False)) for context, answer in CASES]
         expected = [float(scorer.target_logprobs([c + a], len(c))[0].sum()) for c, a in pairs]
         next_ids = [int(np.argmax(scorer.next_token_logprobs([c + a])[0])) for c, a in pairs]
@@ -245,7 +245,7 @@ def test_lm_eval_loglikelihood_agrees_with_the_eval_scorer_also_before_eos(tiny_
     # The answer's next token is an ordinary one, then (same weights, that token made EOS) the end of the text.
     eos_model = gguf_with_eos(tiny_gguf, tmp_path / "eos-after-answer.gguf", next_ids[1])
     for model, ends in ((tiny_gguf, False), (eos_model, True)):
-        with load_generator(model) as generator:
+        with load_model(model) as generator:
             server, stop = start_server([generator], template="chatml")
             try:
                 document = lm_eval_request(server, pairs)
