@@ -51,6 +51,9 @@ OutputFileOpt = Annotated[
     typer.Option("--output", "-o", dir_okay=False, help="Write the result to this file (atomically)."),
 ]
 OutputDirArg = Annotated[Path, typer.Option("--output", "-o", file_okay=False, help="Output directory (written atomically).")]
+# Every command that writes safetensors shards (merge-lora, diff-recover, convert-meta, gguf-to-hf); the value becomes
+# core's ShardSize, which checks it (default: cnllm.core.tensors.DEFAULT_SHARD_SIZE).
+MaxShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB or 4GiB.")]
 
 # Rows for the tokens a merged vocabulary adds (pt, sft, align, vocab extend-model): cnllm.core.embeddings.
 NEW_ROW_INIT_HELP = (

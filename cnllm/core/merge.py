@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
+from cnllm.core.architectures import find_architecture
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
-from cnllm.core.hashing import create_manifest
 from cnllm.core.modelio import (
     EMBEDDING_NAMES,
     LM_HEAD_NAMES,
@@ -44,19 +44,19 @@ from cnllm.core.modelio import (
     with_tied_head,
 )
 from cnllm.core.progress import NULL_PROGRESS, Progress
-from cnllm.core.provenance import write_record
+from cnllm.core.provenance import finish_output_folder
 from cnllm.core.tensors import (
+    DEFAULT_SHARD_SIZE,
     SAFETENSORS_TORCH_DTYPES,
+    ShardSize,
     StreamingShardWriter,
     TensorInfo,
     TensorReader,
     human_bytes,
-    parse_size,
     stream_tensors,
     tensor_infos,
 )
 
-RECORD_OMITS = ("output", "files", "total_bytes", "seconds")  # the record is written before these are known
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
 BLOCK_BYTES = 16 << 20  # a merged tensor is produced this many fp32 bytes of rows at a time
 VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. 中文大模型，你好！"
@@ -168,7 +168,7 @@ class MergeOptions:
     """How :func:`merge_lora` writes its output: ``cnllm merge-lora`` flags and a recipe's merge steps."""
 
     dtype: Optional[DType] = None  # None: the base's
-    max_shard_size: str = "2GB"
+    max_shard_size: ShardSize = DEFAULT_SHARD_SIZE
     format: Literal["hf", "pth"] = "hf"
     shards: int = 1
     verify: bool = False
@@ -182,7 +182,6 @@ class MergeOptions:
             raise UsageError("--shards applies to --format pth only, and must be at least 1")
         if self.tolerance is not None and self.tolerance < 0:
             raise UsageError(f"--tolerance must be at least 0, got {self.tolerance}")
-        parse_size(self.max_shard_size)
 
 
 # --- reading adapters ---------------------------------------------------------------------------
@@ -551,8 +550,9 @@ def merge_lora(
     if tokenizer_dir is None and has_tokenizer(base):
         tokenizer_dir = base
     sizes = check_merged_vocab(base_shapes, shapes, config, tokenizer_dir)
-    if output_format == "pth" and config.get("model_type") != "llama":
-        raise UsageError(f"--format pth writes Meta's LLaMA layout; {base} is a {config.get('model_type')} model")
+    family = find_architecture(config)
+    if output_format == "pth" and (family is None or not family.meta_layout):
+        raise UsageError(f"--format pth writes Meta's LLaMA layout; {base} is a {config.get('model_type')} model, which has none")
     weights = [a.load() for a in loaded_adapters]
     with TiedTensorReader(base) as reader:
         untie = tied and outputs_diverge(reader, loaded_adapters, weights, shapes)
@@ -572,7 +572,7 @@ def merge_lora(
     with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         hf_dir = tmp / ".merged-hf" if output_format == "pth" else tmp
         hf_dir.mkdir(exist_ok=True)
-        writer = StreamingShardWriter(hf_dir, layout, max_shard_size=max_shard_size if output_format == "hf" else "2GB")
+        writer = StreamingShardWriter(hf_dir, layout, max_shard_size=max_shard_size if output_format == "hf" else DEFAULT_SHARD_SIZE)
         progress.start(writer.total_size, "merging", unit="B")
         with TiedTensorReader(base) as reader:
             for name, shape, out_dtype in layout:
@@ -616,16 +616,13 @@ def merge_lora(
             verify=report,
             notes=notes,
         )
-        write_record(
+        result.files, result.total_bytes = finish_output_folder(
             tmp,
             "merge",
             inputs=[base, *result.adapters],
             options={"adapter_order": [str(a) for a in result.adapters], **dataclasses.asdict(options)},
-            results={k: v for k, v in result.to_dict().items() if k not in RECORD_OMITS},
+            results=result.to_dict(),
         )
-        manifest = create_manifest([tmp], manifest=tmp / "SHA256SUMS")
-        result.files = [f.path for f in manifest.files] + ["SHA256SUMS"]
-        result.total_bytes = manifest.total_bytes
     result.seconds = time.perf_counter() - started
     return result
 

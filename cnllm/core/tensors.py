@@ -33,6 +33,27 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+DEFAULT_SHARD_SIZE = "2GB"
+
+
+class ShardSize(str):
+    """A ``--max-shard-size`` (``500MB``, ``2GB``, ``4GiB``), checked where it is made: every command that writes
+    safetensors shards takes this one type (an options field coerces to it), so the words and the check live here."""
+
+    def __new__(cls, text: str | int, *, where: str = "--max-shard-size") -> "ShardSize":
+        try:
+            size = parse_size(text if isinstance(text, int) else str(text))
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc.message}") from None
+        if size < 1:
+            raise UsageError(f"{where} must be at least 1 byte, got {text!r}")
+        return super().__new__(cls, str(text).strip())
+
+    @property
+    def bytes(self) -> int:
+        return parse_size(str(self))
+
+
 def human_bytes(count: float) -> str:
     """``1536`` → ``"1.5 KiB"``: sizes in messages and tables."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -113,7 +113,7 @@ def test_unsupported_architecture_is_refused(cli, tmp_path, tiny_spm_f32_gguf):
     writer.write_tensors_to_file()
     writer.close()
     result = cli("gguf-to-hf", other, "-o", tmp_path / "out")
-    assert result.exit_code == 2 and "is a gpt2 model; gguf-to-hf converts llama GGUFs" in result.stderr
+    assert result.exit_code == 2 and "is a gpt2 model; gguf-to-hf converts llama, qwen2 GGUFs" in result.stderr
 
 
 def test_existing_output_needs_force(cli, tmp_path, tiny_spm_f32_gguf):

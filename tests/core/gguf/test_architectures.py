@@ -1,0 +1,110 @@
+"""convert-gguf reads every family from the architecture table: byte-identical to llama.cpp's reference converter on
+tiny LLaMA, Mistral and Qwen2 models, and llama.cpp computes what transformers computes on each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnllm.core.architectures import ARCHITECTURES, LLAMA, MISTRAL, QWEN2, find_architecture, require_architecture, ties_by_default
+from cnllm.core.errors import UsageError
+from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
+from tests.conftest import run_reference_converter
+from tests.core.gguf.util import gguf_fields, gguf_tensors
+
+PROMPT = "Once upon a time, 在一个小村庄里 3.14159"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_spm_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
+    """A tied Qwen2 with the SentencePiece tokenizer: the reference converter names a byte-level BPE pre-tokenizer
+    by hashing known vocabularies, so a tokenizer trained here is one it refuses; SentencePiece it takes as it is."""
+    from cnllm.core.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-qwen2-spm"), spm_tokenizer_dir, architecture="qwen2", tie_word_embeddings=True)
+
+
+MODELS = {
+    "llama": "tiny_llama_dir",
+    "llama-tied": "tiny_tied_llama_dir",
+    "mistral": "tiny_mistral_dir",
+    "qwen2-tied": "tiny_qwen2_spm_dir",
+}
+
+
+@pytest.mark.parametrize("outtype", ["f16", "f32"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_byte_identical_to_the_reference_converter(request, tmp_path, llamacpp_reference, model, outtype):
+    model_dir = request.getfixturevalue(MODELS[model])
+    ours = convert_to_gguf(model_dir, tmp_path / "ours.gguf", ConvertOptions(outtype=outtype)).output
+    theirs = run_reference_converter(llamacpp_reference, model_dir, tmp_path / "theirs.gguf", outtype)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def _llama(path: Path):
+    from cnllm.core.llama_loader import open_llama
+
+    return open_llama(path, logits_all=True, verbose=False, n_ctx=256, n_threads=1)
+
+
+@pytest.mark.parametrize("model", ["tiny_mistral_dir", "tiny_qwen2_dir"])
+def test_llama_cpp_computes_what_transformers_computes(request, tmp_path, model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = request.getfixturevalue(model)
+    gguf_path = convert_to_gguf(model_dir, tmp_path / "m.gguf", ConvertOptions(outtype="f32")).output
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tokenizer(PROMPT)["input_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].numpy()
+    llm = _llama(gguf_path)
+    try:
+        assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+        llm.eval(ids)
+        actual = np.asarray(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    assert np.abs(actual - expected).max() < 1e-3
+
+
+def test_qwen2_keeps_its_biases_unpermuted_and_its_tied_embedding(tmp_path, tiny_qwen2_dir):
+    from safetensors.torch import load_file
+
+    gguf_path = convert_to_gguf(tiny_qwen2_dir, tmp_path / "q.gguf", ConvertOptions(outtype="f32")).output
+    fields, tensors = gguf_fields(gguf_path), gguf_tensors(gguf_path)
+    assert fields["general.architecture"] == "qwen2" and fields["tokenizer.ggml.pre"] == "qwen2"
+    assert "qwen2.vocab_size" not in fields and "qwen2.rope.dimension_count" not in fields  # the reference writes neither
+    assert "output.weight" not in tensors  # llama.cpp reads the tied output embedding from token_embd
+    weights = {}
+    for shard in tiny_qwen2_dir.glob("*.safetensors"):
+        weights.update(load_file(shard))
+    for part in ("q", "k", "v"):
+        name = f"model.layers.0.self_attn.{part}_proj"
+        assert np.array_equal(tensors[f"blk.0.attn_{part}.weight"][2], weights[f"{name}.weight"].numpy())
+        assert np.array_equal(tensors[f"blk.0.attn_{part}.bias"][2], weights[f"{name}.bias"].numpy())
+
+
+def test_mistral_is_written_as_llama(tmp_path, tiny_mistral_dir):
+    fields = gguf_fields(convert_to_gguf(tiny_mistral_dir, tmp_path / "m.gguf", ConvertOptions(vocab_only=True)).output)
+    assert fields["general.architecture"] == "llama" and fields["llama.vocab_size"] == 1000
+    assert not any("sliding_window" in key for key in fields)  # llama.cpp attends to the whole context, as the reference writes
+
+
+def test_rows_are_found_by_class_then_model_type():
+    assert find_architecture({"architectures": ["Qwen2ForCausalLM"]}) is QWEN2
+    assert find_architecture({"model_type": "mistral"}) is MISTRAL
+    assert find_architecture({"architectures": ["LLaMAForCausalLM"], "model_type": "whatever"}) is LLAMA
+    assert find_architecture({"architectures": ["GPT2LMHeadModel"], "model_type": "llama"}) is None
+    with pytest.raises(UsageError, match="GPT2LMHeadModel is not supported by convert-gguf; supported: LlamaForCausalLM, .*Qwen2ForCausalLM"):
+        require_architecture({"architectures": ["GPT2LMHeadModel"]}, "model", "convert-gguf")
+    assert len({row.model_type for row in ARCHITECTURES}) == len(ARCHITECTURES)
+
+
+def test_tied_embedding_rule():
+    assert ties_by_default({"model_type": "qwen2"}) is False
+    assert ties_by_default({"model_type": "qwen2", "tie_word_embeddings": True}) is True
+    assert ties_by_default({"model_type": "gpt2"}) is False
