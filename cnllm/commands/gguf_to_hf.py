@@ -24,6 +24,7 @@ def gguf_to_hf(
 
     transformers de-quantizes the tensors and rebuilds the tokenizer from the GGUF metadata; the weights
     are copied into a plain model and saved, with cnllm-gguf-to-hf.json and SHA256SUMS beside them.
+    llama and qwen2 GGUFs (a Mistral GGUF is a llama one and comes back as LLaMA).
 
     Example: cnllm gguf-to-hf SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2-hf
     """

@@ -244,7 +244,7 @@ def _scale(config: dict, module: str, rank: int) -> float:
 
 
 @dataclass
-class Architecture:
+class ConfigTensors:
     """What the base's config.json describes, from a weightless meta-device model: every tensor name the
     model has (parameters and buffers), and the modules stored as ``Conv1D`` (weight is in×out)."""
 
@@ -252,8 +252,8 @@ class Architecture:
     conv1d: set[str]
 
 
-def describe_architecture(base: Path, *, required: bool) -> Architecture | None:
-    """The base's :class:`Architecture`; ``None`` when transformers cannot build it (a usage error when ``required``)."""
+def describe_tensors(base: Path, *, required: bool) -> ConfigTensors | None:
+    """The base's :class:`ConfigTensors`; ``None`` when transformers cannot build it (a usage error when ``required``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
@@ -269,15 +269,15 @@ def describe_architecture(base: Path, *, required: bool) -> Architecture | None:
             raise UsageError(f"an adapter sets fan_in_fan_out, but transformers cannot describe the base architecture of {base}: {exc}") from exc
         return None
     names = set(model.state_dict()) | {name for name, _ in model.named_buffers()}
-    return Architecture(names, {name for name, module in model.named_modules() if isinstance(module, Conv1D)})
+    return ConfigTensors(names, {name for name, module in model.named_modules() if isinstance(module, Conv1D)})
 
 
-def drop_unknown_tensors(infos: dict[str, TensorInfo], architecture: Architecture | None, base: Path) -> tuple[dict[str, TensorInfo], str | None]:
+def drop_unknown_tensors(infos: dict[str, TensorInfo], described: ConfigTensors | None, base: Path) -> tuple[dict[str, TensorInfo], str | None]:
     """Leave out base tensors the config does not describe (transformers ignores them when loading; copying
     them would only cost disk), and a note naming them."""
-    if architecture is None:
+    if described is None:
         return infos, None
-    unknown = [name for name in infos if name not in architecture.tensors]
+    unknown = [name for name in infos if name not in described.tensors]
     if not unknown:
         return infos, None
     size = sum(math.prod(infos[n].shape) * _torch_dtype(info_dtype_name(infos[n])).itemsize for n in unknown)
@@ -539,9 +539,9 @@ def merge_lora(
     infos = tensor_infos(base)
     tied = ties_embeddings(config, infos)
     loaded_adapters = [read_adapter(a) for a in adapters]
-    architecture = describe_architecture(base, required=any(a.config.get("fan_in_fan_out") for a in loaded_adapters))
-    conv1d = architecture.conv1d if architecture is not None else set()
-    infos, dropped = drop_unknown_tensors(infos, architecture, base)
+    described = describe_tensors(base, required=any(a.config.get("fan_in_fan_out") for a in loaded_adapters))
+    conv1d = described.conv1d if described is not None else set()
+    infos, dropped = drop_unknown_tensors(infos, described, base)
     base_shapes = {name: tuple(info.shape) for name, info in with_tied_head(infos).items()}
     shapes = dict(base_shapes)
     for adapter in loaded_adapters:
