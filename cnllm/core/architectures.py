@@ -4,7 +4,8 @@ A row says what llama.cpp's reference converter (``convert_hf_to_gguf.py``, whos
 gguf-py) and transformers' config class know about a family: the Hugging Face class names, the GGUF
 architecture llama.cpp loads it as, the hyper-parameters transformers fills in when ``config.json``
 leaves them out (the reference converter reads the config through ``AutoConfig``), the GGUF keys
-the reference writes beyond the common ones, whether q/k rows are permuted for llama.cpp's rotary
+the reference writes beyond the common ones (and whether it copies the tokenizer's ``add_prefix_space``),
+whether q/k rows are permuted for llama.cpp's rotary
 layout, the tied-embedding default, and whether Meta's ``consolidated.NN.pth`` layout exists for it.
 Adding a family is adding a row (docs/gguf.md, "Adding an architecture"); no module branches on a
 family's name.
@@ -28,6 +29,7 @@ class Architecture:
     config_defaults: tuple[tuple[str, object], ...]  # transformers' config defaults for keys config.json may omit
     derives_head_dim: bool  # the config class sets head_dim (hidden_size / heads) when config.json omits it
     gguf_extra_keys: tuple[str, ...]  # GGUF keys the reference writes after general.file_type (see convert.py)
+    space_prefix_from_tokenizer_config: bool  # the reference copies tokenizer_config's add_prefix_space into the GGUF
     tie_word_embeddings: bool  # transformers' default when config.json does not say
     meta_layout: bool  # Meta's consolidated.NN.pth + params.json layout (merge-lora --format pth, convert-meta)
     chat_template: str | None  # the built-in template (cnllm.core.templates) the family's chat models use
@@ -41,6 +43,7 @@ LLAMA = Architecture(
     config_defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-6)),
     derives_head_dim=True,
     gguf_extra_keys=("vocab_size", "rope_dimension_count"),
+    space_prefix_from_tokenizer_config=True,
     tie_word_embeddings=False,
     meta_layout=True,
     chat_template=None,  # LLaMA-2 chat, Llama-3 instruct and Chinese-Alpaca differ: the tokenizer says which
@@ -55,6 +58,7 @@ MISTRAL = Architecture(
     config_defaults=(("num_key_value_heads", 8), ("max_position_embeddings", 4096 * 32), ("rms_norm_eps", 1e-6)),
     derives_head_dim=True,
     gguf_extra_keys=("vocab_size", "rope_dimension_count"),
+    space_prefix_from_tokenizer_config=True,
     tie_word_embeddings=False,
     meta_layout=False,
     chat_template=None,  # [INST] … [/INST] without LLaMA-2's <<SYS>> block: no built-in renders it
@@ -68,6 +72,7 @@ QWEN2 = Architecture(
     config_defaults=(("num_key_value_heads", 32), ("max_position_embeddings", 32768), ("rms_norm_eps", 1e-6)),
     derives_head_dim=False,
     gguf_extra_keys=(),
+    space_prefix_from_tokenizer_config=False,  # Qwen2's tokenizer_config says add_prefix_space false; the GGUF does not
     tie_word_embeddings=False,
     meta_layout=False,
     chat_template="chatml",

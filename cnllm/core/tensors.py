@@ -267,7 +267,7 @@ class ShardWriter:
     (a single shard is written as ``model.safetensors`` with no index, as transformers does).
     """
 
-    def __init__(self, directory: Path, *, max_shard_size: int | str = "2GB", prefix: str = "model", metadata: dict | None = None):
+    def __init__(self, directory: Path, *, max_shard_size: int | str = DEFAULT_SHARD_SIZE, prefix: str = "model", metadata: dict | None = None):
         self.directory = Path(directory)
         self.max_bytes = parse_size(max_shard_size)
         self.prefix = prefix
@@ -346,7 +346,7 @@ class StreamingShardWriter:
         directory: Path,
         layout: list[tuple[str, tuple[int, ...], "torch.dtype"]],  # noqa: F821
         *,
-        max_shard_size: int | str = "2GB",
+        max_shard_size: int | str = DEFAULT_SHARD_SIZE,
         prefix: str = "model",
         metadata: dict | None = None,
     ):

@@ -290,6 +290,7 @@ def tensor_data(array, planned: PlannedTensor):
 
 
 def head_dim(hparams: dict) -> int:
+    """The attention head width: config's ``head_dim`` where the family keeps one, else hidden size / heads."""
     return hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
 
 
@@ -404,7 +405,9 @@ def convert_to_gguf(
     architecture, hparams, infos = preflight(model_dir)
     outtype = resolve_outtype(options.outtype, infos)
     file_type = _file_type(outtype)
-    vocab: TokenizerVocab = build_vocab(model_dir, hparams["vocab_size"], pre_tokenizer=pre_tokenizer)
+    vocab: TokenizerVocab = build_vocab(
+        model_dir, hparams["vocab_size"], pre_tokenizer=pre_tokenizer, space_prefix_from_config=architecture.space_prefix_from_tokenizer_config
+    )
     plan = [] if vocab_only else plan_tensors(infos, hparams, outtype, architecture)
 
     writer = gguf.GGUFWriter(path=None, arch=architecture.gguf_arch)

@@ -285,8 +285,11 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None, pre_tokenizer: str | None
     return TokenizerVocab("gpt2", pre, tokens, toktypes, first_id=first_id)
 
 
-def build_vocab(model_dir: Path | str, vocab_size: int | None, *, pre_tokenizer: str | None = None) -> TokenizerVocab:
-    """The tokenizer metadata of a model directory, sized to ``vocab_size`` (``config.vocab_size``)."""
+def build_vocab(
+    model_dir: Path | str, vocab_size: int | None, *, pre_tokenizer: str | None = None, space_prefix_from_config: bool = True
+) -> TokenizerVocab:
+    """The tokenizer metadata of a model directory, sized to ``vocab_size`` (``config.vocab_size``);
+    ``space_prefix_from_config``: copy ``tokenizer_config.json``'s ``add_prefix_space`` (the architecture row says)."""
     model_dir = Path(model_dir)
     kind = tokenizer_kind(model_dir)
     if kind == "spm":
@@ -294,6 +297,6 @@ def build_vocab(model_dir: Path | str, vocab_size: int | None, *, pre_tokenizer:
     else:
         vocab = bpe_vocab(model_dir, vocab_size, pre_tokenizer)
     config_path = model_dir / "tokenizer_config.json"
-    if config_path.is_file():
+    if space_prefix_from_config and config_path.is_file():
         vocab.add_space_prefix = read_json(config_path).get("add_prefix_space")
     return vocab

@@ -20,10 +20,17 @@ PROMPT = "Once upon a time, 在一个小村庄里 3.14159"
 @pytest.fixture(scope="session")
 def tiny_qwen2_spm_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
     """A tied Qwen2 with the SentencePiece tokenizer: the reference converter names a byte-level BPE pre-tokenizer
-    by hashing known vocabularies, so a tokenizer trained here is one it refuses; SentencePiece it takes as it is."""
+    by hashing known vocabularies, so a tokenizer trained here is one it refuses; SentencePiece it takes as it is.
+    Its tokenizer_config says ``add_prefix_space: false``, as Qwen2's does."""
+    import json
+
     from cnllm.core.tiny import build_tiny_llama
 
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-qwen2-spm"), spm_tokenizer_dir, architecture="qwen2", tie_word_embeddings=True)
+    model = build_tiny_llama(tmp_path_factory.mktemp("tiny-qwen2-spm"), spm_tokenizer_dir, architecture="qwen2", tie_word_embeddings=True)
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    # Qwen2's own tokenizer_config says this; the reference's Qwen2 class (unlike its LLaMA one) does not copy it
+    (model / "tokenizer_config.json").write_text(json.dumps({**settings, "add_prefix_space": False}))
+    return model
 
 
 MODELS = {
@@ -40,6 +47,32 @@ def test_byte_identical_to_the_reference_converter(request, tmp_path, llamacpp_r
     model_dir = request.getfixturevalue(MODELS[model])
     ours = convert_to_gguf(model_dir, tmp_path / "ours.gguf", ConvertOptions(outtype=outtype)).output
     theirs = run_reference_converter(llamacpp_reference, model_dir, tmp_path / "theirs.gguf", outtype)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+@pytest.mark.slow
+def test_qwen2_with_its_real_vocabulary_is_byte_identical(tmp_path, llamacpp_reference):
+    """Byte-level BPE too: Qwen2's 151,936-token vocabulary (llama.cpp's models/ggml-vocab-qwen2.gguf, which the
+    reference recognises by its hash) with Qwen2.5's tokenizer settings, ChatML template, tied embeddings."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from cnllm.core.tiny import build_tiny_llama
+
+    vocab = llamacpp_reference / "models" / "ggml-vocab-qwen2.gguf"
+    if not vocab.is_file():
+        pytest.skip(f"{vocab} is not in this copy of the reference")
+    tokenizer_dir = tmp_path / "tokenizer"
+    AutoTokenizer.from_pretrained(str(vocab.parent), gguf_file=vocab.name).save_pretrained(str(tokenizer_dir))
+    settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    qwen25 = {"add_bos_token": False, "add_prefix_space": False, "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**settings, **qwen25}))
+    model = build_tiny_llama(tmp_path / "qwen2", tokenizer_dir, architecture="qwen2", tie_word_embeddings=True, hidden_size=32,
+                             intermediate_size=64, heads=2, kv_heads=1, max_shard_size="2GB")
+    ours = convert_to_gguf(model, tmp_path / "ours.gguf", ConvertOptions(outtype="f16")).output
+    theirs = run_reference_converter(llamacpp_reference, model, tmp_path / "theirs.gguf")
+    assert gguf_fields(ours)["tokenizer.ggml.pre"] == "qwen2" and "tokenizer.chat_template" in gguf_fields(ours)
     assert ours.read_bytes() == theirs.read_bytes()
 
 
