@@ -198,10 +198,18 @@ def llamacpp_reference() -> Path:
     tool = SHARED / "tools" / "get-llamacpp-ref.sh"
     if not tool.is_file():
         pytest.skip("llama.cpp's reference converter is not available (set CNLLM_LLAMACPP_REF to a folder holding convert_hf_to_gguf.py)")
+    import shutil
+
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run(["bash", str(tool), str(folder)], capture_output=True, text=True, env=env, timeout=1800)
-    if result.returncode != 0 or not (folder / "convert_hf_to_gguf.py").is_file():
+    fetched = folder.with_name(f"{folder.name}.{os.getpid()}")  # test workers may fetch at once: each its own, then one rename
+    result = subprocess.run(["bash", str(tool), str(fetched)], capture_output=True, text=True, env=env, timeout=1800)
+    if result.returncode != 0 or not (fetched / "convert_hf_to_gguf.py").is_file():
+        shutil.rmtree(fetched, ignore_errors=True)
         pytest.skip(f"could not fetch llama.cpp's reference converter: {result.stderr.strip()[-300:]}")
+    try:
+        fetched.rename(folder)
+    except OSError:  # another worker's copy is in place
+        shutil.rmtree(fetched, ignore_errors=True)
     return folder
 
 
