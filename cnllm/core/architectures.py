@@ -3,12 +3,11 @@
 A row says what llama.cpp's reference converter (``convert_hf_to_gguf.py``, whose constants live in
 gguf-py) and transformers' config class know about a family: the Hugging Face class names, the GGUF
 architecture llama.cpp loads it as, the hyper-parameters transformers fills in when ``config.json``
-leaves them out (the reference converter reads the config through ``AutoConfig``), the GGUF keys
-the reference writes beyond the common ones (and whether it copies the tokenizer's ``add_prefix_space``),
-whether q/k rows are permuted for llama.cpp's rotary
-layout, the tied-embedding default, and whether Meta's ``consolidated.NN.pth`` layout exists for it.
-Adding a family is adding a row (docs/gguf.md, "Adding an architecture"); no module branches on a
-family's name.
+leaves them out (the reference converter reads the config through ``AutoConfig``), the GGUF keys the
+reference writes beyond the common ones (and whether it copies the tokenizer's ``add_prefix_space``),
+whether q/k rows are permuted for llama.cpp's rotary layout, the tied-embedding default, whether Meta's
+``consolidated.NN.pth`` layout exists for it, and the chat template its chat models use. Adding a
+family is adding a row (docs/gguf.md, "Adding an architecture"); no module branches on a family's name.
 """
 
 from __future__ import annotations

@@ -19,3 +19,17 @@ def tiny_bpe_f32_gguf(tmp_path_factory, tiny_llama3_dir) -> Path:
     from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
 
     return convert_to_gguf(tiny_llama3_dir, tmp_path_factory.mktemp("gguf") / "bpe-f32.gguf", ConvertOptions(outtype="f32")).output
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_f32_gguf(tmp_path_factory, tiny_mistral_dir) -> Path:
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
+
+    return convert_to_gguf(tiny_mistral_dir, tmp_path_factory.mktemp("gguf") / "mistral-f32.gguf", ConvertOptions(outtype="f32")).output
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_f32_gguf(tmp_path_factory, tiny_qwen2_dir) -> Path:
+    from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
+
+    return convert_to_gguf(tiny_qwen2_dir, tmp_path_factory.mktemp("gguf") / "qwen2-f32.gguf", ConvertOptions(outtype="f32")).output
