@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CNLLM_SHARED_DIR", REPO.parent / "shared"))
+TEST_CACHE = Path(os.environ.get("CNLLM_TEST_CACHE", Path.home() / ".cache" / "cnllm-test"))  # what tests fetch, kept between runs
 
 
 def _amx_here() -> bool:
@@ -100,6 +101,30 @@ def tiny_llama3_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    """Qwen2-style byte-level BPE tokenizer (single-digit split, no BOS, <|im_end|> as EOS) trained on cnllm/assets/en.txt."""
+    from cnllm.core.tiny import build_bpe_tokenizer
+
+    return build_bpe_tokenizer(tmp_path_factory.mktemp("qwen2-tokenizer"), style="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
+    """The tiny model as a MistralForCausalLM (LLaMA with a sliding window) with the SPM tokenizer."""
+    from cnllm.core.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-mistral"), spm_tokenizer_dir, architecture="mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, qwen2_bpe_tokenizer_dir) -> Path:
+    """The tiny model as a Qwen2ForCausalLM: q/k/v biases, tied embeddings (as Qwen2-0.5B), Qwen2-style BPE, ChatML."""
+    from cnllm.core.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-qwen2"), qwen2_bpe_tokenizer_dir, architecture="qwen2", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def shared_fixtures() -> Path:
     """``../shared/fixtures`` (reference tokenizers, corpus); skips when absent."""
     path = SHARED / "fixtures"
@@ -155,3 +180,45 @@ def tiny_q4_0_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
     folder = tmp_path_factory.mktemp("tiny-q4_0")
     f32 = convert_to_gguf(tiny_llama_dir, folder / "tiny-f32.gguf", ConvertOptions(outtype="f32")).output
     return quantize_gguf(f32, folder / "tiny-q4_0.gguf", QuantizeOptions(type="Q4_0", threads=1)).output
+
+
+@pytest.fixture(scope="session")
+def llamacpp_reference() -> Path:
+    """llama.cpp's reference ``convert_hf_to_gguf.py`` (``$CNLLM_LLAMACPP_REF``, else fetched once by
+    ``../shared/tools/get-llamacpp-ref.sh`` from the llama-cpp-python sdist into ``$CNLLM_TEST_CACHE``); skips when neither is there."""
+    import subprocess
+    import sys
+
+    given = os.environ.get("CNLLM_LLAMACPP_REF")
+    if given:
+        return Path(given)
+    folder = TEST_CACHE / "llamacpp-ref"
+    if (folder / "convert_hf_to_gguf.py").is_file():
+        return folder
+    tool = SHARED / "tools" / "get-llamacpp-ref.sh"
+    if not tool.is_file():
+        pytest.skip("llama.cpp's reference converter is not available (set CNLLM_LLAMACPP_REF to a folder holding convert_hf_to_gguf.py)")
+    import shutil
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    fetched = folder.with_name(f"{folder.name}.{os.getpid()}")  # test workers may fetch at once: each its own, then one rename
+    result = subprocess.run(["bash", str(tool), str(fetched)], capture_output=True, text=True, env=env, timeout=1800)
+    if result.returncode != 0 or not (fetched / "convert_hf_to_gguf.py").is_file():
+        shutil.rmtree(fetched, ignore_errors=True)
+        pytest.skip(f"could not fetch llama.cpp's reference converter: {result.stderr.strip()[-300:]}")
+    try:
+        fetched.rename(folder)
+    except OSError:  # another worker's copy is in place
+        shutil.rmtree(fetched, ignore_errors=True)
+    return folder
+
+
+def run_reference_converter(reference: Path, model: Path, output: Path, outtype: str = "f16") -> Path:
+    """llama.cpp's ``convert_hf_to_gguf.py`` on ``model``, with its own gguf-py."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(reference / "gguf-py")}
+    subprocess.run([sys.executable, str(reference / "convert_hf_to_gguf.py"), str(model), "--outfile", str(output), "--outtype", outtype],
+                   check=True, capture_output=True, env=env, timeout=1800)
+    return output

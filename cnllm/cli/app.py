@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "diff_recover",
         "Recover tuned = raw + diff tensor by tensor (config and tokenizer from the diff), or make a diff.",
     ),
-    "convert-gguf": ("cnllm.commands.convert_gguf", "convert_gguf", "Convert a LLaMA 1/2/3 or Chinese-LLaMA/Alpaca checkpoint to GGUF, one tensor at a time."),
+    "convert-gguf": ("cnllm.commands.convert_gguf", "convert_gguf", "Convert a LLaMA 1/2/3, Chinese-LLaMA/Alpaca, Mistral or Qwen2 checkpoint to GGUF, one tensor at a time."),
     "gguf-to-hf": (
         "cnllm.commands.gguf_to_hf",
         "gguf_to_hf",

@@ -53,6 +53,9 @@ OutputFileOpt = Annotated[
     typer.Option("--output", "-o", dir_okay=False, help="Write the result to this file (atomically)."),
 ]
 OutputDirArg = Annotated[Path, typer.Option("--output", "-o", file_okay=False, help="Output directory (written atomically).")]
+# Every command that writes safetensors shards (merge-lora, diff-recover, convert-meta, gguf-to-hf); the value becomes
+# core's ShardSize, which checks it (default: cnllm.core.tensors.DEFAULT_SHARD_SIZE).
+MaxShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB or 4GiB.")]
 
 # Loading a model for generation or scoring (chat, serve, eval): the model argument, then the shared group below.
 ModelArg = Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp) or a Hugging Face model directory (transformers).")]

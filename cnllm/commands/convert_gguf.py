@@ -36,9 +36,10 @@ def convert_gguf(
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Convert a LLaMA 1/2/3 or Chinese-LLaMA/Alpaca checkpoint to GGUF, one tensor at a time.
+    """Convert a LLaMA 1/2/3, Chinese-LLaMA/Alpaca, Mistral or Qwen2 checkpoint to GGUF, one tensor at a time.
 
-    Names, q/k permutation, types and metadata follow llama.cpp's convert_hf_to_gguf.py. Vocabulary
+    Names, q/k permutation, types and metadata follow llama.cpp's convert_hf_to_gguf.py (byte for byte;
+    families: cnllm/core/architectures.py). Vocabulary
     sizes, tokenizer files and weight headers are checked before anything is written.
 
     Example: cnllm convert-gguf chinese-alpaca-merged/ -o chinese-alpaca-f16.gguf --outtype f16

@@ -8,14 +8,15 @@ from typing import Annotated, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputDirArg
+from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, MaxShardSizeOpt, OutputDirArg
+from cnllm.core.tensors import DEFAULT_SHARD_SIZE
 
 
 def convert_meta(
     source: Annotated[Path, typer.Argument(help="Meta checkpoint folder: params.json and consolidated.00.pth (… .NN.pth).")],
     output_dir: OutputDirArg,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help=f"Output dtype: {DTYPE_WORDS} (default: the checkpoint's).")] = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB.")] = "2GB",
+    max_shard_size: MaxShardSizeOpt = DEFAULT_SHARD_SIZE,
     tokenizer: Annotated[
         Optional[Path],
         typer.Option(

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputDirArg
+from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, MaxShardSizeOpt, OutputDirArg
 from cnllm.core.errors import CheckFailed, UsageError
+from cnllm.core.tensors import DEFAULT_SHARD_SIZE
 
 
 def diff_recover(
@@ -22,7 +23,7 @@ def diff_recover(
         Optional[str],
         typer.Option("--dtype", help=f"Output dtype: {DTYPE_WORDS}, or fp64 (float64) (default: the diff's when recovering; fp32 for --make-diff)."),
     ] = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB.")] = "2GB",
+    max_shard_size: MaxShardSizeOpt = DEFAULT_SHARD_SIZE,
     verify: Annotated[
         Optional[Path], typer.Option(
             "--verify",

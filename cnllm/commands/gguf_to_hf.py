@@ -8,14 +8,15 @@ from typing import Annotated
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputDirArg
+from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, MaxShardSizeOpt, OutputDirArg
+from cnllm.core.tensors import DEFAULT_SHARD_SIZE
 
 
 def gguf_to_hf(
     gguf_file: Annotated[Path, typer.Argument(dir_okay=False, help="The .gguf file (any llama.cpp type: f32, f16, Q8_0, Q4_K_M …).")],
     output_dir: OutputDirArg,
     dtype: Annotated[str, typer.Option("--dtype", help=f"Weights dtype: {DTYPE_WORDS}; de-quantized values are exact in fp32.")] = "fp32",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB.")] = "2GB",
+    max_shard_size: MaxShardSizeOpt = DEFAULT_SHARD_SIZE,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -23,6 +24,7 @@ def gguf_to_hf(
 
     transformers de-quantizes the tensors and rebuilds the tokenizer from the GGUF metadata; the weights
     are copied into a plain model and saved, with cnllm-gguf-to-hf.json and SHA256SUMS beside them.
+    llama and qwen2 GGUFs (a Mistral GGUF is a llama one and comes back as LLaMA).
 
     Example: cnllm gguf-to-hf SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2-hf
     """

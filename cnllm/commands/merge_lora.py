@@ -9,8 +9,9 @@ from typing import Annotated, List, Optional
 import typer
 
 from cnllm.cli import output
-from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, OutputDirArg
+from cnllm.cli.options import DTYPE_WORDS, ForceOpt, JsonOpt, MaxShardSizeOpt, OutputDirArg
 from cnllm.core.errors import CheckFailed
+from cnllm.core.tensors import DEFAULT_SHARD_SIZE
 
 
 class MergeFormat(str, Enum):
@@ -25,7 +26,7 @@ def merge_lora(
     ],
     output_dir: OutputDirArg,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help=f"Output dtype: {DTYPE_WORDS} (default: the base's).")] = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 500MB, 2GB.")] = "2GB",
+    max_shard_size: MaxShardSizeOpt = DEFAULT_SHARD_SIZE,
     output_format: Annotated[
         MergeFormat, typer.Option("--format", help="hf: Hugging Face directory; pth: Meta consolidated.NN.pth + params.json.")
     ] = MergeFormat.hf,

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
+from cnllm.core.tensors import ShardSize
 
 
 DECLARATION = "cnllm"  # the field metadata key of an :func:`option` declaration
@@ -153,7 +154,7 @@ def unwrap_optional(annotation: Any) -> Any:
 
 
 def coerce(value: Any, annotation: Any, *, where: str, root: Path | None = None) -> Any:
-    """Convert a value to ``annotation`` (int, float, bool, str, Path, DType, Literal, list/tuple[...], Optional[...]).
+    """Convert a value to ``annotation`` (int, float, bool, str, Path, DType, ShardSize, Literal, list/tuple[...], Optional[...]).
 
     A relative path is taken relative to ``root`` (the folder of the file it came from) when given.
     """
@@ -173,6 +174,12 @@ def coerce(value: Any, annotation: Any, *, where: str, root: Path | None = None)
         if isinstance(value, str):
             return target(value, where=where)
         raise UsageError(f"{where}: expected a dtype word, got {value!r}")
+    if target is ShardSize:
+        if isinstance(value, ShardSize):
+            return value
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return ShardSize(value, where=where)
+        raise UsageError(f"{where}: expected a size such as 500MB or 2GB, got {value!r}")
     if origin in (list, tuple):
         (item_type,) = typing.get_args(target)[:1]
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value

@@ -23,7 +23,7 @@ from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import WideDType
 from cnllm.core.errors import CheckFailed, UsageError
-from cnllm.core.hashing import VerifyResult, create_manifest, parse_manifest, read_manifest_text, verify_manifest
+from cnllm.core.hashing import VerifyResult, parse_manifest, read_manifest_text, verify_manifest
 from cnllm.core.merge import VOCAB_TENSORS, copy_tokenizer, format_shape, layer_count, layout_bytes, output_layout, write_config
 from cnllm.core.modelio import (
     EMBEDDING_NAMES,
@@ -38,8 +38,8 @@ from cnllm.core.modelio import (
     with_tied_head,
 )
 from cnllm.core.progress import NULL_PROGRESS, Progress
-from cnllm.core.provenance import write_record
-from cnllm.core.tensors import StreamingShardWriter, TensorInfo, TensorReader, parse_size, tensor_infos
+from cnllm.core.provenance import finish_output_folder
+from cnllm.core.tensors import DEFAULT_SHARD_SIZE, ShardSize, StreamingShardWriter, TensorInfo, TensorReader, tensor_infos
 
 BITS = {"float64": "int64", "float32": "int32", "float16": "int16", "bfloat16": "int16"}
 BLOCK_BYTES = 16 << 20  # rows are processed in blocks of about this many fp32 bytes
@@ -76,7 +76,7 @@ class RecoverOptions:
     """How :func:`recover` writes and checks ``raw + diff``."""
 
     dtype: Optional[WideDType] = None  # None: the diff's
-    max_shard_size: str = "2GB"
+    max_shard_size: ShardSize = DEFAULT_SHARD_SIZE
     manifest: Optional[Path] = None  # a published checksum list to verify the output against
     reference: Optional[Path] = None  # a reference model to compare every tensor with
     tolerance: float = 1e-3
@@ -85,7 +85,6 @@ class RecoverOptions:
         coerce_fields(self)
 
     def validate(self) -> None:
-        parse_size(self.max_shard_size)
         if self.tolerance < 0:
             raise UsageError(f"--tolerance must be at least 0, got {self.tolerance}")
         if self.reference is not None and not self.reference.is_dir():
@@ -97,13 +96,10 @@ class MakeDiffOptions:
     """How :func:`make_diff` writes ``tuned − raw`` (fp32 by default: exact for fp16/bf16 models)."""
 
     dtype: WideDType = WideDType("float32")
-    max_shard_size: str = "2GB"
+    max_shard_size: ShardSize = DEFAULT_SHARD_SIZE
 
     def __post_init__(self) -> None:
         coerce_fields(self)
-
-    def validate(self) -> None:
-        parse_size(self.max_shard_size)
 
 
 @dataclass
@@ -287,16 +283,14 @@ def _sizes_for(config: dict, shapes: dict, tokenizer_dir: Path | None) -> VocabS
 def _finish_output(
     tmp: Path, source: Path, config: dict, *, vocab_size: int | None, dtype: str | None, layout: list, kind: str, inputs: list, options: dict, results: dict
 ) -> tuple[list[str], int]:
-    """Config, generation config and tokenizer from ``source``, the provenance record and SHA256SUMS."""
+    """Config, generation config and tokenizer from ``source``, then the folder finished (record, SHA256SUMS, sizes)."""
     out_dtypes = sorted({str(d).removeprefix("torch.") for _, _, d in layout if d.is_floating_point})
     write_config(config, tmp, vocab_size=vocab_size, dtype=out_dtypes[0] if dtype and len(out_dtypes) == 1 else None)
     if (source / "generation_config.json").exists():
         shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
     if has_tokenizer(source):
         copy_tokenizer(source, tmp)
-    write_record(tmp, kind, inputs=inputs, options=options, results=results)
-    manifest = create_manifest([tmp], manifest=tmp / "SHA256SUMS")
-    return [f.path for f in manifest.files] + ["SHA256SUMS"], manifest.total_bytes
+    return finish_output_folder(tmp, kind, inputs=inputs, options=options, results=results)
 
 
 def recover(
@@ -420,7 +414,6 @@ def make_diff(
     """
     started = time.perf_counter()
     options = options or MakeDiffOptions()
-    options.validate()
     dtype, max_shard_size = options.dtype.name, options.max_shard_size
     base, tuned, output = Path(base), Path(tuned), Path(output)
     check_output(output, force, inputs=[base, tuned])

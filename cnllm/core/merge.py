@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
+from cnllm.core.architectures import find_architecture
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
-from cnllm.core.hashing import create_manifest
 from cnllm.core.modelio import (
     EMBEDDING_NAMES,
     LM_HEAD_NAMES,
@@ -44,19 +44,19 @@ from cnllm.core.modelio import (
     with_tied_head,
 )
 from cnllm.core.progress import NULL_PROGRESS, Progress
-from cnllm.core.provenance import write_record
+from cnllm.core.provenance import finish_output_folder
 from cnllm.core.tensors import (
+    DEFAULT_SHARD_SIZE,
     SAFETENSORS_TORCH_DTYPES,
+    ShardSize,
     StreamingShardWriter,
     TensorInfo,
     TensorReader,
     human_bytes,
-    parse_size,
     stream_tensors,
     tensor_infos,
 )
 
-RECORD_OMITS = ("output", "files", "total_bytes", "seconds")  # the record is written before these are known
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
 BLOCK_BYTES = 16 << 20  # a merged tensor is produced this many fp32 bytes of rows at a time
 VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. 中文大模型，你好！"
@@ -168,7 +168,7 @@ class MergeOptions:
     """How :func:`merge_lora` writes its output: ``cnllm merge-lora`` flags and a recipe's merge steps."""
 
     dtype: Optional[DType] = None  # None: the base's
-    max_shard_size: str = "2GB"
+    max_shard_size: ShardSize = DEFAULT_SHARD_SIZE
     format: Literal["hf", "pth"] = "hf"
     shards: int = 1
     verify: bool = False
@@ -182,7 +182,6 @@ class MergeOptions:
             raise UsageError("--shards applies to --format pth only, and must be at least 1")
         if self.tolerance is not None and self.tolerance < 0:
             raise UsageError(f"--tolerance must be at least 0, got {self.tolerance}")
-        parse_size(self.max_shard_size)
 
 
 # --- reading adapters ---------------------------------------------------------------------------
@@ -245,7 +244,7 @@ def _scale(config: dict, module: str, rank: int) -> float:
 
 
 @dataclass
-class Architecture:
+class ConfigTensors:
     """What the base's config.json describes, from a weightless meta-device model: every tensor name the
     model has (parameters and buffers), and the modules stored as ``Conv1D`` (weight is in×out)."""
 
@@ -253,8 +252,8 @@ class Architecture:
     conv1d: set[str]
 
 
-def describe_architecture(base: Path, *, required: bool) -> Architecture | None:
-    """The base's :class:`Architecture`; ``None`` when transformers cannot build it (a usage error when ``required``)."""
+def describe_tensors(base: Path, *, required: bool) -> ConfigTensors | None:
+    """The base's :class:`ConfigTensors`; ``None`` when transformers cannot build it (a usage error when ``required``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
@@ -270,15 +269,15 @@ def describe_architecture(base: Path, *, required: bool) -> Architecture | None:
             raise UsageError(f"an adapter sets fan_in_fan_out, but transformers cannot describe the base architecture of {base}: {exc}") from exc
         return None
     names = set(model.state_dict()) | {name for name, _ in model.named_buffers()}
-    return Architecture(names, {name for name, module in model.named_modules() if isinstance(module, Conv1D)})
+    return ConfigTensors(names, {name for name, module in model.named_modules() if isinstance(module, Conv1D)})
 
 
-def drop_unknown_tensors(infos: dict[str, TensorInfo], architecture: Architecture | None, base: Path) -> tuple[dict[str, TensorInfo], str | None]:
+def drop_unknown_tensors(infos: dict[str, TensorInfo], described: ConfigTensors | None, base: Path) -> tuple[dict[str, TensorInfo], str | None]:
     """Leave out base tensors the config does not describe (transformers ignores them when loading; copying
     them would only cost disk), and a note naming them."""
-    if architecture is None:
+    if described is None:
         return infos, None
-    unknown = [name for name in infos if name not in architecture.tensors]
+    unknown = [name for name in infos if name not in described.tensors]
     if not unknown:
         return infos, None
     size = sum(math.prod(infos[n].shape) * _torch_dtype(info_dtype_name(infos[n])).itemsize for n in unknown)
@@ -540,9 +539,9 @@ def merge_lora(
     infos = tensor_infos(base)
     tied = ties_embeddings(config, infos)
     loaded_adapters = [read_adapter(a) for a in adapters]
-    architecture = describe_architecture(base, required=any(a.config.get("fan_in_fan_out") for a in loaded_adapters))
-    conv1d = architecture.conv1d if architecture is not None else set()
-    infos, dropped = drop_unknown_tensors(infos, architecture, base)
+    described = describe_tensors(base, required=any(a.config.get("fan_in_fan_out") for a in loaded_adapters))
+    conv1d = described.conv1d if described is not None else set()
+    infos, dropped = drop_unknown_tensors(infos, described, base)
     base_shapes = {name: tuple(info.shape) for name, info in with_tied_head(infos).items()}
     shapes = dict(base_shapes)
     for adapter in loaded_adapters:
@@ -551,8 +550,9 @@ def merge_lora(
     if tokenizer_dir is None and has_tokenizer(base):
         tokenizer_dir = base
     sizes = check_merged_vocab(base_shapes, shapes, config, tokenizer_dir)
-    if output_format == "pth" and config.get("model_type") != "llama":
-        raise UsageError(f"--format pth writes Meta's LLaMA layout; {base} is a {config.get('model_type')} model")
+    family = find_architecture(config)
+    if output_format == "pth" and (family is None or not family.meta_layout):
+        raise UsageError(f"--format pth writes Meta's LLaMA layout; {base} is a {config.get('model_type')} model, which has none")
     weights = [a.load() for a in loaded_adapters]
     with TiedTensorReader(base) as reader:
         untie = tied and outputs_diverge(reader, loaded_adapters, weights, shapes)
@@ -572,7 +572,7 @@ def merge_lora(
     with atomic_dir(output, force=force, needed=layout_bytes(layout)) as tmp:
         hf_dir = tmp / ".merged-hf" if output_format == "pth" else tmp
         hf_dir.mkdir(exist_ok=True)
-        writer = StreamingShardWriter(hf_dir, layout, max_shard_size=max_shard_size if output_format == "hf" else "2GB")
+        writer = StreamingShardWriter(hf_dir, layout, max_shard_size=max_shard_size if output_format == "hf" else DEFAULT_SHARD_SIZE)
         progress.start(writer.total_size, "merging", unit="B")
         with TiedTensorReader(base) as reader:
             for name, shape, out_dtype in layout:
@@ -616,16 +616,13 @@ def merge_lora(
             verify=report,
             notes=notes,
         )
-        write_record(
+        result.files, result.total_bytes = finish_output_folder(
             tmp,
             "merge",
             inputs=[base, *result.adapters],
             options={"adapter_order": [str(a) for a in result.adapters], **dataclasses.asdict(options)},
-            results={k: v for k, v in result.to_dict().items() if k not in RECORD_OMITS},
+            results=result.to_dict(),
         )
-        manifest = create_manifest([tmp], manifest=tmp / "SHA256SUMS")
-        result.files = [f.path for f in manifest.files] + ["SHA256SUMS"]
-        result.total_bytes = manifest.total_bytes
     result.seconds = time.perf_counter() - started
     return result
 

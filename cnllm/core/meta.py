@@ -22,18 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from cnllm.core.architectures import LLAMA
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
-from cnllm.core.hashing import create_manifest
 from cnllm.core.merge import META_LAYER_NAMES, META_SPLIT_DIM, META_TOP_NAMES, copy_tokenizer, format_shape, permute
 from cnllm.core.modelio import read_json
 from cnllm.core.progress import NULL_PROGRESS, Progress
-from cnllm.core.provenance import write_record
-from cnllm.core.tensors import StreamingShardWriter, load_pickled_tensors, parse_size
+from cnllm.core.provenance import finish_output_folder
+from cnllm.core.tensors import DEFAULT_SHARD_SIZE, ShardSize, StreamingShardWriter, load_pickled_tensors
 
-RECORD_OMITS = ("output", "files", "total_bytes", "seconds")
 HF_NAMES = {meta: hf for hf, meta in META_TOP_NAMES.items()}
 HF_LAYER_NAMES = {meta: hf for hf, meta in META_LAYER_NAMES.items()}
 SKIPPED = ("rope.freqs",)  # LLaMA-1 stores the rotary frequencies; Hugging Face recomputes them
@@ -46,7 +45,7 @@ class MetaOptions:
     """How :func:`convert_meta` writes its output: ``cnllm convert-meta`` flags."""
 
     dtype: Optional[DType] = None  # None: the checkpoint's
-    max_shard_size: str = "2GB"
+    max_shard_size: ShardSize = DEFAULT_SHARD_SIZE
     tokenizer: Optional[Path] = None  # None: tokenizer files beside the checkpoint, or tokenizer.model in its parent
     max_position_embeddings: Optional[int] = None  # None: params.json's max_seq_len, else the LLaMA generation's
 
@@ -54,7 +53,6 @@ class MetaOptions:
         coerce_fields(self)
 
     def validate(self) -> None:
-        parse_size(self.max_shard_size)
         if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
             raise UsageError(f"--max-position-embeddings must be at least 1, got {self.max_position_embeddings}")
 
@@ -259,7 +257,7 @@ def max_positions(params: dict, family: str) -> int:
 
 
 def build_config(plan: Plan, *, max_position_embeddings: int, special_ids: dict, dtype: str) -> dict:
-    """``config.json`` of the equivalent ``LlamaForCausalLM``.
+    """``config.json`` of the equivalent model of the LLaMA row (the family Meta's layout belongs to).
 
     Written as plain JSON with the long-standing ``rope_theta`` / ``rope_scaling`` keys, which every
     transformers version reads (5.x folds them into ``rope_parameters``); importing transformers for
@@ -268,8 +266,8 @@ def build_config(plan: Plan, *, max_position_embeddings: int, special_ids: dict,
     params = plan.params
     heads = params["n_heads"]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [LLAMA.hf_classes[0]],
+        "model_type": LLAMA.model_type,
         "vocab_size": plan.shapes["tok_embeddings.weight"][0],
         "hidden_size": params["dim"],
         "intermediate_size": plan.shapes["layers.0.feed_forward.w1.weight"][0],
@@ -430,15 +428,12 @@ def convert_meta(
             tensors=len(layout),
             notes=notes,
         )
-        write_record(
+        result.files, result.total_bytes = finish_output_folder(
             tmp,
             "convert-meta",
             inputs=[source] + ([tokenizer_source] if tokenizer_source is not None and tokenizer_source != source else []),
             options=dataclasses.asdict(options),
-            results={k: v for k, v in result.to_dict().items() if k not in RECORD_OMITS},
+            results=result.to_dict(),
         )
-        manifest = create_manifest([tmp], manifest=tmp / "SHA256SUMS")
-        result.files = [f.path for f in manifest.files] + ["SHA256SUMS"]
-        result.total_bytes = manifest.total_bytes
     result.seconds = time.perf_counter() - started
     return result

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from cnllm.core.architectures import ties_by_default
 from cnllm.core.errors import UsageError
 from cnllm.core.tensors import TensorInfo, TensorReader, tensor_infos
 
@@ -40,8 +41,8 @@ def with_tied_head(infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
 
 def ties_embeddings(config: dict, infos: dict[str, TensorInfo]) -> bool:
     """Whether a checkpoint's output embedding is its input embedding: none stored, or ``tie_word_embeddings``
-    set (transformers then ignores a stored ``lm_head.weight``; ``LlamaConfig`` defaults to untied)."""
-    return tied_head_source(infos) is not None or bool(config.get("tie_word_embeddings", False))
+    set (transformers then ignores a stored ``lm_head.weight``; unset, the family's default decides)."""
+    return tied_head_source(infos) is not None or ties_by_default(config)
 
 
 class TiedTensorReader(TensorReader):

@@ -2,8 +2,9 @@
 
 A record holds the command, its options, each input with size and SHA-256, the versions of
 cnllm and its main libraries, and the result (the result's ``to_dict()``). An output directory
-carries it inside as ``cnllm-<kind>.json``; a single-file output (a ``.gguf``, a ``.model``, a
-JSON report) carries it beside it as ``<file>.cnllm.json`` (:func:`write_file_record`).
+carries it inside as ``cnllm-<kind>.json``, and a model folder is finished by
+:func:`finish_output_folder` (record, then ``SHA256SUMS`` over everything, sizes); a single-file output (a
+``.gguf``, a ``.model``, a JSON report) carries it beside it as ``<file>.cnllm.json`` (:func:`write_file_record`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from cnllm.core.hashing import hash_file
+from cnllm.core.hashing import create_manifest, hash_file
 
 FILE_RECORD_SUFFIX = ".cnllm.json"
+MANIFEST_NAME = "SHA256SUMS"
+# Result keys a folder's own record leaves out: where it was moved to, and what finishing it measures.
+UNKNOWN_WHEN_FINISHING = ("output", "files", "total_bytes", "seconds")
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "sentencepiece", "tokenizers", "gguf", "llama_cpp_python")
 
 
@@ -91,6 +95,19 @@ def write_record(directory: Path | str, kind: str, **fields: Any) -> Path:
     target = Path(directory) / record_name(kind)
     target.write_text(json.dumps(build_record(kind, **fields), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return target
+
+
+def finish_output_folder(
+    folder: Path | str, kind: str, *, inputs: Iterable[Path | str], options: Mapping[str, Any], results: Mapping[str, Any]
+) -> tuple[list[str], int]:
+    """The last step of every command that writes a model folder (merge-lora, convert-meta, gguf-to-hf, diff-recover,
+    diff-make): its record (``results`` without :data:`UNKNOWN_WHEN_FINISHING`), then ``SHA256SUMS`` over every file,
+    the record included. Returns the files (``SHA256SUMS`` last) and their total size in bytes."""
+    folder = Path(folder)
+    kept = {key: value for key, value in results.items() if key not in UNKNOWN_WHEN_FINISHING}
+    write_record(folder, kind, inputs=inputs, options=options, results=kept)
+    manifest = create_manifest([folder], manifest=folder / MANIFEST_NAME)
+    return [f.path for f in manifest.files] + [MANIFEST_NAME], manifest.total_bytes
 
 
 def file_record_path(path: Path | str) -> Path:

@@ -33,6 +33,27 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+DEFAULT_SHARD_SIZE = "2GB"
+
+
+class ShardSize(str):
+    """A ``--max-shard-size`` (``500MB``, ``2GB``, ``4GiB``), checked where it is made: every command that writes
+    safetensors shards takes this one type (an options field coerces to it), so the words and the check live here."""
+
+    def __new__(cls, text: str | int, *, where: str = "--max-shard-size") -> "ShardSize":
+        try:
+            size = parse_size(text if isinstance(text, int) else str(text))
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc.message}") from None
+        if size < 1:
+            raise UsageError(f"{where} must be at least 1 byte, got {text!r}")
+        return super().__new__(cls, str(text).strip())
+
+    @property
+    def bytes(self) -> int:
+        return parse_size(str(self))
+
+
 def human_bytes(count: float) -> str:
     """``1536`` → ``"1.5 KiB"``: sizes in messages and tables."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -246,7 +267,7 @@ class ShardWriter:
     (a single shard is written as ``model.safetensors`` with no index, as transformers does).
     """
 
-    def __init__(self, directory: Path, *, max_shard_size: int | str = "2GB", prefix: str = "model", metadata: dict | None = None):
+    def __init__(self, directory: Path, *, max_shard_size: int | str = DEFAULT_SHARD_SIZE, prefix: str = "model", metadata: dict | None = None):
         self.directory = Path(directory)
         self.max_bytes = parse_size(max_shard_size)
         self.prefix = prefix
@@ -325,7 +346,7 @@ class StreamingShardWriter:
         directory: Path,
         layout: list[tuple[str, tuple[int, ...], "torch.dtype"]],  # noqa: F821
         *,
-        max_shard_size: int | str = "2GB",
+        max_shard_size: int | str = DEFAULT_SHARD_SIZE,
         prefix: str = "model",
         metadata: dict | None = None,
     ):

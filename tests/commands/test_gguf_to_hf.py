@@ -17,12 +17,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 TEMPLATE = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ m['content'] }}<|eot_id|>{% endfor %}"
 
 
-@pytest.fixture(params=["spm", "bpe-with-template", "tied"])
+@pytest.fixture(params=["spm", "bpe-with-template", "tied", "mistral", "qwen2"])
 def model(request, tmp_path, tiny_llama_dir, tiny_llama3_dir, tiny_tied_llama_dir):
     if request.param == "spm":
         return tiny_llama_dir
     if request.param == "tied":
         return tiny_tied_llama_dir
+    if request.param in ("mistral", "qwen2"):  # qwen2: biases, tied, Qwen2-style BPE with ChatML
+        return request.getfixturevalue(f"tiny_{request.param}_dir")
     model = copy_model(tiny_llama3_dir, tmp_path / "llama3")
     config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
@@ -31,6 +33,9 @@ def model(request, tmp_path, tiny_llama_dir, tiny_llama3_dir, tiny_tied_llama_di
 
 def test_round_trip_gives_identical_tensors(cli, tmp_path, model):
     from transformers import AutoTokenizer
+
+    from cnllm.core.architectures import find_architecture
+    from tests.lora_fixtures import model_logits
 
     gguf = convert_to_gguf(model, tmp_path / "m.gguf", ConvertOptions(outtype="f32")).output
     out = tmp_path / "back"
@@ -42,15 +47,19 @@ def test_round_trip_gives_identical_tensors(cli, tmp_path, model):
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is document["tied_embeddings"] is ("lm_head.weight" not in expected)
     assert "quantization_config" not in config
+    # the GGUF architecture comes back (llama.cpp has no Mistral of its own: a Mistral GGUF returns as LLaMA)
+    assert find_architecture(config).gguf_arch == find_architecture(json.loads((model / "config.json").read_text())).gguf_arch
+    assert torch.allclose(model_logits(out), model_logits(model), atol=1e-4)
     text = "Hello 中文 world, 1234!"
     assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == AutoTokenizer.from_pretrained(str(model))(text)["input_ids"]
-    assert document["chat_template"] is (model.name == "llama3")
+    template = AutoTokenizer.from_pretrained(str(model)).chat_template  # TEMPLATE for llama3, ChatML for qwen2
+    assert document["chat_template"] is (template is not None) is (model.name == "llama3" or model.name.startswith("tiny-qwen2"))
     if document["chat_template"]:
-        assert AutoTokenizer.from_pretrained(str(out)).chat_template == TEMPLATE
+        assert AutoTokenizer.from_pretrained(str(out)).chat_template == template
     record = json.loads((out / "cnllm-gguf-to-hf.json").read_text())
     assert record["results"]["parameters"] == document["parameters"] and record["inputs"][0]["path"].endswith("m.gguf")
     assert cli("checksum", "verify", out / "SHA256SUMS").exit_code == 0
-    assert document["sentencepiece_model"] is (model.name != "llama3") is (out / "tokenizer.model").exists()
+    assert document["sentencepiece_model"] is (model / "tokenizer.model").exists() is (out / "tokenizer.model").exists()
 
 
 def test_sentencepiece_gguf_gets_its_tokenizer_model_back_and_converts_again(cli, tmp_path, tiny_llama_dir):
@@ -113,7 +122,7 @@ def test_unsupported_architecture_is_refused(cli, tmp_path, tiny_spm_f32_gguf):
     writer.write_tensors_to_file()
     writer.close()
     result = cli("gguf-to-hf", other, "-o", tmp_path / "out")
-    assert result.exit_code == 2 and "is a gpt2 model; gguf-to-hf converts llama GGUFs" in result.stderr
+    assert result.exit_code == 2 and "is a gpt2 model; gguf-to-hf converts llama, qwen2 GGUFs" in result.stderr
 
 
 def test_existing_output_needs_force(cli, tmp_path, tiny_spm_f32_gguf):

@@ -112,3 +112,21 @@ def test_options_built_in_python_get_the_same_types():
     assert MergeOptions(dtype="fp16").dtype.name == "float16"
     assert McOptions(format="cmmlu").split == "test" and McOptions().split == "val"
     assert McOptions(subjects="a, b").subjects == ("a", "b")
+
+
+@pytest.mark.parametrize("options_type", ["merge.MergeOptions", "meta.MetaOptions", "gguf.to_hf.GgufToHfOptions", "diff.RecoverOptions", "diff.MakeDiffOptions"])
+def test_every_max_shard_size_is_one_checked_type(options_type):
+    import importlib
+
+    from cnllm.core.config import build_options
+    from cnllm.core.tensors import DEFAULT_SHARD_SIZE, ShardSize
+
+    module, name = options_type.rsplit(".", 1)
+    options_class = getattr(importlib.import_module(f"cnllm.core.{module}"), name)
+    assert options_class().max_shard_size == DEFAULT_SHARD_SIZE and isinstance(options_class().max_shard_size, ShardSize)
+    assert build_options(options_class, {"max_shard_size": "4GiB"}).max_shard_size.bytes == 4 * 2**30
+    assert build_options(options_class, {"max_shard_size": 1000}, where="recipe step s").max_shard_size.bytes == 1000  # a YAML number
+    with pytest.raises(UsageError, match=r"recipe step s: max-shard-size: cannot read size 'huge'; write e.g. 500MB"):
+        build_options(options_class, {"max_shard_size": "huge"}, where="recipe step s")
+    with pytest.raises(UsageError, match=r"--max-shard-size must be at least 1 byte, got '0MB'"):
+        options_class(max_shard_size="0MB")

@@ -9,7 +9,6 @@ model's own template. Not in the default run: ``make test-real`` (about 10-20 mi
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 
 from cnllm.core.tensors import tensor_infos
 from cnllm.core.tiny import asset
+from tests.conftest import run_reference_converter
 from tests.real.conftest import cnllm, cnllm_json
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
@@ -81,9 +81,7 @@ def test_sft_template_travels_into_the_gguf_and_chat_uses_it(work, merged_sft):
 def test_convert_gguf_is_byte_identical_to_the_reference(work, smollm2_hf, llamacpp_reference):
     ours, theirs = work / "ours-f16.gguf", work / "reference-f16.gguf"
     cnllm("convert-gguf", smollm2_hf, "-o", ours, "--outtype", "f16")
-    env = {**os.environ, "PYTHONPATH": str(llamacpp_reference / "gguf-py")}
-    subprocess.run([sys.executable, str(llamacpp_reference / "convert_hf_to_gguf.py"), str(smollm2_hf), "--outfile", str(theirs), "--outtype", "f16"],
-                   check=True, capture_output=True, env=env, timeout=1800)
+    run_reference_converter(llamacpp_reference, smollm2_hf, theirs)
     assert ours.read_bytes() == theirs.read_bytes()
 
 

@@ -1,7 +1,9 @@
-"""Hugging Face LLaMA checkpoint → GGUF, streaming one tensor at a time through ``gguf.GGUFWriter``.
+"""Hugging Face checkpoint (a family of :mod:`cnllm.core.architectures`) → GGUF, one tensor at a time through
+``gguf.GGUFWriter``.
 
-Tensor names, the q/k permutation (Hugging Face's rotary layout → llama.cpp's interleaved one),
-tensor types and metadata follow llama.cpp's reference ``convert_hf_to_gguf.py``, so llama.cpp
+Tensor names, the q/k permutation where the family's row asks for it (Hugging Face's rotary layout →
+llama.cpp's interleaved one), tensor types and metadata follow llama.cpp's reference
+``convert_hf_to_gguf.py``, so llama.cpp
 loads the file and computes what transformers computes. Everything that can be wrong with the
 input (architecture, vocabulary sizes, tokenizer files, truncated weights) is checked from
 headers before a byte is written; the output appears under its final name only when complete.
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from cnllm.core.architectures import Architecture, require_architecture
 from cnllm.core.atomic import atomic_path, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import FLOAT_DTYPES, WORDS, DType, words_for
@@ -25,7 +28,6 @@ from cnllm.core.modelio import check_vocab_agreement, has_tokenizer, load_config
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.tensors import TensorInfo, load_pickled_tensors, tensor_infos
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 # Buffers transformers may save that llama.cpp does not use.
 SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
@@ -103,17 +105,6 @@ class ConvertResult:
 
 def _find(hparams: dict, keys: tuple[str, ...]) -> Any:
     return next((hparams[k] for k in keys if k in hparams), None)
-
-
-def check_architecture(config: dict, model_dir: Path) -> None:
-    architectures = config.get("architectures") or []
-    supported = any(a in SUPPORTED_ARCHITECTURES for a in architectures) if architectures else config.get("model_type") == "llama"
-    if not supported:
-        found = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
-        raise UsageError(
-            f"{model_dir}: architecture {found} is not supported by convert-gguf; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (LLaMA 1/2/3, Chinese-LLaMA/Alpaca)"
-        )
 
 
 def rope_parameters(hparams: dict) -> dict:
@@ -194,20 +185,27 @@ def _nbytes(shape: tuple[int, ...], qtype) -> int:
     return math.prod(shape) // block * type_size
 
 
-def plan_tensors(infos: dict[str, TensorInfo], hparams: dict, outtype: str) -> list[PlannedTensor]:
+def gguf_arch(architecture: Architecture):
+    """The ``gguf.MODEL_ARCH`` member of a row."""
+    import gguf
+
+    return next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture.gguf_arch)
+
+
+def plan_tensors(infos: dict[str, TensorInfo], hparams: dict, outtype: str, architecture: Architecture) -> list[PlannedTensor]:
     """GGUF names, shapes and types of every tensor, from the checkpoint headers alone (``hparams`` completed by
-    :func:`with_llama_defaults`)."""
+    :func:`with_config_defaults`)."""
     import gguf
     import numpy as np
 
     n_layers = hparams["num_hidden_layers"]
     n_head = hparams["num_attention_heads"]
     n_kv_head = hparams["num_key_value_heads"]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    name_map = gguf.get_tensor_name_map(gguf_arch(architecture), n_layers)
     plan: list[PlannedTensor] = []
     params = rope_parameters(hparams)
     if str(params.get("rope_type", "")).lower() == "llama3":
-        factors = np.asarray(_llama3_rope_factors(params, hparams["head_dim"]), dtype=np.float32)
+        factors = np.asarray(_llama3_rope_factors(params, head_dim(hparams)), dtype=np.float32)
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         plan.append(PlannedTensor(name, factors.shape, gguf.GGMLQuantizationType.F32, factors.nbytes, data=factors))
     # The reference converter's order (files by name, tensors by name), so the two files can be byte-identical.
@@ -216,11 +214,11 @@ def plan_tensors(infos: dict[str, TensorInfo], hparams: dict, outtype: str) -> l
             continue
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UsageError(f"{info.file}: tensor {hf_name} has no llama.cpp counterpart; is this a plain LLaMA checkpoint?")
+            raise UsageError(f"{info.file}: tensor {hf_name} has no llama.cpp counterpart; is this a plain {architecture.hf_classes[0]} checkpoint?")
         permute = None
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        if architecture.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             permute = n_head
-        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif architecture.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             permute = n_kv_head
         qtype = _tensor_type(gguf_name, info.shape, outtype)
         plan.append(PlannedTensor(gguf_name, info.shape, qtype, _nbytes(info.shape, qtype), source=info, permute_heads=permute))
@@ -291,8 +289,20 @@ def tensor_data(array, planned: PlannedTensor):
     return gguf.quants.quantize(array, planned.qtype)
 
 
-def add_hyperparameters(writer, hparams: dict, file_type) -> None:
-    """``llama.*`` keys, in the reference converter's order."""
+def head_dim(hparams: dict) -> int:
+    """The attention head width: config's ``head_dim`` where the family keeps one, else hidden size / heads."""
+    return hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
+
+
+# The keys a row's gguf_extra_keys may name, as the reference converter writes them.
+EXTRA_KEYS = {
+    "vocab_size": lambda writer, hparams: writer.add_vocab_size(hparams["vocab_size"]),
+    "rope_dimension_count": lambda writer, hparams: writer.add_rope_dimension_count(head_dim(hparams)),
+}
+
+
+def add_hyperparameters(writer, hparams: dict, file_type, architecture: Architecture) -> None:
+    """``<arch>.*`` keys, in the reference converter's order."""
     writer.add_block_count(hparams["num_hidden_layers"])
     if (n_ctx := _find(hparams, ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length"))) is not None:
         writer.add_context_length(n_ctx)
@@ -308,11 +318,12 @@ def add_hyperparameters(writer, hparams: dict, file_type) -> None:
         writer.add_rope_freq_base(theta)
     if (eps := _find(hparams, ("rms_norm_eps", "norm_eps"))) is not None:
         writer.add_layer_norm_rms_eps(eps)
-    writer.add_key_length(hparams["head_dim"])
-    writer.add_value_length(hparams["head_dim"])
+    if "head_dim" in hparams:
+        writer.add_key_length(hparams["head_dim"])
+        writer.add_value_length(hparams["head_dim"])
     writer.add_file_type(file_type)
-    writer.add_vocab_size(hparams["vocab_size"])
-    writer.add_rope_dimension_count(hparams["head_dim"])
+    for key in architecture.gguf_extra_keys:
+        EXTRA_KEYS[key](writer, hparams)
 
 
 def add_rope_scaling(writer, params: dict) -> None:
@@ -339,23 +350,24 @@ def add_rope_scaling(writer, params: dict) -> None:
             writer.add_rope_scaling_yarn_beta_slow(beta_slow)
 
 
-def with_llama_defaults(config: dict) -> dict:
-    """config.json completed with transformers' LlamaConfig defaults for the keys llama.cpp needs (old configs omit
-    some), as the reference converter sees them through AutoConfig."""
+def with_config_defaults(config: dict, architecture: Architecture) -> dict:
+    """config.json completed with the defaults of the family's transformers config class for the keys llama.cpp
+    needs (old configs omit some), as the reference converter sees them through AutoConfig."""
     hparams = dict(config)
+    for key, value in architecture.config_defaults:
+        hparams.setdefault(key, value)
     hparams.setdefault("num_key_value_heads", hparams["num_attention_heads"])
-    hparams.setdefault("head_dim", hparams["hidden_size"] // hparams["num_attention_heads"])
-    hparams.setdefault("max_position_embeddings", 2048)
-    hparams.setdefault("rms_norm_eps", 1e-6)
+    if architecture.derives_head_dim:
+        hparams.setdefault("head_dim", hparams["hidden_size"] // hparams["num_attention_heads"])
     if "rope_theta" not in rope_parameters(hparams):
         hparams["rope_theta"] = 10000.0
     return hparams
 
 
-def preflight(model_dir: Path) -> tuple[dict, dict[str, TensorInfo]]:
+def preflight(model_dir: Path) -> tuple[Architecture, dict, dict[str, TensorInfo]]:
     """Every check that needs no tensor data: architecture, tokenizer files, vocabulary sizes, headers."""
     config = load_config(model_dir)
-    check_architecture(config, model_dir)
+    architecture = require_architecture(config, str(model_dir), "convert-gguf")
     if not has_tokenizer(model_dir):
         raise UsageError(f"{model_dir} has no tokenizer (tokenizer.model or tokenizer.json); copy the tokenizer files next to the weights")
     check_added_tokens(model_dir)
@@ -363,7 +375,7 @@ def preflight(model_dir: Path) -> tuple[dict, dict[str, TensorInfo]]:
     for key in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size"):
         if key not in config:
             raise UsageError(f"{model_dir / 'config.json'} has no {key}")
-    return with_llama_defaults(config), tensor_infos(model_dir)
+    return architecture, with_config_defaults(config, architecture), tensor_infos(model_dir)
 
 
 def convert_to_gguf(
@@ -374,7 +386,7 @@ def convert_to_gguf(
     force: bool = False,
     progress: Progress = NULL_PROGRESS,
 ) -> ConvertResult:
-    """Write ``output`` (GGUF) from a Hugging Face LLaMA directory, and its provenance record beside it
+    """Write ``output`` (GGUF) from a Hugging Face model directory, and its provenance record beside it
     (``output.cnllm.json``); see the module docstring."""
     import gguf
     import numpy as np
@@ -390,13 +402,15 @@ def convert_to_gguf(
     vocab_only, pre_tokenizer = options.vocab_only, options.pre_tokenizer
     model_dir, output = Path(model_dir), Path(output)
     check_output(output, force, inputs=[model_dir])
-    hparams, infos = preflight(model_dir)
+    architecture, hparams, infos = preflight(model_dir)
     outtype = resolve_outtype(options.outtype, infos)
     file_type = _file_type(outtype)
-    vocab: TokenizerVocab = build_vocab(model_dir, hparams["vocab_size"], pre_tokenizer=pre_tokenizer)
-    plan = [] if vocab_only else plan_tensors(infos, hparams, outtype)
+    vocab: TokenizerVocab = build_vocab(
+        model_dir, hparams["vocab_size"], pre_tokenizer=pre_tokenizer, space_prefix_from_config=architecture.space_prefix_from_tokenizer_config
+    )
+    plan = [] if vocab_only else plan_tensors(infos, hparams, outtype, architecture)
 
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(path=None, arch=architecture.gguf_arch)
     for planned in plan:
         writer.add_tensor_info(planned.gguf_name, planned.shape, np.dtype(np.float32), planned.nbytes, raw_dtype=planned.qtype)
     total, shared, expert, expert_count = writer.get_total_parameter_count()
@@ -407,7 +421,7 @@ def convert_to_gguf(
     if metadata.size_label is None and total > 0:
         metadata.size_label = gguf.size_label(total, shared, expert, expert_count)
     metadata.set_gguf_meta_model(writer)
-    add_hyperparameters(writer, hparams, file_type)
+    add_hyperparameters(writer, hparams, file_type, architecture)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.add_to(writer, model_dir)
 

@@ -1,4 +1,7 @@
-"""GGUF → Hugging Face: a trainable checkpoint from a GGUF-only LLaMA-family model, through transformers' GGUF loader.
+"""GGUF → Hugging Face: a trainable checkpoint from a GGUF-only model, through transformers' GGUF loader.
+
+The GGUF architectures it takes are those of :mod:`cnllm.core.architectures` (llama, which Mistral GGUFs are
+too, and qwen2).
 
 transformers reads the GGUF (de-quantizing every tensor to float and undoing llama.cpp's q/k
 permutation) and rebuilds the tokenizer from ``tokenizer.ggml.*``, chat template included. A
@@ -18,17 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from cnllm.core.architectures import GGUF_ARCHITECTURES
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
 from cnllm.core.gguf import is_gguf
-from cnllm.core.hashing import create_manifest
 from cnllm.core.progress import NULL_PROGRESS, Progress
-from cnllm.core.provenance import write_record
-from cnllm.core.tensors import parse_size
-
-SUPPORTED_ARCHITECTURES = ("llama",)
+from cnllm.core.provenance import finish_output_folder
+from cnllm.core.tensors import DEFAULT_SHARD_SIZE, ShardSize
 
 
 @dataclass
@@ -36,13 +37,10 @@ class GgufToHfOptions:
     """How :func:`gguf_to_hf` writes the checkpoint (``cnllm gguf-to-hf`` flags)."""
 
     dtype: DType = DType("fp32")  # quantized tensors come back as floats; fp32 keeps them exactly
-    max_shard_size: str = "2GB"
+    max_shard_size: ShardSize = DEFAULT_SHARD_SIZE
 
     def __post_init__(self) -> None:
         coerce_fields(self)
-
-    def validate(self) -> None:
-        parse_size(self.max_shard_size)
 
 
 @dataclass
@@ -83,7 +81,7 @@ class GgufToHfResult:
 
 
 def inspect_gguf(path: Path) -> tuple[str, str, int]:
-    """``(architecture, file type, tensor count)`` of a GGUF, refusing what transformers cannot turn into a LLaMA."""
+    """``(architecture, file type, tensor count)`` of a GGUF, refusing an architecture the table does not have."""
     import gguf
 
     if not path.is_file():
@@ -100,8 +98,8 @@ def inspect_gguf(path: Path) -> tuple[str, str, int]:
             raise UsageError(f"{path} is truncated: tensor {tensor.name} ends at byte {tensor.data_offset + tensor.n_bytes:,}, the file has {size:,}")
     fields = {f.name: f for f in reader.fields.values()}
     architecture = fields["general.architecture"].contents() if "general.architecture" in fields else None
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise UsageError(f"{path} is a {architecture or 'unknown'} model; gguf-to-hf converts {', '.join(SUPPORTED_ARCHITECTURES)} GGUFs")
+    if architecture not in GGUF_ARCHITECTURES:
+        raise UsageError(f"{path} is a {architecture or 'unknown'} model; gguf-to-hf converts {', '.join(GGUF_ARCHITECTURES)} GGUFs")
     file_type = fields["general.file_type"].contents() if "general.file_type" in fields else None
     name = gguf.LlamaFileType(file_type).name if file_type is not None else "unknown"
     return architecture, name, len(reader.tensors)
@@ -181,7 +179,6 @@ def gguf_to_hf(
     quiet_libraries()
     started = time.perf_counter()
     options = options or GgufToHfOptions()
-    options.validate()
     source, output = Path(source), Path(output)
     check_output(output, force)
     architecture, file_type, tensors = inspect_gguf(source)
@@ -227,15 +224,12 @@ def gguf_to_hf(
     )
     with atomic_dir(output, force=force) as tmp:
         progress.log(f"writing {output}")
-        plain.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=options.max_shard_size)
+        plain.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=options.max_shard_size.bytes)
         tokenizer.save_pretrained(str(tmp))
         if spm_model is not None:
             (tmp / "tokenizer.model").write_bytes(spm_model)
-        write_record(tmp, "gguf-to-hf", inputs=[source], options=dataclasses.asdict(options), results={
-            k: v for k, v in result.to_dict().items() if k not in ("files", "total_bytes", "seconds")
-        })
-        manifest = create_manifest([tmp], manifest=tmp / "SHA256SUMS")
-        result.files = [f.path for f in manifest.files] + ["SHA256SUMS"]
-        result.total_bytes = manifest.total_bytes
+        result.files, result.total_bytes = finish_output_folder(
+            tmp, "gguf-to-hf", inputs=[source], options=dataclasses.asdict(options), results=result.to_dict()
+        )
     result.seconds = time.perf_counter() - started
     return result

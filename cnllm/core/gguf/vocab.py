@@ -34,10 +34,10 @@ SPIECE_UNDERLINE = "\u2581"
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 PRE_TOKENIZERS = {
     ("split", _LLAMA3_REGEX): "llama-bpe",
-    ("split", _QWEN2_REGEX): "qwen2",
+    ("split", QWEN2_SPLIT_PATTERN): "qwen2",
     ("bytelevel",): "gpt-2",
     ("digits", "bytelevel"): "smollm",  # GPT-2's regex after each numeral is split off
 }
@@ -285,8 +285,11 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None, pre_tokenizer: str | None
     return TokenizerVocab("gpt2", pre, tokens, toktypes, first_id=first_id)
 
 
-def build_vocab(model_dir: Path | str, vocab_size: int | None, *, pre_tokenizer: str | None = None) -> TokenizerVocab:
-    """The tokenizer metadata of a model directory, sized to ``vocab_size`` (``config.vocab_size``)."""
+def build_vocab(
+    model_dir: Path | str, vocab_size: int | None, *, pre_tokenizer: str | None = None, space_prefix_from_config: bool = True
+) -> TokenizerVocab:
+    """The tokenizer metadata of a model directory, sized to ``vocab_size`` (``config.vocab_size``);
+    ``space_prefix_from_config``: copy ``tokenizer_config.json``'s ``add_prefix_space`` (the architecture row says)."""
     model_dir = Path(model_dir)
     kind = tokenizer_kind(model_dir)
     if kind == "spm":
@@ -294,6 +297,6 @@ def build_vocab(model_dir: Path | str, vocab_size: int | None, *, pre_tokenizer:
     else:
         vocab = bpe_vocab(model_dir, vocab_size, pre_tokenizer)
     config_path = model_dir / "tokenizer_config.json"
-    if config_path.is_file():
+    if space_prefix_from_config and config_path.is_file():
         vocab.add_space_prefix = read_json(config_path).get("add_prefix_space")
     return vocab

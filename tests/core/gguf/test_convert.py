@@ -22,11 +22,17 @@ TEXTS = {
 PROMPT = "Once upon a time, 在一个小村庄里"
 
 
-@pytest.fixture(params=["spm", "bpe"])
-def converted(request, tiny_llama_dir, tiny_llama3_dir, tiny_spm_f32_gguf, tiny_bpe_f32_gguf):
-    if request.param == "spm":
-        return tiny_llama_dir, tiny_spm_f32_gguf
-    return tiny_llama3_dir, tiny_bpe_f32_gguf
+CONVERTED = {  # model folder and its f32 GGUF: LLaMA with each tokenizer family, and the other rows of the architecture table
+    "spm": ("tiny_llama_dir", "tiny_spm_f32_gguf"),
+    "bpe": ("tiny_llama3_dir", "tiny_bpe_f32_gguf"),
+    "mistral": ("tiny_mistral_dir", "tiny_mistral_f32_gguf"),
+    "qwen2": ("tiny_qwen2_dir", "tiny_qwen2_f32_gguf"),
+}
+
+
+@pytest.fixture(params=list(CONVERTED))
+def converted(request):
+    return tuple(request.getfixturevalue(name) for name in CONVERTED[request.param])
 
 
 def _llama(path: Path):
