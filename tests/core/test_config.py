@@ -126,7 +126,7 @@ def test_every_max_shard_size_is_one_checked_type(options_type):
     assert options_class().max_shard_size == DEFAULT_SHARD_SIZE and isinstance(options_class().max_shard_size, ShardSize)
     assert build_options(options_class, {"max_shard_size": "4GiB"}).max_shard_size.bytes == 4 * 2**30
     assert build_options(options_class, {"max_shard_size": 1000}, where="recipe step s").max_shard_size.bytes == 1000  # a YAML number
-    with pytest.raises(UsageError, match=r"recipe step s: max-shard-size: cannot read size 'huge'; write e.g. 500MB"):
+    with pytest.raises(UsageError, match=r"recipe step s: max_shard_size: cannot read size 'huge'; write e.g. 500MB"):
         build_options(options_class, {"max_shard_size": "huge"}, where="recipe step s")
     with pytest.raises(UsageError, match=r"--max-shard-size must be at least 1 byte, got '0MB'"):
         options_class(max_shard_size="0MB")
