@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from cnllm.core.tensors import human_bytes  # noqa: F401 - commands format sizes through output
 
@@ -33,11 +34,12 @@ def print_json(document: Any) -> None:
 
 
 def print_error(message: str) -> None:
-    stderr().print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    # The message is text, not markup: "[...]" in it (SentencePiece's checks, file names) must print as written.
+    stderr().print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
-    stderr().print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    stderr().print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def print_note(message: str) -> None:

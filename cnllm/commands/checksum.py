@@ -68,10 +68,10 @@ def verify(
         typer.Argument(help="Files or folders to identify by digest against the manifest (which published entry each one is).", show_default=False),
     ] = None,
     root: Annotated[
-        Optional[Path], typer.Option("--root", "-r", help="Folder the listed paths are relative to [default: the manifest's folder].")
+        Optional[Path], typer.Option("--root", "-r", help="Folder the listed paths are relative to (default: the manifest's folder).")
     ] = None,
     algo: Annotated[
-        Optional[Algorithm], typer.Option("--algo", "-a", help="Force the algorithm [default: from each digest's length or tag].")
+        Optional[Algorithm], typer.Option("--algo", "-a", help="Force the algorithm (default: from each digest's length or tag).")
     ] = None,
     allow_outside: Annotated[
         bool, typer.Option("--allow-outside", help="Also check listed paths outside the root (absolute or ../); refused by default.")

@@ -224,10 +224,10 @@ def mc(
 def passkey(
     model: ModelArg,
     length: Annotated[
-        Optional[List[int]], typer.Option("--length", min=64, help="Context length in tokens to test (repeat) [default: 1024, 2048, 4096].")
+        Optional[List[int]], typer.Option("--length", min=64, help="Context length in tokens to test (repeat) (default: 1024, 2048, 4096).")
     ] = None,
     depth: Annotated[
-        Optional[List[float]], typer.Option("--depth", min=0.0, max=1.0, help="Where the key hides, 0 (start) … 1 (end) (repeat) [default: 0, .25, .5, .75, 1].")
+        Optional[List[float]], typer.Option("--depth", min=0.0, max=1.0, help="Where the key hides, 0 (start) … 1 (end) (repeat) (default: 0, .25, .5, .75, 1).")
     ] = None,
     trials: Annotated[int, typer.Option("--trials", min=1, help="Prompts (each with its own key) per length and depth.")] = 3,
     language: Annotated[str, typer.Option("--language", click_type=click.Choice(["en", "zh"]), help="Filler and question language.")] = "en",

@@ -33,7 +33,7 @@ def render(result: PipelineResult, json_: bool, dry_run: bool) -> None:
 
 def pipeline(
     recipe: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Recipe YAML (see examples/recipes/).")],
-    workdir: Annotated[Optional[Path], typer.Option("--workdir", "-o", file_okay=False, help="Work directory [default: the recipe's 'workdir'].")] = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", "-o", file_okay=False, help="Work directory (default: the recipe's 'workdir').")] = None,
     from_step: Annotated[Optional[str], typer.Option("--from", help=f"Start at this step ({', '.join(STEP_ORDER)}); earlier steps must be up to date.")] = None,
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after this step.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every step's options and inputs, print the plan (which steps would run) and exit.")] = False,

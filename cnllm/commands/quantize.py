@@ -54,7 +54,7 @@ def quantize(
     imatrix: Annotated[
         Optional[Path], typer.Option("--imatrix", exists=True, dir_okay=False, help="Importance matrix (GGUF, from llama-imatrix).")
     ] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Quantization threads [default: all cores].")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Quantization threads (default: all cores).")] = None,
     allow_requantize: Annotated[
         bool, typer.Option("--allow-requantize", help="Accept an already-quantized input (quality suffers).")
     ] = False,

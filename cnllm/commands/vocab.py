@@ -35,12 +35,12 @@ def train(
     vocab_size: Annotated[int, typer.Option("--vocab-size", min=8, help="Pieces in the model.")] = 20000,
     model_type: Annotated[ModelType, typer.Option("--model-type", help="SentencePiece algorithm.")] = ModelType.bpe,
     character_coverage: Annotated[
-        float, typer.Option("--character-coverage", min=0.0, max=1.0, help="Share of characters covered by single-character pieces.")
+        float, typer.Option("--character-coverage", min=0.98, max=1.0, help="Share of characters covered by single-character pieces.")
     ] = 0.9995,
     input_sentence_size: Annotated[
         int, typer.Option("--input-sentence-size", min=0, help="Sample this many lines of a big corpus (0: use all).")
     ] = 0,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Training threads [default: number of CPUs].")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Training threads (default: number of CPUs).")] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:

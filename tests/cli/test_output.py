@@ -30,3 +30,17 @@ def test_short_task_prints_nothing_in_plain_mode():
 def test_human_bytes():
     assert human_bytes(512) == "512 B"
     assert human_bytes(3 * 1024**3) == "3.0 GiB"
+
+
+def test_error_and_warning_lines_print_brackets_as_written(monkeypatch):
+    """Messages are text, not Rich markup: SentencePiece's "[check]" and file names like "[a].txt" survive."""
+    from cnllm.cli import output
+
+    stream = io.StringIO()
+    monkeypatch.setattr(output, "stderr", lambda: Console(file=stream, force_terminal=False, soft_wrap=True))
+    output.print_error("failed: trainer_interface.cc(94) [trainer_spec.character_coverage() >= 0.98]")
+    output.print_warning("skipped [bold]notes[/].txt")
+    assert stream.getvalue().splitlines() == [
+        "error: failed: trainer_interface.cc(94) [trainer_spec.character_coverage() >= 0.98]",
+        "warning: skipped [bold]notes[/].txt",
+    ]

@@ -165,6 +165,17 @@ def test_train_vocab_too_small_names_the_smallest_that_fits(cli, tmp_path):
     assert cli("vocab", "train", corpus, "--vocab-size", smallest, "--character-coverage", "1.0", "-o", out).exit_code == 0
 
 
+def test_train_vocab_refuses_a_coverage_sentencepiece_refuses(cli, tmp_path, assets):
+    """SentencePiece accepts --character-coverage 0.98..1 only: below, one line before it runs, in the CLI and in a recipe."""
+    from cnllm.core.errors import UsageError
+    from cnllm.core.tokenizers.train import TrainVocabOptions
+
+    result = cli("vocab", "train", assets / "zh.txt", "--vocab-size", "800", "--character-coverage", "0.8", "-o", tmp_path / "zh.model")
+    assert result.exit_code == 2 and "--character-coverage" in one_error_line(result) and not list(tmp_path.iterdir())
+    with pytest.raises(UsageError, match="between 0.98 and 1, got 0.9"):
+        TrainVocabOptions(character_coverage=0.9).validate()
+
+
 def test_extend_model_then_eval_reports_bits_per_char(cli, tmp_path, tiny_llama_dir, assets):
     """``vocab extend-model`` writes step 0; ``eval ppl`` compares it with the base per character."""
     zh = tmp_path / "zh.model"

@@ -18,6 +18,9 @@ from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.tokenizers.spm import load_proto, train_spm
 
 
+MIN_CHARACTER_COVERAGE = 0.98
+
+
 @dataclass
 class TrainVocabOptions:
     """SentencePiece settings of :func:`train_vocab` (``cnllm vocab train`` flags; a recipe's vocab step)."""
@@ -34,8 +37,8 @@ class TrainVocabOptions:
     def validate(self) -> None:
         if self.vocab_size < 8:
             raise UsageError("--vocab-size must be at least 8")
-        if not 0.0 < self.character_coverage <= 1.0:
-            raise UsageError("--character-coverage must be in (0, 1]")
+        if not MIN_CHARACTER_COVERAGE <= self.character_coverage <= 1.0:  # SentencePiece's own bound, checked before it runs
+            raise UsageError(f"--character-coverage must be between {MIN_CHARACTER_COVERAGE} and 1, got {self.character_coverage}")
         if 0 < self.input_sentence_size <= 100 or self.input_sentence_size < 0:
             raise UsageError("--input-sentence-size must be 0 (use every line) or more than 100")
         if self.threads is not None and self.threads < 1:
