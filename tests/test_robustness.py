@@ -772,6 +772,54 @@ def test_sigterm_mid_write_exits_143_and_removes_temporaries(inputs, tmp_path, c
     assert not partial.exists() and not out.exists() and _leftovers(out) == []
 
 
+@pytest.fixture(scope="module")
+def slow_to_quantize_gguf(tmp_path_factory, spm_tokenizer_dir) -> Path:
+    """An f32 GGUF big enough (17M parameters) that llama.cpp's quantizer is still writing when a signal comes."""
+    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.tiny import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("slow-to-quantize")
+    model = build_tiny_llama(root / "model", spm_tokenizer_dir, hidden_size=512, layers=4, heads=8, kv_heads=8, intermediate_size=2048, max_shard_size="1GB")
+    return convert_to_gguf(model, root / "model-f32.gguf", ConvertOptions(outtype="f32")).output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_quantize_interrupted_while_llama_cpp_writes_leaves_no_temporary(slow_to_quantize_gguf, tmp_path, sig):
+    """llama.cpp cannot be stopped, so it quantizes in a child process that the signal ends (issue 26): the temporary
+    output goes at once, and nothing writes it again afterwards."""
+    out = tmp_path / "q4.gguf"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnllm", "quantize", str(slow_to_quantize_gguf), "-o", str(out), "--type", "Q4_K_M", "--threads", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, not a background job
+    )
+    def written() -> int:
+        return max([p.stat().st_size for p in _leftovers(out) if p.exists()], default=0)
+
+    deadline = time.monotonic() + 120
+    try:
+        while not written():  # llama.cpp has begun writing
+            assert process.poll() is None, process.communicate()[1].decode()
+            assert time.monotonic() < deadline, "the quantizer never started writing"
+            time.sleep(0.005)
+        process.send_signal(sig)
+        at_signal = most = written()
+        while process.poll() is None and time.monotonic() < deadline:
+            most = max(most, written())
+            time.sleep(0.005)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    # Q4_K_M makes ~10 MiB of it; a quantizer that ran on to the end before the cleanup would have written them all.
+    assert most - at_signal < 4 << 20, f"{most - at_signal} bytes were written after the signal"
+    time.sleep(1.5)  # a quantizer left running would go on writing its file
+    assert _leftovers(out) == [] and not out.exists()
+
+
 # --- outputs never overwrite, enter or contain an input -----------------------------------------------------
 
 # name → (the input copied to {tmp}/work/<its name>, the command with that copy as {in}, what the error says)
