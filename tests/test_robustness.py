@@ -179,6 +179,8 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
 
     nan_config = root / "nan-config.yaml"
     nan_config.write_text("lora-alpha: .nan\n")
+    nan_recipe = root / "nan-recipe.yaml"
+    nan_recipe.write_text(f"name: robust\nbase: {{model: {tiny_llama_dir}}}\nalign: {{data: [{asset('pref_zh.jsonl')}], beta: .nan}}\n")
 
     recipe = root / "recipe.yaml"
     recipe.write_text(f"name: robust\nbase: {{model: {tiny_llama_dir}}}\nconvert: {{outtype: f16}}\nchecksum: {{}}\n")
@@ -197,6 +199,7 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
         release=release,
         pref=asset("pref_zh.jsonl"),
         nan_config=nan_config,
+        nan_recipe=nan_recipe,
         overlapping_model=overlapping_model,
         mislabelled_model=mislabelled_model,
         nan_alpha_adapter=nan_alpha_adapter,
@@ -457,6 +460,7 @@ CASES: dict[str, dict[str, Case]] = {
         "truncated-recipe": Case(["pipeline", "{truncated_yaml}", "-o", "{tmp}/work"], 2, "truncated-recipe-text.yaml", output="{tmp}/work"),
         "missing-base-model": Case(["pipeline", "{missing_base_recipe}", "-o", "{tmp}/work"], 2, "nope-model", output="{tmp}/work"),
         "workdir-parent-is-a-file": Case(["pipeline", "{recipe}", "-o", "{tmp}/blocker/work"], 2, "blocker", output="{tmp}/blocker/work"),
+        "nan-in-recipe": Case(["pipeline", "{nan_recipe}", "-o", "{tmp}/work", "--dry-run"], 2, "recipe step align: beta must be a finite number, got nan", output="{tmp}/work"),
     },
     "serve": {
         "missing": Case(["serve", "{tmp}/nope.gguf", "--port", "0"], 2, "nope.gguf"),

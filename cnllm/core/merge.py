@@ -209,6 +209,15 @@ def read_adapter(directory: Path | str) -> Adapter:
     raise UsageError(f"{directory} has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
 
 
+def _is_finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
 def check_scaling(config: dict, config_path: Path) -> None:
     """``r`` and ``lora_alpha`` (and their per-module patterns) make the merge's scale alpha / r: each must be a
     positive number, r a whole one, or the merge writes NaN or infinite weights."""
@@ -221,8 +230,7 @@ def check_scaling(config: dict, config_path: Path) -> None:
     ranks = [("r", config.get("r", 8)), *((f"rank_pattern[{name!r}]", v) for name, v in patterns["rank_pattern"].items())]
     alphas = [("lora_alpha", config.get("lora_alpha", 8)), *((f"alpha_pattern[{name!r}]", v) for name, v in patterns["alpha_pattern"].items())]
     for whole, key, value in [(True, *item) for item in ranks] + [(False, *item) for item in alphas]:
-        number = isinstance(value, int) if whole else isinstance(value, (int, float))
-        if isinstance(value, bool) or not number or (isinstance(value, float) and not math.isfinite(value)) or value <= 0:
+        if not _is_finite_number(value) or value <= 0 or (whole and value != int(value)):
             kind = "a positive integer" if whole else "a positive finite number"
             raise UsageError(f"{config_path}: {key} must be {kind}, got {value!r}")
 
