@@ -40,6 +40,7 @@ SHORT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "-r": (("--root",), "checksum verify"),
 }
 
+
 class _Finite:
     """A float parameter type that refuses NaN and infinities: no option of cnllm means anything by them, and
     comparisons with NaN pass every range check (``--rope-factor nan`` satisfies ``min=1``)."""
@@ -53,11 +54,11 @@ class _Finite:
 
 
 class FiniteFloat(_Finite, click.types.FloatParamType):
-    pass
+    """``float``, finite."""
 
 
 class FiniteFloatRange(_Finite, click.FloatRange):
-    pass
+    """``click.FloatRange``, finite (the range shows in the help as before)."""
 
 
 def refuse_non_finite_floats(command: click.Command) -> click.Command:

@@ -140,10 +140,10 @@ def _check_header_entry(path: Path, name: str, meta) -> None:
         elif meta["dtype"] not in SAFETENSORS_DTYPE_BITS:
             problem = f"an unknown dtype {meta['dtype']!r}"
         else:
-            expected = _numel(meta["shape"]) * SAFETENSORS_DTYPE_BITS[meta["dtype"]] / 8
-            if offsets[1] - offsets[0] != expected:
-                problem = (f"{offsets[1] - offsets[0]} bytes of data where {meta['dtype']} of shape {meta['shape']} takes "
-                           f"{expected:g}: the dtype or shape is wrong")
+            bits = _numel(meta["shape"]) * SAFETENSORS_DTYPE_BITS[meta["dtype"]]
+            if (offsets[1] - offsets[0]) * 8 != bits:
+                takes = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits"
+                problem = f"{offsets[1] - offsets[0]} bytes of data where {meta['dtype']} of shape {meta['shape']} takes {takes}: the dtype or shape is wrong"
     if problem:
         raise UsageError(f"{path} is corrupted: tensor {name} has {problem} in the safetensors header")
 

@@ -110,8 +110,8 @@ class StopOnNonFinite(TrainerCallback):
 
         if args.fp16 or model is None:
             return
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        finite = [torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if finite and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):  # one sync per step
             raise DivergenceError(state.global_step + 1, "the gradients are not finite (inf or NaN)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
