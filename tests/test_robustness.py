@@ -83,8 +83,9 @@ def _second_tensor_over_the_first(header: dict) -> None:
     """Point the second tensor (in file order) at the first one's bytes, when they are the same size: the data
     of both then reads as the first's, and the second's own bytes lie unreferenced."""
     entries = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
-    (first, _), (second, name) = entries[0], next(e for e in entries[1:] if e[0][1] - e[0][0] == entries[0][0][1] - entries[0][0][0])
-    header[name]["data_offsets"] = list(first)
+    (start, end), _ = entries[0]
+    name = next(k for (first, last), k in entries[1:] if last - first == end - start)
+    header[name]["data_offsets"] = [start, end]
 
 
 def _edit_adapter_config(adapter: Path, **values) -> Path:
