@@ -72,6 +72,28 @@ def _first_tensor(header: dict) -> dict:
     return header[next(name for name in header if name != "__metadata__")]
 
 
+def _busiest_shard(folder: Path) -> Path:
+    """The safetensors shard of ``folder`` that holds the most tensors."""
+    from cnllm.core.tensors import read_safetensors_header
+
+    return max(sorted(folder.glob("*.safetensors")), key=lambda path: len(read_safetensors_header(path)))
+
+
+def _second_tensor_over_the_first(header: dict) -> None:
+    """Point the second tensor (in file order) at the first one's bytes, when they are the same size: the data
+    of both then reads as the first's, and the second's own bytes lie unreferenced."""
+    entries = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    (start, end), _ = entries[0]
+    name = next(k for (first, last), k in entries[1:] if last - first == end - start)
+    header[name]["data_offsets"] = [start, end]
+
+
+def _edit_adapter_config(adapter: Path, **values) -> Path:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **values}))  # NaN is written as JSON's NaN, as Python reads it
+    return adapter
+
+
 class PickleThatRuns:
     """An object whose unpickling would run code: what a malicious ``adapter_model.bin`` carries."""
 
@@ -85,12 +107,13 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
     from cnllm.core.diff import make_diff
     from cnllm.core.gguf.convert import convert_to_gguf
     from cnllm.core.hashing import create_manifest
-    from cnllm.core.merge import merge_lora
+    from cnllm.core.merge import MergeOptions, merge_lora
 
     root = tmp_path_factory.mktemp("robustness-inputs")
     adapter = build_adapter(tiny_llama_dir, root / "adapter", r=2, alpha=4)
     gguf = convert_to_gguf(tiny_llama_dir, root / "tiny-f16.gguf", ConvertOptions(outtype="f16")).output
     tuned = merge_lora(tiny_llama_dir, [adapter], root / "tuned").output
+    meta = merge_lora(tiny_llama_dir, [adapter], root / "meta", MergeOptions(format="pth")).output
     diff = make_diff(tiny_llama_dir, tuned, root / "diff").output
 
     truncated_model = shutil.copytree(tiny_llama_dir, root / "truncated-model")
@@ -112,6 +135,13 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
     _edit_safetensors_header(_largest(no_offsets_model, "*.safetensors"), lambda h: _first_tensor(h).pop("data_offsets"))
     text_offsets_model = shutil.copytree(tiny_llama_dir, root / "text-offsets-model")
     _edit_safetensors_header(_largest(text_offsets_model, "*.safetensors"), lambda h: _first_tensor(h).update(data_offsets="0-64"))
+    # Headers safetensors itself refuses (issue 26): two tensors on the same bytes, F32 data labelled F16.
+    overlapping_model = shutil.copytree(tiny_llama_dir, root / "overlapping-model")
+    _edit_safetensors_header(_busiest_shard(overlapping_model), _second_tensor_over_the_first)
+    mislabelled_model = shutil.copytree(tiny_llama_dir, root / "mislabelled-model")
+    _edit_safetensors_header(_largest(mislabelled_model, "*.safetensors"), lambda h: _first_tensor(h).update(dtype="F16"))
+    nan_alpha_adapter = _edit_adapter_config(shutil.copytree(adapter, root / "nan-alpha-adapter"), lora_alpha=float("nan"))
+    zero_rank_adapter = _edit_adapter_config(shutil.copytree(adapter, root / "zero-rank-adapter"), r=0)
     list_config_model = shutil.copytree(tiny_llama_dir, root / "list-config-model")
     (list_config_model / "config.json").write_text("[1, 2, 3]\n")
     typed_config_model = shutil.copytree(tiny_llama_dir, root / "typed-config-model")
@@ -148,6 +178,11 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
     truncated_yaml = root / "truncated-recipe-text.yaml"
     truncated_yaml.write_text(f"name: robust\nbase: {{model: {tiny_llama_dir}\n")
 
+    nan_config = root / "nan-config.yaml"
+    nan_config.write_text("lora-alpha: .nan\n")
+    nan_recipe = root / "nan-recipe.yaml"
+    nan_recipe.write_text(f"name: robust\nbase: {{model: {tiny_llama_dir}}}\nalign: {{data: [{asset('pref_zh.jsonl')}], beta: .nan}}\n")
+
     recipe = root / "recipe.yaml"
     recipe.write_text(f"name: robust\nbase: {{model: {tiny_llama_dir}}}\nconvert: {{outtype: f16}}\nchecksum: {{}}\n")
     truncated_recipe = root / "truncated-recipe.yaml"
@@ -161,6 +196,15 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
         spm=spm_tokenizer_dir / "tokenizer.model",
         adapter=adapter,
         gguf=gguf,
+        meta=meta,
+        release=release,
+        pref=asset("pref_zh.jsonl"),
+        nan_config=nan_config,
+        nan_recipe=nan_recipe,
+        overlapping_model=overlapping_model,
+        mislabelled_model=mislabelled_model,
+        nan_alpha_adapter=nan_alpha_adapter,
+        zero_rank_adapter=zero_rank_adapter,
         diff=diff,
         text=text,
         alpaca=asset("alpaca_zh.json"),
@@ -205,6 +249,7 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
 TRAIN_QUICK = ["--max-steps", "1", "--lora-rank", "2", "--validation-split", "0", "--no-eval-before"]
 PT_QUICK = [*TRAIN_QUICK, "--block-size", "32", "--cache-dir", "{tmp}/cache"]
 SFT_QUICK = [*TRAIN_QUICK, "--max-seq-length", "256"]
+ALIGN_QUICK = [*TRAIN_QUICK, "--cache-dir", "{tmp}/cache"]
 
 
 @dataclass(frozen=True)
@@ -264,6 +309,8 @@ CASES: dict[str, dict[str, Case]] = {
         "negative-max-steps": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK, "--max-steps", "-5"], 2, "--max-steps", output="{tmp}/out"),
         "negative-epochs": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK, "--epochs", "-1"], 2, "--epochs", output="{tmp}/out"),
         "nan-learning-rate": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK, "--learning-rate", "nan"], 2, "--learning-rate", output="{tmp}/out"),
+        "nan-rope-factor": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK, "--rope-scaling", "linear", "--rope-factor", "nan"], 2, "--rope-factor must be a finite number", output="{tmp}/out"),
+        "nan-in-config-file": Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK, "-c", "{nan_config}"], 2, "lora-alpha must be a finite number", output="{tmp}/out"),
     },
     "sft": {
         "missing-model": Case(["sft", "-m", "{tmp}/nope-model", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK], 2, "nope-model", output="{tmp}/out"),
@@ -278,6 +325,10 @@ CASES: dict[str, dict[str, Case]] = {
         "zero-epochs": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK, "--epochs", "0"], 2, "--epochs", output="{tmp}/out"),
         "zero-max-steps": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK, "--max-steps", "0"], 2, "--max-steps", output="{tmp}/out"),
         "infinite-max-grad-norm": Case(["sft", "-m", "{model}", "-d", "{alpaca}", "-o", "{tmp}/out", *SFT_QUICK, "--max-grad-norm", "inf"], 2, "--max-grad-norm", output="{tmp}/out"),
+    },
+    "align": {
+        "nan-beta": Case(["align", "-m", "{model}", "-d", "{pref}", "-o", "{tmp}/out", *ALIGN_QUICK, "--beta", "nan"], 2, "--beta must be a finite number", output="{tmp}/out"),
+        "infinite-beta": Case(["align", "-m", "{model}", "-d", "{pref}", "-o", "{tmp}/out", *ALIGN_QUICK, "--beta", "inf"], 2, "--beta must be a finite number", output="{tmp}/out"),
     },
     "merge-lora": {
         "missing-base": Case(["merge-lora", "--base", "{tmp}/nope-model", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "nope-model", output="{tmp}/merged"),
@@ -295,6 +346,11 @@ CASES: dict[str, dict[str, Case]] = {
         "safetensors-offsets-as-text": Case(["merge-lora", "--base", "{text_offsets_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "data_offsets", output="{tmp}/merged"),
         "config-is-a-list": Case(["merge-lora", "--base", "{list_config_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "config.json", output="{tmp}/merged"),
         "config-of-wrong-types": Case(["merge-lora", "--base", "{typed_config_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "vocab_size", output="{tmp}/merged"),
+        "nan-lora-alpha": Case(["merge-lora", "--base", "{model}", "--lora", "{nan_alpha_adapter}", "-o", "{tmp}/merged"], 2, "lora_alpha must be a positive finite number, got nan", output="{tmp}/merged"),
+        "zero-rank": Case(["merge-lora", "--base", "{model}", "--lora", "{zero_rank_adapter}", "-o", "{tmp}/merged"], 2, "r must be a positive integer, got 0", output="{tmp}/merged"),
+        "safetensors-overlapping-offsets": Case(["merge-lora", "--base", "{overlapping_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "overlap", output="{tmp}/merged"),
+        "safetensors-f32-data-labelled-f16": Case(["merge-lora", "--base", "{mislabelled_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "the dtype or shape is wrong", output="{tmp}/merged"),
+        "infinite-tolerance": Case(["merge-lora", "--base", "{model}", "--lora", "{adapter}", "-o", "{tmp}/merged", "--verify", "--tolerance", "inf"], 2, "--tolerance must be a finite number", output="{tmp}/merged"),
     },
     "diff-recover": {
         "missing-base": Case(["diff-recover", "--base", "{tmp}/nope-model", "--diff", "{diff}", "-o", "{tmp}/recovered"], 2, "nope-model", output="{tmp}/recovered"),
@@ -329,6 +385,8 @@ CASES: dict[str, dict[str, Case]] = {
         "config-is-a-list": Case(["convert-gguf", "{list_config_model}", "-o", "{tmp}/out.gguf"], 2, "config.json", output="{tmp}/out.gguf"),
         "config-of-wrong-types": Case(["convert-gguf", "{typed_config_model}", "-o", "{tmp}/out.gguf"], 2, "vocab_size", output="{tmp}/out.gguf"),
         "garbage-tokenizer-model": Case(["convert-gguf", "{garbage_spm_model}", "-o", "{tmp}/out.gguf"], 2, "tokenizer.model", output="{tmp}/out.gguf"),
+        "safetensors-overlapping-offsets": Case(["convert-gguf", "{overlapping_model}", "-o", "{tmp}/out.gguf"], 2, "overlap", output="{tmp}/out.gguf"),
+        "safetensors-f32-data-labelled-f16": Case(["convert-gguf", "{mislabelled_model}", "-o", "{tmp}/out.gguf"], 2, "the dtype or shape is wrong", output="{tmp}/out.gguf"),
     },
     "quantize": {
         "missing": Case(["quantize", "{tmp}/nope.gguf", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], 2, "nope.gguf", output="{tmp}/q8.gguf"),
@@ -355,7 +413,8 @@ CASES: dict[str, dict[str, Case]] = {
         "config-is-a-list": Case(["chat", "{list_config_model}", "-p", "hi", "-n", "2"], 2, "config.json"),
         "safetensors-offsets-as-text": Case(["chat", "{text_offsets_model}", "-p", "hi", "-n", "2"], 2, "data_offsets"),
         "nan-temperature": Case(["chat", "{model}", "-p", "hi", "-n", "2", "--temperature", "nan"], 2, "temperature must be a finite number"),
-        "infinite-repetition-penalty": Case(["chat", "{model}", "-p", "hi", "-n", "2", "--repetition-penalty", "inf"], 2, "repetition_penalty must be a finite number"),
+        "infinite-repetition-penalty": Case(["chat", "{model}", "-p", "hi", "-n", "2", "--repetition-penalty", "inf"], 2, "--repetition-penalty must be a finite number"),
+        "nan-rope-factor": Case(["chat", "{model}", "-p", "hi", "-n", "2", "--rope-scaling", "linear", "--rope-factor", "nan"], 2, "--rope-factor must be a finite number"),
     },
     "eval-ppl": {
         "missing-model": Case(["eval", "ppl", "{tmp}/nope-model", "-d", "{text}", "-o", "{tmp}/ppl.json"], 2, "nope-model", output="{tmp}/ppl.json"),
@@ -402,6 +461,7 @@ CASES: dict[str, dict[str, Case]] = {
         "truncated-recipe": Case(["pipeline", "{truncated_yaml}", "-o", "{tmp}/work"], 2, "truncated-recipe-text.yaml", output="{tmp}/work"),
         "missing-base-model": Case(["pipeline", "{missing_base_recipe}", "-o", "{tmp}/work"], 2, "nope-model", output="{tmp}/work"),
         "workdir-parent-is-a-file": Case(["pipeline", "{recipe}", "-o", "{tmp}/blocker/work"], 2, "blocker", output="{tmp}/blocker/work"),
+        "nan-in-recipe": Case(["pipeline", "{nan_recipe}", "-o", "{tmp}/work", "--dry-run"], 2, "recipe step align: beta must be a finite number, got nan", output="{tmp}/work"),
     },
     "serve": {
         "missing": Case(["serve", "{tmp}/nope.gguf", "--port", "0"], 2, "nope.gguf"),
@@ -509,9 +569,11 @@ def test_bad_invocation_fails_cleanly(cli, inputs, tmp_path, command, name):
         (output / "keep.txt").write_text("the user's earlier output\n")
         before = _snapshot(output)
     entries = sorted(tmp_path.rglob("*"))
+    sources = {arg: _snapshot(Path(arg)) for arg in args if not arg.startswith(str(tmp_path)) and os.path.isabs(arg) and os.path.exists(arg)}
     result = cli(*args)
     assert_clean_failure(result, case, needle=fill(case.needle, inputs, tmp_path), output=output, before=before)
     assert sorted(tmp_path.rglob("*")) == entries, "the failed command left files behind"
+    assert {arg: _snapshot(Path(arg)) for arg in sources} == sources, "an input was changed"
 
 
 def test_vocab_train_skips_a_line_cut_mid_character_and_says_so(cli, inputs, tmp_path):
@@ -715,6 +777,54 @@ def test_sigterm_mid_write_exits_143_and_removes_temporaries(inputs, tmp_path, c
     assert not partial.exists() and not out.exists() and _leftovers(out) == []
 
 
+@pytest.fixture(scope="module")
+def slow_to_quantize_gguf(tmp_path_factory, spm_tokenizer_dir) -> Path:
+    """An f32 GGUF big enough (17M parameters) that llama.cpp's quantizer is still writing when a signal comes."""
+    from cnllm.core.gguf.convert import convert_to_gguf
+    from cnllm.core.tiny import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("slow-to-quantize")
+    model = build_tiny_llama(root / "model", spm_tokenizer_dir, hidden_size=512, layers=4, heads=8, kv_heads=8, intermediate_size=2048, max_shard_size="1GB")
+    return convert_to_gguf(model, root / "model-f32.gguf", ConvertOptions(outtype="f32")).output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_quantize_interrupted_while_llama_cpp_writes_leaves_no_temporary(slow_to_quantize_gguf, tmp_path, sig):
+    """llama.cpp cannot be stopped, so it quantizes in a child process that the signal ends (issue 26): the temporary
+    output goes at once, and nothing writes it again afterwards."""
+    out = tmp_path / "q4.gguf"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnllm", "quantize", str(slow_to_quantize_gguf), "-o", str(out), "--type", "Q4_K_M", "--threads", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, not a background job
+    )
+    def written() -> int:
+        return max([p.stat().st_size for p in _leftovers(out) if p.exists()], default=0)
+
+    deadline = time.monotonic() + 120
+    try:
+        while not written():  # llama.cpp has begun writing
+            assert process.poll() is None, process.communicate()[1].decode()
+            assert time.monotonic() < deadline, "the quantizer never started writing"
+            time.sleep(0.005)
+        process.send_signal(sig)
+        at_signal = most = written()
+        while process.poll() is None and time.monotonic() < deadline:
+            most = max(most, written())
+            time.sleep(0.005)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    # Q4_K_M makes ~10 MiB of it; a quantizer that ran on to the end before the cleanup would have written them all.
+    assert most - at_signal < 4 << 20, f"{most - at_signal} bytes were written after the signal"
+    time.sleep(1.5)  # a quantizer left running would go on writing its file
+    assert _leftovers(out) == [] and not out.exists()
+
+
 # --- outputs never overwrite, enter or contain an input -----------------------------------------------------
 
 # name → (the input copied to {tmp}/work/<its name>, the command with that copy as {in}, what the error says)
@@ -731,6 +841,12 @@ OVERLAPS = {
     "pt-output-inside-the-model": ("model", ["pt", "-m", "{in}", "-d", "{text}", "-o", "{in}/adapter", *PT_QUICK], "lies inside the input"),
     "pipeline-workdir-inside-the-base": ("model", ["pipeline", "{tmp}/recipe.yaml", "-o", "{in}/work"], "lies inside the input"),
     "eval-ppl-output-is-the-data": ("text", ["eval", "ppl", "{model}", "-d", "{in}", "--ctx", "32", "-o", "{in}", "--force"], "is the input"),
+    "gguf-to-hf-output-is-the-input-folder": ("gguf", ["gguf-to-hf", "{in}", "-o", "{tmp}/work", "--force"], "contains the input"),
+    "convert-meta-output-contains-the-input": ("meta", ["convert-meta", "{in}", "-o", "{tmp}/work", "--force"], "contains the input"),
+    "convert-meta-output-is-the-input": ("meta", ["convert-meta", "{in}", "-o", "{in}", "--force"], "is the input"),
+    "convert-meta-output-inside-the-input": ("meta", ["convert-meta", "{in}", "-o", "{in}/hf"], "lies inside the input"),
+    "checksum-create-output-over-a-listed-file": ("release", ["checksum", "create", "{in}", "-o", "{in}/weights.bin", "--force"], "is one of the files to hash"),
+    "checksum-create-output-is-a-named-input": ("text", ["checksum", "create", "{in}", "-o", "{in}", "--force"], "is the input"),
 }
 
 
@@ -781,6 +897,47 @@ def test_outputs_get_the_permissions_the_umask_gives(cli, inputs, tmp_path, umas
     expected = {name: (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask for name in modes}
     assert modes == expected
     assert modes["merged/SHA256SUMS"] == modes["merged/config.json"]
+
+
+def test_adapters_and_gguf_to_hf_weights_get_the_umask_modes_not_0600(cli, inputs, tmp_path):
+    """safetensors writes 0600 files; the atomic output helpers give every output the umask's modes (issue 26)."""
+    previous = os.umask(0o027)
+    try:
+        trained = cli("pt", "-m", inputs.model, "-d", inputs.text, "-o", tmp_path / "adapter", *[fill(a, inputs, tmp_path) for a in PT_QUICK])
+        converted = cli("gguf-to-hf", inputs.gguf, "-o", tmp_path / "hf")
+    finally:
+        os.umask(previous)
+    assert (trained.exit_code, converted.exit_code) == (0, 0), trained.stderr + converted.stderr
+    for folder in (tmp_path / "adapter", tmp_path / "hf"):
+        modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+        assert modes == {name: 0o750 if (tmp_path / name).is_dir() else 0o640 for name in modes}
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+# --- training that diverges stops, and writes nothing ----------------------------------------------------
+
+
+def test_align_whose_gradients_overflow_stops_with_exit_1_and_writes_nothing(cli, inputs, tmp_path):
+    """``--beta 1e308`` is finite, but its first gradients are not: the run stops before the optimizer applies them."""
+    out = tmp_path / "out"
+    args = ["align", "-m", inputs.model, "-d", inputs.pref, "-o", out, *[fill(a, inputs, tmp_path) for a in ALIGN_QUICK], "--beta", "1e308"]
+    before = _snapshot(inputs.model)
+    result = cli(*args)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [result.stderr.strip().splitlines()[-1]] and "training stopped at step 1: the gradients are not finite" in errors[0]
+    assert not out.exists() and _leftovers(out) == [] and not list(tmp_path.glob(".out*"))
+    assert _snapshot(inputs.model) == before
+
+
+@pytest.mark.parametrize("logs", [{"loss": float("nan")}, {"loss": float("inf")}, {"train_loss": float("nan")}], ids=["nan", "inf", "mean"])
+def test_a_logged_loss_that_is_not_finite_stops_training(logs):
+    """The logged losses are checked too (the Trainer no longer averages a NaN away: logging_nan_inf_filter is off)."""
+    from cnllm.core.training.callbacks import DivergenceError, StopOnNonFinite
+
+    with pytest.raises(DivergenceError, match="training stopped at step 7: the loss is"):
+        StopOnNonFinite().on_log(SimpleNamespace(), SimpleNamespace(global_step=7), None, logs=logs)
+    StopOnNonFinite().on_log(SimpleNamespace(), SimpleNamespace(global_step=7), None, logs={"loss": 2.5, "grad_norm": 1.0})
 
 
 # --- a full disk says so, with the space needed and free --------------------------------------------------

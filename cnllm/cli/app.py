@@ -79,9 +79,11 @@ def load_command(name: str) -> click.Command:
         single = typer.Typer()
         single.command(name)(target)
         target = single
+    from cnllm.cli.options import refuse_non_finite_floats
+
     command = typer.main.get_command(target)
     command.name = name
-    return apply_path_rule(command)
+    return apply_path_rule(refuse_non_finite_floats(command))
 
 
 class LazyGroup(TyperGroup):

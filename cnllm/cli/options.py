@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -38,6 +39,43 @@ SHORT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "-a": (("--algo",), "checksum"),
     "-r": (("--root",), "checksum verify"),
 }
+
+
+class _Finite:
+    """A float parameter type that refuses NaN and infinities: no option of cnllm means anything by them, and
+    comparisons with NaN pass every range check (``--rope-factor nan`` satisfies ``min=1``)."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number = super().convert(value, param, ctx)  # type: ignore[misc]
+        if number is not None and not math.isfinite(number):
+            name = param.opts[0] if param is not None and param.opts else (param.human_readable_name if param is not None else "the value")
+            raise click.UsageError(f"{name} must be a finite number, got {value}", ctx)
+        return number
+
+
+class FiniteFloat(_Finite, click.types.FloatParamType):
+    """``float``, finite."""
+
+
+class FiniteFloatRange(_Finite, click.FloatRange):
+    """``click.FloatRange``, finite (the range shows in the help as before)."""
+
+
+def refuse_non_finite_floats(command: click.Command) -> click.Command:
+    """Give every float parameter of ``command`` (and its subcommands) the finite-only type, ranges kept:
+    the one rule for float flags, however a command declares them."""
+    for param in command.params:
+        kind = param.type
+        if isinstance(kind, _Finite):
+            continue
+        if isinstance(kind, click.FloatRange):
+            param.type = FiniteFloatRange(kind.min, kind.max, min_open=kind.min_open, max_open=kind.max_open, clamp=kind.clamp)
+        elif isinstance(kind, click.types.FloatParamType):
+            param.type = FiniteFloat()
+    for sub in getattr(command, "commands", {}).values():
+        refuse_non_finite_floats(sub)
+    return command
+
 
 JsonOpt = Annotated[
     bool,

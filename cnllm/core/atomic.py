@@ -14,6 +14,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -146,6 +147,31 @@ def _temp_sibling(path: Path, parent: Path) -> Path:
     return parent / f"{_temp_prefix(path)}{secrets.token_hex(8)}"
 
 
+def _umask() -> int:
+    """The process umask; read from /proc where it can be, since setting it to read it races other threads."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _give_umask_modes(path: Path) -> None:
+    """Give ``path`` (and everything under it) the modes a plain ``open``/``mkdir`` gives under the umask:
+    libraries that write through a private temporary file (safetensors' ``save_file``) leave 0600 behind."""
+    mask = _umask()
+    entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for entry in entries:
+        info = entry.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            continue
+        wide = 0o777 if stat.S_ISDIR(info.st_mode) or info.st_mode & 0o111 else 0o666
+        if stat.S_IMODE(info.st_mode) != wide & ~mask:
+            os.chmod(entry, wide & ~mask)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -168,6 +194,7 @@ def atomic_path(path: Path | str, *, force: bool = False, needed: int | None = N
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
         check_output(path, force)
+        _give_umask_modes(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         full = _is_disk_full(exc, parent)
@@ -225,6 +252,7 @@ def replace_dir(source: Path | str, path: Path | str, *, force: bool = False) ->
 def _swap_in(source: Path, path: Path, parent: Path) -> None:
     """Rename ``source`` over ``path``; the old ``path`` waits under a temporary name that
     :func:`_remove_stale_temporaries` recognises, so a killed swap never loses or leaks it."""
+    _give_umask_modes(source)
     old = None
     if path.exists() or path.is_symlink():
         old = parent / f"{_temp_prefix(path)}old"

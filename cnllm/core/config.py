@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 import string
 import types
 import typing
@@ -198,14 +199,19 @@ def coerce(value: Any, annotation: Any, *, where: str, root: Path | None = None)
             return value
         raise UsageError(f"{where}: expected an integer, got {value!r}")
     if target is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):  # YAML 1.1 reads "2e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UsageError(f"{where}: expected a number, got {value!r}")
+            except OverflowError:  # an integer beyond any float
+                number = math.inf
+        if number is None:
+            raise UsageError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no option means anything by NaN or infinity
+            raise UsageError(f"{where} must be a finite number, got {number}")
+        return number
     if target is Path:
         if isinstance(value, Path):
             return value

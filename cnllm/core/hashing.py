@@ -226,6 +226,32 @@ def _check_utf8_name(path: Path) -> None:
         raise UsageError(f"file name {shown} is not valid UTF-8 and cannot be listed in a manifest; rename the file") from None
 
 
+MANIFEST_SNIFF_BYTES = 64 << 10
+
+
+def _looks_like_manifest(path: Path) -> bool:
+    """Whether the file's first line is a checksum line (an earlier manifest), from a bounded read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(MANIFEST_SNIFF_BYTES)
+    except OSError:
+        return False
+    first = head.decode("utf-8-sig", errors="replace").lstrip().split("\n", 1)[0]
+    parsed = parse_manifest(first)
+    return bool(parsed.entries) and not parsed.malformed
+
+
+def _check_not_listed(manifest: Path, paths: Iterable[Path | str]) -> None:
+    """A manifest written into a folder it hashes may replace an earlier manifest there (with ``--force``),
+    never one of the files it would list: that file would be lost, and missing from the manifest too."""
+    if not manifest.is_file():
+        return
+    target = Path(os.path.realpath(manifest))
+    folders = [Path(os.path.realpath(p)) for p in paths if Path(p).is_dir()]
+    if any(folder in target.parents for folder in folders) and not _looks_like_manifest(manifest):
+        raise UsageError(f"output {manifest} is one of the files to hash, not an earlier manifest; inputs are never modified: choose another output")
+
+
 def create_manifest(
     paths: Sequence[Path | str],
     *,
@@ -246,7 +272,8 @@ def create_manifest(
     if not paths:
         raise UsageError("nothing to hash: name at least one file or directory")
     if manifest is not None:
-        check_output(manifest, force)
+        check_output(manifest, force, inputs=[p for p in paths if not Path(p).is_dir()])
+        _check_not_listed(manifest, paths)
     files = collect_files(paths, exclude=[manifest] if manifest is not None else [])
     if not files:
         raise UsageError("nothing to hash: the directories given contain no files")

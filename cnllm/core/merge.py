@@ -202,10 +202,37 @@ def read_adapter(directory: Path | str) -> Adapter:
     for key, what in UNSUPPORTED_OPTIONS.items():
         if config.get(key):
             raise UsageError(f"{directory} uses {what}, which merge-lora cannot merge; merge it with PEFT's merge_and_unload instead")
+    check_scaling(config, config_path)
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (directory / name).exists():
             return Adapter(directory, directory / name, config)
     raise UsageError(f"{directory} has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
+
+
+def _is_finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def check_scaling(config: dict, config_path: Path) -> None:
+    """``r`` and ``lora_alpha`` (and their per-module patterns) make the merge's scale alpha / r: each must be a
+    positive number, r a whole one, or the merge writes NaN or infinite weights."""
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise UsageError(f"{config_path}: {key} must map module names to numbers, got {pattern!r}")
+        patterns[key] = pattern
+    ranks = [("r", config.get("r", 8)), *((f"rank_pattern[{name!r}]", v) for name, v in patterns["rank_pattern"].items())]
+    alphas = [("lora_alpha", config.get("lora_alpha", 8)), *((f"alpha_pattern[{name!r}]", v) for name, v in patterns["alpha_pattern"].items())]
+    for whole, key, value in [(True, *item) for item in ranks] + [(False, *item) for item in alphas]:
+        if not _is_finite_number(value) or value <= 0 or (whole and value != int(value)):
+            kind = "a positive integer" if whole else "a positive finite number"
+            raise UsageError(f"{config_path}: {key} must be {kind}, got {value!r}")
 
 
 def _classify(key: str) -> tuple[str, str, str | int]:

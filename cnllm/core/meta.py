@@ -305,6 +305,16 @@ def find_tokenizer(source: Path, given: Path | None) -> Path | None:
     return None
 
 
+def tokenizer_inputs(found: Path | None, source: Path) -> list[Path]:
+    """What the tokenizer is read from, for the output-overlap check: the checkpoint's parent (LLaMA-1's layout)
+    holds other models' folders too, so there only its tokenizer files count, not the whole folder."""
+    if found is None:
+        return []
+    if found.is_dir() and found == source.parent:
+        return [found / "tokenizer.json", found / "tokenizer.model"]
+    return [found]
+
+
 def write_tokenizer(found: Path, target: Path, *, family: str, max_length: int, vocab: int) -> dict:
     """Hugging Face tokenizer files in ``target``; returns what was converted."""
     from cnllm.core.tokenizers import tiktoken
@@ -368,12 +378,12 @@ def convert_meta(
     options = options or MetaOptions()
     options.validate()
     source, output = Path(source), Path(output)
-    check_output(output, force)
+    tokenizer_source = find_tokenizer(source, options.tokenizer)
+    check_output(output, force, inputs=[source, *tokenizer_inputs(tokenizer_source, source)])
     plan = plan_checkpoint(source)
     vocab = plan.shapes["tok_embeddings.weight"][0]
     family = generation(plan.params, vocab)
     positions = options.max_position_embeddings or max_positions(plan.params, family)
-    tokenizer_source = find_tokenizer(source, options.tokenizer)
     out_dtype = options.dtype.torch if options.dtype is not None else None
     layout = []
     for group in plan.groups:

@@ -92,10 +92,32 @@ def read_safetensors_header(path: Path) -> dict:
     for name, meta in header.items():
         if name != "__metadata__":
             _check_header_entry(path, name, meta)
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _check_data_layout(path, header)
     if 8 + length + end > size:
         raise UsageError(f"{path} is truncated: {size} bytes, the header describes {8 + length + end}")
+    if 8 + length + end < size:
+        raise UsageError(f"{path} is corrupted: {size - 8 - length - end} bytes after the last tensor's data_offsets")
     return header
+
+
+def _check_data_layout(path: Path, header: dict) -> int:
+    """The tensors' data, as safetensors itself checks it: in file order each tensor starts where the previous
+    one ended (no overlap, no gap), from 0. Returns where the data ends."""
+    entries = sorted(((meta["data_offsets"], name) for name, meta in header.items() if name != "__metadata__"))
+    end, previous = 0, None
+    for (start, stop), name in entries:
+        if start != end:
+            where = f"overlap those of {previous}" if start < end else f"leave a gap of {start - end} bytes after {previous or 'the header'}"
+            raise UsageError(f"{path} is corrupted: the data_offsets of tensor {name} {where}")
+        end, previous = stop, name
+    return end
+
+
+# Every dtype the safetensors format defines, in bits per element (its own size check: elements × size == bytes).
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64, "F64": 64,
+}
 
 
 def _is_count(value) -> bool:
@@ -115,6 +137,13 @@ def _check_header_entry(path: Path, name: str, meta) -> None:
         offsets = meta.get("data_offsets")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
             problem = "no valid data_offsets [start, end]"
+        elif meta["dtype"] not in SAFETENSORS_DTYPE_BITS:
+            problem = f"an unknown dtype {meta['dtype']!r}"
+        else:
+            bits = _numel(meta["shape"]) * SAFETENSORS_DTYPE_BITS[meta["dtype"]]
+            if (offsets[1] - offsets[0]) * 8 != bits:
+                takes = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits"
+                problem = f"{offsets[1] - offsets[0]} bytes of data where {meta['dtype']} of shape {meta['shape']} takes {takes}: the dtype or shape is wrong"
     if problem:
         raise UsageError(f"{path} is corrupted: tensor {name} has {problem} in the safetensors header")
 
@@ -237,10 +266,8 @@ def _read_safetensor(handle, path: Path, name: str, meta: dict, rows: tuple[int,
 
     if meta["dtype"] not in SAFETENSORS_TORCH_DTYPES:
         raise UsageError(f"{path}: tensor {name} has an unsupported dtype {meta['dtype']}")
-    start, end = meta["data_offsets"]
+    start, end = meta["data_offsets"]  # checked against the dtype and shape by read_safetensors_header
     dtype = getattr(torch, SAFETENSORS_TORCH_DTYPES[meta["dtype"]])
-    if _numel(meta["shape"]) * _element_size(dtype) != end - start:
-        raise UsageError(f"{path} is corrupted: tensor {name} has {end - start} bytes for shape {meta['shape']}")
     shape = list(meta["shape"])
     if rows is not None:
         row_bytes = (end - start) // shape[0] if shape[0] else 0

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from cnllm.core.atomic import TEMP_MARK, atomic_dir, atomic_file, atomic_path, write_text
@@ -128,3 +130,36 @@ def test_replace_dir_restores_the_old_output_when_the_move_fails(tmp_path, monke
     atomic.replace_dir(built, out, force=True)
     assert [p.name for p in out.iterdir()] == ["new.txt"] and not built.exists()
     assert not [p for p in tmp_path.iterdir() if TEMP_MARK in p.name]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_outputs_get_umask_modes_even_when_a_library_wrote_them_private(tmp_path, umask):
+    """safetensors' save_file (and mkstemp-style writers) leave 0600 files: the output gets what open() would give."""
+    import stat
+
+    from cnllm.core.atomic import replace_dir
+
+    previous = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "sub").mkdir(mode=0o700)
+            for name in ("weights.safetensors", "sub/inner.json"):
+                (tmp / name).write_text("x")
+                os.chmod(tmp / name, 0o600)
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(tmp / "run.sh", 0o700)
+        with atomic_path(tmp_path / "single.gguf") as tmp:
+            os.chmod(tmp, 0o600)
+        trained = tmp_path / ".trained.work"
+        trained.mkdir(mode=0o700)
+        (trained / "adapter_model.safetensors").write_text("x")
+        os.chmod(trained / "adapter_model.safetensors", 0o600)
+        replace_dir(trained, tmp_path / "trained")
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    assert modes == {
+        "folder": 0o777 & ~umask, "folder/sub": 0o777 & ~umask, "folder/weights.safetensors": 0o666 & ~umask,
+        "folder/sub/inner.json": 0o666 & ~umask, "folder/run.sh": 0o777 & ~umask, "single.gguf": 0o666 & ~umask,
+        "trained": 0o777 & ~umask, "trained/adapter_model.safetensors": 0o666 & ~umask,
+    }

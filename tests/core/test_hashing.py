@@ -38,13 +38,23 @@ def test_hash_files_reports_unreadable_file_as_error(tmp_path):
 
 def test_create_manifest_relative_sorted_and_excludes_itself(model_dir):
     manifest = model_dir / "SHA256SUMS"
-    manifest.write_text("old\n")
+    manifest.write_text(f"{'0' * 64}  weights.bin\n")  # an earlier manifest, replaced with --force
     result = hashing.create_manifest([model_dir], manifest=manifest, force=True, jobs=2)
     assert [f.path for f in result.files] == ["config.json", "sub/tokenizer.model", "weights.bin"]
     lines = manifest.read_text().splitlines()
     config_digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
     assert lines[0] == f"{config_digest}  config.json"
     assert len(lines) == 3
+
+
+def test_create_never_replaces_a_file_it_would_list(model_dir):
+    """With --force an earlier manifest in the folder is replaced; any other file there is an input, kept."""
+    before = (model_dir / "weights.bin").read_bytes()
+    with pytest.raises(UsageError, match="is one of the files to hash"):
+        hashing.create_manifest([model_dir], manifest=model_dir / "weights.bin", force=True)
+    with pytest.raises(UsageError, match="is the input"):
+        hashing.create_manifest([model_dir / "weights.bin"], manifest=model_dir / "weights.bin", force=True)
+    assert (model_dir / "weights.bin").read_bytes() == before
 
 
 def test_create_refuses_existing_manifest_without_force(model_dir):

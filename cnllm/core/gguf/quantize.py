@@ -5,14 +5,19 @@ fallback when a row (the input dimension) is not a multiple of a k-quant's 256-w
 vocabulary of 49,953 or 55,296 tokens only sets the number of rows, so extended Chinese
 vocabularies get real k-quants; small hidden sizes (64 in the tests) fall back. This module
 validates the input, hands it over, turns llama.cpp's log into progress and a summary, and keeps
-the output atomic.
+the output atomic. The quantizer runs in a child process: llama.cpp offers no way to stop it, so a
+Ctrl-C or SIGTERM ends the child, and the temporary output is removed at once rather than after the
+quantizer has finished writing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import multiprocessing
 import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,21 +184,19 @@ def load_imatrix(path: Path) -> dict[str, "np.ndarray"]:  # noqa: F821
 
 
 class _LlamaLog:
-    """llama.cpp's log, captured: per-tensor progress, fallback count, the failure reason; echoed only when verbose."""
+    """llama.cpp's log, as the child process sends it: per-tensor progress, fallback count, the failure reason;
+    echoed only when verbose."""
 
     TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*(\d+)\]\s+(\S+)")  # "[  3/ 21] blk.0.attn_q.weight - ..."
 
     def __init__(self, progress: Progress, verbose: bool) -> None:
-        import llama_cpp
-
         self.progress, self.verbose = progress, verbose
         self.buffer = ""
         self.lines: list[str] = []
         self.total: int | None = None
         self.fallbacks = 0
-        self.callback = llama_cpp.llama_log_callback(self._on_text)
 
-    def _on_text(self, level: int, text: bytes, user_data) -> None:
+    def feed(self, text: bytes) -> None:
         self.buffer += text.decode("utf-8", errors="replace")
         while "\n" in self.buffer:
             line, self.buffer = self.buffer.split("\n", 1)
@@ -217,19 +220,81 @@ class _LlamaLog:
                 return line.split("failed to quantize:", 1)[1].strip()
         return "llama.cpp's quantizer failed (run with --verbose for its log)"
 
-    def __enter__(self) -> "_LlamaLog":
-        import llama_cpp
-
-        llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import llama_cpp
-        from llama_cpp import _logger
-
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    def finish(self) -> None:
         if self.total is not None:
             self.progress.finish()
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGKILL when the parent dies, so a killed ``cnllm`` leaves no quantizer writing on."""
+    import os
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before that took effect
+        os._exit(1)
+
+
+def _quantize_in_child(connection, input_path: str, output: str, options: "QuantizeOptions", ftype: int) -> None:
+    """The child process: llama.cpp quantizes ``input_path`` into ``output``; its log, then the result code (or a
+    message), go to the parent through ``connection``. Interruptions are the parent's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    try:
+        import llama_cpp
+
+        callback = llama_cpp.llama_log_callback(lambda level, text, user_data: connection.send(("log", text)))
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = options.threads or 0
+        params.allow_requantize = options.allow_requantize
+        params.quantize_output_tensor = not options.leave_output_tensor
+        if options.output_tensor_type is not None:
+            params.output_tensor_type = ggml_type_id(options.output_tensor_type)
+        if options.token_embedding_type is not None:
+            params.token_embedding_type = ggml_type_id(options.token_embedding_type)
+        entries = load_imatrix(Path(options.imatrix)) if options.imatrix is not None else {}
+        imatrix_array = _imatrix_array(entries) if entries else None  # kept alive until llama.cpp returns
+        if imatrix_array is not None:
+            params.imatrix = ctypes.cast(imatrix_array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        connection.send(("code", llama_cpp.llama_model_quantize(input_path.encode(), output.encode(), ctypes.byref(params))))
+    except Exception as exc:  # noqa: BLE001 - reported by the parent, in one line
+        connection.send(("error", str(exc) or type(exc).__name__))
+
+
+def _run_quantizer(input_path: Path, output: Path, options: "QuantizeOptions", ftype: int, log: _LlamaLog) -> int:
+    """Quantize in a child process and return llama.cpp's result code; an interruption of this process
+    (Ctrl-C, SIGTERM) kills the child first, so nothing writes ``output`` after this returns or raises."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_quantize_in_child, args=(sender, str(input_path), str(output), options, ftype), daemon=True)
+    code: int | None = None
+    try:
+        child.start()
+        sender.close()
+        while True:
+            try:
+                kind, value = receiver.recv()
+            except EOFError:
+                break
+            if kind == "log":
+                log.feed(value)
+            elif kind == "code":
+                code = value
+            else:
+                raise CheckFailed(f"quantizing {input_path} failed: {value}")
+        child.join()
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+        receiver.close()
+    if code is None:
+        raise CheckFailed(f"llama.cpp's quantizer process ended without a result (exit status {child.exitcode}; out of memory?)")
+    return code
 
 
 @dataclass
@@ -317,14 +382,11 @@ def quantize_gguf(
 ) -> QuantizeResult:
     """Quantize ``input_path`` into ``output`` with llama.cpp, its provenance record beside it
     (``output.cnllm.json``); see the module docstring."""
-    import llama_cpp
-
     from cnllm.core.provenance import write_file_record
 
     started = time.perf_counter()
     options.validate()
-    threads, allow_requantize, imatrix = options.threads, options.allow_requantize, options.imatrix
-    output_tensor_type, token_embedding_type = options.output_tensor_type, options.token_embedding_type
+    allow_requantize, imatrix = options.allow_requantize, options.imatrix
     input_path, output = Path(input_path), Path(output)
     quant = get_quant_type(options.type)
     check_output(output, force, inputs=[input_path, imatrix])
@@ -337,23 +399,13 @@ def quantize_gguf(
         )
     entries = load_imatrix(Path(imatrix)) if imatrix is not None else {}
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = quant.ftype_id
-    params.nthread = threads or 0
-    params.allow_requantize = allow_requantize
-    params.quantize_output_tensor = not options.leave_output_tensor
-    if output_tensor_type is not None:
-        params.output_tensor_type = ggml_type_id(output_tensor_type)
-    if token_embedding_type is not None:
-        params.token_embedding_type = ggml_type_id(token_embedding_type)
-    imatrix_array = _imatrix_array(entries) if entries else None
-    if imatrix_array is not None:
-        params.imatrix = ctypes.cast(imatrix_array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-
     needed = before.size - before.tensor_bytes + int(before.parameters * quant.bits_per_weight / 8)
+    log = _LlamaLog(progress, verbose)
     with atomic_path(output, force=force, needed=needed) as tmp:
-        with _LlamaLog(progress, verbose) as log:
-            code = llama_cpp.llama_model_quantize(str(input_path).encode(), str(tmp).encode(), ctypes.byref(params))
+        try:
+            code = _run_quantizer(input_path, tmp, options, quant.ftype_id, log)
+        finally:
+            log.finish()
         if code != 0:
             reason = log.failure()
             if "imatrix" in reason:

@@ -180,7 +180,7 @@ def gguf_to_hf(
     started = time.perf_counter()
     options = options or GgufToHfOptions()
     source, output = Path(source), Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=[source])
     architecture, file_type, tensors = inspect_gguf(source)
     progress.log(f"reading {source.name} ({architecture}, {file_type}, {tensors} tensors) with transformers' GGUF loader")
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from cnllm.core.errors import CnllmError
 from cnllm.core.progress import Progress
 
 
@@ -85,6 +86,39 @@ class TrainingMonitor(TrainerCallback):
         if self.started:
             self.progress.finish()
             self.started = False
+
+
+class DivergenceError(CnllmError):
+    """Training produced a non-finite loss or gradient: what it would save is garbage, so it stops (exit 1)."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"training stopped at step {step}: {what}; the output was not written. Lower the learning rate "
+                         "(align: the beta), or check the data")
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stops training when the loss or the gradients stop being finite numbers, before the optimizer applies
+    them: a NaN loss otherwise trains on (the Trainer hides it from the logged average) and saves a NaN adapter.
+
+    The gradients are checked after clipping (an infinite norm has made them NaN by then), except in fp16 mixed
+    precision, whose gradient scaler skips such steps itself; the logged losses (every logging step, and the
+    run's mean at the end) are checked always.
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        if args.fp16 or model is None:
+            return
+        finite = [torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if finite and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):  # one sync per step
+            raise DivergenceError(state.global_step + 1, "the gradients are not finite (inf or NaN)")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "train_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise DivergenceError(state.global_step, f"the loss is {value}")
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -309,6 +309,7 @@ def training_arguments(plan: Plan, has_eval: bool):
         use_cpu=not torch.cuda.is_available(),
         logging_steps=options.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show, for StopOnNonFinite to stop the run
         include_num_input_tokens_seen=plan.method.counts_tokens,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=options.eval_steps or options.save_steps,
@@ -442,7 +443,7 @@ def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, data: Dat
     from cnllm.core.embeddings import resize_and_fill
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from cnllm.core.training.callbacks import TrainingMonitor, perplexity, read_metrics, truncate_metrics
+    from cnllm.core.training.callbacks import StopOnNonFinite, TrainingMonitor, perplexity, read_metrics, truncate_metrics
 
     options, work = plan.options, plan.work
     args = training_arguments(plan, has_eval=data.eval is not None)
@@ -479,7 +480,8 @@ def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, data: Dat
             model.enable_input_require_grads()
     metrics_path = work / METRICS_NAME
     monitor = TrainingMonitor(progress, metrics_path)
-    trainer = plan.method.trainer(options, model=model, args=args, data=data, tokenizer=tokenizer, callbacks=[monitor], peft_config=peft_config)
+    trainer = plan.method.trainer(options, model=model, args=args, data=data, tokenizer=tokenizer, callbacks=[monitor, StopOnNonFinite()],
+                                  peft_config=peft_config)
     if peft_config is not None:
         trained_weights_fp32(trainer.model, plan.precision)  # the Trainer added the adapter; the optimizer is made later, in train()
     result.trainable_parameters, result.total_parameters = count_parameters(trainer.model)
