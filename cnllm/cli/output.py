@@ -33,15 +33,23 @@ def print_json(document: Any) -> None:
 
 
 def print_error(message: str) -> None:
-    stderr().print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    """``message`` is plain text: a value such as ``[nan]`` in it is shown, not taken for markup."""
+    from rich.markup import escape
+
+    stderr().print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
-    stderr().print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    from rich.markup import escape
+
+    stderr().print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def print_note(message: str) -> None:
     stderr().print(message, markup=False, highlight=False)
+
+
+PIPE_WIDTH = 100_000  # wide enough for any path: a table printed off a terminal never cuts a value
 
 
 def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, styles: dict[int, str] | None = None) -> None:
@@ -52,7 +60,17 @@ def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequen
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
-    stdout().print(table)
+    console = stdout()
+    if console.is_terminal:
+        console.print(table)
+        return
+    # Off a terminal (a pipe, a CI log) nothing sets a width: the table is as wide as its values, none cut.
+    width = console.width
+    console.width = PIPE_WIDTH
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 

@@ -27,6 +27,7 @@ from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
 from cnllm.core.gguf import is_gguf
+from cnllm.core.gguf.header import check_gguf
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import finish_output_folder
 from cnllm.core.tensors import DEFAULT_SHARD_SIZE, ShardSize
@@ -88,6 +89,7 @@ def inspect_gguf(path: Path) -> tuple[str, str, int]:
         raise UsageError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     if not is_gguf(path):
         raise UsageError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    check_gguf(path)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, OSError) as exc:

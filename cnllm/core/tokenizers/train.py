@@ -18,6 +18,9 @@ from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.tokenizers.spm import load_proto, train_spm
 
 
+MAX_VOCAB_SIZE = 1 << 20  # 1M pieces, ten times the largest LLaMA-family vocabulary
+
+
 @dataclass
 class TrainVocabOptions:
     """SentencePiece settings of :func:`train_vocab` (``cnllm vocab train`` flags; a recipe's vocab step)."""
@@ -32,8 +35,8 @@ class TrainVocabOptions:
         coerce_fields(self)
 
     def validate(self) -> None:
-        if self.vocab_size < 8:
-            raise UsageError("--vocab-size must be at least 8")
+        if not 8 <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise UsageError(f"--vocab-size must be between 8 and {MAX_VOCAB_SIZE}, got {self.vocab_size}")
         if not 0.0 < self.character_coverage <= 1.0:
             raise UsageError("--character-coverage must be in (0, 1]")
         if 0 < self.input_sentence_size <= 100 or self.input_sentence_size < 0:
