@@ -173,6 +173,7 @@ def gguf_to_hf(
     progress: Progress = NULL_PROGRESS,
 ) -> GgufToHfResult:
     """Write ``output`` (safetensors, config, generation config, tokenizer with its chat template) from ``source``."""
+    architecture, file_type, tensors = inspect_gguf(Path(source))  # before torch loads: a bad header is refused at once
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,7 +184,6 @@ def gguf_to_hf(
     options = options or GgufToHfOptions()
     source, output = Path(source), Path(output)
     check_output(output, force)
-    architecture, file_type, tensors = inspect_gguf(source)
     progress.log(f"reading {source.name} ({architecture}, {file_type}, {tensors} tensors) with transformers' GGUF loader")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)

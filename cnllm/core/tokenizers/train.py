@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional
 
 from cnllm.core.atomic import atomic_file, check_output
-from cnllm.core.config import coerce_fields
+from cnllm.core.config import OptionError, coerce_fields
 from cnllm.core.corpus import CorpusStats, corpus_files, iter_documents
 from cnllm.core.errors import UsageError
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -36,7 +36,7 @@ class TrainVocabOptions:
 
     def validate(self) -> None:
         if not 8 <= self.vocab_size <= MAX_VOCAB_SIZE:
-            raise UsageError(f"--vocab-size must be between 8 and {MAX_VOCAB_SIZE}, got {self.vocab_size}")
+            raise OptionError("{vocab_size} must be between 8 and {maximum}, got {value}", maximum=MAX_VOCAB_SIZE, value=self.vocab_size)
         if not 0.0 < self.character_coverage <= 1.0:
             raise UsageError("--character-coverage must be in (0, 1]")
         if 0 < self.input_sentence_size <= 100 or self.input_sentence_size < 0:
