@@ -1082,6 +1082,20 @@ def test_checksum_verify_refuses_a_link_that_leads_outside_its_folder(cli, tmp_p
     assert cli("checksum", "verify", manifest, "--allow-outside").exit_code == 0
 
 
+def test_checksum_verify_follows_a_hugging_face_snapshot_into_its_blobs(cli, tmp_path):
+    """Every file of a hub cache snapshot links to ``../../blobs/``: that is the snapshot's own content, not outside."""
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "0123abcd").write_bytes(b"weights\n")
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(Path("..") / ".." / "blobs" / "0123abcd")
+    manifest = tmp_path / "SHA256SUMS"
+    manifest.write_text(f"{_digest(repo / 'blobs' / '0123abcd')}  model.safetensors\n")
+    result = cli("checksum", "verify", manifest, "--root", snapshot)
+    assert result.exit_code == 0, result.stdout + result.stderr
+
+
 def test_tables_print_whole_values_when_stdout_is_not_a_terminal(cli, tmp_path):
     """A CI log or a pipe has no width: a long file name is printed whole on its row, not cut to ``…``."""
     name = "a-long-folder-name-" * 8 + "model-00001-of-00002.safetensors"

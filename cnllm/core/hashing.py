@@ -501,12 +501,21 @@ def outside_reason(name: str) -> str | None:
     return None
 
 
-def linked_outside_reason(target: str, real_folder: str) -> str | None:
-    """Why ``target`` (inside the folder by name) is not inside it once symbolic links are followed, if it is not.
+def link_targets_allowed(root: Path) -> tuple[str, ...]:
+    """The real folders a symbolic link under ``root`` may lead into (each ending in a separator): ``root`` itself,
+    and for a Hugging Face cache snapshot (``models--org--name/snapshots/<commit>``) its ``blobs/``, where every
+    file of a snapshot is a link to."""
+    allowed = [os.path.join(os.path.realpath(root), "")]
+    blobs = Path(root).absolute().parent.parent / "blobs"
+    if Path(root).absolute().parent.name == "snapshots" and blobs.is_dir():
+        allowed.append(os.path.join(os.path.realpath(blobs), ""))
+    return tuple(allowed)
 
-    ``real_folder`` is the folder's real path ending in a separator.
-    """
-    if os.path.join(os.path.realpath(target), "").startswith(real_folder):
+
+def linked_outside_reason(target: str, allowed: tuple[str, ...]) -> str | None:
+    """Why ``target`` (inside the root by name) leads elsewhere once symbolic links are followed, if it does
+    (``allowed``: :func:`link_targets_allowed`)."""
+    if os.path.join(os.path.realpath(target), "").startswith(allowed):
         return None
     return "symbolic link leads outside"
 
@@ -544,13 +553,13 @@ def verify_manifest(
     tasks: list[tuple[str, str]] = []
     targets: list[str | None] = []
     folder = os.fspath(root)
-    real_folder = os.path.join(os.path.realpath(folder), "")
+    link_targets = link_targets_allowed(root)
     for entry in parsed.entries:
         target = os.path.join(folder, entry.path)  # plain strings: manifests list 100,000 files
         check = FileCheck(entry.path, OK, entry.algorithm, entry.digest, line=entry.line)
         checks.append(check)
         targets.append(None)
-        outside = None if allow_outside else outside_reason(entry.path) or linked_outside_reason(target, real_folder)
+        outside = None if allow_outside else outside_reason(entry.path) or linked_outside_reason(target, link_targets)
         if outside:
             check.status, check.reason = FAILED, f"{outside} of {root}; not read (allow with --allow-outside)"
             continue
