@@ -509,6 +509,9 @@ CASES["merge-lora"].update({
 CASES["chat"].update({
     "adapter-config-is-a-list": Case(["chat", "{model}", "--lora", "{list_adapter}", "-p", "hi", "-n", "2"], 2, "adapter_config.json is not a JSON object"),
     "deeply-nested-tokenizer-json": Case(["chat", "{deep_tokenizer_model}", "-p", "hi", "-n", "2"], 2, "tokenizer.json is not a valid tokenizer file"),
+    "rope-factor-beyond-any-context": Case(["chat", "{gguf}", "--rope-scaling", "linear", "--rope-factor", "100000", "-p", "hi", "-n", "2"], 2,
+                                           "--rope-factor (51200000) is beyond the largest context window"),
+    "n-ctx-beyond-any-context": Case(["chat", "{gguf}", "--n-ctx", "100000000", "-p", "hi", "-n", "2"], 2, "--n-ctx"),
 })
 CASES["convert-gguf"]["deeply-nested-tokenizer-json"] = Case(["convert-gguf", "{deep_tokenizer_model}", "-o", "{tmp}/out.gguf"], 2, "tokenizer.json", output="{tmp}/out.gguf")
 CASES["sft"]["deeply-nested-data"] = Case(["sft", "-m", "{model}", "-d", "{deep_sft}", "-o", "{tmp}/out", *SFT_QUICK], 2, "nested too deeply", output="{tmp}/out")
