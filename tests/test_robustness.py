@@ -94,6 +94,72 @@ def _edit_adapter_config(adapter: Path, **values) -> Path:
     return adapter
 
 
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # Python's parser recurses once a level, tokenizers' stops at 128
+
+
+def _patch_gguf(source: Path, target: Path, key: str, value: int) -> Path:
+    """A copy of a GGUF with one integer metadata value overwritten in place (the header keeps its layout)."""
+    import gguf
+
+    shutil.copy2(source, target)
+    reader = gguf.GGUFReader(target, "r+")
+    field = reader.fields[key]
+    field.parts[field.data[0]][0] = value
+    del reader
+    return target
+
+
+def hostile_inputs(root: Path, model: Path, adapter: Path, gguf: Path) -> dict[str, Path]:
+    """Inputs built to exhaust memory or time, or to reach an unguarded code path (issue 26)."""
+    found: dict[str, Path] = {}
+    for name, key, value in (
+        ("gguf_many_blocks", "llama.block_count", 100_000),
+        ("gguf_no_heads", "llama.attention.head_count", 0),
+        ("gguf_bos_past_vocab", "tokenizer.ggml.bos_token_id", 999_999),
+        ("gguf_unknown_file_type", "general.file_type", 999),
+        ("gguf_huge_context", "llama.context_length", 4_000_000_000),
+    ):
+        found[name] = _patch_gguf(gguf, root / f"{name}.gguf", key, value)
+    found["deep_header_model"] = shutil.copytree(model, root / "deep-header-model")
+    shard = _largest(found["deep_header_model"], "*.safetensors")
+    data = shard.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = b'{"deep": ' + DEEP_JSON.encode() + b", " + data[9 : 8 + length]
+    shard.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length :])
+    found["deep_adapter"] = shutil.copytree(adapter, root / "deep-adapter")
+    (found["deep_adapter"] / "adapter_config.json").write_text('{"r": ' + DEEP_JSON + "}")
+    found["list_adapter"] = shutil.copytree(adapter, root / "list-adapter")
+    (found["list_adapter"] / "adapter_config.json").write_text("[1, 2]\n")
+    found["deep_tokenizer_model"] = shutil.copytree(model, root / "deep-tokenizer-model")
+    (found["deep_tokenizer_model"] / "tokenizer.json").write_text('{"model": ' + DEEP_JSON + "}")
+    found["deep_sft"] = root / "deep-sft.json"
+    found["deep_sft"].write_text('[{"instruction": "hi", "output": ' + DEEP_JSON + "}]\n")
+    found["deep_pref"] = root / "deep-pref.jsonl"
+    found["deep_pref"].write_text('{"prompt": "hi", "chosen": "a", "rejected": ' + DEEP_JSON + "}\n")
+    found["longbench_deep"] = root / "longbench-deep"
+    found["longbench_deep"].mkdir()
+    (found["longbench_deep"] / "multifieldqa_zh.jsonl").write_text('{"input": "x", "answers": ' + DEEP_JSON + "}\n")
+    found["longbench_latin1"] = root / "longbench-latin1"
+    found["longbench_latin1"].mkdir()
+    (found["longbench_latin1"] / "multifieldqa_zh.jsonl").write_bytes('{"input": "café", "answers": ["x"]}\n'.encode("latin-1"))
+    # ~400 bytes that expand to 9^9 strings: PyYAML builds them shared, but the recipe's name is str() of them.
+    levels = ['&a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]', *(f"&a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9))]
+    found["alias_bomb_recipe"] = root / "alias-bomb.yaml"
+    found["alias_bomb_recipe"].write_text(f"name: [{', '.join(levels)}]\nbase: {{model: {model}}}\nconvert: {{outtype: f16}}\n")
+    found["deep_recipe"] = root / "deep-recipe.yaml"
+    found["deep_recipe"].write_text(f"name: deep\nbase: {{model: {model}}}\nconvert: {DEEP_JSON}\n")
+    found["list_model_recipe"] = root / "list-model-recipe.yaml"
+    found["list_model_recipe"].write_text("name: listed\nbase: {model: [1, 2]}\nconvert: {}\n")
+    found["huge_vocab_recipe"] = root / "huge-vocab-recipe.yaml"
+    found["huge_vocab_recipe"].write_text(f"name: huge\nbase: {{model: {model}}}\nvocab: {{corpus: [{model / 'config.json'}], vocab_size: {10**32}}}\n")
+    found["huge_rank_recipe"] = root / "huge-rank-recipe.yaml"
+    found["huge_rank_recipe"].write_text(f"name: huge\nbase: {{model: {model}}}\npt: {{data: [{model / 'config.json'}], lora_rank: {10**11}}}\n")
+    found["huge_file"] = root / "huge.bin"  # sparse: 1 GiB to stat, nothing on disk
+    with open(found["huge_file"], "wb") as handle:
+        handle.truncate(1 << 30)
+    return found
+
+
 class PickleThatRuns:
     """An object whose unpickling would run code: what a malicious ``adapter_model.bin`` carries."""
 
@@ -240,6 +306,7 @@ def inputs(tmp_path_factory, tiny_llama_dir, spm_tokenizer_dir) -> SimpleNamespa
         random_yaml=_random_bytes(root / "random.yaml"),
         random_json=_random_bytes(root / "random.json"),
         empty_dir=Path(tmp_path_factory.mktemp("empty-dir")),
+        **hostile_inputs(root, tiny_llama_dir, adapter, gguf),
     )
 
 
@@ -365,10 +432,10 @@ CASES: dict[str, dict[str, Case]] = {
         "parent-is-a-file": Case(["diff-recover", "--base", "{model}", "--diff", "{diff}", "-o", "{tmp}/blocker/recovered"], 2, "blocker", output="{tmp}/blocker/recovered"),
     },
     "convert-meta": {
-        "missing": Case(["convert-meta", "{tmp}/nope-model", "-o", "{tmp}/out"], 2, "nope-model", output="{tmp}/out"),
+        "missing": Case(["convert-meta", "{tmp}/nope-model", "-o", "{tmp}/out"], 2, "nope-model does not exist", output="{tmp}/out"),
         "missing-json": Case(["convert-meta", "{tmp}/nope-model", "-o", "{tmp}/out", "--json"], 2, "nope-model", output="{tmp}/out", json=True),
         "text-file": Case(["convert-meta", "{notes}", "-o", "{tmp}/out"], 2, "notes.txt", output="{tmp}/out"),
-        "empty-dir": Case(["convert-meta", "{empty_dir}", "-o", "{tmp}/out"], 2, "consolidated.NN.pth", output="{tmp}/out"),
+        "empty-dir": Case(["convert-meta", "{empty_dir}", "-o", "{tmp}/out"], 2, "is empty", output="{tmp}/out"),
         "parent-is-a-file": Case(["convert-meta", "{empty_dir}", "-o", "{tmp}/blocker/out"], 2, "blocker", output="{tmp}/blocker/out"),
     },
     "convert-gguf": {
@@ -471,6 +538,66 @@ CASES: dict[str, dict[str, Case]] = {
         "truncated-model-dir": Case(["serve", "{truncated_model}", "--port", "0"], 2, "truncated-model"),
     },
 }
+
+
+# Issue 26: inputs built to exhaust memory or time, or to reach a path no check guarded ("unexpected …").
+# A GGUF header llama.cpp would trust (SIGABRT, a division by zero, an index past the vocabulary) is refused by
+# every command that opens one, before llama.cpp or gguf-py sees it.
+GGUF_HEADERS = {
+    "many-blocks": ("gguf_many_blocks", "llama.block_count says 100,000 layers but the file holds tensors for 2"),
+    "no-heads": ("gguf_no_heads", "llama.attention.head_count must be at least 1, not 0"),
+    "bos-past-vocab": ("gguf_bos_past_vocab", "bos_token_id 999,999 is not in its vocabulary of 1,000 tokens"),
+    "unknown-file-type": ("gguf_unknown_file_type", "general.file_type 999 is not a llama.cpp file type"),
+    "huge-context": ("gguf_huge_context", "llama.context_length 4,000,000,000 is not a context length"),
+}
+GGUF_COMMANDS = {  # command → (its arguments around the GGUF, its output)
+    "chat": (["chat", "{gguf}", "-p", "hi", "-n", "2"], None),
+    "eval-ppl": (["eval", "ppl", "{gguf}", "-d", "{text}", "-o", "{tmp}/ppl.json"], "{tmp}/ppl.json"),
+    "serve": (["serve", "{gguf}", "--port", "0"], None),
+    "quantize": (["quantize", "{gguf}", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], "{tmp}/q8.gguf"),
+    "gguf-to-hf": (["gguf-to-hf", "{gguf}", "-o", "{tmp}/hf"], "{tmp}/hf"),
+}
+for _command, (_template, _output) in GGUF_COMMANDS.items():
+    for _name, (_field, _needle) in GGUF_HEADERS.items():
+        _args = [a.replace("{gguf}", "{%s}" % _field) for a in _template]
+        CASES.setdefault(_command, {})[f"gguf-{_name}"] = Case(_args, 2, _needle, output=_output)
+CASES["merge-lora"].update({
+    "deeply-nested-safetensors-header": Case(["merge-lora", "--base", "{deep_header_model}", "--lora", "{adapter}", "-o", "{tmp}/merged"], 2, "header is nested too deeply", output="{tmp}/merged"),
+    "deeply-nested-adapter-config": Case(["merge-lora", "--base", "{model}", "--lora", "{deep_adapter}", "-o", "{tmp}/merged"], 2, "adapter_config.json is nested too deeply", output="{tmp}/merged"),
+    "adapter-config-is-a-list": Case(["merge-lora", "--base", "{model}", "--lora", "{list_adapter}", "-o", "{tmp}/merged"], 2, "adapter_config.json is not a JSON object", output="{tmp}/merged"),
+})
+CASES["chat"].update({
+    "adapter-config-is-a-list": Case(["chat", "{model}", "--lora", "{list_adapter}", "-p", "hi", "-n", "2"], 2, "adapter_config.json is not a JSON object"),
+    "deeply-nested-tokenizer-json": Case(["chat", "{deep_tokenizer_model}", "-p", "hi", "-n", "2"], 2, "tokenizer.json is not a valid tokenizer file"),
+    "rope-factor-beyond-any-context": Case(["chat", "{gguf}", "--rope-scaling", "linear", "--rope-factor", "100000", "-p", "hi", "-n", "2"], 2,
+                                           "--rope-factor (51200000) is beyond the largest context window"),
+    "n-ctx-beyond-any-context": Case(["chat", "{gguf}", "--n-ctx", "100000000", "-p", "hi", "-n", "2"], 2, "--n-ctx"),
+})
+CASES["convert-gguf"]["deeply-nested-tokenizer-json"] = Case(["convert-gguf", "{deep_tokenizer_model}", "-o", "{tmp}/out.gguf"], 2, "tokenizer.json", output="{tmp}/out.gguf")
+CASES["sft"]["deeply-nested-data"] = Case(["sft", "-m", "{model}", "-d", "{deep_sft}", "-o", "{tmp}/out", *SFT_QUICK], 2, "nested too deeply", output="{tmp}/out")
+CASES["eval-pref"] = {"deeply-nested-data": Case(["eval", "pref", "{model}", "-d", "{deep_pref}"], 2, "deep-pref.jsonl:1: invalid JSON (nested too deeply)")}
+CASES["eval-longbench"] = {
+    "deeply-nested-record": Case(["eval", "longbench", "{gguf}", "-d", "{longbench_deep}"], 2, "multifieldqa_zh.jsonl:1: not a LongBench record (nested too deeply)"),
+    "not-utf8": Case(["eval", "longbench", "{gguf}", "-d", "{longbench_latin1}"], 2, "multifieldqa_zh.jsonl:1: not UTF-8 text"),
+}
+CASES["eval-passkey"] = {
+    "length-beyond-any-context": Case(["eval", "passkey", "{gguf}", "--length", "1000000000"], 2, "--length 1000000000 is beyond the largest context window"),
+    "nan-depth": Case(["eval", "passkey", "{gguf}", "--depth", "nan"], 2, "got nan"),
+}
+CASES["vocab-train"]["vocab-size-beyond-any-integer"] = Case(["vocab", "train", "{text}", "-o", "{tmp}/zh.model", "--vocab-size", "99999999999999999999"], 2, "--vocab-size", output="{tmp}/zh.model")
+CASES["pt"]["lora-rank-too-large"] = Case(["pt", "-m", "{model}", "-d", "{text}", "-o", "{tmp}/out", *PT_QUICK, "--lora-rank", "100000000000"], 2, "--lora-rank", output="{tmp}/out")
+CASES["pipeline"].update({
+    "alias-bomb": Case(["pipeline", "{alias_bomb_recipe}", "-o", "{tmp}/work", "--dry-run"], 2, "aliases expand to more than 100,000 values", output="{tmp}/work"),
+    "deeply-nested-recipe": Case(["pipeline", "{deep_recipe}", "-o", "{tmp}/work", "--dry-run"], 2, "nested too deeply", output="{tmp}/work"),
+    "base-model-is-a-list": Case(["pipeline", "{list_model_recipe}", "-o", "{tmp}/work", "--dry-run"], 2, "base.model must be a path (text), not [1, 2]", output="{tmp}/work"),
+    "vocab-size-too-large-dry-run": Case(["pipeline", "{huge_vocab_recipe}", "-o", "{tmp}/work", "--dry-run"], 2, "vocab_size must be between 8 and", output="{tmp}/work"),
+    "lora-rank-too-large-dry-run": Case(["pipeline", "{huge_rank_recipe}", "-o", "{tmp}/work", "--dry-run"], 2, "lora_rank must be at most 65536", output="{tmp}/work"),
+})
+CASES["checksum-verify"].update({
+    "device-as-manifest": Case(["checksum", "verify", "/dev/zero"], 2, "/dev/zero is a character device, not a regular file"),
+    "huge-file-as-manifest": Case(["checksum", "verify", "{huge_file}"], 2, "larger than 64 MiB"),
+    "model-file-as-manifest": Case(["checksum", "verify", "{gguf}"], 2, "is not UTF-8 text"),
+})
 
 
 def _to_read_only(text: str) -> str:
@@ -1056,8 +1183,8 @@ def test_checksum_verify_skips_fifos_and_devices_without_hanging(tmp_path):
     (release / "zero").symlink_to("/dev/zero")
     manifest = release / "SHA256SUMS"
     manifest.write_text(f"{_digest(release / 'weights.bin')}  weights.bin\n{'0' * 64}  pipe\n{'0' * 64}  zero\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "cnllm", "checksum", "verify", str(manifest), "--json"],
+    done = subprocess.run(  # --allow-outside: the link to /dev/zero leads out of the folder, which alone would refuse it
+        [sys.executable, "-m", "cnllm", "checksum", "verify", str(manifest), "--json", "--allow-outside"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 1, done.stderr
@@ -1092,3 +1219,129 @@ def test_checksum_verify_prints_the_summary_and_only_the_failures_by_default(cli
     many = cli("checksum", "verify", gone)
     assert many.exit_code == 1 and many.stdout.count("\n") == 601, "one plain line per failure, then the summary"
     assert many.stdout.startswith("MISSING\tmissing-0.bin\tsha256\tno such file\n")
+
+
+def test_checksum_verify_refuses_a_link_that_leads_outside_its_folder(cli, tmp_path):
+    """A link inside the folder to ``/etc/hostname`` (or any file elsewhere) is reported, not read, unless allowed."""
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "weights.bin").write_bytes(b"weights\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the release\n")
+    (release / "inside-link").symlink_to("weights.bin")
+    (release / "outside-link").symlink_to(secret)
+    manifest = release / "SHA256SUMS"
+    digests = {"weights.bin": _digest(release / "weights.bin"), "inside-link": _digest(release / "weights.bin"), "outside-link": _digest(secret)}
+    manifest.write_text("".join(f"{digest}  {name}\n" for name, digest in digests.items()))
+    result = cli("checksum", "verify", manifest, "--json")
+    assert result.exit_code == 1, result.stderr
+    files = {f["path"]: f for f in json.loads(result.stdout)["files"]}
+    assert files["weights.bin"]["status"] == files["inside-link"]["status"] == "OK"
+    assert files["outside-link"]["status"] == "FAILED" and files["outside-link"]["actual"] is None
+    assert "symbolic link leads outside" in files["outside-link"]["reason"] and "--allow-outside" in files["outside-link"]["reason"]
+    assert cli("checksum", "verify", manifest, "--allow-outside").exit_code == 0
+
+
+def test_checksum_verify_follows_a_hugging_face_snapshot_into_its_blobs(cli, tmp_path):
+    """Every file of a hub cache snapshot links to ``../../blobs/``: that is the snapshot's own content, not outside."""
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "0123abcd").write_bytes(b"weights\n")
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(Path("..") / ".." / "blobs" / "0123abcd")
+    manifest = tmp_path / "SHA256SUMS"
+    manifest.write_text(f"{_digest(repo / 'blobs' / '0123abcd')}  model.safetensors\n")
+    result = cli("checksum", "verify", manifest, "--root", snapshot)
+    assert result.exit_code == 0, result.stdout + result.stderr
+
+
+def test_tables_print_whole_values_when_stdout_is_not_a_terminal(cli, tmp_path):
+    """A CI log or a pipe has no width: a long file name is printed whole on its row, not cut to ``…``."""
+    name = "a-long-folder-name-" * 8 + "model-00001-of-00002.safetensors"
+    manifest = tmp_path / "SHA256SUMS"
+    manifest.write_text(f"{'0' * 64}  {name}\n")
+    result = cli("checksum", "verify", manifest)
+    assert result.exit_code == 1
+    assert any(name in line and "MISSING" in line for line in result.stdout.splitlines()), result.stdout
+    assert "…" not in result.stdout
+
+
+# --- memory and time stay bounded on hostile inputs ---------------------------------------------------------
+
+ADDRESS_SPACE_CAP = 2 << 30  # what a cnllm process may map; a command that read or built its input whole would need far more
+CAPPED = {  # name → the command and what its one line says; each is refused before any large allocation
+    "checksum-verify-dev-zero": (["checksum", "verify", "/dev/zero"], "character device"),
+    "checksum-verify-a-1-gib-file": (["checksum", "verify", "{huge_file}"], "larger than 64 MiB"),
+    "passkey-length-1e9": (["eval", "passkey", "{gguf}", "--length", "1000000000"], "--length 1000000000"),
+    "yaml-alias-bomb": (["pipeline", "{alias_bomb_recipe}", "-o", "{tmp}/work", "--dry-run"], "aliases expand"),
+    "gguf-to-hf-100000-blocks": (["gguf-to-hf", "{gguf_many_blocks}", "-o", "{tmp}/hf"], "block_count"),
+    "chat-100000-blocks": (["chat", "{gguf_many_blocks}", "-p", "hi", "-n", "2"], "block_count"),
+    "quantize-100000-blocks": (["quantize", "{gguf_many_blocks}", "-o", "{tmp}/q8.gguf", "--type", "Q8_0"], "block_count"),
+}
+
+
+def _capped_address_space() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_CAP, ADDRESS_SPACE_CAP))
+
+
+@pytest.mark.parametrize("name", list(CAPPED))
+def test_hostile_input_is_refused_within_bounded_memory(inputs, tmp_path, name):
+    """A subprocess under an address-space cap: reading /dev/zero, expanding the aliases or trusting block_count
+    would hit the cap (MemoryError, exit 1) instead of the one usage line (exit 2)."""
+    template, needle = CAPPED[name]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "cnllm", *[fill(a, inputs, tmp_path) for a in template]],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env, preexec_fn=_capped_address_space,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], done.stderr
+    assert done.stdout == "" and time.monotonic() - started < 60
+
+
+def test_download_from_an_endpoint_that_never_answers_times_out_with_a_message(tmp_path):
+    """A Hub endpoint that accepts the connection and says nothing: HF_HUB_DOWNLOAD_TIMEOUT seconds, then one line."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_stay_silent() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HF_HUB_OFFLINE", None)
+    try:
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "cnllm", "--allow-download", "convert-gguf", "someone/silent-model", "-o", str(tmp_path / "x.gguf")],
+            cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        server.close()
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"download from {endpoint} failed: no answer within 1 s" in lines[0] and "HF_HUB_DOWNLOAD_TIMEOUT" in lines[0]
+    assert elapsed < 60 and not (tmp_path / "x.gguf").exists()

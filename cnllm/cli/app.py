@@ -142,7 +142,8 @@ def root(
     allow_download: Annotated[
         bool,
         typer.Option(
-            "--allow-download", help="Download a Hugging Face model id given as a model path when it is not in the local cache (default: cache only)."
+            "--allow-download", help="Download a Hugging Face model id given as a model path when it is not in the local cache (default: cache only); "
+            "a request without an answer for HF_HUB_DOWNLOAD_TIMEOUT seconds (default 30) fails."
         ),
     ] = False,
 ) -> None:

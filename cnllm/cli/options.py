@@ -14,7 +14,7 @@ import typer
 
 from cnllm.core.dtypes import DTYPE_WORDS  # noqa: F401 - every --dtype help spells the dtypes with it
 from cnllm.core.embeddings import NEW_ROW_INIT_HELP  # noqa: F401 - vocab extend-model's help, as pt's
-from cnllm.core.rope import INFERENCE_METHODS
+from cnllm.core.rope import INFERENCE_METHODS, MAX_CONTEXT
 from cnllm.core.templates import PROMPT_TEMPLATE_NAMES
 
 # Short aliases: one meaning each, in every command that has the option (checked by a test over the
@@ -111,6 +111,7 @@ NCtxOpt = Annotated[
     typer.Option(
         "--n-ctx",
         min=16,
+        max=MAX_CONTEXT,
         help="Context window in tokens (default: the model's, at most 4096 for GGUF, or trained × --rope-factor); beyond the trained context, choose a --rope-scaling.",
     ),
 ]

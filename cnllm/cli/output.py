@@ -46,6 +46,9 @@ def print_note(message: str) -> None:
     stderr().print(message, markup=False, highlight=False)
 
 
+PIPE_WIDTH = 100_000  # wide enough for any path: a table printed off a terminal never cuts a value
+
+
 def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, styles: dict[int, str] | None = None) -> None:
     from rich.table import Table
 
@@ -54,7 +57,17 @@ def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequen
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
-    stdout().print(table)
+    console = stdout()
+    if console.is_terminal:
+        console.print(table)
+        return
+    # Off a terminal (a pipe, a CI log) nothing sets a width: the table is as wide as its values, none cut.
+    width = console.width
+    console.width = PIPE_WIDTH
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 

@@ -47,6 +47,8 @@ def parameter(field: dataclasses.Field, declared: Declared, annotation: Any) -> 
     settings: dict[str, Any] = {"help": declared.help, "rich_help_panel": declared.panel}
     if declared.choices:
         settings["click_type"] = click.Choice(declared.choices)
+    if declared.maximum is not None:
+        settings["max"] = declared.maximum
     if not declared.file_okay:
         settings["file_okay"] = False
     if not declared.dir_okay:

@@ -12,6 +12,7 @@ import typer
 from cnllm.cli import output
 from cnllm.cli.options import NEW_ROW_INIT_HELP, ForceOpt, JsonOpt, OutputDirArg
 from cnllm.core.embeddings import DEFAULT_INIT, INIT_METHODS
+from cnllm.core.tokenizers.train import MAX_VOCAB_SIZE
 
 app = typer.Typer(
     help="Train a Chinese vocabulary, merge it into a LLaMA tokenizer, extend a model to it, and inspect tokenizers.", no_args_is_help=True
@@ -32,7 +33,7 @@ class Scores(str, Enum):
 def train(
     corpus: Annotated[List[Path], typer.Argument(help="Text files (one document per line), JSONL with a 'text' field, or directories.")],
     output_file: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="The SentencePiece model to write (atomically).")],
-    vocab_size: Annotated[int, typer.Option("--vocab-size", min=8, help="Pieces in the model.")] = 20000,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", min=8, max=MAX_VOCAB_SIZE, help="Pieces in the model.")] = 20000,
     model_type: Annotated[ModelType, typer.Option("--model-type", help="SentencePiece algorithm.")] = ModelType.bpe,
     character_coverage: Annotated[
         float, typer.Option("--character-coverage", min=0.98, max=1.0, help="Share of characters covered by single-character pieces.")

@@ -46,6 +46,7 @@ class Declared:
     aliases: tuple[str, ...] = ()  # more command-line names: "-m", "--lr"
     toggle: bool = False  # --name/--no-name instead of a plain flag
     choices: tuple[str, ...] = ()  # allowed values, checked on every route (click.Choice on the command line)
+    maximum: int | float | None = None  # the largest value, checked on every route (click's max on the command line)
     model: bool = False  # names a model, adapter or tokenizer: a Hugging Face id resolves to its cached snapshot
     recipe: bool = True  # False: a pipeline step sets it itself (the model, the output)
     file_okay: bool = True
@@ -116,23 +117,66 @@ def options_spelled(spell: Callable[[str], str], prefix: str = "") -> Iterator[N
         raise UsageError(prefix + exc.render(spell)) from None
 
 
-def check_choices(options: Any) -> None:
-    """Every declared ``choices`` holds on every route (the command line checks it first, with click)."""
+def check_declared(options: Any) -> None:
+    """Every declared ``choices`` and ``maximum`` holds on every route (the command line checks them first, with click)."""
     for f, declaration in declared_fields(type(options)):
         value = getattr(options, f.name)
         if declaration.choices and value is not None and value not in declaration.choices:
             raise OptionError("{%s} {value!r} is not one of {allowed}" % f.name, value=value, allowed=", ".join(declaration.choices))
+        if declaration.maximum is not None and isinstance(value, (int, float)) and value > declaration.maximum:
+            raise OptionError("{%s} must be at most {maximum}, got {value}" % f.name, maximum=declaration.maximum, value=value)
+
+
+# A recipe or config holds dozens of values; aliases expanding past this many nodes are an alias bomb.
+MAX_YAML_NODES = 100_000
+MAX_YAML_BYTES = 1 << 20
+
+
+def expanded_yaml_nodes(root: Any, limit: int) -> int:
+    """How many nodes the YAML node graph ``root`` becomes once every alias is expanded, counting no
+    further than just past ``limit`` (a graph that refers to itself counts as past it)."""
+    sizes: dict[int, int] = {}
+    ancestors: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = [] if isinstance(node.value, str) else [c for item in node.value for c in (item if isinstance(item, tuple) else (item,))]
+        if children_done:
+            ancestors.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[key] > limit:
+                return sizes[key]
+        elif key in ancestors:
+            return limit + 1
+        elif key not in sizes:
+            ancestors.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes.get(id(root), 0)
 
 
 def load_yaml(path: Path | str) -> dict[str, Any]:
-    """The mapping in a YAML file, keys normalised to ``snake_case``."""
+    """The mapping in a YAML file, keys normalised to ``snake_case``; a file over 1 MiB, nested too deeply
+    or whose aliases expand past :data:`MAX_YAML_NODES` values is refused before it is built."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UsageError(f"config file {path} is larger than {MAX_YAML_BYTES >> 20} MiB; a recipe or config is a few lines")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None and expanded_yaml_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+                raise UsageError(f"config file {path}: its aliases expand to more than {MAX_YAML_NODES:,} values (or refer to themselves); refusing it")
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise UsageError(f"config file {path} is nested too deeply") from None
     except UnicodeDecodeError:
         raise UsageError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:

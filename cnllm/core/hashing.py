@@ -471,21 +471,47 @@ class VerifyResult:
         }
 
 
+MAX_MANIFEST_BYTES = 64 << 20  # ~600,000 lines; anything larger is not a manifest (a model file, /dev/zero)
+
+
 def read_manifest_text(manifest: Path | str) -> str:
-    """Read a manifest (``-`` for stdin) as text, with a clear error when it cannot be."""
+    """Read a manifest (``-`` for stdin) as text, with a clear error when it cannot be.
+
+    Only a regular file of at most :data:`MAX_MANIFEST_BYTES` is read, and never more than that
+    (a device, a FIFO or a model file named by mistake is refused before it fills memory).
+    """
     import sys
 
+    too_large = f"is larger than {MAX_MANIFEST_BYTES >> 20} MiB; a checksum manifest is text, one line per file"
     if str(manifest) == "-":
-        return sys.stdin.read()
+        try:
+            text = sys.stdin.read(MAX_MANIFEST_BYTES + 1)
+        except UnicodeDecodeError:
+            raise UsageError("the manifest on standard input is not UTF-8 text") from None
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise UsageError(f"the manifest on standard input {too_large}")
+        return text
     path = Path(manifest)
     if not path.exists():
         raise UsageError(f"manifest {path} does not exist")
     if path.is_dir():
         raise UsageError(f"manifest {path} is a directory; name the checksum file inside it")
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise UsageError(f"manifest {path} is {file_kind(info.st_mode)}, not a regular file")
+            if info.st_size > MAX_MANIFEST_BYTES:
+                raise UsageError(f"manifest {path} {too_large}")
+            with open(fd, "rb", closefd=False) as handle:
+                data = handle.read(MAX_MANIFEST_BYTES + 1)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise UsageError(f"cannot read manifest {path}: {describe_os_error(exc)}") from exc
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UsageError(f"manifest {path} {too_large}")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -502,6 +528,25 @@ def outside_reason(name: str) -> str | None:
     return None
 
 
+def link_targets_allowed(root: Path) -> tuple[str, ...]:
+    """The real folders a symbolic link under ``root`` may lead into (each ending in a separator): ``root`` itself,
+    and for a Hugging Face cache snapshot (``models--org--name/snapshots/<commit>``) its ``blobs/``, where every
+    file of a snapshot is a link to."""
+    allowed = [os.path.join(os.path.realpath(root), "")]
+    blobs = Path(root).absolute().parent.parent / "blobs"
+    if Path(root).absolute().parent.name == "snapshots" and blobs.is_dir():
+        allowed.append(os.path.join(os.path.realpath(blobs), ""))
+    return tuple(allowed)
+
+
+def linked_outside_reason(target: str, allowed: tuple[str, ...]) -> str | None:
+    """Why ``target`` (inside the root by name) leads elsewhere once symbolic links are followed, if it does
+    (``allowed``: :func:`link_targets_allowed`)."""
+    if os.path.join(os.path.realpath(target), "").startswith(allowed):
+        return None
+    return "symbolic link leads outside"
+
+
 def verify_manifest(
     manifest: Path | str,
     *,
@@ -513,8 +558,8 @@ def verify_manifest(
 ) -> VerifyResult:
     """Check every file a manifest lists; paths resolve against ``root`` (default: the manifest's folder).
 
-    A published manifest is untrusted input: paths that leave ``root`` (absolute, ``../``) are FAILED
-    unless ``allow_outside``, and only regular files are read (never a FIFO or a device).
+    A published manifest is untrusted input: paths that leave ``root`` (absolute, ``../``, a symbolic
+    link to a file elsewhere) are FAILED unless ``allow_outside``, and only regular files are read (never a FIFO or a device).
     """
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise UsageError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -535,12 +580,13 @@ def verify_manifest(
     tasks: list[tuple[str, str]] = []
     targets: list[str | None] = []
     folder = os.fspath(root)
+    link_targets = link_targets_allowed(root)
     for entry in parsed.entries:
         target = os.path.join(folder, entry.path)  # plain strings: manifests list 100,000 files
         check = FileCheck(entry.path, OK, entry.algorithm, entry.digest, line=entry.line)
         checks.append(check)
         targets.append(None)
-        outside = None if allow_outside else outside_reason(entry.path)
+        outside = None if allow_outside else outside_reason(entry.path) or linked_outside_reason(target, link_targets)
         if outside:
             check.status, check.reason = FAILED, f"{outside} of {root}; not read (allow with --allow-outside)"
             continue

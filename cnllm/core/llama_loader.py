@@ -1,7 +1,8 @@
 """The one place cnllm opens a llama.cpp model: every GGUF that chat, serve, eval, the pipeline, the tests and the
 benchmarks load through llama-cpp-python comes through :func:`open_llama` (or :func:`model_params` for the low-level
 ``llama_model_load_from_file``), so the weight-repacking decision of :mod:`cnllm.core.cpu` holds everywhere
-(a test keeps other ``Llama(...)`` calls out of the repository).
+(a test keeps other ``Llama(...)`` calls out of the repository), and every header is checked first
+(:func:`cnllm.core.gguf.header.check_gguf`: llama.cpp aborts on metadata that disagrees with the tensors).
 
 llama-cpp-python's ``Llama.__init__`` builds llama.cpp's ``llama_model_params`` and loads the model in one go, and
 (0.3.36) has no keyword for ``use_extra_bufts``. It does assign the parameters to ``self.model_params`` before the
@@ -84,6 +85,9 @@ def open_llama(model_path: Path | str, *, repack: bool | None = None, **kwargs: 
     """``llama_cpp.Llama(model_path, **kwargs)`` with weight repacking decided by :func:`cnllm.core.cpu.decide_repack`
     (``repack``: the --repack / --no-repack option, None for the environment and the CPU). The result carries
     ``repack`` (the :class:`RepackDecision`) and ``repack_applied`` (whether it reached llama.cpp)."""
+    from cnllm.core.gguf.header import check_gguf
+
+    check_gguf(model_path)
     decision = repack_decision(repack)
     llm = _llama_class()(model_path=str(model_path), repack=decision, **kwargs)
     if not llm.repack_applied:

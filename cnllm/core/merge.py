@@ -37,7 +37,7 @@ from cnllm.core.modelio import (
     adapter_config_overrides,
     has_tokenizer,
     load_config,
-    read_json,
+    read_adapter_config,
     tied_head_source,
     ties_embeddings,
     tokenizer_length,
@@ -195,7 +195,7 @@ def read_adapter(directory: Path | str) -> Adapter:
     config_path = directory / "adapter_config.json"
     if not config_path.exists():
         raise UsageError(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
-    config = read_json(config_path)
+    config = read_adapter_config(directory)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UsageError(f"{directory} is a {peft_type or 'unknown'} adapter; merge-lora merges LoRA adapters only")

@@ -95,8 +95,12 @@ class MetaResult:
 
 def shard_files(source: Path) -> list[Path]:
     """``consolidated.00.pth`` … in order; refuses gaps (a missing model-parallel part)."""
+    if not source.exists():
+        raise UsageError(f"checkpoint folder {source} does not exist")
     if not source.is_dir():
         raise UsageError(f"{source} is not a directory (expected params.json and consolidated.NN.pth)")
+    if not any(source.iterdir()):
+        raise UsageError(f"{source} is empty (a Meta LLaMA checkpoint folder has params.json and consolidated.00.pth …)")
     found = {}
     for path in source.glob("consolidated.*.pth"):
         match = re.fullmatch(r"consolidated\.(\d+)\.pth", path.name)
@@ -170,8 +174,8 @@ class Plan:
 
 def plan_checkpoint(source: Path) -> Plan:
     """Names, joined shapes and dtypes of every tensor, checked against ``params.json`` before any weight is read."""
+    shards = shard_files(source)  # first: read_params's message presumes the shards are there
     params = read_params(source)
-    shards = shard_files(source)
     parts: list[dict[str, tuple[tuple[int, ...], object]]] = []
     for path in shards:
         state = load_pickled_tensors(path)

@@ -75,6 +75,8 @@ def read_json(path: Path) -> object:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path} is not valid JSON") from None
+    except RecursionError:  # Python's parser recurses once per level: a hostile file nests 100,000 deep
+        raise UsageError(f"{path} is nested too deeply to be a settings file") from None
 
 
 def load_config(model_dir: Path | str) -> dict:
@@ -117,12 +119,7 @@ def tokenizer_length(tokenizer_dir: Path | str) -> int:
     """Number of ids the tokenizer can produce (added tokens included), without importing transformers."""
     tokenizer_dir = Path(tokenizer_dir)
     if (tokenizer_dir / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
-
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad files
-            raise UsageError(f"{tokenizer_dir / 'tokenizer.json'} is not a valid tokenizer file: {exc}") from None
+        tokenizer = read_tokenizer_json(tokenizer_dir / "tokenizer.json")
         ids = [tokenizer.get_vocab_size(with_added_tokens=True) - 1]
         ids += [int(i) for i in _added_tokens_json(tokenizer_dir).values()]
         return max(ids) + 1
@@ -133,6 +130,16 @@ def tokenizer_length(tokenizer_dir: Path | str) -> int:
         ids = [size - 1] + [int(i) for i in _added_tokens_json(tokenizer_dir).values()]
         return max(ids) + 1
     raise UsageError(f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
+
+
+def read_tokenizer_json(path: Path):
+    """A ``tokenizers.Tokenizer`` from ``path``, or a usage error naming the file (nested too deeply, not a tokenizer)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad files
+        raise UsageError(f"{path} is not a valid tokenizer file: {exc}") from None
 
 
 def _added_tokens_json(directory: Path) -> dict:
@@ -215,10 +222,13 @@ def default_dtype(device: str):
 
 def check_tokenizer_files(directory: Path | str) -> None:
     """A usage error for a tokenizer directory transformers would fail on with a misleading message
-    (no tokenizer at all; a garbage ``tokenizer.model``, which sends it looking for tiktoken)."""
+    (no tokenizer at all; a garbage ``tokenizer.model``, which sends it looking for tiktoken; a ``tokenizer.json``
+    that tokenizers refuses with a bare Exception)."""
     directory = Path(directory)
     if not has_tokenizer(directory):
         raise UsageError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
+    if (directory / "tokenizer.json").is_file():
+        read_tokenizer_json(directory / "tokenizer.json")
     if (directory / "tokenizer.model").is_file():
         from cnllm.core.tokenizers.spm import load_processor
 
@@ -230,7 +240,17 @@ def check_lora_adapter(lora: Path | str) -> None:
     anything else is refused here in one line, before PEFT would relay torch's advice to turn ``weights_only`` off)."""
     if not (Path(lora) / "adapter_config.json").is_file():
         raise UsageError(f"--lora {lora} is not a PEFT adapter directory (no adapter_config.json)")
+    read_adapter_config(lora)
     tensor_infos(lora)
+
+
+def read_adapter_config(adapter: Path | str) -> dict:
+    """An adapter's ``adapter_config.json``, refused in one line unless it is a JSON object."""
+    path = Path(adapter) / "adapter_config.json"
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} is not a JSON object (a PEFT adapter's settings)")
+    return config
 
 
 def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):

@@ -50,6 +50,9 @@ def recipe_from_dict(data: dict, *, root: Path, workdir: Path | None = None, sou
     base = data.get("base")
     if not isinstance(base, dict) or "model" not in base:
         raise UsageError("the recipe needs 'base: {model: PATH}' (a Hugging Face LLaMA directory)")
+    for key, value in (("base.model", base["model"]), ("base.tokenizer", base.get("tokenizer", "")), ("workdir", data.get("workdir", ""))):
+        if not isinstance(value, str) or (key == "base.model" and not value):
+            raise UsageError(f"recipe {key} must be a path (text), not {value!r}")
     steps: dict[str, dict] = {}
     for name in STEP_ORDER:
         if name not in data:

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
 
+# The largest context window any command loads with (1M tokens; LLaMA-family models train for at most 128K):
+# llama.cpp allocates the window up front, so a larger --n-ctx or --length is refused before any memory goes.
+MAX_CONTEXT = 1 << 20
 INFERENCE_METHODS = ("none", "linear", "ntk", "ntk-auto", "dynamic", "yarn")
 TRAINING_METHODS = ("linear", "dynamic", "yarn", "llama3")
 # The transformers rope type cnllm registers for ``ntk-auto`` ("dynamic" in its name makes transformers recompute

@@ -85,6 +85,8 @@ def read_safetensors_header(path: Path) -> dict:
             header = json.loads(handle.read(length))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path} is corrupted: its safetensors header is not valid JSON") from None
+    except RecursionError:
+        raise UsageError(f"{path} is corrupted: its safetensors header is nested too deeply") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
     if not isinstance(header, dict):

@@ -249,8 +249,12 @@ class Sample:
 def read_dataset(path: Path, dataset: str, limit: int | None = None) -> list[Sample]:
     """LongBench's JSONL: one record a line; a line that is not a record with ``answers`` names its line number."""
     samples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError(f"{path}:{number}: not UTF-8 text (LongBench's files are UTF-8 JSONL)") from None
             if not line.strip():
                 continue
             try:
@@ -272,6 +276,8 @@ def read_dataset(path: Path, dataset: str, limit: int | None = None) -> list[Sam
                 )
             except (ValueError, KeyError, TypeError) as exc:
                 raise UsageError(f"{path}:{number}: not a LongBench record ({exc})") from None
+            except RecursionError:
+                raise UsageError(f"{path}:{number}: not a LongBench record (nested too deeply)") from None
             if limit is not None and len(samples) >= limit:
                 break
     if not samples:

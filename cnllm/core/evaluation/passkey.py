@@ -20,6 +20,7 @@ from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import LoadOptions, SamplingParams
 from cnllm.core.progress import NULL_PROGRESS, Progress
+from cnllm.core.rope import MAX_CONTEXT
 
 LANGUAGES = ("en", "zh")
 ANSWER_TOKENS = 12  # room kept for the answer; the prompt fills the rest of each length
@@ -66,8 +67,11 @@ class PasskeyOptions:
             raise UsageError("no lengths given (--length N)")
         if min(self.lengths) < 64:
             raise UsageError(f"--length must be at least 64 tokens, got {min(self.lengths)}")
+        if max(self.lengths) > MAX_CONTEXT:
+            raise UsageError(f"--length {max(self.lengths)} is beyond the largest context window cnllm loads ({MAX_CONTEXT} tokens)")
         if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
-            raise UsageError(f"--depth values must be between 0 (start) and 1 (end), got {list(self.depths)}")
+            shown = ", ".join(str(d) for d in self.depths)
+            raise UsageError(f"--depth values must be between 0 (start) and 1 (end), got {shown or 'none'}")
         if self.trials < 1:
             raise UsageError(f"--trials must be at least 1, got {self.trials}")
         if self.language not in LANGUAGES:

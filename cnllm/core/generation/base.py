@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from cnllm.core.errors import UsageError
-from cnllm.core.rope import RopeOptions
+from cnllm.core.rope import MAX_CONTEXT, RopeOptions
 from cnllm.core.templates import PromptFormat, bos_needed, resolve_template
 
 REPLACEMENT = "\ufffd"
@@ -437,7 +437,11 @@ def context_window(options: LoadOptions, trained: int | None, *, cap: int | None
     trained context (DEFAULT_N_CTX when the model does not say), at most ``cap`` (llama.cpp allocates it up front)."""
     extended = options.rope.extended_context(trained) if options.rope else None
     if options.n_ctx or extended:
-        return options.n_ctx or extended
+        window = options.n_ctx or extended
+        if window > MAX_CONTEXT:
+            source = f"--n-ctx {options.n_ctx}" if options.n_ctx else f"the trained context × --rope-factor ({window})"
+            raise UsageError(f"{source} is beyond the largest context window cnllm loads ({MAX_CONTEXT} tokens)")
+        return window
     natural = trained or DEFAULT_N_CTX
     return min(natural, cap) if cap else natural
 

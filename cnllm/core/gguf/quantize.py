@@ -27,6 +27,7 @@ from cnllm.core.atomic import atomic_path, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import CheckFailed, UsageError
 from cnllm.core.gguf import is_gguf
+from cnllm.core.gguf.header import check_gguf
 from cnllm.core.progress import NULL_PROGRESS, Progress
 
 UNQUANTIZED = ("F32", "F16", "BF16")
@@ -137,6 +138,7 @@ def read_gguf_summary(path: Path) -> GgufSummary:
         raise UsageError(f"input {path} does not exist" if not path.exists() else f"input {path} is not a file")
     if not is_gguf(path):
         raise UsageError(f"{path} is not a GGUF file (no GGUF magic); convert a Hugging Face model with 'cnllm convert-gguf' first")
+    check_gguf(path)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as exc:

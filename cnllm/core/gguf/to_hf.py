@@ -27,6 +27,7 @@ from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
 from cnllm.core.gguf import is_gguf
+from cnllm.core.gguf.header import check_gguf
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import finish_output_folder
 from cnllm.core.tensors import DEFAULT_SHARD_SIZE, ShardSize
@@ -88,6 +89,7 @@ def inspect_gguf(path: Path) -> tuple[str, str, int]:
         raise UsageError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     if not is_gguf(path):
         raise UsageError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    check_gguf(path)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, OSError) as exc:
@@ -171,6 +173,7 @@ def gguf_to_hf(
     progress: Progress = NULL_PROGRESS,
 ) -> GgufToHfResult:
     """Write ``output`` (safetensors, config, generation config, tokenizer with its chat template) from ``source``."""
+    architecture, file_type, tensors = inspect_gguf(Path(source))  # before torch loads: a bad header is refused at once
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -181,7 +184,6 @@ def gguf_to_hf(
     options = options or GgufToHfOptions()
     source, output = Path(source), Path(output)
     check_output(output, force, inputs=[source])
-    architecture, file_type, tensors = inspect_gguf(source)
     progress.log(f"reading {source.name} ({architecture}, {file_type}, {tensors} tensors) with transformers' GGUF loader")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)

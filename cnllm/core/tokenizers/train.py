@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional
 
 from cnllm.core.atomic import atomic_file, check_output
-from cnllm.core.config import coerce_fields
+from cnllm.core.config import OptionError, coerce_fields
 from cnllm.core.corpus import CorpusStats, corpus_files, iter_documents
 from cnllm.core.errors import UsageError
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -19,6 +19,7 @@ from cnllm.core.tokenizers.spm import load_proto, train_spm
 
 
 MIN_CHARACTER_COVERAGE = 0.98
+MAX_VOCAB_SIZE = 1 << 20  # 1M pieces, ten times the largest LLaMA-family vocabulary
 
 
 @dataclass
@@ -35,10 +36,10 @@ class TrainVocabOptions:
         coerce_fields(self)
 
     def validate(self) -> None:
-        if self.vocab_size < 8:
-            raise UsageError("--vocab-size must be at least 8")
+        if not 8 <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise OptionError("{vocab_size} must be between 8 and {maximum}, got {value}", maximum=MAX_VOCAB_SIZE, value=self.vocab_size)
         if not MIN_CHARACTER_COVERAGE <= self.character_coverage <= 1.0:  # SentencePiece's own bound, checked before it runs
-            raise UsageError(f"--character-coverage must be between {MIN_CHARACTER_COVERAGE} and 1, got {self.character_coverage}")
+            raise OptionError("{character_coverage} must be between {minimum} and 1, got {value}", minimum=MIN_CHARACTER_COVERAGE, value=self.character_coverage)
         if 0 < self.input_sentence_size <= 100 or self.input_sentence_size < 0:
             raise UsageError("--input-sentence-size must be 0 (use every line) or more than 100")
         if self.threads is not None and self.threads < 1:

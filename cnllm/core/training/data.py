@@ -233,6 +233,8 @@ def _json_array_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             value, end = decoder.raw_decode(text, index)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise UsageError(f"{path}:{line}: invalid JSON (nested too deeply)") from None
         yield line, value
         line += text.count("\n", index, end)
         index = end
@@ -297,6 +299,8 @@ def _records_in_file(path: Path) -> Iterator[tuple[int, Any]]:
             yield text[: len(text) - len(stripped)].count("\n") + 1, json.loads(text)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise UsageError(f"{path}: invalid JSON (nested too deeply)") from None
         return
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -305,6 +309,8 @@ def _records_in_file(path: Path) -> Iterator[tuple[int, Any]]:
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             yield number, ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})")
+        except RecursionError:
+            yield number, ValueError("invalid JSON (nested too deeply)")
 
 
 def read_records(

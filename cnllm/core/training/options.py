@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from cnllm.core.config import OptionError, check_choices, coerce_fields, option
+from cnllm.core.config import OptionError, check_declared, coerce_fields, option
 from cnllm.core.dtypes import DTYPE_WORDS, FLOAT_DTYPES, DType, words_for
 from cnllm.core.embeddings import DEFAULT_INIT, INIT_METHODS, NEW_ROW_INIT_HELP
 from cnllm.core.modelio import ATTN_IMPLEMENTATIONS
 from cnllm.core.rope import TRAINING_METHODS
 from cnllm.core.templates import TEMPLATE_NAMES
 
+MAX_LORA_RANK = 1 << 16  # above any layer's width: a larger rank is a typo that would allocate without end
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRECISIONS = ("auto", *words_for(FLOAT_DTYPES))
 LR_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # --lr-scheduler → the Trainer's lr_scheduler_type
@@ -48,7 +49,7 @@ class TrainOptions:
     validation_data: list[Path] = option(help="Held-out evaluation data (instead of --validation-split).", panel=DATA, factory=list)
     validation_split: float = option(0.01, help="Share of the data held out for eval loss and perplexity.", panel=DATA)
     # LoRA / full fine-tuning
-    lora_rank: int = option(64, help="LoRA rank r.", panel=LORA)
+    lora_rank: int = option(64, help="LoRA rank r.", panel=LORA, maximum=MAX_LORA_RANK)
     lora_alpha: float = option(128.0, help="LoRA alpha (scale = alpha / r).", panel=LORA)
     lora_dropout: float = option(0.05, help="Dropout on the LoRA input.", panel=LORA)
     lora_targets: list[str] = option(help=f"Comma-separated linear layers to adapt (default: {','.join(DEFAULT_LORA_TARGETS)}).", panel=LORA,
@@ -114,7 +115,7 @@ class TrainOptions:
                 raise OptionError("{%s} is required" % required)
         if self.precision.lower() not in PRECISIONS:
             raise OptionError("{precision} {value!r} is not one of {allowed}", value=self.precision, allowed=", ".join(PRECISIONS))
-        check_choices(self)
+        check_declared(self)
         if self.load_in_4bit and self.load_in_8bit:
             raise OptionError("choose one of {load_in_4bit} and {load_in_8bit}")
         if self.full_finetune and (self.peft_path or self.load_in_4bit or self.load_in_8bit):

@@ -154,7 +154,7 @@ def test_missing_file_and_unloadable_model(tiny_llama_dir, tmp_path):
         evaluate_perplexity(tiny_llama_dir, [tmp_path / "nope.txt"], PplOptions())
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"GGUF" + b"\0" * 64)
-    with pytest.raises(UsageError, match="could not read"):
+    with pytest.raises(UsageError, match="GGUF version 0 is not supported"):
         evaluate_perplexity(fake, [asset("en.txt")], PplOptions())
     with pytest.raises(UsageError, match="neither a .gguf file"):
         evaluate_perplexity(tmp_path, [asset("en.txt")], PplOptions())
