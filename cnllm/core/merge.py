@@ -28,6 +28,7 @@ from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
+from cnllm.core.files import read_json_object
 from cnllm.core.modelio import (
     EMBEDDING_NAMES,
     LM_HEAD_NAMES,
@@ -37,7 +38,6 @@ from cnllm.core.modelio import (
     adapter_config_overrides,
     has_tokenizer,
     load_config,
-    read_json,
     tied_head_source,
     ties_embeddings,
     tokenizer_length,
@@ -195,7 +195,7 @@ def read_adapter(directory: Path | str) -> Adapter:
     config_path = directory / "adapter_config.json"
     if not config_path.exists():
         raise UsageError(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
-    config = read_json(config_path)
+    config = read_json_object(config_path)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UsageError(f"{directory} is a {peft_type or 'unknown'} adapter; merge-lora merges LoRA adapters only")

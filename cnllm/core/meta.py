@@ -27,8 +27,8 @@ from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
+from cnllm.core.files import read_json_object
 from cnllm.core.merge import META_LAYER_NAMES, META_SPLIT_DIM, META_TOP_NAMES, copy_tokenizer, format_shape, permute
-from cnllm.core.modelio import read_json
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import finish_output_folder
 from cnllm.core.tensors import DEFAULT_SHARD_SIZE, ShardSize, StreamingShardWriter, load_pickled_tensors
@@ -114,7 +114,7 @@ def read_params(source: Path) -> dict:
     path = source / "params.json"
     if not path.exists():
         raise UsageError(f"{source} has consolidated.NN.pth but no params.json")
-    params = read_json(path)
+    params = read_json_object(path)
     missing = [key for key in ("dim", "n_layers", "n_heads") if not isinstance(params.get(key), int)]
     if missing:
         raise UsageError(f"{path} lacks {', '.join(missing)}; is it a LLaMA params.json?")
@@ -341,7 +341,7 @@ def special_token_ids(target: Path) -> dict:
         path = target / source
         if not path.exists():
             continue
-        document = read_json(path)
+        document = read_json_object(path)
         for key in ("bos_token", "eos_token"):
             token = document.get(key)
             token = token.get("content") if isinstance(token, dict) else token

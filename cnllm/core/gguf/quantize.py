@@ -21,7 +21,7 @@ from typing import Optional
 from cnllm.core.atomic import atomic_path, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import CheckFailed, UsageError
-from cnllm.core.gguf import is_gguf
+from cnllm.core.files import is_gguf
 from cnllm.core.progress import NULL_PROGRESS, Progress
 
 UNQUANTIZED = ("F32", "F16", "BF16")

@@ -19,12 +19,12 @@ from typing import Iterable, Literal, Optional, Sequence
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
-from cnllm.core.modelio import read_json
+from cnllm.core.files import read_json_object
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tokenizers import sources
-from cnllm.core.tokenizers.sources import PAD_PIECE, padded_size, spm_candidates
 from cnllm.core.tokenizers.hf_export import write_spm_tokenizer_dir
+from cnllm.core.tokenizers.sources import PAD_PIECE, padded_size, spm_candidates
 from cnllm.core.tokenizers.spm import (
     PIECE_CONTROL,
     PIECE_NORMAL,
@@ -188,7 +188,7 @@ def extend_spm(
 
 def _base_config(directory: Path | None) -> dict:
     path = directory / "tokenizer_config.json" if directory else None
-    return read_json(path) if path is not None and path.is_file() else {}
+    return read_json_object(path) if path is not None and path.is_file() else {}
 
 
 def _write_spm_output(proto, tmp: Path, base: sources.TokenizerSource) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cnllm.core.errors import UsageError
-from cnllm.core.gguf import GGUF_MAGIC
+from cnllm.core.files import GGUF_MAGIC
 from cnllm.core.tokenizers.hf_export import SPIECE_UNDERLINE
 from cnllm.core.tokenizers.spm import PIECE_NORMAL, PIECE_USER_DEFINED, load_proto
 

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from cnllm.core.errors import UsageError
 
+# Llama-3's pre-tokenizer split pattern (its tokenizer.json); byte-level BPE runs inside each piece.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)] + [
     "<|start_header_id|>",
     "<|end_header_id|>",
@@ -101,8 +105,6 @@ def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
 def build_tokenizer(ranks: dict[bytes, int], specials: list[str]):
     """A ``tokenizers.Tokenizer`` that encodes as tiktoken does with Llama-3's split pattern."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    from cnllm.core.tiny import LLAMA3_SPLIT_PATTERN
 
     chars = _byte_chars()
 
