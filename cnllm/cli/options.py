@@ -6,7 +6,7 @@ import functools
 import inspect
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import click
 import typer
@@ -15,6 +15,9 @@ from cnllm.core.dtypes import DTYPE_WORDS  # noqa: F401 - every --dtype help spe
 from cnllm.core.embeddings import NEW_ROW_INIT_HELP  # noqa: F401 - vocab extend-model's help, as pt's
 from cnllm.core.rope import INFERENCE_METHODS
 from cnllm.core.templates import PROMPT_TEMPLATE_NAMES
+
+if TYPE_CHECKING:
+    from cnllm.core.generation.base import LoadOptions
 
 # Short aliases: one meaning each, in every command that has the option (checked by a test over the
 # whole CLI; the table is printed at the top of docs/cli-reference.md and in the README).
@@ -138,7 +141,7 @@ def load_options(
     rope_scaling: Optional[str],
     rope_factor: Optional[float],
     rope_freq_base: Optional[float],
-) -> "LoadOptions":
+) -> LoadOptions:
     """The :class:`LoadOptions` of the model-loading group (the dtype word and the rope flags checked)."""
     from cnllm.core.dtypes import DType
     from cnllm.core.generation.base import LoadOptions

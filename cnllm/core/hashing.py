@@ -625,18 +625,18 @@ def parse_published_tables(text: str) -> PublishedTables:
         if not spare or cells[spare[0]].lower() in PLACEHOLDERS:
             continue
         label_column = spare[0]
-        titles = lambda i: header[i] if i < len(header) else ""  # noqa: E731
-        if any(_FILE_LIKE.match(titles(i)) for i in digests):
+        titles = header + [""] * (len(cells) - len(header))  # a column's title; "" past the header's end
+        if any(_FILE_LIKE.match(titles[i]) for i in digests):
             continue  # a column per file ("| | tokenizer.model | adapter_model.bin |"): parse_manifest names those
         part = cells[parts_column] if parts_column is not None and parts_column < len(cells) else None
         label = cells[label_column]
         for column in digests:
-            kind = _kind(titles(column), titles(label_column), heading)
+            kind = _kind(titles[column], titles[label_column], heading)
             for index, digest in enumerate(values[column], start=1):
                 algorithm = ALGORITHM_BY_HEX_LENGTH[len(digest)]
                 tables.entries.append(PublishedEntry(number, label, kind, heading, digest.lower(), algorithm, part, index, len(values[column])))
         for column in placeholder_columns if not digests else []:
-            tables.placeholders.append(PublishedEntry(number, label, _kind(titles(column), titles(label_column), heading), heading, "", "", part))
+            tables.placeholders.append(PublishedEntry(number, label, _kind(titles[column], titles[label_column], heading), heading, "", "", part))
     return tables
 
 

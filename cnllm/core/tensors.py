@@ -377,7 +377,7 @@ class StreamingShardWriter:
             encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
             encoded += b" " * (-len(encoded) % 8)
             data_start = 8 + len(encoded)
-            for name, shape, dtype, nbytes in group:
+            for name, shape, dtype, _nbytes in group:
                 self._slots[name] = (number, data_start + header[name]["data_offsets"][0], shape, dtype)
             self._headers.append(struct.pack("<Q", len(encoded)) + encoded)
         self._group_names = [[entry[0] for entry in group] for group in groups]

@@ -26,9 +26,9 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from cnllm.core.backends import load_model
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
-from cnllm.core.backends import load_model
 from cnllm.core.generation.base import LoadedModel, LoadOptions
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.templates import NONE, Message, PromptFormat, check_template_name

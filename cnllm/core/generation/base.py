@@ -363,7 +363,7 @@ class LoadedModel(ABC):
     def speculative_stats(self) -> SpeculativeStats | None:
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: a backend with nothing to free keeps it
         """Free the model now (llama-cpp-python complains at exit when left to the garbage collector)."""
 
     def __enter__(self) -> "LoadedModel":

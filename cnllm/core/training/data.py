@@ -22,11 +22,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from cnllm.core.atomic import atomic_dir
-from cnllm.core.corpus import CorpusStats, corpus_files, iter_documents
 from cnllm.core.config import OptionError
+from cnllm.core.corpus import CorpusStats, corpus_files, iter_documents
 from cnllm.core.errors import UsageError
 from cnllm.core.hashing import hash_file
-from cnllm.core.templates import AUTO, TEMPLATE_NAMES, TEMPLATES, Message, Segment, bos_needed, check_template_name, normalize_messages, resolve_template
+from cnllm.core.templates import (
+    AUTO,
+    TEMPLATE_NAMES,
+    TEMPLATES,
+    Message,
+    Segment,
+    bos_needed,
+    check_template_name,
+    normalize_messages,
+    resolve_template,
+)
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 1

@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnllm.core.config import OptionError, dump_yaml
 from cnllm.core.atomic import check_not_input, check_output, replace_dir
+from cnllm.core.config import OptionError, dump_yaml
 from cnllm.core.errors import CheckFailed, Terminated, UsageError
 from cnllm.core.modelio import (
+    CONFIG_OVERRIDES_NAME,
     VocabSizes,
+    adapter_config_overrides,
     adapter_vocab_rows,
     check_vocab_agreement,
     copy_missing_tokenizer_files,
     has_tokenizer,
-    CONFIG_OVERRIDES_NAME,
-    adapter_config_overrides,
     load_config,
     vocab_sizes,
 )
@@ -438,10 +438,9 @@ def run_training(options: TrainOptions, progress: Progress = NULL_PROGRESS) -> T
 
 def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, data: Data, progress: Progress) -> None:
     from transformers import set_seed
-
-    from cnllm.core.embeddings import resize_and_fill
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from cnllm.core.embeddings import resize_and_fill
     from cnllm.core.training.callbacks import TrainingMonitor, perplexity, read_metrics, truncate_metrics
 
     options, work = plan.options, plan.work
