@@ -172,8 +172,9 @@ def with_model_loading(command: Callable) -> Callable:
         group = {name: values.pop(name) for name in names}
         return command(**values, load=load_options(**group))
 
-    run.__signature__ = inspect.Signature([*own, *MODEL_LOADING])
-    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+    signature = inspect.Signature([*own, *MODEL_LOADING])
+    run.__signature__ = signature  # type: ignore[attr-defined]  # mypy has no function attributes; inspect.signature reads it
+    run.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
     return run
 
 

@@ -320,6 +320,7 @@ def load_causal_lm(
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model: Any  # a transformers model, then PEFT's wrapper around it for each adapter
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError, KeyError) as exc:

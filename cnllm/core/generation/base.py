@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -223,7 +223,7 @@ class GenerationStream:
             pass
         return self.completion
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Generator[str, None, None]:
         result = self.completion
         started = time.perf_counter()
         if self.max_tokens == 0:
@@ -320,7 +320,7 @@ class LoadedModel(ABC):
         """Text of ``ids`` without special tokens; invalid or incomplete UTF-8 becomes U+FFFD."""
 
     @abstractmethod
-    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Iterator[int]:
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Generator[int, None, None]:
         """Raw generated ids, at most ``max_tokens`` plus EOS; stops when ``cancel`` is set or the iterator is closed."""
 
     @abstractmethod
@@ -435,9 +435,10 @@ class LoadOptions:
 def context_window(options: LoadOptions, trained: int | None, *, cap: int | None) -> int:
     """The one context rule of both backends: ``--n-ctx``, else the trained context × ``--rope-factor``, else the
     trained context (DEFAULT_N_CTX when the model does not say), at most ``cap`` (llama.cpp allocates it up front)."""
-    extended = options.rope.extended_context(trained) if options.rope else None
-    if options.n_ctx or extended:
-        return options.n_ctx or extended
+    if options.n_ctx:
+        return options.n_ctx
+    if extended := (options.rope.extended_context(trained) if options.rope else None):
+        return extended
     natural = trained or DEFAULT_N_CTX
     return min(natural, cap) if cap else natural
 

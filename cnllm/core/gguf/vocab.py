@@ -194,7 +194,7 @@ def detect_pre_tokenizer(definition: dict | None) -> str | None:
     """llama.cpp's name for a tokenizer.json ``pre_tokenizer`` definition, or None when it is not one llama.cpp implements."""
     if not definition:
         return None
-    steps = definition.get("pretokenizers") if definition.get("type") == "Sequence" else [definition]
+    steps: list[dict] = (definition.get("pretokenizers") or []) if definition.get("type") == "Sequence" else [definition]
     if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
         key: tuple = ("bytelevel",)
     elif (

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Final, Iterable, Literal, Optional, Sequence
 
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
@@ -33,7 +33,8 @@ from cnllm.core.tokenizers.spm import (
     model_proto_class,
 )
 
-SCORES_RANKED, SCORES_ZERO = "ranked", "zero"
+SCORES_RANKED: Final = "ranked"
+SCORES_ZERO: Final = "zero"
 SPM_TYPE_BPE = 2
 ZERO_SCORES_WARNING = (
     "--scores zero gives every new piece score 0 (the published method): sentencepiece then breaks ties by "

@@ -114,6 +114,7 @@ def load_source(path: Path | str, *, allow_words: bool = False) -> TokenizerSour
 def spm_candidates(source: TokenizerSource) -> tuple[list[str], int]:
     """Pieces ADD offers to a SentencePiece base, in ADD's order, and how many were not mergeable (bytes, control)."""
     if source.kind == WORDS:
+        assert source.words is not None  # a word list's source carries its words
         return [word.replace(" ", SPIECE_UNDERLINE) for word in source.words], 0
     pieces = [p.piece for p in source.proto.pieces if p.type in (PIECE_NORMAL, PIECE_USER_DEFINED)]
     return pieces, len(source.proto.pieces) - len(pieces)

@@ -112,7 +112,11 @@ def build_tokenizer(ranks: dict[bytes, int], specials: list[str]):
         return "".join(chars[b] for b in token)
 
     vocab = {text(token): rank for token, rank in ranks.items()}
-    merges = [tuple(map(text, _last_merge(ranks, token))) for token, _ in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+    merges = []
+    for token, _ in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            first, second = _last_merge(ranks, token)
+            merges.append((text(first), text(second)))
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -259,9 +259,10 @@ def build_preference_data(
     else:
         train_pairs, eval_pairs = split_pairs(read.pairs, validation_split, seed)
     stats = PreferenceStats(skipped_invalid=len(read.skipped))
-    lengths = dict(template=template, system=system, max_length=max_length, max_prompt_length=max_prompt_length, stats=stats)
-    train_rows = tokenize_pairs(train_pairs, tokenizer, **lengths)
-    eval_rows = tokenize_pairs(eval_pairs, tokenizer, **lengths)
+    train_rows, eval_rows = (
+        tokenize_pairs(pairs, tokenizer, template=template, system=system, max_length=max_length, max_prompt_length=max_prompt_length, stats=stats)
+        for pairs in (train_pairs, eval_pairs)
+    )
     if not train_rows:
         raise OptionError("no preference pair leaves room for an answer within {max_length} {value}; raise it or lower {max_prompt_length}",
                           value=max_length)
