@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 LLAMA_CPP ?= llama-cpp-python==0.3.36
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-all test-real demo check-installed bench completions clean
+.PHONY: install lint test test-all test-real demo check-installed bench completions clean
 
 # One line per stage, so a first run explains where its minutes go.
 $(BIN)/.installed: pyproject.toml
@@ -28,10 +28,15 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-test: install
+# ruff and mypy (configured in pyproject.toml) with zero findings; the tests run after them.
+lint: install
+	$(BIN)/ruff check cnllm tests bench
+	$(BIN)/mypy cnllm
+
+test: lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
-test-all: install
+test-all: lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m "not real_model"
 
 # The whole chain on the real SmolLM2-135M-Instruct (fetched once from PyPI into ~/.cache/cnllm-test;
@@ -61,4 +66,4 @@ completions: install
 	$(BIN)/python -m cnllm.cli.completions
 
 clean:
-	rm -rf $(VENV) cnllm-demo .pytest_cache
+	rm -rf $(VENV) cnllm-demo .pytest_cache .mypy_cache .ruff_cache

@@ -65,9 +65,9 @@ def rendered_pairs(model: Path, folder: Path) -> Path:
     marker, exactly the text cnllm tokenises (TRL's tokenizer call adds the BOS cnllm adds)."""
     from transformers import AutoTokenizer
 
-    from cnllm.core.preference import read_preference_pairs, render_pair
     from cnllm.core.tiny import asset
     from cnllm.core.training.data import segment_function
+    from cnllm.core.training.preference import read_preference_pairs, render_pair
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     to_segments = segment_function("alpaca", tokenizer, None)

@@ -42,8 +42,8 @@ from cnllm.core.evaluation.mc import (  # noqa: E402
     evaluate_multiple_choice,
     load_subjects,
 )
-from cnllm.core.generation.base import LoadOptions  # noqa: E402
 from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity  # noqa: E402
+from cnllm.core.generation.base import LoadOptions  # noqa: E402
 from cnllm.core.tiny import asset  # noqa: E402
 
 POEMS = Path("/work/shared/fixtures/sft/poem-next-line.json")

@@ -222,8 +222,9 @@ def throughput(work: Path, threads: int, repeats: int) -> str:
     import statistics
 
     from bench_eval import llamacpp_reference_ppl
-    from cnllm.core.generation.base import LoadOptions
+
     from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity
+    from cnllm.core.generation.base import LoadOptions
     from cnllm.core.smollm2 import fetch_smollm2_gguf
 
     model, text = fetch_smollm2_gguf(), work / "zh-8192.txt"

@@ -89,8 +89,8 @@ def run(llm, prompt: list[int], tokens: int) -> dict:
 
 
 def perplexity(gguf: Path, repack: bool, threads: int) -> float:
-    from cnllm.core.generation.base import LoadOptions
     from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity
+    from cnllm.core.generation.base import LoadOptions
     from cnllm.core.tiny import asset
 
     result = evaluate_perplexity(gguf, [asset("zh_heldout.txt")], PplOptions(ctx=512), LoadOptions(threads=threads, repack=repack))

@@ -141,8 +141,8 @@ def main() -> None:
 
     # 4. Llama-3 extended with a classical-Chinese vocabulary.
     lines = corpus.read_text(encoding="utf-8").splitlines()
-    (work / "train.txt").write_text("\n".join(l for i, l in enumerate(lines, 1) if i % 20) + "\n", encoding="utf-8")
-    (work / "held.txt").write_text("\n".join(l for i, l in enumerate(lines, 1) if i % 20 == 0) + "\n", encoding="utf-8")
+    (work / "train.txt").write_text("\n".join(line for i, line in enumerate(lines, 1) if i % 20) + "\n", encoding="utf-8")
+    (work / "held.txt").write_text("\n".join(line for i, line in enumerate(lines, 1) if i % 20 == 0) + "\n", encoding="utf-8")
     started = time.perf_counter()
     trained = train_vocab([work / "train.txt"], work / "classical.model", TrainVocabOptions(vocab_size=args.llama3_vocab_size, threads=os.cpu_count() or 1))
     train_seconds = time.perf_counter() - started

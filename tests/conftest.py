@@ -171,6 +171,26 @@ def short_context_gguf(tmp_path_factory, short_context_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny model as an f32 GGUF, written by cnllm's own converter (skips where that core is absent)."""
+    try:
+        from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
+    except ImportError:
+        pytest.skip("cnllm.core.gguf.convert is not available; GGUF backend tests need it to build a test GGUF")
+    return convert_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", ConvertOptions(outtype="f32")).output
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_llama_dir):
+    """The tiny model loaded once (transformers), for generation, chat and the server."""
+    from cnllm.core.backends import load_model
+
+    generator = load_model(tiny_llama_dir)
+    yield generator
+    generator.close()
+
+
+@pytest.fixture(scope="session")
 def tiny_q4_0_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
     """The tiny model in Q4_0, a type llama.cpp repacks on AVX2, AVX-512 and NEON (and moves to AMX where it has it):
     where --repack and --no-repack load different kernels."""

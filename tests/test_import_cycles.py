@@ -1,4 +1,4 @@
-"""No import cycles among cnllm modules, counting imports inside functions too.
+"""No import cycles among cnllm modules, counting imports inside functions too, and no import back up the house.
 
 A cycle hidden behind a lazy import still ties two modules into one unit: neither can be read,
 tested or changed alone. Shared types go down a floor; registries take their members from above.
@@ -90,3 +90,27 @@ def test_find_cycles_reports_a_cycle():
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles: " + "; ".join(" ↔ ".join(c) for c in cycles)
+
+
+# A lower floor never imports a higher one, not even inside a function: what both need goes down a floor.
+NEVER_IMPORTS = {
+    "cnllm.core.tokenizers": ("cnllm.core.gguf", "cnllm.core.modelio", "cnllm.core.tiny", "cnllm.core.training", "cnllm.core.evaluation"),
+    "cnllm.core.generation": ("cnllm.core.backends", "cnllm.core.evaluation", "cnllm.core.server"),
+    "cnllm.core.backends": ("cnllm.core.evaluation", "cnllm.core.server"),
+    "cnllm.core.training": ("cnllm.core.evaluation", "cnllm.core.pipeline"),
+    "cnllm.core": ("cnllm.cli", "cnllm.commands"),
+}
+
+
+def test_no_import_runs_back_up_the_house():
+    graph = import_graph()
+    upward = [
+        f"{module} → {target}"
+        for module, targets in sorted(graph.items())
+        for floor, above in NEVER_IMPORTS.items()
+        if module == floor or module.startswith(floor + ".")
+        for target in sorted(targets)
+        if target.startswith(above)
+    ]
+    assert not upward, "imports back up the house: " + "; ".join(upward)
+    assert graph["cnllm.core.files"] <= {"cnllm.core.errors"}  # the floor every module reads JSON and GGUF through

@@ -28,8 +28,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cnllm.core.gguf.convert import ConvertOptions
 from cnllm.core.atomic import TEMP_MARK
+from cnllm.core.gguf.convert import ConvertOptions
 from cnllm.core.tiny import asset
 from tests.lora_fixtures import build_adapter
 

@@ -15,7 +15,6 @@ import random
 import signal
 import threading
 
-from tests.core.generation.conftest import tiny_gguf  # noqa: F401 - the shared session fixture
 from tests.core.server.conftest import http_request, spawn_serve
 
 SEED = 1313

@@ -7,7 +7,7 @@ import inspect
 import math
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import click
 import typer
@@ -16,6 +16,9 @@ from cnllm.core.dtypes import DTYPE_WORDS  # noqa: F401 - every --dtype help spe
 from cnllm.core.embeddings import NEW_ROW_INIT_HELP  # noqa: F401 - vocab extend-model's help, as pt's
 from cnllm.core.rope import INFERENCE_METHODS, MAX_CONTEXT
 from cnllm.core.templates import PROMPT_TEMPLATE_NAMES
+
+if TYPE_CHECKING:
+    from cnllm.core.generation.base import LoadOptions
 
 # Short aliases: one meaning each, in every command that has the option (checked by a test over the
 # whole CLI; the table is printed at the top of docs/cli-reference.md and in the README).
@@ -177,7 +180,7 @@ def load_options(
     rope_scaling: Optional[str],
     rope_factor: Optional[float],
     rope_freq_base: Optional[float],
-) -> "LoadOptions":
+) -> LoadOptions:
     """The :class:`LoadOptions` of the model-loading group (the dtype word and the rope flags checked)."""
     from cnllm.core.dtypes import DType
     from cnllm.core.generation.base import LoadOptions
@@ -208,8 +211,9 @@ def with_model_loading(command: Callable) -> Callable:
         group = {name: values.pop(name) for name in names}
         return command(**values, load=load_options(**group))
 
-    run.__signature__ = inspect.Signature([*own, *MODEL_LOADING])
-    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+    signature = inspect.Signature([*own, *MODEL_LOADING])
+    run.__signature__ = signature  # type: ignore[attr-defined]  # mypy has no function attributes; inspect.signature reads it
+    run.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
     return run
 
 

@@ -10,12 +10,15 @@ import sys
 import threading
 import time
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from rich.console import Console
 from rich.markup import escape
 
 from cnllm.core.tensors import human_bytes  # noqa: F401 - commands format sizes through output
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress, TaskID
 
 
 @lru_cache(maxsize=None)
@@ -84,8 +87,8 @@ class CliProgress:
         self.console = console or stderr()
         self.interval = interval
         self._lock = threading.Lock()
-        self._rich = None
-        self._task = None
+        self._rich: RichProgress | None = None
+        self._task: TaskID | None = None
 
     def start(self, total: float | None, description: str, unit: str = "it") -> None:
         self.total, self.description, self.unit = total, description, unit
@@ -119,7 +122,7 @@ class CliProgress:
             self.done += amount
             if fields:
                 self.fields.update(fields)
-            if self._rich is not None:
+            if self._rich is not None and self._task is not None:  # set together by start()
                 extra = "  ".join(f"{k}={_fmt(v)}" for k, v in self.fields.items())
                 self._rich.update(self._task, advance=amount, extra=extra)
                 return

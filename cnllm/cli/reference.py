@@ -48,7 +48,9 @@ def _section(command: click.Command, path: list[str], lines: list[str]) -> None:
     if isinstance(command, click.Group):
         ctx = click.Context(command)
         for name in command.list_commands(ctx):
-            _section(command.get_command(ctx, name), [*path, name], lines)
+            subcommand = command.get_command(ctx, name)
+            if subcommand is not None:  # listed names always resolve
+                _section(subcommand, [*path, name], lines)
 
 
 def short_option_table() -> list[str]:

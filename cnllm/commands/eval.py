@@ -117,16 +117,16 @@ def ppl(
             rows,
         )
     else:
-        rows = []
+        by_context = []
         for result in sweep.results:
             for s in result.files + ([result.total] if len(result.files) > 1 else []):
                 name = Path(s.path).name if s.path != "total" else "total"
-                rows.append((result.options.ctx, name, _fmt(s.bits_per_char), f"{s.ppl:.4f}", f"{s.seconds:.2f}", _fmt(s.tokens_per_second, 1)))
+                by_context.append((result.options.ctx, name, _fmt(s.bits_per_char), f"{s.ppl:.4f}", f"{s.seconds:.2f}", _fmt(s.tokens_per_second, 1)))
         trained = sweep.trained_context
         output.print_table(
             f"perplexity by context of {model.name} ({backend}, trained context {trained or '?'}, {mode}{scaling})",
             ["ctx", "file", "bits/char", "ppl/token", "seconds", "tokens/s"],
-            rows,
+            by_context,
         )
     output.print_note("bits per character (and per byte) compare models whose tokenizers differ; perplexity per token does not")
     for path in (output_file, plot):
@@ -321,7 +321,7 @@ def longbench(
         document["output"] = {"dir": str(out_dir), "files": written} if out_dir is not None else None
         output.print_json(document)
         return
-    rows = [(d.dataset, d.samples, d.truncated, f"{d.score:.2f}", f"{d.seconds:.1f}") for d in result.datasets]
+    rows: list[tuple[object, ...]] = [(d.dataset, d.samples, d.truncated, f"{d.score:.2f}", f"{d.seconds:.1f}") for d in result.datasets]
     rows.append(("[bold]average[/]", sum(d.samples for d in result.datasets), "", _fmt(result.average, 2), ""))
     output.print_table(
         f"LongBench of {model.name} ({result.model['backend']}, max length {max_length}, Chinese words: {result.segmentation})",

@@ -74,11 +74,11 @@ def merge_lora(
             markup=False,
             highlight=False,
         )
-        verify = document["verify"]
-        if verify is not None:
+        report = document["verify"]
+        if report is not None:
             console.print(
-                f"verify {'OK' if verify['passed'] else 'FAILED'}: max logit difference {verify['max_abs_diff']:.3g} "
-                f"(tolerance {verify['tolerance']:g}, {verify['tokens']} tokens)",
+                f"verify {'OK' if report['passed'] else 'FAILED'}: max logit difference {report['max_abs_diff']:.3g} "
+                f"(tolerance {report['tolerance']:g}, {report['tokens']} tokens)",
                 markup=False,
                 highlight=False,
             )

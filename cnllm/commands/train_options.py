@@ -70,8 +70,9 @@ def training_command(method: TrainingMethod) -> Callable[[Callable], Callable]:
         own_first = sorted(declared_fields(method.options_type), key=lambda declared: declared[0].name in shared)
         options = [parameter(f, d, hints[f.name]) for f, d in own_first]
         after_tokenizer = [p.name for p in options].index("tokenizer") + 1  # --config beside the other inputs in the help
-        function.__signature__ = inspect.Signature([ctx, *options[:after_tokenizer], CONFIG, *options[after_tokenizer:], JSON])
-        function.model_parameters = frozenset(f.name for f, d in declared_fields(method.options_type) if d.model)
+        # mypy has no function attributes: inspect.signature (so Typer) reads __signature__, the path rule model_parameters
+        function.__signature__ = inspect.Signature([ctx, *options[:after_tokenizer], CONFIG, *options[after_tokenizer:], JSON])  # type: ignore[attr-defined]
+        function.model_parameters = frozenset(f.name for f, d in declared_fields(method.options_type) if d.model)  # type: ignore[attr-defined]
         return function
 
     return decorate

@@ -191,7 +191,7 @@ def inspect(
         results.append(inspect_tokenizer(compare, text))
     ratio = token_ratio(results[0], results[1]) if len(results) == 2 else None
     if json_:
-        document = {"tokenizers": [r.to_dict() for r in results]}
+        document: dict[str, object] = {"tokenizers": [r.to_dict() for r in results]}
         if compare is not None:
             document["token_ratio"] = round(ratio, 4) if ratio is not None else None
         output.print_json(document)
@@ -202,15 +202,16 @@ def inspect(
         ("special tokens", *(_specials(r.special_tokens) for r in results)),
     ]
     if text is not None:
+        stats = [r.text for r in results if r.text is not None]  # each of them: every tokenizer measured the text
         rows += [
-            ("lines", *(r.text.lines for r in results)),
-            ("characters", *(r.text.characters for r in results)),
-            ("tokens", *(r.text.tokens for r in results)),
-            ("characters / token", *(f"{r.text.chars_per_token:.3f}" for r in results)),
-            ("Chinese characters / token", *(f"{r.text.cjk_per_token:.3f}" for r in results)),
-            ("byte tokens", *(_rate(r.text.byte_rate) for r in results)),
-            ("unknown tokens", *(_rate(r.text.unknown_rate) for r in results)),
-            ("round trip", *("ok" if r.text.roundtrip_failures == 0 else f"{r.text.roundtrip_failures} lines differ" for r in results)),
+            ("lines", *(s.lines for s in stats)),
+            ("characters", *(s.characters for s in stats)),
+            ("tokens", *(s.tokens for s in stats)),
+            ("characters / token", *(f"{s.chars_per_token:.3f}" for s in stats)),
+            ("Chinese characters / token", *(f"{s.cjk_per_token:.3f}" for s in stats)),
+            ("byte tokens", *(_rate(s.byte_rate) for s in stats)),
+            ("unknown tokens", *(_rate(s.unknown_rate) for s in stats)),
+            ("round trip", *("ok" if s.roundtrip_failures == 0 else f"{s.roundtrip_failures} lines differ" for s in stats)),
         ]
     output.print_table(None, ["", *(str(r.path) for r in results)], rows)
     if ratio is not None:

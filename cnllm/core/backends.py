@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cnllm.core.errors import UsageError
+from cnllm.core.files import is_gguf
 from cnllm.core.generation.base import LoadedModel, LoadOptions
 from cnllm.core.generation.hf import TransformersModel
 from cnllm.core.generation.llamacpp import LlamaCppModel
-from cnllm.core.gguf import is_gguf
 
 LLAMA_CPP, TRANSFORMERS = "llama.cpp", "transformers"
 

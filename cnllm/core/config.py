@@ -33,7 +33,6 @@ from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
 from cnllm.core.tensors import ShardSize
 
-
 DECLARATION = "cnllm"  # the field metadata key of an :func:`option` declaration
 
 

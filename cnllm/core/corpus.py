@@ -69,12 +69,13 @@ def iter_documents(paths: Iterable[Path | str], stats: CorpusStats | None = None
                         continue
                     try:
                         record = json.loads(line)
-                        line = record[text_field] if isinstance(record, dict) else None
+                        text = record[text_field] if isinstance(record, dict) else None
                     except (json.JSONDecodeError, KeyError):
-                        line = None
-                    if not isinstance(line, str):
+                        text = None
+                    if not isinstance(text, str):
                         stats.invalid_json_lines += 1
                         continue
+                    line = text
                 if not line.strip():
                     continue
                 stats.lines += 1

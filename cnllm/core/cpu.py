@@ -75,7 +75,7 @@ class RepackDecision:
 
 def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
     """The model name and the feature flags of the first processor in a /proc/cpuinfo text (x86 ``flags``, Arm ``Features``)."""
-    model, flags = "", frozenset()
+    model, flags = "", frozenset[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
@@ -98,7 +98,7 @@ def _cores() -> int:
 @lru_cache(maxsize=None)
 def cpu_info() -> CpuInfo:
     """This machine's CPU: /proc/cpuinfo on Linux; the brand string on macOS (no AMX there); no flags elsewhere."""
-    model, flags = "", frozenset()
+    model, flags = "", frozenset[str]()
     cpuinfo = Path("/proc/cpuinfo")
     if sys.platform.startswith("linux") and cpuinfo.is_file():
         try:

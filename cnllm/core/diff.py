@@ -137,8 +137,9 @@ class DiffResult:
             document["bit_identical_recovery"] = self.signed_zeros == 0
             document["negative_zeros_recovered_as_positive"] = self.signed_zeros
         if self.manifest_check is not None:
-            document["verify"] = self.manifest_check.to_dict()
-            document["verify"]["not_written"] = self.unwritable
+            verify = self.manifest_check.to_dict()
+            verify["not_written"] = self.unwritable
+            document["verify"] = verify
         document["notes"] = self.notes
         if self.reference_check is not None:
             check = self.reference_check
@@ -317,7 +318,7 @@ def recover(
     base, diff, output = Path(base), Path(diff), Path(output)
     check_output(output, force, inputs=[base, diff, manifest, reference])
     unwritable = unwritable_entries(manifest) if manifest is not None else []
-    notes = [describe_unwritable(manifest, unwritable)] if unwritable else []
+    notes = [describe_unwritable(manifest, unwritable)] if manifest is not None and unwritable else []
     for note in notes:
         progress.log(note)
     config = load_config(diff)

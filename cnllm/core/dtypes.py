@@ -6,7 +6,7 @@ provenance records) together with the one canonical name the libraries need (``f
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, TypeVar
 
 from cnllm.core.errors import UsageError
 
@@ -29,10 +29,13 @@ def words_for(canonical: Iterable[str]) -> list[str]:
     return [word for name in canonical for word in SPELLINGS[name]]
 
 
+_DType = TypeVar("_DType", bound="DType")
+
+
 class DType(str):
     """A dtype as the user spelled it; :attr:`name` is torch's name, :attr:`short` the fp16/bf16/fp32 form."""
 
-    def __new__(cls, word: str, *, allowed: Iterable[str] = FLOAT_DTYPES, where: str = "dtype") -> "DType":
+    def __new__(cls: type[_DType], word: str, *, allowed: Iterable[str] = FLOAT_DTYPES, where: str = "dtype") -> _DType:
         allowed = tuple(allowed)
         text = str(word).strip()
         canonical = WORDS.get(text.lower())

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, cast
 
 from cnllm.core.atomic import atomic_file, check_output
 from cnllm.core.errors import UsageError
@@ -144,7 +144,7 @@ def hash_files(
                     raise
     finally:
         progress.finish()
-    return dict(zip(unique, results))
+    return dict(zip(unique, cast("list[str | OSError]", results)))  # every slot is filled once the threads finish
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -593,10 +593,10 @@ def verify_manifest(
         tasks.append((target, entry.algorithm))
         targets[-1] = target
     digests = hash_files(tasks, jobs=jobs, progress=progress, description="verifying")
-    for check, target in zip(checks, targets):
-        if target is None:
+    for check, hashed in zip(checks, targets):
+        if hashed is None:
             continue
-        digest = digests[(target, check.algorithm)]
+        digest = digests[(hashed, check.algorithm)]
         if isinstance(digest, FileNotFoundError):
             check.status, check.reason = MISSING, "no such file"
         elif isinstance(digest, NotRegularFile):
@@ -676,7 +676,8 @@ def _kind(*texts: str) -> str | None:
 def parse_published_tables(text: str) -> PublishedTables:
     """Rows of the Markdown tables in ``text`` whose digest columns are not titled by a file name."""
     tables = PublishedTables()
-    heading, header, in_table = "", [], False
+    heading, in_table = "", False
+    header: list[str] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         stripped = raw.strip()
         if not stripped.startswith("|"):
@@ -698,18 +699,18 @@ def parse_published_tables(text: str) -> PublishedTables:
         if not spare or cells[spare[0]].lower() in PLACEHOLDERS:
             continue
         label_column = spare[0]
-        titles = lambda i: header[i] if i < len(header) else ""  # noqa: E731
-        if any(_FILE_LIKE.match(titles(i)) for i in digests):
+        titles = header + [""] * (len(cells) - len(header))  # a column's title; "" past the header's end
+        if any(_FILE_LIKE.match(titles[i]) for i in digests):
             continue  # a column per file ("| | tokenizer.model | adapter_model.bin |"): parse_manifest names those
         part = cells[parts_column] if parts_column is not None and parts_column < len(cells) else None
         label = cells[label_column]
         for column in digests:
-            kind = _kind(titles(column), titles(label_column), heading)
+            kind = _kind(titles[column], titles[label_column], heading)
             for index, digest in enumerate(values[column], start=1):
                 algorithm = ALGORITHM_BY_HEX_LENGTH[len(digest)]
                 tables.entries.append(PublishedEntry(number, label, kind, heading, digest.lower(), algorithm, part, index, len(values[column])))
         for column in placeholder_columns if not digests else []:
-            tables.placeholders.append(PublishedEntry(number, label, _kind(titles(column), titles(label_column), heading), heading, "", "", part))
+            tables.placeholders.append(PublishedEntry(number, label, _kind(titles[column], titles[label_column], heading), heading, "", "", part))
     return tables
 
 
@@ -769,9 +770,9 @@ def match_published(
     text = read_manifest_text(manifest)
     tables = parse_published_tables(text)
     entries = list(tables.entries)
-    for entry in parse_manifest(text).entries:  # file-keyed lines and tables: the label is the listed path
-        if not any(e.digest == entry.digest for e in entries):
-            entries.append(PublishedEntry(entry.line, entry.path, None, "", entry.digest, entry.algorithm))
+    for listed in parse_manifest(text).entries:  # file-keyed lines and tables: the label is the listed path
+        if not any(e.digest == listed.digest for e in entries):
+            entries.append(PublishedEntry(listed.line, listed.path, None, "", listed.digest, listed.algorithm))
     if not entries:
         raise UsageError(f"{manifest}: no published digest in it (only placeholders such as TBA or -)" if tables.placeholders else f"{manifest}: no checksum in it")
     if files:
@@ -792,12 +793,13 @@ def match_published(
         by_digest.setdefault(entry.digest, []).append(entry)
     results = []
     for path in targets:
-        found = {algo: digests[(path, algo)] for algo in algorithms}
-        error = next((d for d in found.values() if isinstance(d, OSError)), None)
+        hashed = {algo: digests[(path, algo)] for algo in algorithms}
+        error = next((d for d in hashed.values() if isinstance(d, OSError)), None)
         shown = path.relative_to(root).as_posix() if not files and root is not None else str(path)
         if error is not None:
             results.append(FileMatch(shown, NO_MATCH, {}, reason=f"cannot read: {describe_os_error(error)}"))
             continue
+        found = {algo: digest for algo, digest in hashed.items() if isinstance(digest, str)}  # all of them: none failed
         matches = [e for algo, digest in found.items() for e in by_digest.get(digest, []) if e.algorithm == algo]
         status = MATCH if matches else NO_MATCH
         results.append(FileMatch(shown, status, dict(found), matches, None if matches else "no published digest matches"))

@@ -65,14 +65,14 @@ def _download(repo: str, revision: str | None, cache: Path) -> str:
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """The HTTP client's transport errors (no answer, connection refused), which are not OSErrors."""
-    try:
-        from httpx2 import TransportError
-    except ImportError:
+    import importlib
+
+    for client in ("httpx2", "httpx"):  # huggingface_hub's HTTP client, whichever of the two this release uses
         try:
-            from httpx import TransportError
+            return (importlib.import_module(client).TransportError,)
         except ImportError:
-            return ()
-    return (TransportError,)
+            continue
+    return ()
 
 
 def _timed_out(exc: BaseException | None) -> bool:
@@ -102,11 +102,12 @@ def resolve_model_id(text: str, *, allow_download: bool = False) -> Path:
                 f"{text}: no such file or folder, and no model {repo}{'@' + revision if revision else ''} in the Hugging Face cache "
                 f"({cache}); download it first (huggingface-cli download {repo}) or let cnllm do it: cnllm --allow-download …"
             ) from None
+    failures: tuple[type[BaseException], ...] = (HfHubHTTPError, OSError, ValueError, *_network_errors())
     try:
         return Path(_download(repo, revision, cache))
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise UsageError(f"{text}: not found on the Hugging Face Hub ({str(exc).splitlines()[0]})") from None
-    except (HfHubHTTPError, OSError, ValueError, *_network_errors()) as exc:
+    except failures as exc:
         if _timed_out(exc):
             raise UsageError(
                 f"{text}: download from {constants.ENDPOINT} failed: no answer within {download_timeout():g} s "

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Iterable, Literal, Optional, Sequence
 
 from cnllm.core.architectures import find_architecture
 from cnllm.core.atomic import atomic_dir, check_output
@@ -263,8 +263,8 @@ def _scale(config: dict, module: str, rank: int) -> float:
         from peft.utils.other import get_pattern_key
 
         rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
+        r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), r)
+        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), alpha)
     if r != rank:
         raise UsageError(f"adapter config says rank {r} for {module} but its weights have rank {rank}; the adapter is inconsistent")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -313,7 +313,7 @@ def drop_unknown_tensors(infos: dict[str, TensorInfo], described: ConfigTensors 
     return {n: i for n, i in infos.items() if n not in unknown}, note
 
 
-def layer_count(names: Sequence[str]) -> int:
+def layer_count(names: Iterable[str]) -> int:
     """Transformer blocks named in a checkpoint (``….layers.N.…`` or GPT-2's ``….h.N.…``)."""
     return len({m.group(1) for n in names if (m := re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", n))})
 
@@ -561,8 +561,8 @@ def merge_lora(
         raise UsageError("name at least one adapter with --lora")
     check_output(output, force, inputs=[base, *adapters])
     config = load_config(base)
-    for adapter in adapters:  # long-context rope scaling an adapter was trained with becomes the merged model's
-        config.update(adapter_config_overrides(adapter))
+    for adapter_dir in adapters:  # long-context rope scaling an adapter was trained with becomes the merged model's
+        config.update(adapter_config_overrides(adapter_dir))
     infos = tensor_infos(base)
     tied = ties_embeddings(config, infos)
     loaded_adapters = [read_adapter(a) for a in adapters]

@@ -20,18 +20,21 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cnllm.core.architectures import LLAMA
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
+from cnllm.core.files import read_json_object
 from cnllm.core.merge import META_LAYER_NAMES, META_SPLIT_DIM, META_TOP_NAMES, copy_tokenizer, format_shape, permute
-from cnllm.core.modelio import read_json
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import finish_output_folder
 from cnllm.core.tensors import DEFAULT_SHARD_SIZE, ShardSize, StreamingShardWriter, load_pickled_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 HF_NAMES = {meta: hf for hf, meta in META_TOP_NAMES.items()}
 HF_LAYER_NAMES = {meta: hf for hf, meta in META_LAYER_NAMES.items()}
@@ -118,7 +121,7 @@ def read_params(source: Path) -> dict:
     path = source / "params.json"
     if not path.exists():
         raise UsageError(f"{source} has consolidated.NN.pth but no params.json")
-    params = read_json(path)
+    params = read_json_object(path)
     missing = [key for key in ("dim", "n_layers", "n_heads") if not isinstance(params.get(key), int)]
     if missing:
         raise UsageError(f"{path} lacks {', '.join(missing)}; is it a LLaMA params.json?")
@@ -135,6 +138,13 @@ def hf_name(meta: str) -> str | None:
     if match and match.group(2) in HF_LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}"
     raise UsageError(f"tensor {meta} is not part of Meta's LLaMA layout")
+
+
+def kept_hf_name(meta: str) -> str:
+    """:func:`hf_name` of a tensor the plan keeps (the skipped ones never reach a layout)."""
+    name = hf_name(meta)
+    assert name is not None, meta
+    return name
 
 
 def _kind(meta: str) -> str:
@@ -169,14 +179,14 @@ class Plan:
     groups: list[list[str]]  # Meta names, loaded together: the embedding, each layer, norm + output
     shapes: dict[str, tuple[int, ...]]  # joined, Meta names
     dims: dict[str, int | None]
-    dtypes: dict[str, object]
+    dtypes: dict[str, torch.dtype]
 
 
 def plan_checkpoint(source: Path) -> Plan:
     """Names, joined shapes and dtypes of every tensor, checked against ``params.json`` before any weight is read."""
     shards = shard_files(source)  # first: read_params's message presumes the shards are there
     params = read_params(source)
-    parts: list[dict[str, tuple[tuple[int, ...], object]]] = []
+    parts: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = []
     for path in shards:
         state = load_pickled_tensors(path)
         parts.append({name: (tuple(t.shape), t.dtype) for name, t in state.items()})
@@ -355,7 +365,7 @@ def special_token_ids(target: Path) -> dict:
         path = target / source
         if not path.exists():
             continue
-        document = read_json(path)
+        document = read_json_object(path)
         for key in ("bos_token", "eos_token"):
             token = document.get(key)
             token = token.get("content") if isinstance(token, dict) else token
@@ -393,7 +403,7 @@ def convert_meta(
     for group in plan.groups:
         for name in group:
             dtype = plan.dtypes[name]
-            layout.append((hf_name(name), plan.shapes[name], out_dtype if out_dtype is not None and dtype.is_floating_point else dtype))
+            layout.append((kept_hf_name(name), plan.shapes[name], out_dtype if out_dtype is not None and dtype.is_floating_point else dtype))
     out_types = {name: dtype for name, _, dtype in layout}
     dtypes = sorted({str(d).removeprefix("torch.") for d in out_types.values() if d.is_floating_point})
     notes = []
@@ -420,8 +430,8 @@ def convert_meta(
             for group in plan.groups:
                 states = [load_pickled_tensors(path) for path in plan.shards]  # mapped again per layer: finished pages are released
                 for name in group:
-                    tensor = joined(name, plan, states).to(out_types[hf_name(name)])
-                    writer.add(hf_name(name), tensor)
+                    tensor = joined(name, plan, states).to(out_types[kept_hf_name(name)])
+                    writer.add(kept_hf_name(name), tensor)
                     progress.advance(tensor.numel() * tensor.element_size())
                     del tensor
                 del states

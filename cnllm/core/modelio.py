@@ -11,10 +11,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from cnllm.core.architectures import ties_by_default
 from cnllm.core.errors import UsageError
+from cnllm.core.files import read_json, read_json_object
 from cnllm.core.tensors import TensorInfo, TensorReader, tensor_infos
 
 if TYPE_CHECKING:
@@ -69,16 +70,6 @@ CONFIG_SIZES = (
 CONFIG_NUMBERS = ("rms_norm_eps", "rope_theta", "initializer_range")
 
 
-def read_json(path: Path) -> object:
-    """A JSON file a model, adapter or tokenizer folder carries; a usage error naming it when it is not JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is not valid JSON") from None
-    except RecursionError:  # Python's parser recurses once per level: a hostile file nests 100,000 deep
-        raise UsageError(f"{path} is nested too deeply to be a settings file") from None
-
-
 def load_config(model_dir: Path | str) -> dict:
     """``config.json`` as a mapping whose size fields are positive integers (a usage error naming the field otherwise)."""
     path = Path(model_dir) / "config.json"
@@ -86,13 +77,12 @@ def load_config(model_dir: Path | str) -> dict:
         raise UsageError(f"{model_dir} is not a model directory")
     if not path.exists():
         raise UsageError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    config = read_json(path)
-    check_config(config, path)
-    return config
+    return check_config(read_json(path), path)
 
 
-def check_config(config, path: Path, *, prefix: str = "") -> None:
-    """Refuse a config that is not a mapping or whose known fields have the wrong type (``prefix``: ``text_config.``)."""
+def check_config(config: object, path: Path, *, prefix: str = "") -> dict[str, Any]:
+    """``config`` as the mapping it must be; refused when it is not one or its known fields have the wrong type
+    (``prefix``: ``text_config.``)."""
     if not isinstance(config, dict):
         raise UsageError(f"{path}: {prefix.rstrip('.') or 'the file'} is not a JSON object (a mapping of settings)")
     for key in CONFIG_SIZES:
@@ -108,6 +98,7 @@ def check_config(config, path: Path, *, prefix: str = "") -> None:
             raise UsageError(f"{path}: {prefix}{key} must be {what}, not {config[key]!r}")
     if "text_config" in config and not prefix:
         check_config(config["text_config"], path, prefix="text_config.")
+    return config
 
 
 def has_tokenizer(directory: Path | str) -> bool:
@@ -142,9 +133,9 @@ def read_tokenizer_json(path: Path):
         raise UsageError(f"{path} is not a valid tokenizer file: {exc}") from None
 
 
-def _added_tokens_json(directory: Path) -> dict:
+def _added_tokens_json(directory: Path) -> dict[str, Any]:
     path = directory / "added_tokens.json"
-    return read_json(path) if path.exists() else {}
+    return read_json_object(path) if path.exists() else {}
 
 
 @dataclass
@@ -347,6 +338,7 @@ def load_causal_lm(
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model: Any  # a transformers model, then PEFT's wrapper around it for each adapter
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError, KeyError) as exc:

@@ -251,8 +251,8 @@ def run_pipeline(
         parsed, input_paths = plans[name]
         inputs = {str(p): cache.digest(p) for p in input_paths}
         step_print = fingerprint(name, options, previous, inputs)
-        record = _read_record(folder)
-        up_to_date = record is not None and record.get("fingerprint") == step_print
+        record = _read_record(folder) or {}
+        up_to_date = record.get("fingerprint") == step_print
         if index < first:
             if not up_to_date:
                 raise UsageError(f"--from {start}: the earlier step {name} has no up-to-date output in {folder}; run it first")

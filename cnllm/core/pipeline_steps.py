@@ -104,11 +104,12 @@ def run_vocab(context: StepContext, step: VocabStep) -> dict:
     trained = train_vocab(step.inputs.corpus, context.folder / "chinese_sp.model", step.train, progress=context.progress)
     merged = merge_vocab(context.artifacts.tokenizer, [trained.output, *step.inputs.add], context.folder / "tokenizer", step.merge, progress=context.progress)
     context.artifacts.tokenizer = context.final_path(merged.output)
-    figures = {"trained_pieces": trained.pieces, "base_vocab": merged.base_size, "merged_vocab": merged.final_size, "added": merged.added}
+    figures: dict[str, object] = {"trained_pieces": trained.pieces, "base_vocab": merged.base_size, "merged_vocab": merged.final_size, "added": merged.added}
     measure_text = step.inputs.measure_text
     if measure_text:
         before = inspect_tokenizer(context.artifacts.models["base"] if context.recipe.base_tokenizer == context.recipe.base_model else context.recipe.base_tokenizer, measure_text).text
         after = inspect_tokenizer(merged.output, measure_text).text
+        assert before is not None and after is not None  # both measured measure_text
         figures["chinese_chars_per_token"] = {"before": round(before.cjk_per_token, 3), "after": round(after.cjk_per_token, 3)}
         figures["tokens_on_text"] = {"before": before.tokens, "after": after.tokens}
     if step.inputs.extend_model:
@@ -134,7 +135,7 @@ def _vocab_inputs(recipe: Recipe, step: VocabStep) -> list[Path]:
 def _parse_train(method):
     def parse(recipe: Recipe, name: str, options: dict):
         """The step's options, validated with the step folder as output (model and tokenizer are set when it runs)."""
-        fixed = {"model": recipe.base_model, "tokenizer": recipe.base_tokenizer, "output": step_folder(recipe, name) / "adapter"}
+        fixed: dict[str, Any] = {"model": recipe.base_model, "tokenizer": recipe.base_tokenizer, "output": step_folder(recipe, name) / "adapter"}
         excluded = set(option_names(method.options_type)) - set(recipe_fields(method.options_type))
         return build_options(method.options_type, options, where=f"recipe step {name}", exclude=excluded, **fixed)
 
@@ -387,8 +388,8 @@ def run_eval(context: StepContext, step: EvalStep) -> dict:
         data, mc_options = step.mc
         figures["mc_accuracy"] = {}
         for name, path in targets.items():
-            result = evaluate_multiple_choice(Path(path), data, mc_options, progress=context.progress)
-            document = result.to_dict()
+            mc_result = evaluate_multiple_choice(Path(path), data, mc_options, progress=context.progress)
+            document = mc_result.to_dict()
             figures["mc_accuracy"][name] = round(document["average"], 4) if document["average"] is not None else None
             (context.folder / f"mc-{name}.json").write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")
     return figures

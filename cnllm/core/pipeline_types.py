@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 from cnllm.core.progress import Progress
 
-
 STEP_ORDER = ("vocab", "pt", "merge_pt", "sft", "merge_sft", "align", "merge_align", "convert", "quantize", "eval", "checksum")
 
 

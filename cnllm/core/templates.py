@@ -42,14 +42,14 @@ def normalize_messages(messages: Sequence[Message | dict]) -> list[Message]:
     """Validate roles and order: optional system first, then user/assistant turns starting with user."""
     result = []
     for index, raw in enumerate(messages):
-        message = raw if isinstance(raw, Message) else Message(str(raw.get("role", "")), raw.get("content"))
-        if message.role not in ROLES:
-            raise UsageError(f"message {index}: unknown role {message.role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(message.content, str):
+        role, content = (raw.role, raw.content) if isinstance(raw, Message) else (str(raw.get("role", "")), raw.get("content"))
+        if role not in ROLES:
+            raise UsageError(f"message {index}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
             raise UsageError(f"message {index}: content must be a string")
-        if message.role == "system" and index != 0:
+        if role == "system" and index != 0:
             raise UsageError(f"message {index}: a system message may only come first")
-        result.append(message)
+        result.append(raw if isinstance(raw, Message) else Message(role, content))
     turns = [m for m in result if m.role != "system"]
     if not turns:
         raise UsageError("the conversation has no user message")

@@ -12,9 +12,12 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 
 from cnllm.core.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -33,9 +36,6 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-DEFAULT_SHARD_SIZE = "2GB"
-
-
 class ShardSize(str):
     """A ``--max-shard-size`` (``500MB``, ``2GB``, ``4GiB``), checked where it is made: every command that writes
     safetensors shards takes this one type (an options field coerces to it), so the words and the check live here."""
@@ -52,6 +52,9 @@ class ShardSize(str):
     @property
     def bytes(self) -> int:
         return parse_size(str(self))
+
+
+DEFAULT_SHARD_SIZE = ShardSize("2GB")
 
 
 def human_bytes(count: float) -> str:
@@ -215,7 +218,7 @@ def tensor_infos(model: Path | str) -> dict[str, TensorInfo]:
     return infos
 
 
-def iter_tensors(model: Path | str) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+def iter_tensors(model: Path | str) -> Iterator[tuple[str, "torch.Tensor"]]:
     """Yield ``(name, tensor)`` one at a time, one file open at a time."""
     from safetensors import SafetensorError, safe_open
 
@@ -241,7 +244,7 @@ SAFETENSORS_TORCH_DTYPES = {
 }
 
 
-def stream_tensors(model: Path | str) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+def stream_tensors(model: Path | str) -> Iterator[tuple[str, "torch.Tensor"]]:
     """Like :func:`iter_tensors`, but safetensors are read with plain reads in file order instead of mmap.
 
     A memory map keeps every page it has touched resident (and counted in the process's RSS)
@@ -280,7 +283,7 @@ def _read_safetensor(handle, path: Path, name: str, meta: dict, rows: tuple[int,
         handle.seek(0)
         (length,) = struct.unpack("<Q", handle.read(8))
         handle.seek(8 + length + start)
-        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ on Python 3.12+ only
         while buffer:
             read = handle.readinto(buffer)
             if not read:
@@ -373,7 +376,7 @@ class StreamingShardWriter:
     def __init__(
         self,
         directory: Path,
-        layout: list[tuple[str, tuple[int, ...], "torch.dtype"]],  # noqa: F821
+        layout: list[tuple[str, tuple[int, ...], "torch.dtype"]],
         *,
         max_shard_size: int | str = DEFAULT_SHARD_SIZE,
         prefix: str = "model",
@@ -381,7 +384,7 @@ class StreamingShardWriter:
     ):
         self.directory = Path(directory)
         limit = parse_size(max_shard_size)
-        groups: list[list[tuple[str, tuple[int, ...], object, int]]] = [[]]
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         pending = 0
         for name, shape, dtype in layout:
             nbytes = _numel(shape) * _element_size(dtype)
@@ -392,7 +395,7 @@ class StreamingShardWriter:
             pending += nbytes
         self.files = [self.directory / name for name in shard_names(len(groups), prefix)]
         self.total_size = sum(entry[3] for group in groups for entry in group)
-        self._slots: dict[str, tuple[int, int, tuple[int, ...], object]] = {}
+        self._slots: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
         self._handles: dict[int, object] = {}
         self._rows_written: dict[str, int] = {}
         self._headers: list[bytes] = []
@@ -406,7 +409,7 @@ class StreamingShardWriter:
             encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
             encoded += b" " * (-len(encoded) % 8)
             data_start = 8 + len(encoded)
-            for name, shape, dtype, nbytes in group:
+            for name, shape, dtype, _nbytes in group:
                 self._slots[name] = (number, data_start + header[name]["data_offsets"][0], shape, dtype)
             self._headers.append(struct.pack("<Q", len(encoded)) + encoded)
         self._group_names = [[entry[0] for entry in group] for group in groups]
@@ -482,7 +485,7 @@ class TensorReader:
     def __init__(self, model: Path | str):
         self.model = Path(model)
         self.infos = tensor_infos(model)
-        self._open: dict[Path, tuple[object, dict]] = {}
+        self._open: dict[Path, tuple[IO[bytes] | None, dict]] = {}  # safetensors: (handle, header); pickles: (None, tensors)
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos

@@ -16,13 +16,10 @@ from typing import Iterable
 from cnllm.core.gguf.vocab import QWEN2_SPLIT_PATTERN
 from cnllm.core.tokenizers.hf_export import write_spm_tokenizer_dir
 from cnllm.core.tokenizers.spm import load_proto, train_spm
+from cnllm.core.tokenizers.tiktoken import LLAMA3_SPLIT_PATTERN
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-# Llama-3's pre-tokenizer split pattern (its tokenizer.json); byte-level BPE runs inside each piece.
-LLAMA3_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 LLAMA3_SPECIAL_TOKENS = (
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -30,8 +27,6 @@ LLAMA3_SPECIAL_TOKENS = (
     "<|end_header_id|>",
     "<|eot_id|>",
 )
-
-
 
 
 @dataclass(frozen=True)

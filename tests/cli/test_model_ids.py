@@ -98,9 +98,9 @@ def test_a_local_folder_wins_over_an_id(cli, tmp_path, hub, tiny_llama_dir):
 def test_model_parameters_cover_every_model_option():
     """Every command option that takes a model, adapter or tokenizer is in MODEL_PARAMETERS, or declared one
     (the training commands' ``model=True`` options, listed in their function's ``model_parameters``)."""
-    from cnllm.cli.app import COMMANDS, load_command
-
     import click
+
+    from cnllm.cli.app import COMMANDS, load_command
 
     missing = set()
     for name in COMMANDS:

@@ -12,7 +12,6 @@ import pytest
 from cnllm.commands.chat import run_repl
 from cnllm.core.generation.base import SamplingParams
 from cnllm.core.generation.session import ChatSession
-from tests.core.generation.conftest import tiny_gguf  # noqa: F401 - the GGUF fixture (skips without the converter)
 
 GREEDY = ["--temperature", "0", "--repetition-penalty", "1", "--max-tokens", "6"]
 

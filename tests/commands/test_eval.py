@@ -5,7 +5,6 @@ import json
 import pytest
 
 from cnllm.core.provenance import read_file_record
-
 from cnllm.core.tiny import asset
 from tests.core.evaluation.exam_data import write_ceval, write_cmmlu, write_mmlu
 

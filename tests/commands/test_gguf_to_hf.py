@@ -10,7 +10,6 @@ import torch
 
 from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
 from cnllm.core.tensors import iter_tensors
-from tests.core.gguf.conftest import tiny_spm_f32_gguf  # noqa: F401  (fixture)
 from tests.core.gguf.util import copy_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -96,7 +95,7 @@ def test_sentencepiece_gguf_gets_its_tokenizer_model_back_and_converts_again(cli
     assert tokenize(again) == tokenize(first)
 
 
-def test_errors_are_one_line_and_write_nothing(cli, tmp_path, tiny_spm_f32_gguf):
+def test_errors_are_one_line_and_write_nothing(cli, tmp_path, tiny_gguf):
     def fails(path, match):
         result = cli("gguf-to-hf", path, "-o", tmp_path / "out")
         assert result.exit_code == 2 and match in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -105,15 +104,15 @@ def test_errors_are_one_line_and_write_nothing(cli, tmp_path, tiny_spm_f32_gguf)
     (tmp_path / "notes.gguf").write_text("not a model")
     fails(tmp_path / "notes.gguf", "is not a GGUF file")
     truncated = tmp_path / "cut.gguf"
-    truncated.write_bytes(tiny_spm_f32_gguf.read_bytes()[: tiny_spm_f32_gguf.stat().st_size // 2])
+    truncated.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
     fails(truncated, "is truncated")
     fails(tmp_path / "missing.gguf", "does not exist")
 
 
-def test_unsupported_architecture_is_refused(cli, tmp_path, tiny_spm_f32_gguf):
+def test_unsupported_architecture_is_refused(cli, tmp_path, tiny_gguf):
     import gguf
 
-    reader = gguf.GGUFReader(tiny_spm_f32_gguf)
+    reader = gguf.GGUFReader(tiny_gguf)
     other = tmp_path / "other.gguf"
     writer = gguf.GGUFWriter(other, "gpt2")
     writer.add_tensor("token_embd.weight", reader.tensors[0].data.copy())
@@ -125,11 +124,11 @@ def test_unsupported_architecture_is_refused(cli, tmp_path, tiny_spm_f32_gguf):
     assert result.exit_code == 2 and "is a gpt2 model; gguf-to-hf converts llama, qwen2 GGUFs" in result.stderr
 
 
-def test_existing_output_needs_force(cli, tmp_path, tiny_spm_f32_gguf):
+def test_existing_output_needs_force(cli, tmp_path, tiny_gguf):
     out = tmp_path / "out"
     out.mkdir()
-    assert cli("gguf-to-hf", tiny_spm_f32_gguf, "-o", out).exit_code == 2
-    assert cli("gguf-to-hf", tiny_spm_f32_gguf, "-o", out, "--force", "--dtype", "bf16").exit_code == 0
+    assert cli("gguf-to-hf", tiny_gguf, "-o", out).exit_code == 2
+    assert cli("gguf-to-hf", tiny_gguf, "-o", out, "--force", "--dtype", "bf16").exit_code == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     shutil.rmtree(out)
 

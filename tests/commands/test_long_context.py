@@ -69,7 +69,7 @@ def test_eval_ppl_by_context_writes_table_json_and_plot(cli, short_context_gguf,
 
 
 @pytest.mark.parametrize("method", ["linear", "yarn"])
-def test_long_context_training_travels_through_merge_and_gguf(cli, tmp_path, short_context_dir, method, one_torch_thread):
+def test_long_context_training_travels_through_merge_and_gguf(cli, tmp_path, short_context_dir, method):
     """pt at twice the trained context (gradient checkpointing) writes the scaling; merge-lora carries it into
     config.json; convert-gguf writes llama.cpp's rope scaling keys, which llama.cpp reads back and applies exactly
     as transformers does (the logits agree with no rope flag given)."""

@@ -12,7 +12,6 @@ import time
 import openai
 import pytest
 
-from tests.core.generation.conftest import tiny_gguf  # noqa: F401 - the shared session fixture
 from tests.core.server.conftest import http_request, spawn_serve
 
 

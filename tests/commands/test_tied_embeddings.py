@@ -119,7 +119,7 @@ def test_convert_gguf_computes_what_transformers_does(cli, tmp_path, tiny_tied_l
     assert np.abs(_llama_cpp_logits(tmp_path / "m.gguf", ids) - expected).max() < 1e-3
 
 
-def test_pt_with_trainable_embeddings_then_merge_verifies(cli, tmp_path, tiny_tied_llama_dir, untying_adapter, one_torch_thread):
+def test_pt_with_trainable_embeddings_then_merge_verifies(cli, tmp_path, tiny_tied_llama_dir, untying_adapter):
     tokenizer = untying_adapter.parent / "tokenizer"
     out = tmp_path / "pt"
     trained = cli("pt", "-m", tiny_tied_llama_dir, "--tokenizer", tokenizer, "-d", asset("zh.txt"), "-o", out, "--train-embeddings",

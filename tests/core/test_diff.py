@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnllm.core.diff import MakeDiffOptions, RecoverOptions
 from cnllm.core import diff
+from cnllm.core.diff import MakeDiffOptions, RecoverOptions
 from cnllm.core.errors import CheckFailed, CnllmError, OutputExistsError, UsageError
 from cnllm.core.merge import MergeOptions, merge_lora
 from cnllm.core.provenance import read_record

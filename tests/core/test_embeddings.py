@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from cnllm.core.embeddings import NewRows, check_extends, decompose_new_tokens, extend_model, fill_new_rows, load_base_tokenizer, resize_and_fill
+from cnllm.core.embeddings import (
+    NewRows,
+    check_extends,
+    decompose_new_tokens,
+    extend_model,
+    fill_new_rows,
+    load_base_tokenizer,
+    resize_and_fill,
+)
 from cnllm.core.errors import UsageError
 from cnllm.core.modelio import load_tokenizer
 from cnllm.core.tiny import asset

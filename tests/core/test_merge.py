@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnllm.core.merge import MergeOptions
 from cnllm.core import merge
 from cnllm.core.errors import CnllmError, OutputExistsError, UsageError
 from cnllm.core.hashing import verify_manifest
+from cnllm.core.merge import MergeOptions
 from cnllm.core.provenance import read_record
 from cnllm.core.tensors import iter_tensors
 from tests.lora_fixtures import build_adapter, extend_tokenizer, load_fp32, model_logits, peft_logits

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from cnllm.core.errors import UsageError
-from cnllm.core.smollm2 import fetch_smollm2_gguf
-from cnllm.core.smollm2 import smollm2_hf as smollm2_hf_checkpoint
+from cnllm.core.smollm2 import fetch_smollm2_gguf, smollm2_hf as smollm2_hf_checkpoint
 from tests.conftest import TEST_CACHE as CACHE
 
 

@@ -26,9 +26,9 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from cnllm.core.backends import load_model
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
-from cnllm.core.backends import load_model
 from cnllm.core.generation.base import LoadedModel, LoadOptions
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.templates import NONE, Message, PromptFormat, check_template_name
@@ -157,7 +157,8 @@ class McResult:
     def average(self) -> float | None:
         """Mean of the subjects' accuracies (C-Eval's average)."""
         scores = [s.accuracy for s in self.subjects]
-        return None if any(a is None for a in scores) else sum(scores) / len(scores)
+        known = [a for a in scores if a is not None]
+        return None if len(known) < len(scores) else sum(known) / len(known)
 
     @property
     def overall(self) -> float | None:
@@ -273,7 +274,7 @@ def read_questions(path: Path, fmt: str, *, answers_required: bool) -> list[Ques
             if len(fields) < 6:
                 raise UsageError(f"{path}: line {line}: expected 6 fields (question, A, B, C, D, answer), got {len(fields)}")
             answer = _answer(path, line, fields[5], answers_required)
-            questions.append(Question(str(len(questions)), fields[0], tuple(fields[1:5]), answer))
+            questions.append(Question(str(len(questions)), fields[0], (fields[1], fields[2], fields[3], fields[4]), answer))
     else:
         header = next(rows, None)
         if header is None:
@@ -292,8 +293,8 @@ def read_questions(path: Path, fmt: str, *, answers_required: bool) -> list[Ques
                 raise UsageError(f"{path}: line {line}: {len(fields)} fields where the header has {len(header[1])}")
             answer = _answer(path, line, fields[columns[answer_column]] if answer_column in columns else None, answers_required)
             qid = fields[columns[id_column]].strip() if id_column in columns else str(len(questions))
-            choices = tuple(fields[columns[letter]] for letter in LETTERS)
-            questions.append(Question(qid, fields[columns[question_column]], choices, answer))
+            a, b, c, d = (fields[columns[letter]] for letter in LETTERS)
+            questions.append(Question(qid, fields[columns[question_column]], (a, b, c, d), answer))
     if not questions:
         raise UsageError(f"{path} has no questions")
     if not answers_required:
@@ -306,16 +307,18 @@ def read_questions(path: Path, fmt: str, *, answers_required: bool) -> list[Ques
 def load_subjects(data_dir: Path, options: McOptions) -> list[Subject]:
     """Every requested subject with its questions and few-shot examples; all files are checked up front."""
     options.validate()
+    split = options.split
+    assert split is not None  # __post_init__ puts the format's default in
     if not data_dir.is_dir():
         raise UsageError(f"data directory {data_dir} does not exist")
-    if not (data_dir / options.split).is_dir():
-        raise UsageError(f"{data_dir / options.split} does not exist: no {options.split!r} split in {data_dir}")
+    if not (data_dir / split).is_dir():
+        raise UsageError(f"{data_dir / split} does not exist: no {split!r} split in {data_dir}")
     mapping = read_mapping(data_dir)
-    keys = list(options.subjects) or list_subjects(data_dir, options.format, options.split)
+    keys = list(options.subjects) or list_subjects(data_dir, options.format, split)
     subjects = []
     for key in keys:
         _, chinese, category = mapping.get(key, (key, key, None))
-        questions = read_questions(split_file(data_dir, options.format, options.split, key), options.format, answers_required=options.split != "test")
+        questions = read_questions(split_file(data_dir, options.format, split, key), options.format, answers_required=split != "test")
         dev: list[Question] = []
         if options.shots:
             dev_path = split_file(data_dir, options.format, "dev", key)
@@ -430,7 +433,7 @@ def _group_scores(predictions: Sequence[Prediction], subjects: Sequence[Subject]
         group = categories.setdefault(score.category, GroupScore(score.category, 0, 0, subjects=0))
         group.questions += score.questions
         group.correct = None if group.correct is None or score.correct is None else group.correct + score.correct
-        group.subjects += 1
+        group.subjects = (group.subjects or 0) + 1
     return subject_scores, [categories[name] for name in sorted(categories)]
 
 
@@ -448,16 +451,19 @@ def evaluate_multiple_choice(
         _score(model, items, options.batch_size, progress)
         seconds = time.perf_counter() - started
         described = {**model.describe(), "template": prompt_format.name}
-    predictions = [
-        Prediction(
-            item.question.id,
-            item.subject.key,
-            LETTERS[int(np.argmax(item.probabilities))],
-            item.question.answer,
-            {letter: float(p) for letter, p in zip(LETTERS, item.probabilities)},
+    predictions = []
+    for item in items:
+        probabilities = item.probabilities
+        assert probabilities is not None  # _score filled every item
+        predictions.append(
+            Prediction(
+                item.question.id,
+                item.subject.key,
+                LETTERS[int(np.argmax(probabilities))],
+                item.question.answer,
+                {letter: float(p) for letter, p in zip(LETTERS, probabilities)},
+            )
         )
-        for item in items
-    ]
     subject_scores, category_scores = _group_scores(predictions, subjects)
     return McResult(described, options, data_dir, subject_scores, category_scores, predictions, seconds, sum(len(i.ids) for i in items))
 

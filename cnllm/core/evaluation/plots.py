@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 def _pyplot():
@@ -28,7 +28,7 @@ def save_figure(figure, path: Path, *, force: bool = False) -> None:
 def plot_lines(
     path: Path,
     x: Sequence[int],
-    series: dict[str, Sequence[float | None]],
+    series: Mapping[str, Sequence[float | None]],
     *,
     title: str,
     xlabel: str,

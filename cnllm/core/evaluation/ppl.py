@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from cnllm.core.backends import load_model
 from cnllm.core.config import coerce_fields
 from cnllm.core.corpus import CorpusStats, iter_documents
 from cnllm.core.errors import UsageError
-from cnllm.core.backends import load_model
 from cnllm.core.generation.base import LoadedModel, LoadOptions
 from cnllm.core.progress import NULL_PROGRESS, Progress
 

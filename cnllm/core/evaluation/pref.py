@@ -18,9 +18,9 @@ from cnllm.core.backends import load_model
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import LoadedModel, LoadOptions
-from cnllm.core.preference import PreferencePair, read_preference_pairs, render_pair
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.templates import check_template_name
+from cnllm.core.training.preference import PreferencePair, read_preference_pairs, render_pair
 
 
 @dataclass(frozen=True)

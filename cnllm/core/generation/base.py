@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -223,7 +223,7 @@ class GenerationStream:
             pass
         return self.completion
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Generator[str, None, None]:
         result = self.completion
         started = time.perf_counter()
         if self.max_tokens == 0:
@@ -320,7 +320,7 @@ class LoadedModel(ABC):
         """Text of ``ids`` without special tokens; invalid or incomplete UTF-8 becomes U+FFFD."""
 
     @abstractmethod
-    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Iterator[int]:
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Generator[int, None, None]:
         """Raw generated ids, at most ``max_tokens`` plus EOS; stops when ``cancel`` is set or the iterator is closed."""
 
     @abstractmethod
@@ -363,7 +363,7 @@ class LoadedModel(ABC):
     def speculative_stats(self) -> SpeculativeStats | None:
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: a backend with nothing to free keeps it
         """Free the model now (llama-cpp-python complains at exit when left to the garbage collector)."""
 
     def __enter__(self) -> "LoadedModel":
@@ -436,8 +436,8 @@ def context_window(options: LoadOptions, trained: int | None, *, cap: int | None
     """The one context rule of both backends: ``--n-ctx``, else the trained context × ``--rope-factor``, else the
     trained context (DEFAULT_N_CTX when the model does not say), at most ``cap`` (llama.cpp allocates it up front)."""
     extended = options.rope.extended_context(trained) if options.rope else None
-    if options.n_ctx or extended:
-        window = options.n_ctx or extended
+    window = options.n_ctx or extended
+    if window:
         if window > MAX_CONTEXT:
             source = f"--n-ctx {options.n_ctx}" if options.n_ctx else f"the trained context × --rope-factor ({window})"
             raise UsageError(f"{source} is beyond the largest context window cnllm loads ({MAX_CONTEXT} tokens)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Generator, Sequence
 
 import numpy as np
 
@@ -81,7 +81,7 @@ class TransformersModel(LoadedModel):
         self._vocab: dict[str, int] | None = None
         self._lock = threading.Lock()
         self.draft = None
-        self._counter = None
+        self._counter: ForwardCounter | None = None
         self._last_generated = 0
         if options.draft_model is not None:
             self.draft = self._load_draft(Path(options.draft_model))
@@ -147,7 +147,7 @@ class TransformersModel(LoadedModel):
         template = getattr(self.tokenizer, "chat_template", None)
         return template if isinstance(template, str) and template else None
 
-    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Iterator[int]:
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Generator[int, None, None]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer

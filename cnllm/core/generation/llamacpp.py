@@ -11,7 +11,7 @@ import ctypes
 import math
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Generator, Sequence
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from cnllm.core.generation.base import (
 )
 from cnllm.core.generation.speculative import llama_draft
 from cnllm.core.rope import ModelRope, RopeOptions, llama_cpp_kwargs
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 _SILENT_LOG_CALLBACK = None
 SCORING_CHUNK = 64  # tokens per decode when scoring prompt logprobs: llama.cpp keeps a logits row per token of a batch
@@ -112,7 +115,7 @@ class LlamaCppModel(LoadedModel):
                 f"draft model {options.draft_model} has {self._draft_llama.n_vocab()} tokens but {path} has "
                 f"{self._llama.n_vocab()}; a draft model must share the target's vocabulary"
             )
-        self._embedder = None
+        self._embedder: Llama | None = None  # opened on the first embedding request
         self._lock = threading.Lock()
         self._embed_lock = threading.Lock()
         self.context_length = self._llama.n_ctx()
@@ -184,7 +187,7 @@ class LlamaCppModel(LoadedModel):
     def chat_template_source(self) -> str | None:
         return self._llama.metadata.get("tokenizer.chat_template") or None
 
-    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Iterator[int]:
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Generator[int, None, None]:
         with self._lock:
             llama = self._llama
             if not self.options.prompt_cache:

@@ -391,9 +391,8 @@ def convert_to_gguf(
     import gguf
     import numpy as np
 
-    from cnllm.core.runtime import quiet_libraries
-
     from cnllm.core.provenance import write_file_record
+    from cnllm.core.runtime import quiet_libraries
 
     quiet_libraries()
     started = time.perf_counter()

@@ -21,14 +21,17 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cnllm.core.atomic import atomic_path, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import CheckFailed, UsageError
-from cnllm.core.gguf import is_gguf
+from cnllm.core.files import is_gguf
 from cnllm.core.gguf.header import check_gguf
 from cnllm.core.progress import NULL_PROGRESS, Progress
+
+if TYPE_CHECKING:
+    import numpy as np
 
 UNQUANTIZED = ("F32", "F16", "BF16")
 
@@ -157,7 +160,7 @@ def read_gguf_summary(path: Path) -> GgufSummary:
     )
 
 
-def load_imatrix(path: Path) -> dict[str, "np.ndarray"]:  # noqa: F821
+def load_imatrix(path: Path) -> dict[str, "np.ndarray"]:
     """Per-tensor importance (mean squared activations) from a GGUF imatrix file (llama-imatrix's format)."""
     import gguf
     import numpy as np
@@ -361,7 +364,7 @@ class QuantizeResult:
         }
 
 
-def _imatrix_array(entries: dict[str, "np.ndarray"]):  # noqa: F821
+def _imatrix_array(entries: dict[str, "np.ndarray"]):
     """A null-terminated ``llama_model_imatrix_data`` array (the arrays it points into must stay alive)."""
     import llama_cpp
 

@@ -26,7 +26,7 @@ from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.dtypes import DType
 from cnllm.core.errors import UsageError
-from cnllm.core.gguf import is_gguf
+from cnllm.core.files import is_gguf
 from cnllm.core.gguf.header import check_gguf
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import finish_output_folder

@@ -24,19 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnllm.core.errors import UsageError
-from cnllm.core.modelio import read_json
+from cnllm.core.files import read_json_object
 from cnllm.core.tokenizers.spm import load_processor
+from cnllm.core.tokenizers.tiktoken import LLAMA3_SPLIT_PATTERN
 
 SPIECE_UNDERLINE = "\u2581"
 
 # llama.cpp pre-tokenizer names (llama-vocab.cpp) keyed by the Hugging Face pre_tokenizer that implements them:
 # ("split", regex) for Split + ByteLevel(use_regex=False), ("bytelevel",) for GPT-2's built-in regex.
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 QWEN2_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 PRE_TOKENIZERS = {
-    ("split", _LLAMA3_REGEX): "llama-bpe",
+    ("split", LLAMA3_SPLIT_PATTERN): "llama-bpe",
     ("split", QWEN2_SPLIT_PATTERN): "qwen2",
     ("bytelevel",): "gpt-2",
     ("digits", "bytelevel"): "smollm",  # GPT-2's regex after each numeral is split off
@@ -97,7 +95,7 @@ def tokenizer_kind(model_dir: Path) -> str:
     if (model_dir / "tokenizer.model").is_file():
         return "spm"
     if (model_dir / "tokenizer.json").is_file():
-        definition = read_json(model_dir / "tokenizer.json")
+        definition = read_json_object(model_dir / "tokenizer.json")
         model = definition.get("model") or {}
         if model.get("type") == "BPE" and model.get("byte_fallback"):
             raise UsageError(
@@ -115,7 +113,7 @@ def base_vocabulary(model_dir: Path) -> dict[str, int]:
     if (model_dir / "tokenizer.model").is_file():
         processor = load_processor(model_dir / "tokenizer.model")
         return {processor.IdToPiece(i): i for i in range(processor.GetPieceSize())}
-    definition = read_json(model_dir / "tokenizer.json")
+    definition = read_json_object(model_dir / "tokenizer.json")
     vocab = dict(definition.get("model", {}).get("vocab") or {})
     vocab.update({t["content"]: t["id"] for t in definition.get("added_tokens", [])})
     return vocab
@@ -126,7 +124,7 @@ def check_added_tokens(model_dir: Path) -> None:
     path = model_dir / "added_tokens.json"
     if not path.is_file():
         return
-    added = read_json(path)
+    added = read_json_object(path)
     vocab = base_vocabulary(model_dir)
     by_id = {i: t for t, i in vocab.items()}
     for token, token_id in added.items():
@@ -169,7 +167,7 @@ def sentencepiece_vocab(model_dir: Path, vocab_size: int | None) -> TokenizerVoc
 
     added_path = model_dir / "added_tokens.json"
     if added_path.is_file():
-        for token, token_id in read_json(added_path).items():
+        for token, token_id in read_json_object(added_path).items():
             if token_id < size:
                 tokens[token_id] = token.encode("utf-8")
                 scores[token_id] = -1000.0
@@ -177,7 +175,7 @@ def sentencepiece_vocab(model_dir: Path, vocab_size: int | None) -> TokenizerVoc
 
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
-        config = read_json(config_path)
+        config = read_json_object(config_path)
         for key, data in (config.get("added_tokens_decoder") or {}).items():
             token_id, token = int(key), data["content"]
             if token_id >= size:
@@ -196,7 +194,7 @@ def detect_pre_tokenizer(definition: dict | None) -> str | None:
     """llama.cpp's name for a tokenizer.json ``pre_tokenizer`` definition, or None when it is not one llama.cpp implements."""
     if not definition:
         return None
-    steps = definition.get("pretokenizers") if definition.get("type") == "Sequence" else [definition]
+    steps: list[dict] = (definition.get("pretokenizers") or []) if definition.get("type") == "Sequence" else [definition]
     if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
         key: tuple = ("bytelevel",)
     elif (
@@ -246,7 +244,7 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None, pre_tokenizer: str | None
     from tokenizers import Tokenizer
 
     path = model_dir / "tokenizer.json"
-    definition = read_json(path)
+    definition = read_json_object(path)
     pre = pre_tokenizer or detect_pre_tokenizer(definition.get("pre_tokenizer"))
     if pre is None:
         raise UsageError(
@@ -298,5 +296,5 @@ def build_vocab(
         vocab = bpe_vocab(model_dir, vocab_size, pre_tokenizer)
     config_path = model_dir / "tokenizer_config.json"
     if space_prefix_from_config and config_path.is_file():
-        vocab.add_space_prefix = read_json(config_path).get("add_prefix_space")
+        vocab.add_space_prefix = read_json_object(config_path).get("add_prefix_space")
     return vocab

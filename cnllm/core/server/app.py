@@ -93,7 +93,7 @@ class RequestGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        body: dict[str, object] | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         async def replay():
             nonlocal body

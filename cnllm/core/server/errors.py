@@ -7,6 +7,7 @@ each kind to its status and code on an app, the whole server's or a test's with 
 from __future__ import annotations
 
 import logging
+from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -89,7 +90,8 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
 
-HANDLERS = {
+# Each handler takes the exception class it is registered for (Starlette dispatches by class).
+HANDLERS: dict[type[Exception], Callable[..., Awaitable[JSONResponse]]] = {
     RequestValidationError: on_validation,
     StarletteHTTPException: on_http,
     APIError: on_api_error,

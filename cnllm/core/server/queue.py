@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from typing import AsyncIterator, Callable, Iterator, TypeVar
 
 from cnllm.core.generation.base import LoadedModel
 
@@ -76,7 +76,7 @@ class SlotPool:
             self._refuse_when_closing()
         return generator
 
-    async def lease(self, gone: Awaitable | None = None) -> LoadedModel:
+    async def lease(self, gone: asyncio.Future | None = None) -> LoadedModel:
         """:meth:`acquire`, leaving the line with :class:`ClientGone` when ``gone`` (the client hung up) completes first."""
         if gone is None:
             return await self.acquire()
@@ -114,7 +114,7 @@ class SlotPool:
 
         return untrack
 
-    async def run(self, work: Callable[[LoadedModel], T], *, cancel: Callable[[], None] | None = None, gone: Awaitable | None = None) -> T:
+    async def run(self, work: Callable[[LoadedModel], T], *, cancel: Callable[[], None] | None = None, gone: asyncio.Future | None = None) -> T:
         """Lease a slot, run ``work(generator)`` in its thread, return the result.
 
         ``cancel`` makes the work stop early (it is called at shutdown, and when ``gone`` completes

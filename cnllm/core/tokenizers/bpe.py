@@ -45,7 +45,11 @@ def _texts(source: sources.TokenizerSource) -> tuple[list[str], int]:
     A piece that starts a word (``▁中国``) is offered both without and with its space: byte-level
     pre-tokenizers keep a preceding space inside the pre-token, and Chinese text rarely has one.
     """
-    pieces, skipped = spm_candidates(source) if source.kind == sources.SPM else (source.words, 0)
+    if source.kind == sources.SPM:
+        pieces, skipped = spm_candidates(source)
+    else:
+        assert source.words is not None  # a byte-level base takes SentencePiece models and word lists only
+        pieces, skipped = source.words, 0
     texts: list[str] = []
     for piece in pieces:
         text = piece.replace(SPIECE_UNDERLINE, " ")

@@ -44,7 +44,7 @@ def spm_tokenizer(proto, *, add_bos: bool = True, add_eos: bool = False):
     tokenizer = Tokenizer(
         models.BPE(vocab=vocab, merges=spm_merges(proto), unk_token=unk, byte_fallback=proto.trainer_spec.byte_fallback, fuse_unk=True)
     )
-    steps = []
+    steps: list[normalizers.Normalizer] = []
     if proto.normalizer_spec.add_dummy_prefix:
         steps.append(normalizers.Prepend(SPIECE_UNDERLINE))
     steps.append(normalizers.Replace(" ", SPIECE_UNDERLINE))

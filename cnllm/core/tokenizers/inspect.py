@@ -149,6 +149,7 @@ def _describe(source: sources.TokenizerSource) -> tuple[str, int, dict[str, int]
         extra = {"byte_fallback": proto.trainer_spec.byte_fallback, "normalizer": proto.normalizer_spec.name or "custom"}
         return kind, len(proto.pieces), specials, extra, _SpmEncoder(proto)
     spec = source.spec
+    assert spec is not None  # not SentencePiece: a tokenizer.json, parsed
     encoder = _JsonEncoder(spec)
     model_type = spec["model"].get("type", "unknown")
     kind = "byte-level BPE" if encoder.byte_level else f"tokenizer.json ({model_type})"

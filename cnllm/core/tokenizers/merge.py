@@ -14,17 +14,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Final, Iterable, Literal, Optional, Sequence
 
 from cnllm.core.atomic import atomic_dir, check_output
 from cnllm.core.config import coerce_fields
 from cnllm.core.errors import UsageError
-from cnllm.core.modelio import read_json
+from cnllm.core.files import read_json_object
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.provenance import write_record
 from cnllm.core.tokenizers import sources
-from cnllm.core.tokenizers.sources import PAD_PIECE, padded_size, spm_candidates
 from cnllm.core.tokenizers.hf_export import write_spm_tokenizer_dir
+from cnllm.core.tokenizers.sources import PAD_PIECE, padded_size, spm_candidates
 from cnllm.core.tokenizers.spm import (
     PIECE_CONTROL,
     PIECE_NORMAL,
@@ -33,7 +33,8 @@ from cnllm.core.tokenizers.spm import (
     model_proto_class,
 )
 
-SCORES_RANKED, SCORES_ZERO = "ranked", "zero"
+SCORES_RANKED: Final = "ranked"
+SCORES_ZERO: Final = "zero"
 SPM_TYPE_BPE = 2
 ZERO_SCORES_WARNING = (
     "--scores zero gives every new piece score 0 (the published method): sentencepiece then breaks ties by "
@@ -188,7 +189,7 @@ def extend_spm(
 
 def _base_config(directory: Path | None) -> dict:
     path = directory / "tokenizer_config.json" if directory else None
-    return read_json(path) if path is not None and path.is_file() else {}
+    return read_json_object(path) if path is not None and path.is_file() else {}
 
 
 def _write_spm_output(proto, tmp: Path, base: sources.TokenizerSource) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cnllm.core.errors import UsageError
-from cnllm.core.gguf import GGUF_MAGIC
+from cnllm.core.files import GGUF_MAGIC
 from cnllm.core.tokenizers.hf_export import SPIECE_UNDERLINE
 from cnllm.core.tokenizers.spm import PIECE_NORMAL, PIECE_USER_DEFINED, load_proto
 
@@ -114,6 +114,7 @@ def load_source(path: Path | str, *, allow_words: bool = False) -> TokenizerSour
 def spm_candidates(source: TokenizerSource) -> tuple[list[str], int]:
     """Pieces ADD offers to a SentencePiece base, in ADD's order, and how many were not mergeable (bytes, control)."""
     if source.kind == WORDS:
+        assert source.words is not None  # a word list's source carries its words
         return [word.replace(" ", SPIECE_UNDERLINE) for word in source.words], 0
     pieces = [p.piece for p in source.proto.pieces if p.type in (PIECE_NORMAL, PIECE_USER_DEFINED)]
     return pieces, len(source.proto.pieces) - len(pieces)

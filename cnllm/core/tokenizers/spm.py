@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from cnllm.core.errors import UsageError
 
@@ -32,7 +32,7 @@ PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PI
 def model_proto_class():
     from sentencepiece import sentencepiece_model_pb2
 
-    return sentencepiece_model_pb2.ModelProto
+    return sentencepiece_model_pb2.ModelProto  # type: ignore[attr-defined]  # made by protobuf's builder at import time
 
 
 def proto_from_pieces(pieces: list[str], scores: list[float], types: list[int], *, special_ids: dict[str, int], add_dummy_prefix: bool):
@@ -100,7 +100,7 @@ def train_spm(
     """Train a SentencePiece model with LLaMA's settings on an iterator of sentences; return its bytes."""
     import sentencepiece as spm
 
-    settings = dict(LLAMA_TRAINER_SETTINGS)
+    settings: dict[str, Any] = dict(LLAMA_TRAINER_SETTINGS)
     settings.update(
         model_type=model_type,
         vocab_size=vocab_size,

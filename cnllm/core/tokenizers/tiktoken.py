@@ -14,6 +14,10 @@ from pathlib import Path
 
 from cnllm.core.errors import UsageError
 
+# Llama-3's pre-tokenizer split pattern (its tokenizer.json); byte-level BPE runs inside each piece.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)] + [
     "<|start_header_id|>",
     "<|end_header_id|>",
@@ -102,15 +106,17 @@ def build_tokenizer(ranks: dict[bytes, int], specials: list[str]):
     """A ``tokenizers.Tokenizer`` that encodes as tiktoken does with Llama-3's split pattern."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    from cnllm.core.tiny import LLAMA3_SPLIT_PATTERN
-
     chars = _byte_chars()
 
     def text(token: bytes) -> str:
         return "".join(chars[b] for b in token)
 
     vocab = {text(token): rank for token, rank in ranks.items()}
-    merges = [tuple(map(text, _last_merge(ranks, token))) for token, _ in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+    merges = []
+    for token, _ in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            first, second = _last_merge(ranks, token)
+            merges.append((text(first), text(second)))
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -17,7 +17,6 @@ from cnllm.core.errors import UsageError
 from cnllm.core.progress import NULL_PROGRESS, Progress
 from cnllm.core.tokenizers.spm import load_proto, train_spm
 
-
 MIN_CHARACTER_COVERAGE = 0.98
 MAX_VOCAB_SIZE = 1 << 20  # 1M pieces, ten times the largest LLaMA-family vocabulary
 

@@ -3,7 +3,7 @@
 The run (model loading, LoRA, checkpoints, resume, distributed engines, metrics) is the one of
 :mod:`cnllm.core.training.trainer`; this module supplies what differs: TRL's configuration
 (``DPOConfig`` with the method's ``loss_type``, or ORPO's), its trainer, and the tokenised pairs
-(:mod:`cnllm.core.preference`, rendered with the sft template so the prompt is laid out as sft
+(:mod:`cnllm.core.training.preference`, rendered with the sft template so the prompt is laid out as sft
 trained it). With LoRA no reference model is loaded: TRL scores the reference by disabling the
 adapter (and keeps a frozen copy of a continued ``--peft-path`` adapter for it).
 """
@@ -162,7 +162,7 @@ class Align(TrainingMethod):
 
     def build_data(self, plan, tokenizer, progress: Progress) -> Data:
         """Tokenised pairs (cached), held-out pairs and the summary; TRL brings its own collator."""
-        from cnllm.core.preference import build_preference_data
+        from cnllm.core.training.preference import build_preference_data
 
         options = plan.options
         built = build_preference_data(

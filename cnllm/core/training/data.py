@@ -19,14 +19,24 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from cnllm.core.atomic import atomic_dir
-from cnllm.core.corpus import CorpusStats, corpus_files, iter_documents
 from cnllm.core.config import OptionError
+from cnllm.core.corpus import CorpusStats, corpus_files, iter_documents
 from cnllm.core.errors import UsageError
 from cnllm.core.hashing import hash_file
-from cnllm.core.templates import AUTO, TEMPLATE_NAMES, TEMPLATES, Message, Segment, bos_needed, check_template_name, normalize_messages, resolve_template
+from cnllm.core.templates import (
+    AUTO,
+    TEMPLATE_NAMES,
+    TEMPLATES,
+    Message,
+    Segment,
+    bos_needed,
+    check_template_name,
+    normalize_messages,
+    resolve_template,
+)
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = 1
@@ -165,7 +175,7 @@ def build_pt_data(
     tokenizer,
     *,
     block_size: int,
-    validation_files: list[Path] = (),
+    validation_files: Sequence[Path] = (),
     validation_split: float = 0.0,
     streaming: bool = False,
     cache_dir: Path | None = None,
@@ -458,7 +468,7 @@ def build_sft_data(
     system: str | None,
     max_seq_length: int,
     packing: bool = False,
-    validation_files: list[Path] = (),
+    validation_files: Sequence[Path] = (),
     validation_split: float = 0.0,
     skip_invalid: bool = False,
     seed: int = 42,
@@ -480,9 +490,10 @@ def build_sft_data(
         eval_records = [r for i, r in enumerate(records) if i in eval_ids]
         records = [r for i, r in enumerate(records) if i not in eval_ids]
     stats = SftStats()
-    options = dict(template=template, system=system, max_seq_length=max_seq_length)
-    train_examples = tokenize_records(records, tokenizer, stats=stats, **options)
-    eval_examples = tokenize_records(eval_records, tokenizer, stats=stats, **options) if eval_records else []
+    train_examples = tokenize_records(records, tokenizer, template=template, system=system, max_seq_length=max_seq_length, stats=stats)
+    eval_examples = (
+        tokenize_records(eval_records, tokenizer, template=template, system=system, max_seq_length=max_seq_length, stats=stats) if eval_records else []
+    )
     if not train_examples:
         raise OptionError("no training sample has a trainable token within {max_seq_length} {value}; raise it", value=max_seq_length)
     if packing:

@@ -37,7 +37,7 @@ class TrainingMethod(ABC):
     def build_data(self, plan, tokenizer, progress: Progress) -> Data:
         """The tokenised sets from ``plan.train_files`` and ``plan.validation_files``."""
 
-    def prepare_tokenizer(self, tokenizer, options) -> None:
+    def prepare_tokenizer(self, tokenizer, options) -> None:  # noqa: B027 - an optional hook: pt records nothing
         """Whatever the method records in the tokenizer saved beside the adapter (sft's chat template)."""
 
     def arguments(self, options, arguments: dict):

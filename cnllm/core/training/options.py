@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cnllm.core.config import OptionError, check_declared, coerce_fields, option
 from cnllm.core.dtypes import DTYPE_WORDS, FLOAT_DTYPES, DType, words_for
@@ -38,6 +38,9 @@ def learning_rate(default: float) -> float:
 @dataclass
 class TrainOptions:
     """The shared options; a method's options (its subclass) add its own and declare its ``learning_rate``."""
+
+    if TYPE_CHECKING:
+        learning_rate: float  # declared by each method's subclass, with the method's default
 
     # what to train, and where the result goes
     model: Optional[Path] = option(None, help="Base model directory (Hugging Face format).", panel=MODEL, aliases=("-m",), model=True, recipe=False)
@@ -98,6 +101,22 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+
+    @property
+    def model_dir(self) -> Path:
+        """``model``, which :meth:`validate` requires."""
+        return self._required("model")
+
+    @property
+    def output_dir(self) -> Path:
+        """``output``, which :meth:`validate` requires."""
+        return self._required("output")
+
+    def _required(self, name: str) -> Path:
+        value = getattr(self, name)
+        if value is None:
+            raise OptionError("{%s} is required" % name)
+        return value
 
     @property
     def precision_short(self) -> str:

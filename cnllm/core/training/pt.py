@@ -66,7 +66,7 @@ class Pt(TrainingMethod):
             "cache": str(built.cache_path) if built.cache_path else None,
             "cache_hit": built.cache_hit,
         }
-        if built.cache_path is not None:
+        if built.cache_path is not None and built.train_blocks is not None:  # cached blocks (not streamed) are counted
             progress.log(f"{'reused' if built.cache_hit else 'built'} {built.train_blocks + built.eval_blocks} blocks of {options.block_size} tokens ({built.cache_path})")
         return Data(built.train, built.eval, BlockCollator(), summary)
 

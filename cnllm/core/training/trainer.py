@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnllm.core.config import OptionError, dump_yaml
 from cnllm.core.atomic import check_not_input, check_output, replace_dir
+from cnllm.core.config import OptionError, dump_yaml
 from cnllm.core.errors import CheckFailed, Terminated, UsageError
 from cnllm.core.modelio import (
+    CONFIG_OVERRIDES_NAME,
     VocabSizes,
+    adapter_config_overrides,
     adapter_vocab_rows,
     check_vocab_agreement,
     copy_missing_tokenizer_files,
     has_tokenizer,
-    CONFIG_OVERRIDES_NAME,
-    adapter_config_overrides,
     load_config,
     vocab_sizes,
 )
@@ -108,7 +108,7 @@ def world_rank() -> int:
 
 def plan_output(options: TrainOptions) -> tuple[Path, bool]:
     """The working directory and whether an earlier run is continued; refuses to clobber anything."""
-    output = options.output
+    output = options.output_dir
     check_not_input(output, [options.model, options.tokenizer, options.peft_path, options.deepspeed, *options.data, *options.validation_data])
     work = work_dir_for(output)
     if options.resume:
@@ -206,7 +206,7 @@ def load_model(options: TrainOptions, precision: str, config_overrides: dict | N
     quantized = options.load_in_4bit or options.load_in_8bit
     dtype = (half or torch.float32) if quantized else half if (half is not None and not options.full_finetune) else torch.float32
     return load_causal_lm(
-        options.model,
+        options.model_dir,
         place=False,
         dtype=dtype,
         load_in_4bit=options.load_in_4bit,
@@ -223,7 +223,7 @@ def lora_config(options: TrainOptions, train_embeddings: bool):
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=options.lora_rank,
-        lora_alpha=options.lora_alpha,
+        lora_alpha=options.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates an int; the scale alpha / r takes any number
         lora_dropout=options.lora_dropout,
         target_modules=list(options.lora_targets),
         modules_to_save=list(EMBEDDING_MODULES) if train_embeddings else None,
@@ -356,22 +356,22 @@ def plan_run(options: TrainOptions) -> Plan:
     work, resuming = plan_output(options)
     train_files = check_data_files(options.data)
     validation_files = check_data_files(options.validation_data, what="validation data") if options.validation_data else []
-    load_config(options.model)
+    load_config(options.model_dir)
     tokenizer_dir = options.tokenizer
     if tokenizer_dir is None:
-        tokenizer_dir = options.peft_path if options.peft_path is not None and has_tokenizer(options.peft_path) else options.model
+        tokenizer_dir = options.peft_path if options.peft_path is not None and has_tokenizer(options.peft_path) else options.model_dir
     if not has_tokenizer(tokenizer_dir):
         raise OptionError("{directory} has no tokenizer (tokenizer.json or tokenizer.model); pass {tokenizer}", directory=tokenizer_dir)
-    sizes = check_vocabulary(options.model, tokenizer_dir)
+    sizes = check_vocabulary(options.model_dir, tokenizer_dir)
     if options.peft_path is None and not options.full_finetune:
-        check_lora_targets(options.model, options.lora_targets, options.trust_remote_code)
+        check_lora_targets(options.model_dir, options.lora_targets, options.trust_remote_code)
     check_quantization(options)
     check_optional_packages(options)
     overrides = {}
-    if options.rope_scaling is not None:
+    if options.rope_scaling is not None and options.rope_factor is not None:  # validate() requires the factor with a scaling
         from cnllm.core.rope import training_overrides
 
-        overrides = training_overrides(options.rope_scaling, options.rope_factor, load_config(options.model), options.original_context)
+        overrides = training_overrides(options.rope_scaling, options.rope_factor, load_config(options.model_dir), options.original_context)
     elif options.peft_path is not None:
         overrides = adapter_config_overrides(options.peft_path)  # continuing a long-context adapter keeps its scaling
     if options.attn_implementation is not None:
@@ -383,7 +383,7 @@ def plan_run(options: TrainOptions) -> Plan:
     needs_resize = sizes.tokenizer is not None and rows is not None and sizes.tokenizer > rows
     if options.peft_path is not None:
         adapter_rows = adapter_vocab_rows(options.peft_path)
-        expected = round_up(sizes.tokenizer, VOCAB_MULTIPLE) if needs_resize else rows
+        expected = round_up(sizes.tokenizer, VOCAB_MULTIPLE) if needs_resize and sizes.tokenizer is not None else rows
         if adapter_rows is not None and adapter_rows != expected:
             raise OptionError(
                 "the adapter {adapter} has {adapter_rows} embedding rows but the model with tokenizer {directory} "
@@ -407,15 +407,15 @@ def run_training(options: TrainOptions, progress: Progress = NULL_PROGRESS) -> T
     warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")  # PEFT noting the resize we did on purpose
     warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")  # tied embeddings trained apart: merge-lora unties them
     plan = plan_run(options)
-    result = TrainResult(output=options.output, mode=plan.method.name, main_process=world_rank() == 0)
+    result = TrainResult(output=options.output_dir, mode=plan.method.name, main_process=world_rank() == 0)
     tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir), trust_remote_code=options.trust_remote_code)
     base_tokenizer = None
-    if plan.tokenizer_dir.resolve() != Path(options.model).resolve():  # another tokenizer: new rows decompose with the model's own
+    if plan.tokenizer_dir.resolve() != Path(options.model_dir).resolve():  # another tokenizer: new rows decompose with the model's own
         from cnllm.core.embeddings import check_extends, load_base_tokenizer
 
-        base_tokenizer = load_base_tokenizer(options.model, options.new_row_init, trust_remote_code=options.trust_remote_code)
+        base_tokenizer = load_base_tokenizer(options.model_dir, options.new_row_init, trust_remote_code=options.trust_remote_code)
         if base_tokenizer is not None:
-            check_extends(base_tokenizer, tokenizer, base_name=str(options.model), name=str(plan.tokenizer_dir))
+            check_extends(base_tokenizer, tokenizer, base_name=str(options.model_dir), name=str(plan.tokenizer_dir))
     plan.method.prepare_tokenizer(tokenizer, options)
     # Arguments first: they join the process group, so the main process can build the data cache before the others.
     args = training_arguments(plan, has_eval=False)
@@ -439,10 +439,9 @@ def run_training(options: TrainOptions, progress: Progress = NULL_PROGRESS) -> T
 
 def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, data: Data, progress: Progress) -> None:
     from transformers import set_seed
-
-    from cnllm.core.embeddings import resize_and_fill
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from cnllm.core.embeddings import resize_and_fill
     from cnllm.core.training.callbacks import StopOnNonFinite, TrainingMonitor, perplexity, read_metrics, truncate_metrics
 
     options, work = plan.options, plan.work
@@ -455,7 +454,7 @@ def _train(plan: Plan, result: TrainResult, tokenizer, base_tokenizer, data: Dat
         rope = plan.config_overrides["rope_parameters"]
         progress.log(f"rope scaling {rope['rope_type']} × {rope['factor']}: max_position_embeddings {plan.config_overrides['max_position_embeddings']}")
     old_rows, new_rows, new_tokens = resize_and_fill(model, tokenizer, base_tokenizer, options.new_row_init, multiple=VOCAB_MULTIPLE,
-                                                     base_name=str(options.model), name=str(plan.tokenizer_dir))
+                                                     base_name=str(options.model_dir), name=str(plan.tokenizer_dir))
     result.vocab = {"tokenizer": len(tokenizer), "config": plan.sizes.config, "embedding_rows_before": old_rows,
                     "embedding_rows": new_rows, "resized": new_rows != old_rows, "train_embeddings": plan.train_embeddings}
     if new_tokens is not None:
@@ -589,8 +588,8 @@ def _prepare_work_dir(plan: Plan, progress: Progress) -> None:
             shutil.rmtree(work)
         work.mkdir(parents=True)
     elif not work.exists():
-        os.replace(plan.options.output, work)
-        progress.log(f"continuing the finished run in {plan.options.output}")
+        os.replace(plan.options.output_dir, work)
+        progress.log(f"continuing the finished run in {plan.options.output_dir}")
     elif last_complete_checkpoint(work) is None:
         shutil.rmtree(work)  # killed before its first checkpoint: start again
         work.mkdir()
@@ -604,8 +603,8 @@ def _finish_output(plan: Plan, result: TrainResult) -> None:
     if not options.full_finetune:
         targets = [] if options.peft_path else list(options.lora_targets)
         result.data["adapter"] = verify_adapter(work, targets, plan.train_embeddings and not options.peft_path)
-    plot_loss_curve(work / METRICS_NAME, work / LOSS_PNG, f"cnllm {mode}: {options.model.name}")
+    plot_loss_curve(work / METRICS_NAME, work / LOSS_PNG, f"cnllm {mode}: {options.model_dir.name}")
     (work / CONFIG_NAME).write_text(dump_yaml(options.to_dict()), encoding="utf-8")
-    inputs = [*plan.train_files, *plan.validation_files, options.model / "config.json"]
+    inputs = [*plan.train_files, *plan.validation_files, options.model_dir / "config.json"]
     write_record(work, "train", inputs=inputs, options={"mode": mode, **options.to_dict()}, results=result.to_dict())
-    replace_dir(work, options.output, force=True)  # plan_output refused an existing output without --force/--resume
+    replace_dir(work, options.output_dir, force=True)  # plan_output refused an existing output without --force/--resume

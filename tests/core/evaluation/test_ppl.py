@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cnllm.core.errors import UsageError
-from cnllm.core.generation.base import LoadOptions
 from cnllm.core.evaluation.ppl import PplOptions, evaluate_perplexity, plan_windows
+from cnllm.core.generation.base import LoadOptions
 from cnllm.core.tiny import asset
 
 

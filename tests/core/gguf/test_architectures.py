@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnllm.core.architectures import ARCHITECTURES, LLAMA, MISTRAL, QWEN2, find_architecture, require_architecture, ties_by_default
+from cnllm.core.architectures import (
+    ARCHITECTURES,
+    LLAMA,
+    MISTRAL,
+    QWEN2,
+    find_architecture,
+    require_architecture,
+    ties_by_default,
+)
 from cnllm.core.errors import UsageError
 from cnllm.core.gguf.convert import ConvertOptions, convert_to_gguf
 from tests.conftest import run_reference_converter

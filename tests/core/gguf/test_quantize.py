@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnllm.core.gguf.convert import ConvertOptions
 from cnllm.core.errors import UsageError
+from cnllm.core.gguf.convert import ConvertOptions
 from cnllm.core.gguf.quantize import QUANT_TYPES, QuantizeOptions, get_quant_type, load_imatrix, quantize_gguf, read_gguf_summary
 from tests.core.gguf.util import gguf_tensors
 

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.core.generation.conftest import tiny_generator, tiny_gguf  # noqa: F401 - shared session fixtures
-
 API_KEY = "sk-test-key"
 
 

@@ -9,11 +9,11 @@ import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer
 
-from cnllm.core.tokenizers.train import TrainVocabOptions
 from cnllm.core.errors import OutputExistsError, UsageError
 from cnllm.core.provenance import read_record
 from cnllm.core.tokenizers.merge import MergeVocabOptions, merge_vocab, unused_names
 from cnllm.core.tokenizers.spm import PIECE_CONTROL, PIECE_UNUSED, load_proto
+from cnllm.core.tokenizers.train import TrainVocabOptions
 from tests.conftest import read_vectors
 from tests.core.tokenizers.conftest import sample_texts
 

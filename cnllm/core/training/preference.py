@@ -1,5 +1,6 @@
 """Preference pairs: one prompt, a preferred (``chosen``) answer and a worse (``rejected``) one.
 
+Training data beside sft's (:mod:`cnllm.core.training.data`, whose record reader and cache rules it shares).
 Read by ``cnllm align`` (training) and ``cnllm eval pref`` (preference accuracy). Two shapes are accepted
 per record (JSON array or JSONL, as sft reads):
 
@@ -22,7 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from cnllm.core.config import OptionError
 from cnllm.core.errors import UsageError
-from cnllm.core.templates import Message, Segment, normalize_messages
+from cnllm.core.templates import Message, Segment, bos_needed, normalize_messages
+from cnllm.core.training.data import check_data_files, default_cache_dir, read_records, segment_function, tokenizer_fingerprint
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,6 @@ def record_pair(record: Any, where: str) -> PreferencePair:
 
 def read_preference_pairs(paths: Iterable[Path | str], *, skip_invalid: bool = False, what: str = "data") -> PreferenceRead:
     """Pairs from JSON arrays / JSONL files; a bad record is ``file:line: reason`` (or skipped and counted)."""
-    from cnllm.core.training.data import read_records
-
     pairs, skipped = read_records(paths, record_pair, skip_invalid=skip_invalid, what=what, kind="preference pairs")
     return PreferenceRead(pairs, skipped)
 
@@ -178,8 +178,6 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, *, template: str,
     front; answers are cut so prompt + answer fit ``max_length``. BOS follows the one rule of sft and chat.
     """
     from cnllm.core.modelio import tokenizer_adds_bos
-    from cnllm.core.templates import bos_needed
-    from cnllm.core.training.data import segment_function
 
     to_segments = segment_function(template, tokenizer, system)
     adds_bos, bos_token = tokenizer_adds_bos(tokenizer), tokenizer.bos_token or ""
@@ -211,7 +209,6 @@ def preference_cache_key(files: Sequence[Path], tokenizer, settings: dict) -> st
     import json
 
     from cnllm.core.hashing import hash_file
-    from cnllm.core.training.data import tokenizer_fingerprint
 
     digest = hashlib.sha256(f"cnllm-preference/{CACHE_FORMAT}/{json.dumps(settings, sort_keys=True, default=str)}/".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
@@ -242,7 +239,6 @@ def build_preference_data(
     import datasets
 
     from cnllm.core.atomic import atomic_dir
-    from cnllm.core.training.data import check_data_files, default_cache_dir
 
     all_files = check_data_files(files) + (check_data_files(validation_files, what="validation data") if validation_files else [])
     settings = {"template": template, "system": system, "max_length": max_length, "max_prompt_length": max_prompt_length,
@@ -263,9 +259,10 @@ def build_preference_data(
     else:
         train_pairs, eval_pairs = split_pairs(read.pairs, validation_split, seed)
     stats = PreferenceStats(skipped_invalid=len(read.skipped))
-    lengths = dict(template=template, system=system, max_length=max_length, max_prompt_length=max_prompt_length, stats=stats)
-    train_rows = tokenize_pairs(train_pairs, tokenizer, **lengths)
-    eval_rows = tokenize_pairs(eval_pairs, tokenizer, **lengths)
+    train_rows, eval_rows = (
+        tokenize_pairs(pairs, tokenizer, template=template, system=system, max_length=max_length, max_prompt_length=max_prompt_length, stats=stats)
+        for pairs in (train_pairs, eval_pairs)
+    )
     if not train_rows:
         raise OptionError("no preference pair leaves room for an answer within {max_length} {value}; raise it or lower {max_prompt_length}",
                           value=max_length)

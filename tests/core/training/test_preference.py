@@ -7,9 +7,9 @@ import json
 import pytest
 
 from cnllm.core.errors import UsageError
-from cnllm.core.preference import read_preference_pairs, record_pair, render_pair, split_pairs
 from cnllm.core.templates import TEMPLATES, Message
 from cnllm.core.tiny import asset
+from cnllm.core.training.preference import read_preference_pairs, record_pair, render_pair, split_pairs
 
 
 def test_plain_record_with_system_and_history():
