@@ -194,6 +194,8 @@ class LlamaCppModel(LoadedModel):
             llama.set_seed(params.resolved_seed())
             if self._draft is not None:
                 self._draft.reset()
+            if not self._evaluate_prompt_head(prompt_ids, cancel):
+                return
             produced = 0
             tokens = llama.generate(
                 prompt_ids,
@@ -212,6 +214,31 @@ class LlamaCppModel(LoadedModel):
                         break
             finally:
                 tokens.close()
+
+    def _evaluate_prompt_head(self, prompt_ids: list[int], cancel: threading.Event) -> bool:
+        """Evaluate a long prompt up to its last physical batch (``n_ubatch`` tokens per ``llama_decode``), checking
+        ``cancel`` between batches: a client that hangs up, or a server that stops, during prompt processing ends it
+        within one batch instead of after the whole prompt. ``llama.generate`` then finds the evaluated part cached and
+        evaluates only the rest, in the batches llama.cpp would have used for the whole prompt (the same arithmetic).
+
+        Returns False when cancelled. A prompt that fits one batch is left to ``llama.generate`` alone."""
+        llama = self._llama
+        step = llama.context_params.n_ubatch
+        done = 0
+        if llama.n_tokens:  # the prompt cache: the prefix the context holds already is kept
+            for old, new in zip(llama.input_ids[: llama.n_tokens].tolist(), prompt_ids[:-1]):
+                if old != new:
+                    break
+                done += 1
+        if len(prompt_ids) - done <= step:
+            return not cancel.is_set()
+        llama.n_tokens = done
+        while len(prompt_ids) - done > step:
+            if cancel.is_set():
+                return False
+            llama.eval(prompt_ids[done : done + step])
+            done += step
+        return not cancel.is_set()
 
     def speculative_stats(self) -> SpeculativeStats | None:
         return self._draft.stats if self._draft is not None else None
