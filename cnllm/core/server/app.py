@@ -4,7 +4,8 @@ Routes (one router each in :mod:`cnllm.core.server.routes`): ``GET /health``, ``
 /v1/chat/completions`` (JSON or SSE stream), ``POST /v1/completions`` (echo + prompt logprobs for log-likelihood
 evaluation), ``POST /v1/embeddings``. What they share lives in ``app.state`` (:mod:`.state`); every error is OpenAI's
 error JSON (:mod:`.errors`). A guard in front of the routes checks the Host header (DNS rebinding), the API key and
-the body size; templating and tokenising run off the event loop. This module also runs the app (uvicorn, signals).
+the body size and time; templating and tokenising run off the event loop. This module also runs the app (uvicorn,
+signals), with a deadline for request heads (slow-loris) and a connection limit.
 """
 
 from __future__ import annotations
