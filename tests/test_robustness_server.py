@@ -165,3 +165,38 @@ def test_a_signal_during_prompt_processing_stops_the_server_at_once(tiny_gguf, s
     assert stopped < 6, f"{stopped:.1f} s from the signal to the exit"
     status, document = answers[0]
     assert status == 200 and json.loads(document)["choices"][0]["finish_reason"] == "cancelled"
+
+
+def test_a_slow_loris_flood_is_bounded_and_closed(tiny_gguf):
+    """Issue 26: 3,000 connections sending half a request head all stayed open (each a file; past ``ulimit -n`` the
+    server accepted nothing more). Here 400 against ``--max-connections 64``: the server's open files stay bounded,
+    every connection is closed within the read timeout, and the server answers again at once."""
+    import os
+    import socket
+    from pathlib import Path
+
+    process, port = spawn_serve(tiny_gguf, "--model-name", "tiny", "--read-timeout", "1", "--max-connections", "64")
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            clients.append(client)
+        time.sleep(0.3)
+        open_files = Path(f"/proc/{process.pid}/fd")
+        if open_files.is_dir():
+            assert len(os.listdir(open_files)) < 64 + 128 + 64  # connections, one accept burst, the process's own
+        deadline = time.monotonic() + 3
+        for client in clients:
+            client.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                assert client.recv(1024) == b"", "a half-sent head got an answer"
+            except ConnectionResetError:
+                pass
+        assert send(port, "GET", "/health", timeout=1.0) == 200
+    finally:
+        for client in clients:
+            client.close()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and b"Traceback" not in stderr, stderr.decode()[-3000:]

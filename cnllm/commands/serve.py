@@ -39,7 +39,7 @@ def serve(
         ),
     ] = DEFAULT_READ_TIMEOUT,
     max_connections: Annotated[
-        int, typer.Option("--max-connections", min=1, help="Open connections allowed; beyond them new requests get 503.")
+        int, typer.Option("--max-connections", min=1, help="Open connections allowed: at the limit new requests get 503, beyond it new connections are closed.")
     ] = DEFAULT_MAX_CONNECTIONS,
     allowed_host: Annotated[
         Optional[list[str]],

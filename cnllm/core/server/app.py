@@ -170,6 +170,9 @@ def create_app(models: list[LoadedModel], config: ServerConfig) -> FastAPI:
     return app
 
 
+LISTEN_BACKLOG = 128  # connections accepted in one burst too: open files stay below max_connections + this
+
+
 def bind_socket(host: str, port: int):
     """Bind before loading the model, so a busy port fails fast; ``port=0`` picks a free one."""
     import socket
@@ -184,20 +187,25 @@ def bind_socket(host: str, port: int):
     except OSError as exc:
         sock.close()
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port or --host") from None
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     return sock
 
 
 KEEP_ALIVE_SECONDS = 5  # an idle connection between two requests is closed after this (uvicorn's default)
 
 
-def head_timeout_protocol(seconds: float):
-    """uvicorn's HTTP protocol, closing a connection that has not sent a whole request head ``seconds`` after it
-    connected or after its previous answer: without it, thousands of half-sent heads (slow-loris) stay open for
-    ever, each holding a socket. A request whose head arrived is left alone (its body has its own timeout)."""
+def bounded_protocol(config: ServerConfig):
+    """uvicorn's HTTP protocol with two bounds on connections.
+
+    A connection that has not sent a whole request head ``read_timeout`` seconds after it connected or after its
+    previous answer is closed: without it, thousands of half-sent heads (slow-loris) stay open for ever, each holding
+    a socket. A request whose head arrived is left alone (its body has its own timeout, in :class:`RequestGuard`).
+    A connection beyond ``max_connections`` open ones is closed at once, so open files stay bounded (at the limit,
+    uvicorn's ``limit_concurrency`` answers 503).
+    """
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    class HeadTimeoutProtocol(AutoHTTPProtocol):
+    class BoundedProtocol(AutoHTTPProtocol):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.head_deadline = None
@@ -205,6 +213,9 @@ def head_timeout_protocol(seconds: float):
 
         def connection_made(self, transport):
             super().connection_made(transport)
+            if len(self.connections) > config.max_connections:
+                transport.close()
+                return
             self.set_head_deadline()
 
         def on_response_complete(self):
@@ -220,22 +231,21 @@ def head_timeout_protocol(seconds: float):
             if self.head_deadline is not None:
                 self.head_deadline.cancel()
             self.waiting_after = self.cycle
-            self.head_deadline = self.loop.call_later(seconds, self.head_deadline_passed)
+            self.head_deadline = self.loop.call_later(config.read_timeout, self.head_deadline_passed)
 
         def head_deadline_passed(self):
             waiting = self.cycle is self.waiting_after and (self.cycle is None or self.cycle.response_complete)
             if waiting and not self.transport.is_closing():
                 self.transport.close()
 
-    return HeadTimeoutProtocol
+    return BoundedProtocol
 
 
 def make_server(app: FastAPI, *, verbose: bool = False):
     """A uvicorn server for ``app``; run it with ``server.run(sockets=[bind_socket(...)])``, stop it with ``should_exit``.
 
     Its shutdown cancels the work in flight first, so waiting clients get their (cut short) answers at once.
-    Connections are bounded: a request head must arrive within ``read_timeout``, and beyond ``max_connections``
-    open connections new requests get 503 (the app's :class:`ServerConfig`).
+    Connections are bounded (:func:`bounded_protocol`, the app's :class:`ServerConfig`).
     """
     import uvicorn
 
@@ -253,12 +263,13 @@ def make_server(app: FastAPI, *, verbose: bool = False):
 
     config = uvicorn.Config(
         app,
-        http=head_timeout_protocol(settings.read_timeout),
+        http=bounded_protocol(settings),
         log_level="info" if verbose else "warning",
         access_log=verbose,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=min(KEEP_ALIVE_SECONDS, settings.read_timeout),
         limit_concurrency=settings.max_connections,
+        backlog=LISTEN_BACKLOG,
     )
     return Server(config)
 

@@ -415,14 +415,18 @@ def test_a_body_sent_slowly_within_the_timeout_is_served_and_a_stalled_one_is_40
         stop()
 
 
-def test_beyond_max_connections_new_requests_get_503(gguf_generator):
+def test_at_max_connections_requests_get_503_and_beyond_it_connections_are_closed(gguf_generator):
     server, stop = start_server([gguf_generator], template="chatml", max_connections=3)
     address = urlsplit(server.url)
     try:
-        idle = [socket.create_connection((address.hostname, address.port)) for _ in range(3)]
+        idle = [socket.create_connection((address.hostname, address.port)) for _ in range(2)]
         time.sleep(0.2)
-        assert http_request(address.port, "GET", "/health")[0] == 503  # uvicorn's own answer (plain text)
-        for client in idle:
+        assert http_request(address.port, "GET", "/health")[0] == 503  # the third connection: uvicorn's own answer (plain text)
+        idle.append(socket.create_connection((address.hostname, address.port)))
+        time.sleep(0.2)
+        beyond = socket.create_connection((address.hostname, address.port))
+        assert closed_within(beyond, 2.0)
+        for client in idle + [beyond]:
             client.close()
         assert wait_for(lambda: http_request(address.port, "GET", "/health")[0] == 200, limit=5)
     finally:
