@@ -142,7 +142,9 @@ def test_fuzzed_requests_never_get_a_5xx_or_kill_the_server(tiny_gguf):
 @pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 0), (signal.SIGTERM, 143)])
 def test_a_signal_during_prompt_processing_stops_the_server_at_once(tiny_gguf, signal_number, exit_code):
     """Issue 26: the signal used to wait for the whole prompt (minutes on a real model), then answer a plain-text 500
-    with a traceback. The tiny model takes about 10 s for this prompt on two cores; it stops within one piece."""
+    with a traceback. The tiny model takes about 10 s for this prompt on two idle cores; the server stops within one
+    piece of it, so the answer comes with no token generated (the time bound only guards against a hang: loaded CI
+    machines are slow)."""
     process, port = spawn_serve(tiny_gguf, "--model-name", "tiny", "--template", "chatml", "--n-ctx", "8192")
     prompt = [1] + [3 + (i * 7) % (VOCAB - 3) for i in range(8000)]
     body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 100, "temperature": 0}).encode()
@@ -153,7 +155,7 @@ def test_a_signal_during_prompt_processing_stops_the_server_at_once(tiny_gguf, s
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and json.loads(http_request(port, "GET", "/health")[1])["slots"]["busy"] < 1:
             time.sleep(0.05)
-        time.sleep(0.5)  # into the prompt
+        time.sleep(0.2)  # into the prompt
     finally:
         process.send_signal(signal_number)
         signalled = time.monotonic()
@@ -162,9 +164,11 @@ def test_a_signal_during_prompt_processing_stops_the_server_at_once(tiny_gguf, s
         worker.join(60)
     assert process.returncode == exit_code, stderr.decode()
     assert b"Traceback" not in stderr and stdout == b"", stderr.decode()[-3000:]
-    assert stopped < 6, f"{stopped:.1f} s from the signal to the exit"
+    assert stopped < 30, f"{stopped:.1f} s from the signal to the exit"
     status, document = answers[0]
-    assert status == 200 and json.loads(document)["choices"][0]["finish_reason"] == "cancelled"
+    answer = json.loads(document)
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "cancelled", answer
+    assert answer["usage"]["completion_tokens"] == 0  # stopped during the prompt, not after it
 
 
 def test_a_slow_loris_flood_is_bounded_and_closed(tiny_gguf):
