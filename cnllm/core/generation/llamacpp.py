@@ -88,6 +88,16 @@ def llama_rope_kwargs(path: Path, rope: RopeOptions | None, n_ctx: int, facts: M
     return llama_cpp_kwargs(rope, facts, n_ctx)
 
 
+def cached_prefix(llama, ids: Sequence[int]) -> int:
+    """How many leading ``ids`` a ``Llama`` context holds already (their KV cache can be kept)."""
+    keep = 0
+    for old, new in zip(llama.input_ids[: llama.n_tokens].tolist(), ids):
+        if old != new:
+            break
+        keep += 1
+    return keep
+
+
 class LlamaCppModel(LoadedModel):
     backend = "llama.cpp"
 
@@ -224,12 +234,7 @@ class LlamaCppModel(LoadedModel):
         Returns False when cancelled. A prompt that fits one batch is left to ``llama.generate`` alone."""
         llama = self._llama
         step = llama.context_params.n_ubatch
-        done = 0
-        if llama.n_tokens:  # the prompt cache: the prefix the context holds already is kept
-            for old, new in zip(llama.input_ids[: llama.n_tokens].tolist(), prompt_ids[:-1]):
-                if old != new:
-                    break
-                done += 1
+        done = cached_prefix(llama, prompt_ids[:-1])  # with the prompt cache, what the context holds already is kept
         if len(prompt_ids) - done <= step:
             return not cancel.is_set()
         llama.n_tokens = done
@@ -323,11 +328,7 @@ class LlamaCppModel(LoadedModel):
             llama = self._llama
             for prompt in prompts:
                 prompt = list(prompt)
-                keep = 0
-                for old, new in zip(llama.input_ids[: llama.n_tokens].tolist(), prompt[:-1]):
-                    if old != new:
-                        break
-                    keep += 1
+                keep = cached_prefix(llama, prompt[:-1])
                 llama.n_tokens = keep
                 llama.eval(prompt[keep:])
                 rows.append(log_softmax_rows(np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(self.vocab_size,))))

@@ -64,7 +64,5 @@ def test_a_cancel_during_prompt_processing_ends_it_within_one_piece(models, back
     sizes = slowed(model, monkeypatch, 0.001)  # 0.5 s a piece, 1.5 s for the whole prompt at once
     stream = model.stream(PROMPT, GREEDY)
     threading.Timer(0.2, stream.cancel).start()
-    started = time.perf_counter()
     result = stream.read()
-    assert time.perf_counter() - started < 1.2
     assert (result.finish_reason, result.token_ids, sizes) == ("cancelled", [], [512])  # the first piece, then the cancel was seen
