@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Annotated, Optional
 
@@ -9,8 +10,9 @@ import typer
 
 from cnllm.cli import output
 from cnllm.cli.options import ModelArg, NCtxOpt, TemplateOpt, VerboseOpt, warn_beyond_trained, with_model_loading
+from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import LoadOptions
-from cnllm.core.server import DEFAULT_MAX_REQUEST_BYTES, LOOPBACK_HOSTS
+from cnllm.core.server import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT, LOOPBACK_HOSTS
 
 
 @with_model_loading
@@ -27,6 +29,18 @@ def serve(
     max_request_bytes: Annotated[
         int, typer.Option("--max-request-bytes", min=1, help="Largest request body accepted; bigger ones get 413.")
     ] = DEFAULT_MAX_REQUEST_BYTES,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            "--read-timeout",
+            min=0.1,
+            max=3600,
+            help="Seconds a client may take to send a request's head, or each piece of its body; slower connections are closed (408 for a body).",
+        ),
+    ] = DEFAULT_READ_TIMEOUT,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", min=1, help="Open connections allowed: at the limit new requests get 503, beyond it new connections are closed.")
+    ] = DEFAULT_MAX_CONNECTIONS,
     allowed_host: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -55,6 +69,8 @@ def serve(
     from cnllm.core.server.app import bind_socket, create_app, default_allowed_hosts, serve_until_stopped
     from cnllm.core.server.state import ServerConfig
 
+    if not math.isfinite(read_timeout):
+        raise UsageError(f"--read-timeout must be a number of seconds, got {read_timeout}")
     sock = bind_socket(host, port)
     generators = []
     try:
@@ -70,6 +86,8 @@ def serve(
             template=template,
             max_waiting=queue_size,
             max_request_bytes=max_request_bytes,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
             allowed_hosts=tuple(allowed_host) if allowed_host else default_allowed_hosts(host),
         )
         app = create_app(generators, config)

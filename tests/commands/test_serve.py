@@ -45,6 +45,12 @@ def test_busy_port_is_a_usage_error(cli, tiny_llama_dir):
     assert f"127.0.0.1:{port}" in result.stderr
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_read_timeout_that_is_not_a_number_is_a_usage_error(cli, tiny_llama_dir, value):
+    result = cli("serve", tiny_llama_dir, "--port", "0", "--read-timeout", value)
+    assert result.exit_code == 2 and "--read-timeout" in result.stderr
+
+
 def test_serve_rejects_an_unknown_model_format(cli, tmp_path):
     (tmp_path / "weights.txt").write_text("hello")
     result = cli("serve", tmp_path / "weights.txt", "--port", "0")

@@ -185,7 +185,8 @@ class GenerationStream:
     """Iterate for text deltas; :attr:`completion` holds the counts, timing and finish reason.
 
     Closing the stream early (``close()``, ``break`` then garbage collection, or ``cancel``)
-    stops the backend at its next token, so a disconnected client frees its worker at once.
+    stops the backend at its next token (or the next piece of a long prompt it is still evaluating), so a
+    disconnected client frees its worker at once.
     """
 
     def __init__(self, generator: "LoadedModel", prompt_ids: list[int], params: SamplingParams, *, strip_leading_space: bool = False):
@@ -321,7 +322,8 @@ class LoadedModel(ABC):
 
     @abstractmethod
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Generator[int, None, None]:
-        """Raw generated ids, at most ``max_tokens`` plus EOS; stops when ``cancel`` is set or the iterator is closed."""
+        """Raw generated ids, at most ``max_tokens`` plus EOS; stops when ``cancel`` is set (also while the prompt is
+        still being evaluated) or the iterator is closed."""
 
     @abstractmethod
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:

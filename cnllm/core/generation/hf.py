@@ -11,6 +11,7 @@ prompts left-padded with an attention mask.
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 from pathlib import Path
@@ -44,6 +45,12 @@ from cnllm.core.rope import hf_model_rope
 from cnllm.core.runtime import quiet_libraries
 
 HEAD_ROWS = 1024  # positions put through the output layer at once, so no context × vocabulary matrix is ever built
+PREFILL_CHUNK = 512  # prompt tokens run between two cancellation checks (llama.cpp's default physical batch)
+
+
+def cache_argument(model) -> str:
+    """What transformers calls the KV cache, as an argument and an output field: ``cache`` since 5.x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
 
 
 def _id_list(value) -> list[int]:
@@ -197,6 +204,12 @@ class TransformersModel(LoadedModel):
         def work():
             try:
                 with self._lock, torch.inference_mode():
+                    if self.draft is None:  # assisted generation runs the prompt itself (and counts its forward calls)
+                        cache = self._evaluate_prompt_head(inputs, cancel)
+                        if cancel.is_set():
+                            return
+                        if cache is not None:
+                            kwargs[cache_argument(self.model)] = cache
                     if params.seed is not None:
                         torch.manual_seed(params.seed)
                     if self._counter is not None:
@@ -220,6 +233,23 @@ class TransformersModel(LoadedModel):
             cancel.set()
             worker.join()
             self._last_generated = produced
+
+    def _evaluate_prompt_head(self, inputs, cancel: threading.Event):
+        """The KV cache of a long prompt up to its last ``PREFILL_CHUNK`` piece, computed a piece at a time through the
+        decoder (no output layer), ``cancel`` checked between pieces: a client that hangs up, or a server that stops,
+        during prompt processing ends it within one piece. ``generate`` given the cache evaluates only the rest.
+
+        None for a prompt that fits one piece (``generate`` runs it alone), or when cancelled."""
+        length = inputs.shape[1]
+        if length <= PREFILL_CHUNK:
+            return None
+        decoder, name, cache = self.model.get_decoder(), cache_argument(self.model), None
+        for start in range(0, length - 1, PREFILL_CHUNK):
+            if length - start <= PREFILL_CHUNK or cancel.is_set():
+                break
+            output = decoder(input_ids=inputs[:, start : start + PREFILL_CHUNK], use_cache=True, **({name: cache} if cache is not None else {}))
+            cache = output[name]
+        return None if cancel.is_set() else cache
 
     def speculative_stats(self) -> SpeculativeStats | None:
         return self._counter.stats(self._last_generated) if self._counter is not None else None

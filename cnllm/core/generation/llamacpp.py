@@ -91,6 +91,16 @@ def llama_rope_kwargs(path: Path, rope: RopeOptions | None, n_ctx: int, facts: M
     return llama_cpp_kwargs(rope, facts, n_ctx)
 
 
+def cached_prefix(llama, ids: Sequence[int]) -> int:
+    """How many leading ``ids`` a ``Llama`` context holds already (their KV cache can be kept)."""
+    keep = 0
+    for old, new in zip(llama.input_ids[: llama.n_tokens].tolist(), ids):
+        if old != new:
+            break
+        keep += 1
+    return keep
+
+
 class LlamaCppModel(LoadedModel):
     backend = "llama.cpp"
 
@@ -197,6 +207,8 @@ class LlamaCppModel(LoadedModel):
             llama.set_seed(params.resolved_seed())
             if self._draft is not None:
                 self._draft.reset()
+            if not self._evaluate_prompt_head(prompt_ids, cancel):
+                return
             produced = 0
             tokens = llama.generate(
                 prompt_ids,
@@ -215,6 +227,26 @@ class LlamaCppModel(LoadedModel):
                         break
             finally:
                 tokens.close()
+
+    def _evaluate_prompt_head(self, prompt_ids: list[int], cancel: threading.Event) -> bool:
+        """Evaluate a long prompt up to its last physical batch (``n_ubatch`` tokens per ``llama_decode``), checking
+        ``cancel`` between batches: a client that hangs up, or a server that stops, during prompt processing ends it
+        within one batch instead of after the whole prompt. ``llama.generate`` then finds the evaluated part cached and
+        evaluates only the rest, in the batches llama.cpp would have used for the whole prompt (the same arithmetic).
+
+        Returns False when cancelled. A prompt that fits one batch is left to ``llama.generate`` alone."""
+        llama = self._llama
+        step = llama.context_params.n_ubatch
+        done = cached_prefix(llama, prompt_ids[:-1])  # with the prompt cache, what the context holds already is kept
+        if len(prompt_ids) - done <= step:
+            return not cancel.is_set()
+        llama.n_tokens = done
+        while len(prompt_ids) - done > step:
+            if cancel.is_set():
+                return False
+            llama.eval(prompt_ids[done : done + step])
+            done += step
+        return not cancel.is_set()
 
     def speculative_stats(self) -> SpeculativeStats | None:
         return self._draft.stats if self._draft is not None else None
@@ -299,11 +331,7 @@ class LlamaCppModel(LoadedModel):
             llama = self._llama
             for prompt in prompts:
                 prompt = list(prompt)
-                keep = 0
-                for old, new in zip(llama.input_ids[: llama.n_tokens].tolist(), prompt[:-1]):
-                    if old != new:
-                        break
-                    keep += 1
+                keep = cached_prefix(llama, prompt[:-1])
                 llama.n_tokens = keep
                 llama.eval(prompt[keep:])
                 rows.append(log_softmax_rows(np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(self.vocab_size,))))

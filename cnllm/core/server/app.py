@@ -4,16 +4,18 @@ Routes (one router each in :mod:`cnllm.core.server.routes`): ``GET /health``, ``
 /v1/chat/completions`` (JSON or SSE stream), ``POST /v1/completions`` (echo + prompt logprobs for log-likelihood
 evaluation), ``POST /v1/embeddings``. What they share lives in ``app.state`` (:mod:`.state`); every error is OpenAI's
 error JSON (:mod:`.errors`). A guard in front of the routes checks the Host header (DNS rebinding), the API key and
-the body size; templating and tokenising run off the event loop. This module also runs the app (uvicorn, signals).
+the body size and time; templating and tokenising run off the event loop. This module also runs the app (uvicorn,
+signals), with a deadline for request heads (slow-loris) and a connection limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import signal
 import threading
 from contextlib import contextmanager, nullcontext
-from typing import Sequence
+from typing import Any, Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -43,10 +45,11 @@ def host_name(header: str) -> str:
 
 
 class RequestGuard:
-    """ASGI middleware in front of the routes: Host allow-list, API key on ``/v1/``, request-body limit (413).
+    """ASGI middleware in front of the routes: Host allow-list, API key on ``/v1/``, request-body limit (413), body
+    read timeout (408), and a JSON 503 for a request still running when the server stops.
 
-    The body is read here, up to the limit, before any parsing: a client announcing or sending more is
-    answered at once and never buffered.
+    The body is read here, up to the limit, before any parsing: a client announcing or sending more is answered at
+    once and never buffered (what it still sends is read and dropped, see :func:`refuse_body`).
     """
 
     def __init__(self, app, config: ServerConfig):
@@ -70,6 +73,11 @@ class RequestGuard:
         limit = self.config.max_request_bytes
         return error_response(413, f"the request body is larger than {limit} bytes (the server's --max-request-bytes)", code="request_too_large")
 
+    def too_slow(self) -> JSONResponse:
+        response = error_response(408, f"the request body stopped arriving for {self.config.read_timeout:g} s (the server's --read-timeout)", code="request_timeout")
+        response.headers["connection"] = "close"
+        return response
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -78,18 +86,23 @@ class RequestGuard:
         if refused is not None:
             return await refused(scope, receive, send)
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.config.max_request_bytes):
-            response = self.too_large() if declared.isdigit() else error_response(400, "invalid Content-Length header")
-            return await response(scope, receive, send)
+        if declared is not None and not declared.isdigit():
+            return await error_response(400, "invalid Content-Length header")(scope, receive, send)
+        if declared is not None and int(declared) > self.config.max_request_bytes:
+            return await refuse_body(self.too_large(), headers, receive, send, self.config.read_timeout)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.config.read_timeout)
+            except asyncio.TimeoutError:
+                return await self.too_slow()(scope, receive, send)
             if message["type"] != "http.request":
                 return  # the client went away before its body arrived
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.config.max_request_bytes:
-                return await self.too_large()(scope, receive, send)
+                more = message.get("more_body", False)
+                return await refuse_body(self.too_large(), headers, receive if more else None, send, self.config.read_timeout)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -102,7 +115,48 @@ class RequestGuard:
                 return message
             return await receive()
 
-        return await self.app(scope, replay, send)
+        started = False
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, replay, watched_send)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when the graceful-shutdown time is over: answer it (a stream already
+            # started just ends, its connection closed) instead of uvicorn's plain-text 500 and its traceback.
+            if not scope["app"].state.server.pool.closing:
+                raise
+            if not started:
+                await error_response(503, "the server is shutting down", type="server_overloaded", code="shutting_down")(scope, receive, send)
+
+
+DRAIN_BYTES = 64 * 1024 * 1024  # what is read and dropped of a refused body at most; beyond it the connection is reset
+
+
+async def refuse_body(response: JSONResponse, headers: Headers, receive, send, seconds: float) -> None:
+    """Answer ``response`` at once, then read and drop the rest of the request body (at most :data:`DRAIN_BYTES`,
+    for at most ``seconds``; ``receive`` None: nothing is left) before ending the answer.
+
+    A server that closes with unread data resets the connection, and clients that read the answer only after sending
+    the whole body (urllib) see that reset instead of the answer. A client waiting for ``100 Continue`` sends no body.
+    """
+    await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
+    if receive is not None and headers.get("expect", "").lower() != "100-continue":
+        loop = asyncio.get_running_loop()
+        deadline, drained = loop.time() + seconds, 0
+        while drained <= DRAIN_BYTES and loop.time() < deadline:
+            try:
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+            drained += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def create_app(models: list[LoadedModel], config: ServerConfig) -> FastAPI:
@@ -114,6 +168,9 @@ def create_app(models: list[LoadedModel], config: ServerConfig) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+LISTEN_BACKLOG = 128  # connections accepted in one burst too: open files stay below max_connections + this
 
 
 def bind_socket(host: str, port: int):
@@ -130,16 +187,72 @@ def bind_socket(host: str, port: int):
     except OSError as exc:
         sock.close()
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port or --host") from None
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     return sock
+
+
+KEEP_ALIVE_SECONDS = 5  # an idle connection between two requests is closed after this (uvicorn's default)
+
+
+def bounded_protocol(config: ServerConfig):
+    """uvicorn's HTTP protocol with two bounds on connections.
+
+    A connection that has not sent a whole request head ``read_timeout`` seconds after it connected or after its
+    previous answer is closed: without it, thousands of half-sent heads (slow-loris) stay open for ever, each holding
+    a socket. A request whose head arrived is left alone (its body has its own timeout, in :class:`RequestGuard`).
+    A connection beyond ``max_connections`` open ones is closed at once, so open files stay bounded (at the limit,
+    uvicorn's ``limit_concurrency`` answers 503).
+    """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    # uvicorn picks the class at import time (httptools or h11) and exports it as a variable, which mypy cannot subclass
+    chosen: Any = AutoHTTPProtocol
+
+    class BoundedProtocol(chosen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.head_deadline = None
+            self.waiting_after = None  # the request whose answer the head deadline was set after (None: a new connection)
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > config.max_connections:
+                transport.close()
+                return
+            self.set_head_deadline()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.set_head_deadline()
+
+        def connection_lost(self, exc):
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+            super().connection_lost(exc)
+
+        def set_head_deadline(self):
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+            self.waiting_after = self.cycle
+            self.head_deadline = self.loop.call_later(config.read_timeout, self.head_deadline_passed)
+
+        def head_deadline_passed(self):
+            waiting = self.cycle is self.waiting_after and (self.cycle is None or self.cycle.response_complete)
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return BoundedProtocol
 
 
 def make_server(app: FastAPI, *, verbose: bool = False):
     """A uvicorn server for ``app``; run it with ``server.run(sockets=[bind_socket(...)])``, stop it with ``should_exit``.
 
     Its shutdown cancels the work in flight first, so waiting clients get their (cut short) answers at once.
+    Connections are bounded (:func:`bounded_protocol`, the app's :class:`ServerConfig`).
     """
     import uvicorn
+
+    settings: ServerConfig = app.state.server.config
 
     class Server(uvicorn.Server):
         def capture_signals(self):
@@ -151,7 +264,16 @@ def make_server(app: FastAPI, *, verbose: bool = False):
             app.state.server.pool.shutdown()
             await super().shutdown(sockets=sockets)
 
-    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        http=bounded_protocol(settings),
+        log_level="info" if verbose else "warning",
+        access_log=verbose,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=min(KEEP_ALIVE_SECONDS, settings.read_timeout),  # type: ignore[arg-type]  # seconds for call_later: fractions work
+        limit_concurrency=settings.max_connections,
+        backlog=LISTEN_BACKLOG,
+    )
     return Server(config)
 
 

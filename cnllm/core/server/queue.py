@@ -3,7 +3,8 @@
 A request leases a slot (one generator: a llama.cpp context, or the shared transformers model)
 and runs its blocking work in a thread; the slot comes back when that thread ends. Work is
 cancellable: a stream whose client goes away, a non-streaming request whose client hangs up, and
-everything in flight when the server stops end at their next token. CPU work before generation
+everything in flight when the server stops end at their next token (or the next piece of a prompt being
+processed: both backends evaluate long prompts in pieces, a cancellation check between). CPU work before generation
 (templating, tokenising) runs in threads too, so the event loop keeps answering ``/health``.
 """
 

@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 
 from cnllm.core.generation.base import LoadedModel
-from cnllm.core.server import DEFAULT_MAX_REQUEST_BYTES
+from cnllm.core.server import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT
 from cnllm.core.server.queue import SlotPool
 from cnllm.core.templates import PromptFormat
 
@@ -27,6 +27,8 @@ class ServerConfig:
     max_waiting: int = 16
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     allowed_hosts: tuple[str, ...] | None = None  # Host header names accepted (None: any)
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # a request's head, and each piece of its body, must arrive within it
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 @dataclass

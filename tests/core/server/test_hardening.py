@@ -12,6 +12,7 @@ import http.client
 import json
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -263,3 +264,187 @@ def test_lm_eval_loglikelihood_agrees_with_the_eval_scorer_also_before_eos(tiny_
             assert eos_text in logprobs["top_logprobs"][-1] and logprobs["token_logprobs"][-1] is not None
         else:
             assert choice["finish_reason"] == "length"
+
+
+# --- prompt processing is cancellable; connections are bounded (issue 26) -------------------------------------
+
+LONG_PROMPT = [1] + [3 + (i * 7) % 990 for i in range(3000)]
+
+
+@pytest.fixture
+def slow_prompt_generator(tiny_gguf):
+    """The tiny GGUF evaluating prompts at 2 ms a token (6 s for LONG_PROMPT in one pass, 1 s a 512-token piece),
+    as a real model on a CPU does; returns the generator and the prompt sizes llama.cpp was given."""
+    from cnllm.core.backends import load_model
+    from cnllm.core.generation.base import LoadOptions
+
+    with load_model(tiny_gguf, LoadOptions(n_ctx=4096, prompt_cache=False)) as generator:
+        llama, sizes = generator._llama, []
+        original = llama.eval
+
+        def slow_eval(tokens):
+            sizes.append(len(tokens))
+            time.sleep(0.002 * len(tokens))
+            return original(tokens)
+
+        llama.eval = slow_eval
+        yield generator, sizes
+
+
+def busy_slots(server) -> int:
+    return request(server, "GET", "/health")[1]["slots"]["busy"]
+
+
+def raw_request(server, path: str, body: dict) -> socket.socket:
+    """A request sent on a raw socket, left unread (close the socket to hang up)."""
+    address = urlsplit(server.url)
+    data = json.dumps(body).encode()
+    client = socket.create_connection((address.hostname, address.port))
+    client.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+    )
+    return client
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_during_prompt_processing_frees_its_slot_within_2_s(slow_prompt_generator, stream):
+    generator, sizes = slow_prompt_generator
+    server, stop = start_server([generator], template="chatml")
+    try:
+        client = raw_request(server, "/v1/completions", {"model": "tiny", "prompt": LONG_PROMPT, "max_tokens": 50, "stream": stream})
+        assert wait_for(lambda: busy_slots(server) == 1)
+        time.sleep(0.3)  # into the prompt
+        client.close()
+        hung_up = time.monotonic()
+        assert wait_for(lambda: busy_slots(server) == 0, limit=2.0), "the slot was still busy 2 s after the hang-up"
+        status, _ = request(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 1})
+        assert status == 200 and time.monotonic() - hung_up < 2.5
+        assert sum(sizes[:-1]) < len(LONG_PROMPT) and max(sizes) <= 512  # cut short, in pieces
+    finally:
+        stop()
+        server.app.state.server.pool.close()  # the slot's thread is done before the model is closed
+
+
+def test_a_server_stopping_during_prompt_processing_answers_at_once(slow_prompt_generator):
+    generator, _ = slow_prompt_generator
+    server, stop = start_server([generator], template="chatml")
+    answers: list[tuple[int, dict]] = []
+    body = {"model": "tiny", "prompt": LONG_PROMPT, "max_tokens": 50}
+    worker = threading.Thread(target=lambda: answers.append(request(server, "POST", "/v1/completions", body)))
+    worker.start()
+    try:
+        assert wait_for(lambda: busy_slots(server) == 1)
+        time.sleep(0.3)
+    finally:
+        stopping = time.monotonic()
+        stop()
+        server.app.state.server.pool.close()  # what serve does next: wait for the slot's thread
+        stopped = time.monotonic() - stopping
+        worker.join(30)
+    assert stopped < 2.5
+    status, document = answers[0]
+    assert status == 200 and document["choices"][0]["finish_reason"] == "cancelled"
+
+
+def closed_within(client: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``client`` within ``seconds`` (whatever it sends first is read and dropped)."""
+    client.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if client.recv(4096) == b"":
+                return True
+    except (TimeoutError, socket.timeout):
+        return False
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def test_connections_that_never_finish_a_request_head_are_closed(gguf_generator):
+    server, stop = start_server([gguf_generator], template="chatml", read_timeout=0.5)
+    address = urlsplit(server.url)
+    try:
+        silent = [socket.create_connection((address.hostname, address.port)) for _ in range(3)]
+        loris = [socket.create_connection((address.hostname, address.port)) for _ in range(3)]
+        for client in loris:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        kept_alive = socket.create_connection((address.hostname, address.port))
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert kept_alive.recv(4096).startswith(b"HTTP/1.1 200")
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\n")  # the next request's head, never finished
+        started = time.monotonic()
+        for client in silent + loris + [kept_alive]:
+            assert closed_within(client, 2.0)
+            client.close()
+        assert time.monotonic() - started < 2.0
+        assert healthy(server)
+    finally:
+        stop()
+
+
+def test_a_body_sent_slowly_within_the_timeout_is_served_and_a_stalled_one_is_408(gguf_generator):
+    server, stop = start_server([gguf_generator], template="chatml", read_timeout=0.5)
+    address = urlsplit(server.url)
+    data = json.dumps({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1}).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    try:
+        client = socket.create_connection((address.hostname, address.port))
+        client.sendall(head)
+        for at in range(0, len(data), 10):  # over 1 s in all, but never 0.5 s without a byte
+            time.sleep(0.2)
+            client.sendall(data[at : at + 10])
+        client.settimeout(10)
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        client.close()
+
+        client = socket.create_connection((address.hostname, address.port))
+        client.sendall(head + data[:5])
+        client.settimeout(10)
+        answer = b""
+        while b"}}" not in answer:
+            answer += client.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer
+        assert closed_within(client, 2.0)
+        client.close()
+    finally:
+        stop()
+
+
+def test_at_max_connections_requests_get_503_and_beyond_it_connections_are_closed(gguf_generator):
+    server, stop = start_server([gguf_generator], template="chatml", max_connections=3)
+    address = urlsplit(server.url)
+    try:
+        idle = [socket.create_connection((address.hostname, address.port)) for _ in range(2)]
+        time.sleep(0.2)
+        assert http_request(address.port, "GET", "/health")[0] == 503  # the third connection: uvicorn's own answer (plain text)
+        idle.append(socket.create_connection((address.hostname, address.port)))
+        time.sleep(0.2)
+        beyond = socket.create_connection((address.hostname, address.port))
+        assert closed_within(beyond, 2.0)
+        for client in idle + [beyond]:
+            client.close()
+        assert wait_for(lambda: http_request(address.port, "GET", "/health")[0] == 200, limit=5)
+    finally:
+        stop()
+
+
+def test_urllib_and_requests_see_the_413_not_a_reset(gguf_server):
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": "tiny", "prompt": "x" * 5_000_000}).encode()  # far over the limit, all sent before reading
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"{gguf_server.url}/v1/completions", data=body, headers=headers), timeout=60)
+    assert refused.value.code == 413 and json.loads(refused.value.read())["error"]["code"] == "request_too_large"
+
+    requests = pytest.importorskip("requests")
+    for data in (body, (body[at : at + 65536] for at in range(0, len(body), 65536))):  # announced, then chunked
+        response = requests.post(f"{gguf_server.url}/v1/completions", data=data, headers=headers, timeout=60)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert healthy(gguf_server)

@@ -115,7 +115,8 @@ async def completions(request: schemas.CompletionRequest, http: Request, state: 
             prompt_tokens += result.prompt_tokens
             completion_tokens += len(generated_ids(result))
             prompt_text = prompt if isinstance(prompt, str) else model.decode(ids)
-            logprobs = completion_logprobs(model, ids, result, request.echo, request.logprobs) if request.logprobs is not None else None
+            top = request.logprobs  # a cancelled request is not scored: its slot is wanted
+            logprobs = completion_logprobs(model, ids, result, request.echo, top) if top is not None and not job.cancelled.is_set() else None
             text = (prompt_text if request.echo else "") + result.text
             choices.append(schemas.CompletionChoice(index=index, text=text, finish_reason=result.finish_reason, logprobs=logprobs))
         return choices, prompt_tokens, completion_tokens
