@@ -566,6 +566,10 @@ CASES["merge-lora"].update({
     "deeply-nested-adapter-config": Case(["merge-lora", "--base", "{model}", "--lora", "{deep_adapter}", "-o", "{tmp}/merged"], 2, "adapter_config.json is nested too deeply", output="{tmp}/merged"),
     "adapter-config-is-a-list": Case(["merge-lora", "--base", "{model}", "--lora", "{list_adapter}", "-o", "{tmp}/merged"], 2, "adapter_config.json is not a JSON object", output="{tmp}/merged"),
 })
+CASES["pt"].update({
+    "peft-path-config-is-a-list": Case(["pt", "-m", "{model}", "-d", "{text}", "--peft-path", "{list_adapter}", "-o", "{tmp}/out", *PT_QUICK], 2,
+                                       "adapter_config.json is not a JSON object", output="{tmp}/out"),
+})
 CASES["chat"].update({
     "adapter-config-is-a-list": Case(["chat", "{model}", "--lora", "{list_adapter}", "-p", "hi", "-n", "2"], 2, "adapter_config.json is not a JSON object"),
     "deeply-nested-tokenizer-json": Case(["chat", "{deep_tokenizer_model}", "-p", "hi", "-n", "2"], 2, "tokenizer.json is not a valid tokenizer file"),

@@ -22,8 +22,9 @@ def test_real_model_demo_reports_every_figure(tmp_path, monkeypatch, smollm2_hf)
     assert figures["pt"]["eval_loss"]["after"] < figures["pt"]["eval_loss"]["before"], figures["pt"]
     bits = figures["eval"]["bits_per_char"]
     assert {"base", "extended", "pt", "sft", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"} <= set(bits), bits
-    # subword-mean initialisation: step 0 keeps much of what the base knew (mean rows cost ~2× more), pt improves on it
-    assert bits["pt"] < bits["extended"] < 1.5 * bits["base"], bits
+    # subword-mean initialisation: step 0 keeps much of what the base knew (mean rows cost ~2× more); after pt the
+    # adapted model reads held-out Chinese better than the base model did, per character
+    assert bits["pt"] < bits["base"] and bits["extended"] < 1.5 * bits["base"], bits
     assert figures["quantize"]["q4_k_m"]["size_bytes"] < figures["quantize"]["q8_0"]["size_bytes"] < figures["quantize"]["source"]["size_bytes"]
     chat = report["notes"]["chat"]
     assert chat["answer"].strip() and chat["answer_before"].strip()

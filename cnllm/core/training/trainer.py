@@ -33,6 +33,7 @@ from cnllm.core.modelio import (
     copy_missing_tokenizer_files,
     has_tokenizer,
     load_config,
+    read_adapter_config,
     vocab_sizes,
 )
 from cnllm.core.progress import NULL_PROGRESS, Progress
@@ -382,6 +383,7 @@ def plan_run(options: TrainOptions) -> Plan:
     rows = sizes.embedding if sizes.embedding is not None else sizes.config
     needs_resize = sizes.tokenizer is not None and rows is not None and sizes.tokenizer > rows
     if options.peft_path is not None:
+        read_adapter_config(options.peft_path)  # a config that is not an object is refused here, not deep inside PEFT
         adapter_rows = adapter_vocab_rows(options.peft_path)
         expected = round_up(sizes.tokenizer, VOCAB_MULTIPLE) if needs_resize and sizes.tokenizer is not None else rows
         if adapter_rows is not None and adapter_rows != expected:
