@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API of ``cnllm serve`` (FastAPI), assembled from its parts.
 
-Routes (one router each in :mod:`cnllm.core.server.routes`): ``GET /health``, ``GET /v1/models``, ``POST
+Routes (one router each in :mod:`cnllm.core.server.routes`): ``GET /`` (a chat page), ``GET /health``, ``GET /v1/models``, ``POST
 /v1/chat/completions`` (JSON or SSE stream), ``POST /v1/completions`` (echo + prompt logprobs for log-likelihood
 evaluation), ``POST /v1/embeddings``. What they share lives in ``app.state`` (:mod:`.state`); every error is OpenAI's
 error JSON (:mod:`.errors`). A guard in front of the routes checks the Host header (DNS rebinding), the API key and
@@ -24,10 +24,10 @@ from starlette.datastructures import Headers
 from cnllm.core.generation.base import LoadedModel
 from cnllm.core.server import LOOPBACK_HOSTS
 from cnllm.core.server.errors import add_error_handlers, error_response
-from cnllm.core.server.routes import chat, completions, embeddings, health, models
+from cnllm.core.server.routes import chat, completions, embeddings, health, models, page
 from cnllm.core.server.state import ServerConfig, install_state
 
-ROUTERS = (health.router, models.router, chat.router, completions.router, embeddings.router)
+ROUTERS = (page.router, health.router, models.router, chat.router, completions.router, embeddings.router)
 
 
 def default_allowed_hosts(host: str) -> tuple[str, ...] | None:

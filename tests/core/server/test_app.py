@@ -124,6 +124,14 @@ def test_api_key_is_required(live_server):
         live_server.client(api_key="wrong").models.list()
 
 
+def test_the_chat_page_needs_no_key_and_talks_only_to_this_server(live_server):
+    """The page at ``/`` (driven in a browser in test_chat_page.py) loads without the key; its policy allows no other origin."""
+    with urllib.request.urlopen(live_server.url + "/", timeout=60) as response:
+        page, headers = response.read().decode(), response.headers
+    assert headers["Content-Type"].startswith("text/html") and "/v1/chat/completions" in page and "http" not in page.split("<body>")[1]
+    assert "connect-src 'self'" in headers["Content-Security-Policy"] and "default-src 'none'" in headers["Content-Security-Policy"]
+
+
 def wait_until_idle(server, limit=30.0) -> dict:
     deadline = time.monotonic() + limit
     while True:
