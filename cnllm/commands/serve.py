@@ -59,7 +59,7 @@ def serve(
     load: LoadOptions = LoadOptions(),
 ) -> None:
     """Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not),
-    /v1/completions (echo, logprobs), /v1/embeddings, /health.
+    /v1/completions (echo, logprobs), /v1/embeddings, /health, and a chat page in the browser at /.
 
     Ctrl-C or SIGTERM stops it in order, answering the requests in flight cut short: exit 0 (Ctrl-C) or 143 (SIGTERM).
 
@@ -99,7 +99,7 @@ def serve(
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         output.print_note(
             f"serving {model} as '{name}' ({generators[0].backend}, {parallel} slot{'s' if parallel > 1 else ''}) "
-            f"on http://{shown}:{bound_port}/v1 — Ctrl-C stops"
+            f"on http://{shown}:{bound_port}/v1 (chat page: http://{shown}:{bound_port}/) — Ctrl-C stops"
         )
         code = serve_until_stopped(app, sock, verbose=verbose)
         output.print_note("stopped")
