@@ -174,7 +174,7 @@ def test_stop_aborts_a_stream(server, browser):
     find("max-tokens").send_keys("4000")
     # The tiny model answers in well under a second: a slow network (Chrome's own throttling) keeps the stream open.
     browser.execute_cdp_cmd("Network.enable", {})
-    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 2000, "uploadThroughput": -1})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 1000, "uploadThroughput": -1})
     try:
         find("input").send_keys("写一篇很长的文章", Keys.ENTER)
         wait_for(lambda: answers(browser) and len(answers(browser)[0]) > 0, what="streamed text")
