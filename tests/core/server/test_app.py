@@ -10,7 +10,6 @@ import urllib.request
 
 import openai
 import pytest
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.core.server.conftest import API_KEY, start_server
