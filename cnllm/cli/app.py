@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "cnllm.commands.serve",
         "serve",
         "Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not), "
-        "/v1/completions (echo, logprobs), /v1/embeddings, /health, and a chat page in the browser at /.",
+        "/v1/completions (echo, logprobs), /v1/embeddings, /tokenize, /detokenize, /health, /metrics (Prometheus), and a chat page in the browser at /.",
     ),
     "eval": (
         "cnllm.commands.eval",

@@ -59,7 +59,7 @@ def serve(
     load: LoadOptions = LoadOptions(),
 ) -> None:
     """Serve a model as a local OpenAI-compatible API: /v1/models, /v1/chat/completions (stream or not),
-    /v1/completions (echo, logprobs), /v1/embeddings, /health, and a chat page in the browser at /.
+    /v1/completions (echo, logprobs), /v1/embeddings, /tokenize, /detokenize, /health, /metrics (Prometheus), and a chat page in the browser at /.
 
     Ctrl-C or SIGTERM stops it in order, answering the requests in flight cut short: exit 0 (Ctrl-C) or 143 (SIGTERM).
 

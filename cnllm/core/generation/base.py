@@ -100,6 +100,11 @@ class Completion:
     speculative: SpeculativeStats | None = None
 
     @property
+    def generated_ids(self) -> list[int]:
+        """The answer's tokens with the EOS that ended it: clients count it and score it (lm-eval's loglikelihood needs it)."""
+        return self.token_ids + ([self.eos_id] if self.eos_id is not None else [])
+
+    @property
     def tokens_per_second(self) -> float | None:
         """Decoding speed: tokens after the first over the time after the first (prompt processing excluded)."""
         if self.completion_tokens < 2 or self.time_to_first_token is None:
@@ -181,6 +186,16 @@ class StopMatcher:
         return out
 
 
+class GenerationObserver:
+    """Told how a stream progresses (the server's metrics); runs in the generating thread, so it must be quick."""
+
+    def token(self, seconds: float, first: bool) -> None:
+        """A token arrived ``seconds`` after the previous one (``first``: after the stream started)."""
+
+    def finished(self, completion: Completion) -> None:
+        """The stream ended (answered, stopped, cancelled or failed); ``completion`` is final."""
+
+
 class GenerationStream:
     """Iterate for text deltas; :attr:`completion` holds the counts, timing and finish reason.
 
@@ -189,7 +204,15 @@ class GenerationStream:
     disconnected client frees its worker at once.
     """
 
-    def __init__(self, generator: "LoadedModel", prompt_ids: list[int], params: SamplingParams, *, strip_leading_space: bool = False):
+    def __init__(
+        self,
+        generator: "LoadedModel",
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        strip_leading_space: bool = False,
+        observer: GenerationObserver | None = None,
+    ):
         params.validate()
         limit = generator.context_length
         if len(prompt_ids) >= limit:
@@ -200,6 +223,7 @@ class GenerationStream:
         self.prompt_ids = prompt_ids
         self.params = params
         self.strip_leading_space = strip_leading_space
+        self.observer = observer or GenerationObserver()
         self.completion = Completion(prompt_tokens=len(prompt_ids))
         self.cancelled = threading.Event()
         self._iterator = self._run()
@@ -229,6 +253,7 @@ class GenerationStream:
         started = time.perf_counter()
         if self.max_tokens == 0:
             result.finish_reason = "length"
+            self.observer.finished(result)
             return
         detok = IncrementalDetokenizer(self.generator.decode, self.prompt_ids[-4:])
         stopper = StopMatcher(self.params.stop)
@@ -248,10 +273,14 @@ class GenerationStream:
                 result.text = "".join(pieces)
             return text
 
+        previous = started
         try:
             for token_id in ids:
+                now = time.perf_counter()
+                self.observer.token(now - previous, first=result.time_to_first_token is None)
                 if result.time_to_first_token is None:
-                    result.time_to_first_token = time.perf_counter() - started
+                    result.time_to_first_token = now - started
+                previous = now
                 if token_id in eos:
                     result.finish_reason, result.eos_id = "stop", token_id
                     break
@@ -286,6 +315,7 @@ class GenerationStream:
             ids.close()
             result.seconds = time.perf_counter() - started
             result.speculative = self.generator.speculative_stats()
+            self.observer.finished(result)
 
 
 class LoadedModel(ABC):

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API of ``cnllm serve`` (FastAPI), assembled from its parts.
 
-Routes (one router each in :mod:`cnllm.core.server.routes`): ``GET /`` (a chat page), ``GET /health``, ``GET /v1/models``, ``POST
-/v1/chat/completions`` (JSON or SSE stream), ``POST /v1/completions`` (echo + prompt logprobs for log-likelihood
-evaluation), ``POST /v1/embeddings``. What they share lives in ``app.state`` (:mod:`.state`); every error is OpenAI's
-error JSON (:mod:`.errors`). A guard in front of the routes checks the Host header (DNS rebinding), the API key and
+Routes (one router each in :mod:`cnllm.core.server.routes`): ``GET /`` (a chat page), ``GET /health``, ``GET /metrics`` (Prometheus),
+``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE stream), ``POST /v1/completions`` (echo + prompt
+logprobs for log-likelihood evaluation), ``POST /v1/embeddings``, ``POST /tokenize`` and ``/detokenize``. What they
+share lives in ``app.state`` (:mod:`.state`); every error is OpenAI's error JSON (:mod:`.errors`). Every answer is
+counted and timed (:mod:`.metrics`); a guard in front of the routes checks the Host header (DNS rebinding), the API key and
 the body size and time; templating and tokenising run off the event loop. This module also runs the app (uvicorn,
 signals), with a deadline for request heads (slow-loris) and a connection limit.
 """
@@ -24,10 +25,12 @@ from starlette.datastructures import Headers
 from cnllm.core.generation.base import LoadedModel
 from cnllm.core.server import LOOPBACK_HOSTS
 from cnllm.core.server.errors import add_error_handlers, error_response
-from cnllm.core.server.routes import chat, completions, embeddings, health, models, page
+from cnllm.core.server.metrics import RequestMetrics
+from cnllm.core.server.routes import chat, completions, embeddings, health, metrics, models, page, tokenize
 from cnllm.core.server.state import ServerConfig, install_state
 
-ROUTERS = (page.router, health.router, models.router, chat.router, completions.router, embeddings.router)
+ROUTERS = (page.router, health.router, metrics.router, models.router, chat.router, completions.router, embeddings.router, tokenize.router)
+KEYED_PATHS = ("/tokenize", "/detokenize")  # beside /v1/: they run the model's tokenizer on client text (llama-server keys them too)
 
 
 def default_allowed_hosts(host: str) -> tuple[str, ...] | None:
@@ -45,7 +48,8 @@ def host_name(header: str) -> str:
 
 
 class RequestGuard:
-    """ASGI middleware in front of the routes: Host allow-list, API key on ``/v1/``, request-body limit (413), body
+    """ASGI middleware in front of the routes: Host allow-list, API key on ``/v1/`` and :data:`KEYED_PATHS` (not on
+    ``/health`` and ``/metrics``, which monitors read), request-body limit (413), body
     read timeout (408), and a JSON 503 for a request still running when the server stops.
 
     The body is read here, up to the limit, before any parsing: a client announcing or sending more is answered at
@@ -61,7 +65,7 @@ class RequestGuard:
         if self.allowed is not None and host_name(headers.get("host", "")) not in self.allowed:
             shown = headers.get("host", "")[:100]
             return error_response(403, f"Host '{shown}' is not allowed (allowed: {', '.join(sorted(self.allowed))}; see --allowed-host)", code="host_not_allowed")
-        if self.config.api_key and scope["path"].startswith("/v1/"):
+        if self.config.api_key and (scope["path"].startswith("/v1/") or scope["path"] in KEYED_PATHS):
             header = headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not secrets.compare_digest(given.encode(), self.config.api_key.encode()):
@@ -164,6 +168,7 @@ def create_app(models: list[LoadedModel], config: ServerConfig) -> FastAPI:
     app = FastAPI(title="cnllm serve", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     install_state(app, models, config)
     app.add_middleware(RequestGuard, config=config)
+    app.add_middleware(RequestMetrics, routes=[route for router in ROUTERS for route in router.routes])  # outside the guard: its refusals count too
     add_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -193,3 +193,29 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class TokenizeRequest(_Request):
+    """llama-server's ``/tokenize``: special tokens (BOS) are added only when asked; ``<s>`` in the text is parsed as one."""
+
+    content: Text
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str  # the token's share of the decoded text: pieces join to it (a multi-byte character belongs to its last byte)
+
+
+class TokenizeResponse(BaseModel):
+    tokens: Union[list[int], list[TokenPiece]]
+
+
+class DetokenizeRequest(_Request):
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    content: str

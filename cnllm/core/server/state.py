@@ -1,5 +1,5 @@
 """What every route shares, kept in ``app.state.server``: the configuration, the loaded models' slot pool, the prompt
-renderer and the primary model (templating, tokenising and checks before a slot is leased).
+renderer, the app's metrics and the primary model (templating, tokenising and checks before a slot is leased).
 
 :func:`install_state` puts it on an app (the server's, or a test's with one router and a fake model);
 a route asks for it with the ``State`` dependency.
@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, Request
 
 from cnllm.core.generation.base import LoadedModel
 from cnllm.core.server import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT
+from cnllm.core.server.metrics import ServerMetrics
 from cnllm.core.server.queue import SlotPool
 from cnllm.core.templates import PromptFormat
 
@@ -37,6 +38,7 @@ class ServerState:
     models: list[LoadedModel]  # one per --parallel slot (they may be the same object)
     pool: SlotPool
     prompt_format: PromptFormat
+    metrics: ServerMetrics
     started: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -45,7 +47,8 @@ class ServerState:
 
 
 def install_state(app: FastAPI, models: list[LoadedModel], config: ServerConfig) -> ServerState:
-    state = ServerState(config, models, SlotPool(models, config.max_waiting), models[0].prompt_format(config.template))
+    pool = SlotPool(models, config.max_waiting)
+    state = ServerState(config, models, pool, models[0].prompt_format(config.template), ServerMetrics(pool))
     app.state.server = state
     return state
 

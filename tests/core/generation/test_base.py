@@ -10,6 +10,8 @@ from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import (
     REPLACEMENT,
     ContextOverflow,
+    GenerationObserver,
+    GenerationStream,
     IncrementalDetokenizer,
     SamplingParams,
     StopMatcher,
@@ -102,3 +104,33 @@ def test_cancel_stops_the_backend():
 def test_invalid_sampling_params(params, message):
     with pytest.raises(UsageError, match=message):
         params.validate()
+
+
+class Recorder(GenerationObserver):
+    def __init__(self):
+        self.tokens: list[bool] = []
+        self.completions: list = []
+
+    def token(self, seconds: float, first: bool) -> None:
+        assert seconds >= 0
+        self.tokens.append(first)
+
+    def finished(self, completion) -> None:
+        self.completions.append(completion)
+
+
+def test_the_observer_sees_every_token_and_one_end_also_when_cut_short():
+    answered = Recorder()
+    completion = GenerationStream(ByteModel(b"abc"), [1], SamplingParams(max_tokens=10), observer=answered).read()
+    assert answered.tokens == [True, False, False, False]  # a, b, c and the EOS
+    assert answered.completions == [completion] and completion.generated_ids == [97, 98, 99, 256]
+
+    cut = Recorder()
+    stream = GenerationStream(ByteModel(b"abcdef"), [1], SamplingParams(max_tokens=10), observer=cut)
+    next(iter(stream))
+    stream.close()
+    assert cut.tokens == [True] and len(cut.completions) == 1 and cut.completions[0].finish_reason == "cancelled"
+
+    empty = Recorder()
+    GenerationStream(ByteModel(b"abc"), [1], SamplingParams(max_tokens=0), observer=empty).read()
+    assert empty.tokens == [] and len(empty.completions) == 1

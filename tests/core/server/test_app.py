@@ -10,6 +10,7 @@ import urllib.request
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.core.server.conftest import API_KEY, start_server
 
@@ -118,6 +119,43 @@ def test_client_mistakes_get_openai_errors_and_the_server_keeps_serving(live_ser
     assert raw(live_server, "GET", "/health")[0] == 200
 
 
+def scraped(server) -> dict[str, float]:
+    """``/metrics`` of a live server, read without a key: each unlabelled sample's value, labelled ones summed."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=60) as response:
+        text = response.read().decode()
+    figures: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            figures[sample.name] = figures.get(sample.name, 0.0) + sample.value
+    return figures
+
+
+def tokenize_round_trip(server, text: str) -> list[int]:
+    """With BOS: without it, a SentencePiece model's ids stand for the text after its space prefix (llama.cpp keeps it)."""
+    status, body = raw(server, "POST", "/tokenize", {"content": text, "with_pieces": True, "add_special": True})
+    assert status == 200
+    ids, pieces = [t["id"] for t in body["tokens"]], [t["piece"] for t in body["tokens"]]
+    assert "".join(pieces) == text
+    assert raw(server, "POST", "/detokenize", {"tokens": ids}) == (200, {"content": text})
+    return ids
+
+
+def test_tokenize_and_metrics_on_the_tiny_model(live_server, tiny_generator):
+    text = "中文大模型：你好，世界"
+    assert tokenize_round_trip(live_server, text) == tiny_generator.tokenize(text)
+    without_bos = raw(live_server, "POST", "/tokenize", {"content": text})[1]["tokens"]
+    assert without_bos == tiny_generator.tokenize(text, add_bos=False)
+    status, body = raw(live_server, "POST", "/detokenize", {"tokens": [tiny_generator.vocab_size]})
+    assert status == 400 and body["error"]["param"] == "tokens"
+
+    before = scraped(live_server)
+    reply = live_server.client().chat.completions.create(model="tiny", messages=USER, max_tokens=5, temperature=0)
+    after = scraped(live_server)
+    assert after["cnllm_prompt_tokens_total"] - before["cnllm_prompt_tokens_total"] == reply.usage.prompt_tokens
+    assert after["cnllm_completion_tokens_total"] - before["cnllm_completion_tokens_total"] == reply.usage.completion_tokens
+    assert after["cnllm_time_to_first_token_seconds_count"] - before["cnllm_time_to_first_token_seconds_count"] == 1
+
+
 def test_api_key_is_required(live_server):
     assert raw(live_server, "GET", "/v1/models", key=None)[0] == 401
     with pytest.raises(openai.AuthenticationError):
@@ -181,6 +219,10 @@ def test_gguf_server_with_two_slots(tiny_gguf):
         echo = client.completions.create(model="tiny", prompt="Hello world", max_tokens=0, echo=True, logprobs=1)
         assert echo.choices[0].logprobs.token_logprobs[0] is None and len(echo.choices[0].logprobs.token_logprobs) > 2
         assert len(client.embeddings.create(model="tiny", input="hi").data[0].embedding) == 64
+        tokenize_round_trip(server, "你好，llama.cpp 的分词器")
+        figures = scraped(server)
+        assert figures["cnllm_time_to_first_token_seconds_count"] == 4  # the four streams (the echo's empty answer has no token)
+        assert figures["cnllm_completion_tokens_total"] >= 4 and figures["cnllm_requests_running"] == 0
     finally:
         stop()
         for generator in generators:

@@ -11,9 +11,10 @@ import struct
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from cnllm.core.server.errors import add_error_handlers
-from cnllm.core.server.routes import chat, completions, embeddings, health, models
+from cnllm.core.server.routes import chat, completions, embeddings, health, metrics, models, tokenize
 from cnllm.core.server.state import ServerConfig, install_state
 from tests.fake_model import UNIFORM, ByteModel
 
@@ -116,3 +117,50 @@ def test_embeddings_alone(mount):
     assert sized.status_code == 400 and sized.json()["error"]["param"] == "dimensions"
     wrong = client.post("/v1/embeddings", json={"model": "other", "input": "a"})
     assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
+
+
+def test_metrics_alone(mount):
+    client = mount(metrics.router)
+    answer = client.get("/metrics")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    families = {family.name: family for family in text_string_to_metric_families(answer.text)}
+    assert {"cnllm_requests", "cnllm_prompt_tokens", "cnllm_completion_tokens", "cnllm_requests_running", "cnllm_requests_waiting"} <= set(families)
+    assert {"cnllm_time_to_first_token_seconds", "cnllm_inter_token_latency_seconds", "cnllm_request_duration_seconds"} <= set(families)
+    assert families["cnllm_requests_waiting"].samples[0].value == 0 and families["cnllm_requests_running"].samples[0].value == 0
+    assert client.get("/health").status_code == 404
+
+
+CHINESE = "你好，世界！中文分词 abc"
+
+
+def test_tokenize_and_detokenize_alone(mount):
+    model = ByteModel()
+    client = mount(tokenize.router, model)
+    tokens = client.post("/tokenize", json={"content": CHINESE}).json()["tokens"]
+    assert tokens == list(CHINESE.encode("utf-8"))
+    assert client.post("/detokenize", json={"tokens": tokens}).json() == {"content": CHINESE}
+
+    pieces = client.post("/tokenize", json={"content": "你a", "with_pieces": True}).json()["tokens"]
+    assert pieces == [{"id": 228, "piece": ""}, {"id": 189, "piece": ""}, {"id": 160, "piece": "你"}, {"id": 97, "piece": "a"}]
+    model.bos_id = 1  # special tokens are added only when asked, as llama-server does
+    assert client.post("/tokenize", json={"content": "a"}).json()["tokens"] == [97]
+    assert client.post("/tokenize", json={"content": "a", "add_special": True}).json()["tokens"] == [1, 97]
+    assert client.post("/detokenize", json={"tokens": []}).json() == {"content": ""}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/detokenize", {"tokens": [97, 257]}, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+        ("/detokenize", {}, "tokens"),
+        ("/tokenize", {"content": 5}, "content"),
+        ("/tokenize", {}, "content"),
+    ],
+)
+def test_tokenize_and_detokenize_refuse_bad_input(mount, path, body, param):
+    answer = mount(tokenize.router).post(path, json=body)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param

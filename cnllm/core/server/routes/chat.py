@@ -8,7 +8,6 @@ from typing import Iterator
 from fastapi import APIRouter, Request
 
 from cnllm.core.errors import CnllmError
-from cnllm.core.generation.base import GenerationStream
 from cnllm.core.server import schemas
 from cnllm.core.server.errors import APIError
 from cnllm.core.server.routes.common import (
@@ -20,6 +19,7 @@ from cnllm.core.server.routes.common import (
     new_id,
     sampling,
     sse,
+    start_generation,
     stream_response,
     watching_disconnect,
 )
@@ -52,7 +52,7 @@ async def chat_completions(request: schemas.ChatCompletionRequest, http: Request
     response_id, created, name = new_id("chatcmpl"), int(time.time()), state.config.model_name
 
     if not request.stream:
-        job = Cancellable()
+        job = Cancellable(state)
         with watching_disconnect(http) as gone:
             result = await state.pool.run(lambda model: job.read(model, prompt_ids, params, strip_leading_space=True), cancel=job.cancel, gone=gone)
         return schemas.ChatCompletion(
@@ -65,7 +65,7 @@ async def chat_completions(request: schemas.ChatCompletionRequest, http: Request
 
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     model = await lease_for_stream(state, http)
-    stream = GenerationStream(model, prompt_ids, params, strip_leading_space=True)
+    stream = start_generation(state, model, prompt_ids, params, strip_leading_space=True)
 
     def chunk(delta: schemas.Delta, finish_reason: str | None = None, choices: bool = True, usage_value=None) -> str:
         return sse(

@@ -45,15 +45,21 @@ def watching_disconnect(request: Request):
         task.cancel()
 
 
+def start_generation(state: ServerState, model: LoadedModel, prompt_ids: list[int], params: SamplingParams, **kwargs) -> GenerationStream:
+    """A generation whose tokens and timings go to the server's metrics: every answer, streamed or not, starts here."""
+    return GenerationStream(model, prompt_ids, params, observer=state.metrics.observer(), **kwargs)
+
+
 class Cancellable:
     """The generations of one non-streaming request: :meth:`cancel` stops the current one at its next token and starts no more."""
 
-    def __init__(self):
+    def __init__(self, state: ServerState):
+        self.state = state
         self.cancelled = threading.Event()
         self._current: GenerationStream | None = None
 
     def read(self, model: LoadedModel, prompt_ids: list[int], params: SamplingParams, **kwargs) -> Completion:
-        stream = GenerationStream(model, prompt_ids, params, **kwargs)
+        stream = start_generation(self.state, model, prompt_ids, params, **kwargs)
         self._current = stream
         if self.cancelled.is_set():
             stream.cancel()
@@ -65,17 +71,12 @@ class Cancellable:
             self._current.cancel()
 
 
-def generated_ids(result: Completion) -> list[int]:
-    """The answer's tokens with the EOS that ended it: clients count it and score it (lm-eval's loglikelihood needs it)."""
-    return result.token_ids + ([result.eos_id] if result.eos_id is not None else [])
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> schemas.Usage:
     return schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
 def completion_usage(result: Completion) -> schemas.Usage:
-    return usage(result.prompt_tokens, len(generated_ids(result)))
+    return usage(result.prompt_tokens, len(result.generated_ids))
 
 
 def sampling(request: schemas._Sampling, max_tokens: int | None, extra_stop: tuple[str, ...] = ()) -> SamplingParams:

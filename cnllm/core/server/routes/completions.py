@@ -9,7 +9,7 @@ from typing import Iterator
 
 from fastapi import APIRouter, Request
 
-from cnllm.core.generation.base import Completion, GenerationStream, LoadedModel, TokenLogprob
+from cnllm.core.generation.base import Completion, LoadedModel, TokenLogprob
 from cnllm.core.server import schemas
 from cnllm.core.server.errors import APIError
 from cnllm.core.server.routes.common import (
@@ -18,12 +18,12 @@ from cnllm.core.server.routes.common import (
     check_prompt,
     check_token_ids,
     completion_usage,
-    generated_ids,
     lease_for_stream,
     new_id,
     prompt_list,
     sampling,
     sse,
+    start_generation,
     stream_response,
     usage,
     watching_disconnect,
@@ -34,7 +34,7 @@ router = APIRouter()
 
 
 def completion_logprobs(model: LoadedModel, prompt_ids: list[int], result: Completion, echo: bool, top: int) -> schemas.CompletionLogprobs:
-    scored: list[TokenLogprob] = model.prompt_logprobs(prompt_ids + generated_ids(result), top=top)
+    scored: list[TokenLogprob] = model.prompt_logprobs(prompt_ids + result.generated_ids, top=top)
     if result.eos_id is not None:  # shown as the token it is ("</s>"), though the answer's text leaves it out
         scored[-1] = replace(scored[-1], text=model.token_text(result.eos_id))
     if not echo:
@@ -84,7 +84,7 @@ async def completions(request: schemas.CompletionRequest, http: Request, state: 
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         model = await lease_for_stream(state, http)
-        stream = GenerationStream(model, encoded[0], params)
+        stream = start_generation(state, model, encoded[0], params)
 
         def chunk(text: str, finish_reason: str | None = None, usage_value=None, choices: bool = True) -> str:
             return sse(
@@ -106,14 +106,14 @@ async def completions(request: schemas.CompletionRequest, http: Request, state: 
 
         return stream_response(state, model, stream, events())
 
-    job = Cancellable()
+    job = Cancellable(state)
 
     def work(model: LoadedModel):
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for index, (prompt, ids) in enumerate(zip(prompts, encoded)):
             result = job.read(model, ids, params)
             prompt_tokens += result.prompt_tokens
-            completion_tokens += len(generated_ids(result))
+            completion_tokens += len(result.generated_ids)
             prompt_text = prompt if isinstance(prompt, str) else model.decode(ids)
             top = request.logprobs  # a cancelled request is not scored: its slot is wanted
             logprobs = completion_logprobs(model, ids, result, request.echo, top) if top is not None and not job.cancelled.is_set() else None
