@@ -8,6 +8,8 @@ scored positions, next-token prompts re-evaluate only what differs from the prev
 from __future__ import annotations
 
 import ctypes
+import functools
+import json
 import math
 import threading
 from pathlib import Path
@@ -89,6 +91,23 @@ def llama_rope_kwargs(path: Path, rope: RopeOptions | None, n_ctx: int, facts: M
     if facts is None:
         raise UsageError(f"{path} does not record its context length; rope scaling needs it")
     return llama_cpp_kwargs(rope, facts, n_ctx)
+
+
+# A JSON string character as llama.cpp's own converter writes it: control characters only escaped (JSON forbids them raw).
+JSON_STRING_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
+@functools.lru_cache(maxsize=64)
+def schema_grammar(schema_json: str) -> str:
+    """The GBNF grammar of a JSON schema, by llama-cpp-python's converter (the one its own server uses), with its string
+    character rule made strict: its own lets raw control characters into strings, which JSON parsers refuse."""
+    from llama_cpp.llama_grammar import PRIMITIVE_RULES, json_schema_to_gbnf
+
+    try:
+        grammar = json_schema_to_gbnf(schema_json)
+    except Exception as exc:  # noqa: BLE001 - the converter asserts, or fails on the first malformed part it reads
+        raise UsageError(f"the JSON schema cannot be turned into a grammar ({type(exc).__name__}: {exc})") from None
+    return grammar.replace(f"char ::= {PRIMITIVE_RULES['char'].content}\n", f"char ::= {JSON_STRING_CHAR}\n")
 
 
 def cached_prefix(llama, ids: Sequence[int]) -> int:
@@ -197,7 +216,24 @@ class LlamaCppModel(LoadedModel):
     def chat_template_source(self) -> str | None:
         return self._llama.metadata.get("tokenizer.chat_template") or None
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        if params.json_schema is not None:
+            self._grammar(params.json_schema)
+
+    def _grammar(self, schema: dict):
+        """The schema's grammar, checked by llama.cpp's own parser first (a grammar it rejects would crash the sampler chain)."""
+        import llama_cpp
+        from llama_cpp.llama_grammar import LLAMA_GRAMMAR_DEFAULT_ROOT, LlamaGrammar
+
+        grammar = schema_grammar(json.dumps(schema, sort_keys=True))
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), LLAMA_GRAMMAR_DEFAULT_ROOT.encode("utf-8"))
+        if not sampler:
+            raise UsageError("llama.cpp could not parse the grammar of this JSON schema; simplify the schema")
+        llama_cpp.llama_sampler_free(sampler)
+        return LlamaGrammar.from_string(grammar, verbose=False)
+
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Generator[int, None, None]:
+        grammar = self._grammar(params.json_schema) if params.json_schema is not None else None
         with self._lock:
             llama = self._llama
             if not self.options.prompt_cache:
@@ -218,6 +254,7 @@ class LlamaCppModel(LoadedModel):
                 typical_p=1.0,
                 temp=params.temperature,
                 repeat_penalty=params.repetition_penalty,
+                grammar=grammar,
             )
             try:
                 for token in tokens:
