@@ -93,6 +93,10 @@ def llama_rope_kwargs(path: Path, rope: RopeOptions | None, n_ctx: int, facts: M
     return llama_cpp_kwargs(rope, facts, n_ctx)
 
 
+# llama.cpp's grammar parser recurses once per nested group: a schema with maxLength 100000 overflows the C stack and
+# kills the process, so deeper grammars are refused first (maxLength 1000 nests about 1000 deep and parses).
+MAX_GRAMMAR_NESTING = 1200
+MAX_GRAMMAR_CHARS = 1_000_000
 # A JSON string character as llama.cpp's own converter writes it: control characters only escaped (JSON forbids them raw).
 JSON_STRING_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 
@@ -107,7 +111,35 @@ def schema_grammar(schema_json: str) -> str:
         grammar = json_schema_to_gbnf(schema_json)
     except Exception as exc:  # noqa: BLE001 - the converter asserts, or fails on the first malformed part it reads
         raise UsageError(f"the JSON schema cannot be turned into a grammar ({type(exc).__name__}: {exc})") from None
+    if len(grammar) > MAX_GRAMMAR_CHARS or grammar_nesting(grammar) > MAX_GRAMMAR_NESTING:
+        raise UsageError(
+            f"the JSON schema's grammar is too large for llama.cpp (more than {MAX_GRAMMAR_CHARS} characters or "
+            f"{MAX_GRAMMAR_NESTING} nested groups); lower maxLength, maxItems or the number of alternatives"
+        )
     return grammar.replace(f"char ::= {PRIMITIVE_RULES['char'].content}\n", f"char ::= {JSON_STRING_CHAR}\n")
+
+
+def grammar_nesting(grammar: str) -> int:
+    """The deepest parenthesis nesting of a GBNF text (quoted literals and character classes skipped)."""
+    depth = deepest = 0
+    closing = None  # the character that ends the literal or class being read
+    at = 0
+    while at < len(grammar):
+        char = grammar[at]
+        if closing is not None:
+            if char == "\\":
+                at += 1
+            elif char == closing:
+                closing = None
+        elif char in "\"[":
+            closing = "\"" if char == "\"" else "]"
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+        at += 1
+    return deepest
 
 
 def cached_prefix(llama, ids: Sequence[int]) -> int:
@@ -225,10 +257,17 @@ class LlamaCppModel(LoadedModel):
         import llama_cpp
         from llama_cpp.llama_grammar import LLAMA_GRAMMAR_DEFAULT_ROOT, LlamaGrammar
 
-        grammar = schema_grammar(json.dumps(schema, sort_keys=True))
+        try:
+            schema_json = json.dumps(schema, sort_keys=True)
+        except RecursionError:
+            raise UsageError("the JSON schema is nested too deeply to be turned into a grammar") from None
+        grammar = schema_grammar(schema_json)
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), LLAMA_GRAMMAR_DEFAULT_ROOT.encode("utf-8"))
         if not sampler:
-            raise UsageError("llama.cpp could not parse the grammar of this JSON schema; simplify the schema")
+            raise UsageError(
+                "llama.cpp refused the grammar of this JSON schema (its reason is on the server's stderr); "
+                "lower maxLength or maxItems, or simplify the schema"
+            )
         llama_cpp.llama_sampler_free(sampler)
         return LlamaGrammar.from_string(grammar, verbose=False)
 

@@ -94,3 +94,19 @@ def test_an_invalid_json_schema_is_a_usage_error(gguf_generator):
     for schema in ({"type": "no-such-type"}, {"$ref": "#/missing"}):
         with pytest.raises(UsageError, match="the JSON schema cannot be turned into a grammar"):
             gguf_generator.stream("Hi", SamplingParams(json_schema=schema))
+    # llama.cpp's parser recurses per nested group: this one overflowed the C stack and killed the process
+    with pytest.raises(UsageError, match="too large for llama.cpp"):
+        gguf_generator.stream("Hi", SamplingParams(json_schema={"type": "string", "maxLength": 100_000}))
+    with pytest.raises(UsageError, match="llama.cpp refused the grammar"):  # refused by llama.cpp itself, cleanly
+        gguf_generator.stream("Hi", SamplingParams(json_schema={"type": "string", "maxLength": 1100}))
+    deep: dict = {}
+    for _ in range(100_000):
+        deep = {"anyOf": [deep]}
+    with pytest.raises(UsageError, match="nested too deeply"):
+        gguf_generator.stream("Hi", SamplingParams(json_schema=deep))
+
+
+def test_grammar_nesting_skips_literals_and_classes():
+    from cnllm.core.generation.llamacpp import grammar_nesting
+
+    assert grammar_nesting('root ::= ("(" [()] (a)?)* "\\"" ")"') == 2

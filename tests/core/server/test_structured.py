@@ -89,6 +89,7 @@ def test_completions_take_a_response_format_too(gguf_client):
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}, "cannot be turned into a grammar"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}}, "cannot be turned into a grammar"),
         ({"type": "json_schema"}, "needs a json_schema object"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "maxLength": 100_000}}}, "too large for llama.cpp"),
     ],
 )
 def test_an_invalid_schema_is_a_400(gguf_client, response_format, message):
@@ -96,6 +97,7 @@ def test_an_invalid_schema_is_a_400(gguf_client, response_format, message):
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == "response_format" and message in error["message"]
+    assert gguf_client.post("/v1/chat/completions", json=chat_body(PERSON_FORMAT)).json()["choices"][0]["finish_reason"] == "stop"
 
 
 def test_a_malformed_response_format_is_a_400(gguf_client):
