@@ -46,7 +46,7 @@ class StreamOptions(BaseModel):
 
 
 class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore")
     name: Optional[Text] = None
     description: Optional[Text] = None
     schema_: Optional[dict[str, Any]] = Field(None, alias="schema")  # absent: any JSON object
