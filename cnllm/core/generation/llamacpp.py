@@ -11,6 +11,7 @@ import ctypes
 import functools
 import json
 import math
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Generator, Sequence
@@ -97,6 +98,10 @@ def llama_rope_kwargs(path: Path, rope: RopeOptions | None, n_ctx: int, facts: M
 # kills the process, so deeper grammars are refused first (maxLength 1000 nests about 1000 deep and parses).
 MAX_GRAMMAR_NESTING = 1200
 MAX_GRAMMAR_CHARS = 1_000_000
+# The converter spells every repetition out (maxLength 10**9 would be gigabytes of grammar before any check), so the
+# bounds of a schema, and the atoms a pattern's quantifiers expand to, are checked first.
+MAX_REPETITION = 10_000
+REPETITION_KEYS = ("minLength", "maxLength", "minItems", "maxItems")
 # A JSON string character as llama.cpp's own converter writes it: control characters only escaped (JSON forbids them raw).
 JSON_STRING_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 
@@ -117,6 +122,54 @@ def schema_grammar(schema_json: str) -> str:
             f"{MAX_GRAMMAR_NESTING} nested groups); lower maxLength, maxItems or the number of alternatives"
         )
     return grammar.replace(f"char ::= {PRIMITIVE_RULES['char'].content}\n", f"char ::= {JSON_STRING_CHAR}\n")
+
+
+def oversized_repetition(schema: object) -> str | None:
+    """The first bound of ``schema`` that the converter would spell out more than MAX_REPETITION times (None: none)."""
+    pending = [schema]  # walked without recursion: a schema may nest deeper than Python's stack
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in REPETITION_KEYS and isinstance(value, int) and value > MAX_REPETITION:
+                    return f"{key} {value}"
+                if key == "pattern" and isinstance(value, str) and pattern_atoms(value) > MAX_REPETITION:
+                    return f"pattern {value[:40]!r}"
+                pending.append(value)
+    return None
+
+
+def pattern_atoms(pattern: str) -> int:
+    """How many atoms a regular expression spells out when every quantifier ``{n}``, ``{n,m}`` is written as repetitions."""
+    groups = [0]  # the size of each open group
+    last = 0  # the size of what a quantifier would repeat
+    at = 0
+    while at < len(pattern):
+        char = pattern[at]
+        if char == "(":
+            groups.append(0)
+            last = 0
+        elif char == ")" and len(groups) > 1:
+            last = groups.pop()
+            groups[-1] += last
+        elif char == "{" and (end := pattern.find("}", at)) > at and re.fullmatch(r"\d+(,\d*)?", bounds := pattern[at + 1 : end]):
+            times = max(int(n) if len(n) < 10 else 10**10 for n in bounds.split(",") if n)  # int() refuses 4,300 digits
+            groups[-1] += last * (times - 1)
+            last *= times
+            at = end
+        else:
+            if char == "\\":
+                at += 1
+            elif char == "[":
+                while at + 1 < len(pattern) and pattern[at + 1] != "]":
+                    at += 2 if pattern[at + 1] == "\\" else 1
+                at += 1
+            last = 1
+            groups[-1] += 1
+        at += 1
+    return sum(groups)
 
 
 def grammar_nesting(grammar: str) -> int:
@@ -261,6 +314,9 @@ class LlamaCppModel(LoadedModel):
             schema_json = json.dumps(schema, sort_keys=True)
         except RecursionError:
             raise UsageError("the JSON schema is nested too deeply to be turned into a grammar") from None
+        oversized = oversized_repetition(schema)
+        if oversized is not None:
+            raise UsageError(f"the JSON schema's {oversized} repeats more than {MAX_REPETITION} times; lower it")
         grammar = schema_grammar(schema_json)
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), LLAMA_GRAMMAR_DEFAULT_ROOT.encode("utf-8"))
         if not sampler:

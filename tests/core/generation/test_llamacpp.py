@@ -94,11 +94,17 @@ def test_an_invalid_json_schema_is_a_usage_error(gguf_generator):
     for schema in ({"type": "no-such-type"}, {"$ref": "#/missing"}):
         with pytest.raises(UsageError, match="the JSON schema cannot be turned into a grammar"):
             gguf_generator.stream("Hi", SamplingParams(json_schema=schema))
-    # llama.cpp's parser recurses per nested group: this one overflowed the C stack and killed the process
+    # llama.cpp's parser recurses per nested group: 100,000 deep overflowed the C stack and killed the process
     with pytest.raises(UsageError, match="too large for llama.cpp"):
-        gguf_generator.stream("Hi", SamplingParams(json_schema={"type": "string", "maxLength": 100_000}))
+        gguf_generator.stream("Hi", SamplingParams(json_schema={"type": "string", "maxLength": 5000}))
     with pytest.raises(UsageError, match="llama.cpp refused the grammar"):  # refused by llama.cpp itself, cleanly
         gguf_generator.stream("Hi", SamplingParams(json_schema={"type": "string", "maxLength": 1100}))
+    # the converter spells repetitions out: these would be gigabytes of grammar before any later check
+    for schema in ({"type": "string", "maxLength": 10**9}, {"type": "array", "items": {"type": "string", "pattern": "^((a{1000}){1000}){1000}$"}}):
+        with pytest.raises(UsageError, match="repeats more than"):
+            gguf_generator.stream("Hi", SamplingParams(json_schema=schema))
+    with pytest.raises(UsageError, match="repeats more than"):
+        gguf_generator.stream("Hi", SamplingParams(json_schema={"type": "string", "pattern": "^a{" + "9" * 5000 + "}$"}))
     deep: dict = {}
     for _ in range(100_000):
         deep = {"anyOf": [deep]}
@@ -110,3 +116,12 @@ def test_grammar_nesting_skips_literals_and_classes():
     from cnllm.core.generation.llamacpp import grammar_nesting
 
     assert grammar_nesting('root ::= ("(" [()] (a)?)* "\\"" ")"') == 2
+
+
+def test_pattern_atoms_multiply_nested_quantifiers():
+    from cnllm.core.generation.llamacpp import pattern_atoms
+
+    assert pattern_atoms(r"^\d{4}-\d{2}$") == 9
+    assert pattern_atoms("^(ab|cd){3}$") == 17  # an upper bound: alternatives (and the bar) counted together, 5 × 3 + 2
+    assert pattern_atoms("^[{]}x{2}$") == 6
+    assert pattern_atoms("^((a{1000}){1000}){1000}$") == 10**9 + 2

@@ -89,7 +89,7 @@ def test_completions_take_a_response_format_too(gguf_client):
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}, "cannot be turned into a grammar"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}}, "cannot be turned into a grammar"),
         ({"type": "json_schema"}, "needs a json_schema object"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "maxLength": 100_000}}}, "too large for llama.cpp"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "maxLength": 5000}}}, "too large for llama.cpp"),
     ],
 )
 def test_an_invalid_schema_is_a_400(gguf_client, response_format, message):
