@@ -120,3 +120,24 @@ def test_a_backend_without_grammars_refuses_structured_output():
         assert plain.json()["choices"][0]["message"]["content"] == "hello", plain.text
     finally:
         pool.close()
+
+
+def test_the_openai_client_gets_a_schema_answer(tiny_gguf):
+    from cnllm.core.backends import load_model
+    from tests.core.server.conftest import start_server
+
+    with load_model(tiny_gguf) as model:
+        server, stop = start_server([model], model_name=NAME, template="chatml")
+        try:
+            client = server.client()
+            messages = [{"role": "user", "content": "Describe a person as JSON."}]
+            answer = client.chat.completions.create(model=NAME, messages=messages, max_tokens=200, temperature=0, response_format=PERSON_FORMAT)
+            check_person(answer.choices[0].message.content)
+            import openai
+
+            with pytest.raises(openai.BadRequestError, match="cannot be turned into a grammar"):
+                client.chat.completions.create(
+                    model=NAME, messages=messages, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+                )
+        finally:
+            stop()
