@@ -31,9 +31,9 @@ ROUTES = {
 }
 FIELDS = {
     "/v1/completions": ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "n", "stream",
-                        "stream_options", "echo", "logprobs", "suffix", "best_of", "presence_penalty"],
+                        "stream_options", "echo", "logprobs", "suffix", "best_of", "presence_penalty", "response_format"],
     "/v1/chat/completions": ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
-                             "stream", "stream_options", "logprobs"],
+                             "stream", "stream_options", "logprobs", "response_format"],
     "/v1/embeddings": ["model", "input", "encoding_format", "dimensions"],
 }
 VOCAB = 1000  # the tiny SentencePiece vocabulary (checked against /v1/completions below)
@@ -42,7 +42,7 @@ VOCAB = 1000  # the tiny SentencePiece vocabulary (checked against /v1/completio
 def scalar(rng: random.Random):
     return rng.choice(
         [None, True, False, 0, 1, -1, 2, 3, VOCAB - 1, VOCAB, -5, 2**31, 2**63, -(2**70), 10**30, 0.5, -0.0, 1e308, 3.7, "", "x", "tiny",
-         "你好" * rng.randint(1, 5), "\ud800", "\x00", "<s></s><|im_end|>", " " * 50]
+         "你好" * rng.randint(1, 5), "\ud800", "\x00", "<s></s><|im_end|>", " " * 50, "json_object", "json_schema"]
     )
 
 
@@ -51,7 +51,7 @@ def value(rng: random.Random, depth: int = 0):
     if depth < 3 and roll < 0.2:
         return [value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
     if depth < 3 and roll < 0.3:
-        return {rng.choice(["role", "content", "type", "text", "a"]): value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+        return {rng.choice(["role", "content", "type", "text", "a", "json_schema", "schema", "maxLength"]): value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
     if roll < 0.45:
         return [rng.randint(-(2**40), 2**40) if rng.random() < 0.3 else rng.randint(-3, VOCAB + 3) for _ in range(rng.randint(0, 6))]
     return scalar(rng)

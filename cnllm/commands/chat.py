@@ -69,11 +69,12 @@ def stream_to(stream: GenerationStream, out: TextIO) -> Completion:
 
 def set_params(params: SamplingParams, assignments: list[str]) -> SamplingParams:
     values = asdict(params)
+    settable = [key for key in values if key != "json_schema"]  # a schema comes from --json-schema FILE
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in values:
-            raise UsageError(f"/params takes KEY=VALUE with KEY one of {', '.join(values)}; got {assignment!r}")
+        if not sep or key not in settable:
+            raise UsageError(f"/params takes KEY=VALUE with KEY one of {', '.join(settable)}; got {assignment!r}")
         if key == "stop":
             values[key] = tuple(s for s in raw.split(",") if s)
         elif key in ("max_tokens", "seed"):
@@ -176,6 +177,10 @@ def chat(
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", min=0, help="Penalise repeated tokens (1: off).")] = 1.1,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed, for reproducible sampling.")] = None,
     stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop the answer at this text (repeatable).")] = None,
+    json_schema: Annotated[
+        Optional[Path],
+        typer.Option("--json-schema", exists=True, dir_okay=False, help="Answer JSON that this JSON-schema file accepts (GGUF: a llama.cpp grammar)."),
+    ] = None,
     n_ctx: NCtxOpt = None,
     draft_model: Annotated[Optional[Path], typer.Option("--draft-model", help="A small model with the same vocabulary for speculative decoding.")] = None,
     draft_tokens: Annotated[int, typer.Option("--draft-tokens", min=1, help="Tokens the draft model proposes per step.")] = 4,
@@ -192,6 +197,7 @@ def chat(
     Example: cnllm chat chinese-alpaca-q4.gguf --template alpaca -p "用一句话介绍北京"
     """
     from cnllm.core.backends import load_model
+    from cnllm.core.files import read_json_object
     from cnllm.core.generation.session import ChatSession
 
     params = SamplingParams(
@@ -202,6 +208,7 @@ def chat(
         repetition_penalty=repetition_penalty,
         seed=seed,
         stop=tuple(stop or ()),
+        json_schema=read_json_object(json_schema) if json_schema is not None else None,
     )
     params.validate()
     interactive = prompt is None and sys.stdin.isatty()
@@ -220,6 +227,7 @@ def chat(
     options = replace(load, n_ctx=n_ctx, draft_model=draft_model, draft_tokens=draft_tokens, verbose=verbose)
     with load_model(model, options) as generator:
         warn_beyond_trained(generator.context_length, generator.trained_context, options.rope)
+        generator.check_sampling(params)  # a schema without a grammar, or a backend without grammars: before the first prompt
         prompt_format = generator.prompt_format(template)
         if prompt_format.is_plain and template == "auto":
             output.print_note(f"note: {model} has no chat template; prompts are plain continuation, as with --template none (choose one with --template)")

@@ -211,3 +211,19 @@ def test_template_none_on_the_real_smollm2(cli, text):
     result = cli("chat", gguf, "--template", "none", "-t", "0", "--repetition-penalty", "1", "-n", "40", "-p", text, "--quiet")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == greedy_completion(gguf, text, 40) + "\n"
+
+
+def test_json_schema_holds_the_answer_to_the_schema(cli, tiny_gguf, tiny_llama_dir, tmp_path):
+    from tests.core.generation.test_llamacpp import PERSON, check_person
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON), encoding="utf-8")
+    args = ["--template", "chatml", "-t", "0", "-n", "200", "-p", "Who are you?", "--quiet", "--json-schema", schema]
+    result = cli("chat", tiny_gguf, *args)
+    assert result.exit_code == 0, result.stderr
+    check_person(result.stdout)
+    refused = cli("chat", tiny_llama_dir, *args)  # transformers: refused once, before any prompt
+    assert refused.exit_code == 2 and "needs a GGUF model" in refused.stderr and refused.stdout == ""
+    schema.write_text("[1, 2]", encoding="utf-8")
+    not_object = cli("chat", tiny_gguf, *args)
+    assert not_object.exit_code == 2 and "is not a JSON object" in not_object.stderr

@@ -52,6 +52,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    json_schema: dict | None = None  # structured output: the answer must be JSON this schema accepts (None: free text)
 
     def validate(self) -> None:
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -214,6 +215,7 @@ class GenerationStream:
         observer: GenerationObserver | None = None,
     ):
         params.validate()
+        generator.check_sampling(params)
         limit = generator.context_length
         if len(prompt_ids) >= limit:
             raise ContextOverflow(len(prompt_ids), limit)
@@ -394,6 +396,15 @@ class LoadedModel(ABC):
 
     def speculative_stats(self) -> SpeculativeStats | None:
         return None
+
+    def check_sampling(self, params: SamplingParams) -> None:
+        """Refuse what this backend cannot honour before generation starts (serve: a 400 before a slot is leased).
+        Structured output is decoding constrained by a grammar, which only the llama.cpp backend has."""
+        if params.json_schema is not None:
+            raise UsageError(
+                "structured output (response_format json_object or json_schema) needs a GGUF model: it constrains decoding "
+                "with a llama.cpp grammar; convert this model with `cnllm convert-gguf` and serve the .gguf"
+            )
 
     def close(self) -> None:  # noqa: B027 - an optional hook: a backend with nothing to free keeps it
         """Free the model now (llama-cpp-python complains at exit when left to the garbage collector)."""

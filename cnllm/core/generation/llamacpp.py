@@ -8,7 +8,10 @@ scored positions, next-token prompts re-evaluate only what differs from the prev
 from __future__ import annotations
 
 import ctypes
+import functools
+import json
 import math
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Generator, Sequence
@@ -89,6 +92,107 @@ def llama_rope_kwargs(path: Path, rope: RopeOptions | None, n_ctx: int, facts: M
     if facts is None:
         raise UsageError(f"{path} does not record its context length; rope scaling needs it")
     return llama_cpp_kwargs(rope, facts, n_ctx)
+
+
+# llama.cpp's grammar parser recurses once per nested group: a schema with maxLength 100000 overflows the C stack and
+# kills the process, so deeper grammars are refused first (maxLength 1000 nests about 1000 deep and parses).
+MAX_GRAMMAR_NESTING = 1200
+MAX_GRAMMAR_CHARS = 1_000_000
+# The converter spells every repetition out (maxLength 10**9 would be gigabytes of grammar before any check), so the
+# bounds of a schema, and the atoms a pattern's quantifiers expand to, are checked first.
+MAX_REPETITION = 10_000
+REPETITION_KEYS = ("minLength", "maxLength", "minItems", "maxItems")
+# A JSON string character as llama.cpp's own converter writes it: control characters only escaped (JSON forbids them raw).
+JSON_STRING_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
+@functools.lru_cache(maxsize=64)
+def schema_grammar(schema_json: str) -> str:
+    """The GBNF grammar of a JSON schema, by llama-cpp-python's converter (the one its own server uses), with its string
+    character rule made strict: its own lets raw control characters into strings, which JSON parsers refuse."""
+    from llama_cpp.llama_grammar import PRIMITIVE_RULES, json_schema_to_gbnf
+
+    try:
+        grammar = json_schema_to_gbnf(schema_json)
+    except Exception as exc:  # noqa: BLE001 - the converter asserts, or fails on the first malformed part it reads
+        raise UsageError(f"the JSON schema cannot be turned into a grammar ({type(exc).__name__}: {exc})") from None
+    if len(grammar) > MAX_GRAMMAR_CHARS or grammar_nesting(grammar) > MAX_GRAMMAR_NESTING:
+        raise UsageError(
+            f"the JSON schema's grammar is too large for llama.cpp (more than {MAX_GRAMMAR_CHARS} characters or "
+            f"{MAX_GRAMMAR_NESTING} nested groups); lower maxLength, maxItems or the number of alternatives"
+        )
+    return grammar.replace(f"char ::= {PRIMITIVE_RULES['char'].content}\n", f"char ::= {JSON_STRING_CHAR}\n")
+
+
+def oversized_repetition(schema: object) -> str | None:
+    """The first bound of ``schema`` that the converter would spell out more than MAX_REPETITION times (None: none)."""
+    pending = [schema]  # walked without recursion: a schema may nest deeper than Python's stack
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in REPETITION_KEYS and isinstance(value, int) and value > MAX_REPETITION:
+                    return f"{key} {value}"
+                if key == "pattern" and isinstance(value, str) and pattern_atoms(value) > MAX_REPETITION:
+                    return f"pattern {value[:40]!r}"
+                pending.append(value)
+    return None
+
+
+def pattern_atoms(pattern: str) -> int:
+    """How many atoms a regular expression spells out when every quantifier ``{n}``, ``{n,m}`` is written as repetitions."""
+    groups = [0]  # the size of each open group
+    last = 0  # the size of what a quantifier would repeat
+    at = 0
+    while at < len(pattern):
+        char = pattern[at]
+        if char == "(":
+            groups.append(0)
+            last = 0
+        elif char == ")" and len(groups) > 1:
+            last = groups.pop()
+            groups[-1] += last
+        elif char == "{" and (end := pattern.find("}", at)) > at and re.fullmatch(r"\d+(,\d*)?", bounds := pattern[at + 1 : end]):
+            times = max(int(n) if len(n) < 10 else 10**10 for n in bounds.split(",") if n)  # int() refuses 4,300 digits
+            groups[-1] += last * (times - 1)
+            last *= times
+            at = end
+        else:
+            if char == "\\":
+                at += 1
+            elif char == "[":
+                while at + 1 < len(pattern) and pattern[at + 1] != "]":
+                    at += 2 if pattern[at + 1] == "\\" else 1
+                at += 1
+            last = 1
+            groups[-1] += 1
+        at += 1
+    return sum(groups)
+
+
+def grammar_nesting(grammar: str) -> int:
+    """The deepest parenthesis nesting of a GBNF text (quoted literals and character classes skipped)."""
+    depth = deepest = 0
+    closing = None  # the character that ends the literal or class being read
+    at = 0
+    while at < len(grammar):
+        char = grammar[at]
+        if closing is not None:
+            if char == "\\":
+                at += 1
+            elif char == closing:
+                closing = None
+        elif char in "\"[":
+            closing = "\"" if char == "\"" else "]"
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+        at += 1
+    return deepest
 
 
 def cached_prefix(llama, ids: Sequence[int]) -> int:
@@ -197,7 +301,34 @@ class LlamaCppModel(LoadedModel):
     def chat_template_source(self) -> str | None:
         return self._llama.metadata.get("tokenizer.chat_template") or None
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        if params.json_schema is not None:
+            self._grammar(params.json_schema)
+
+    def _grammar(self, schema: dict):
+        """The schema's grammar, checked by llama.cpp's own parser first (a grammar it rejects would crash the sampler chain)."""
+        import llama_cpp
+        from llama_cpp.llama_grammar import LLAMA_GRAMMAR_DEFAULT_ROOT, LlamaGrammar
+
+        try:
+            schema_json = json.dumps(schema, sort_keys=True)
+        except RecursionError:
+            raise UsageError("the JSON schema is nested too deeply to be turned into a grammar") from None
+        oversized = oversized_repetition(schema)
+        if oversized is not None:
+            raise UsageError(f"the JSON schema's {oversized} repeats more than {MAX_REPETITION} times; lower it")
+        grammar = schema_grammar(schema_json)
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), LLAMA_GRAMMAR_DEFAULT_ROOT.encode("utf-8"))
+        if not sampler:
+            raise UsageError(
+                "llama.cpp refused the grammar of this JSON schema (its reason is on the server's stderr); "
+                "lower maxLength or maxItems, or simplify the schema"
+            )
+        llama_cpp.llama_sampler_free(sampler)
+        return LlamaGrammar.from_string(grammar, verbose=False)
+
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Generator[int, None, None]:
+        grammar = self._grammar(params.json_schema) if params.json_schema is not None else None
         with self._lock:
             llama = self._llama
             if not self.options.prompt_cache:
@@ -218,6 +349,7 @@ class LlamaCppModel(LoadedModel):
                 typical_p=1.0,
                 temp=params.temperature,
                 repeat_penalty=params.repetition_penalty,
+                grammar=grammar,
             )
             try:
                 for token in tokens:

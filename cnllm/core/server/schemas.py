@@ -45,6 +45,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Optional[Text] = None
+    description: Optional[Text] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")  # absent: any JSON object
+    strict: Optional[bool] = None  # the grammar always holds the answer to the schema
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON that a given schema accepts."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
 class _Sampling(_Request):
     model: Text
     temperature: Optional[float] = Field(None, ge=0, le=2)
@@ -59,6 +75,7 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: Optional[Text] = None
+    response_format: Optional[ResponseFormat] = None
 
 
 class ChatCompletionRequest(_Sampling):

@@ -131,3 +131,9 @@ def test_training_samples_start_with_the_prompt_chat_sends(tiny_generator, monke
     assert example.input_ids[: len(chat_prompt)] == chat_prompt
     assert prompt[: len(chat_prompt)] == chat_prompt
     assert example.input_ids.count(tiny_generator.tokenizer.bos_token_id) == 1
+
+
+def test_structured_output_is_refused_with_the_way_to_get_it(tiny_generator):
+    """transformers has no grammar-constrained decoding here (no grammar library is a dependency): refused up front."""
+    with pytest.raises(UsageError, match="needs a GGUF model"):
+        tiny_generator.stream("Hi", SamplingParams(json_schema={"type": "object"}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -59,3 +60,68 @@ def test_truncated_gguf_is_a_usage_error(tiny_gguf, tmp_path):
         load_model(truncated)
     with pytest.raises(UsageError, match="Hugging Face"):
         load_model(tiny_gguf, LoadOptions(lora=tmp_path))
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+def check_person(text: str) -> None:
+    """The answer parses and holds what PERSON demands (jsonschema is not installed: checked by hand)."""
+    person = json.loads(text)
+    assert set(person) >= {"name", "age"}
+    # Random weights can emit malformed UTF-8 (a lead byte with wrong continuation bytes): llama.cpp's grammar reads it
+    # as one character, Python decodes it as several U+FFFD. Real models spell characters whole.
+    assert isinstance(person["name"], str) and len(person["name"].replace("\ufffd", "")) <= 8
+    assert isinstance(person["age"], int) and not isinstance(person["age"], bool)
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_a_json_schema_constrains_random_weights_to_valid_json(gguf_generator, temperature):
+    params = SamplingParams(max_tokens=200, temperature=temperature, seed=3, json_schema=PERSON)
+    free = gguf_generator.complete("Who are you?", SamplingParams(max_tokens=30, temperature=temperature, seed=3))
+    with pytest.raises(ValueError):
+        json.loads(free.text)  # random weights ramble unless constrained
+    result = gguf_generator.complete("Who are you?", params)
+    assert result.finish_reason == "stop", result.text
+    check_person(result.text)
+
+
+def test_an_invalid_json_schema_is_a_usage_error(gguf_generator):
+    for schema in ({"type": "no-such-type"}, {"$ref": "#/missing"}):
+        with pytest.raises(UsageError, match="the JSON schema cannot be turned into a grammar"):
+            gguf_generator.stream("Hi", SamplingParams(json_schema=schema))
+    # llama.cpp's parser recurses per nested group: 100,000 deep overflowed the C stack and killed the process
+    with pytest.raises(UsageError, match="too large for llama.cpp"):
+        gguf_generator.stream("Hi", SamplingParams(json_schema={"type": "string", "maxLength": 5000}))
+    with pytest.raises(UsageError, match="llama.cpp refused the grammar"):  # refused by llama.cpp itself, cleanly
+        gguf_generator.stream("Hi", SamplingParams(json_schema={"type": "string", "maxLength": 1100}))
+    # the converter spells repetitions out: these would be gigabytes of grammar before any later check
+    for schema in ({"type": "string", "maxLength": 10**9}, {"type": "array", "items": {"type": "string", "pattern": "^((a{1000}){1000}){1000}$"}}):
+        with pytest.raises(UsageError, match="repeats more than"):
+            gguf_generator.stream("Hi", SamplingParams(json_schema=schema))
+    with pytest.raises(UsageError, match="repeats more than"):
+        gguf_generator.stream("Hi", SamplingParams(json_schema={"type": "string", "pattern": "^a{" + "9" * 5000 + "}$"}))
+    deep: dict = {}
+    for _ in range(100_000):
+        deep = {"anyOf": [deep]}
+    with pytest.raises(UsageError, match="nested too deeply"):
+        gguf_generator.stream("Hi", SamplingParams(json_schema=deep))
+
+
+def test_grammar_nesting_skips_literals_and_classes():
+    from cnllm.core.generation.llamacpp import grammar_nesting
+
+    assert grammar_nesting('root ::= ("(" [()] (a)?)* "\\"" ")"') == 2
+
+
+def test_pattern_atoms_multiply_nested_quantifiers():
+    from cnllm.core.generation.llamacpp import pattern_atoms
+
+    assert pattern_atoms(r"^\d{4}-\d{2}$") == 9
+    assert pattern_atoms("^(ab|cd){3}$") == 17  # an upper bound: alternatives (and the bar) counted together, 5 × 3 + 2
+    assert pattern_atoms("^[{]}x{2}$") == 6
+    assert pattern_atoms("^((a{1000}){1000}){1000}$") == 10**9 + 2

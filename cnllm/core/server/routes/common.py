@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import Completion, GenerationStream, LoadedModel, SamplingParams
 from cnllm.core.server import schemas
 from cnllm.core.server.errors import APIError, log
@@ -79,6 +80,21 @@ def completion_usage(result: Completion) -> schemas.Usage:
     return usage(result.prompt_tokens, len(result.generated_ids))
 
 
+ANY_OBJECT = {"type": "object"}
+
+
+def response_schema(response_format: schemas.ResponseFormat | None) -> dict | None:
+    """The JSON schema ``response_format`` holds the answer to (json_object: any object), or None for free text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return ANY_OBJECT
+    if response_format.json_schema is None:
+        raise APIError(400, "response_format of type json_schema needs a json_schema object (name and schema)", param="response_format")
+    schema = response_format.json_schema.schema_
+    return ANY_OBJECT if schema is None else schema
+
+
 def sampling(request: schemas._Sampling, max_tokens: int | None, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
     if request.n != 1:
         raise APIError(400, "n > 1 is not supported by this server; send separate requests", param="n")
@@ -93,6 +109,7 @@ def sampling(request: schemas._Sampling, max_tokens: int | None, extra_stop: tup
         repetition_penalty=request.repetition_penalty or 1.0,
         seed=None if request.seed is None else request.seed % SEED_MODULUS,
         stop=tuple(stop) + extra_stop,
+        json_schema=response_schema(request.response_format),
     )
 
 
@@ -119,6 +136,11 @@ def prompt_list(prompt, param: str) -> list[str | list[int]]:
 
 def check_prompt(state: ServerState, prompt_ids: list[int], params: SamplingParams) -> None:
     """Built before a slot is leased: a too-long prompt or a bad parameter is a 400 without waiting in line."""
+    if params.json_schema is not None:  # a schema with no grammar, or a backend without grammars
+        try:
+            state.primary.check_sampling(params)
+        except UsageError as exc:
+            raise APIError(400, f"response_format: {exc.message}", param="response_format") from None
     GenerationStream(state.primary, prompt_ids, params)
 
 
