@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from cnllm.core.tensors import human_bytes  # noqa: F401 - commands format sizes through output
 
@@ -52,14 +53,19 @@ def print_note(message: str) -> None:
 PIPE_WIDTH = 100_000  # wide enough for any path: a table printed off a terminal never cuts a value
 
 
+def emphasis(value: str) -> Text:
+    """A table cell shown bold (a total row)."""
+    return Text(value, style="bold")
+
+
 def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, styles: dict[int, str] | None = None) -> None:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", header_style="bold")
     for column in columns:
         table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(cell) for cell in row))
+    for row in rows:  # values are text, not markup (a file may be called "[draft].txt"); emphasis() marks a cell bold
+        table.add_row(*(cell if isinstance(cell, Text) else Text(str(cell)) for cell in row))
     console = stdout()
     if console.is_terminal:
         console.print(table)

@@ -102,7 +102,7 @@ def ppl(
         scores = single.files + ([single.total] if len(single.files) > 1 else [])
         rows = [
             (
-                Path(s.path).name if s.path != "total" else "[bold]total[/]",
+                Path(s.path).name if s.path != "total" else output.emphasis("total"),
                 _fmt(s.bits_per_char),
                 _fmt(s.bits_per_byte),
                 _fmt(s.chars_per_token, 3),
@@ -268,7 +268,7 @@ def passkey(
         return
     lengths = sorted(set(options.lengths))
     rows = [(f"{d:.2f}", *(_pct(result.cell(n, d).accuracy) for n in lengths)) for d in options.depths]
-    rows.append(("[bold]all depths[/]", *(_pct(result.accuracy_by_length()[n]) for n in lengths)))
+    rows.append((output.emphasis("all depths"), *(_pct(result.accuracy_by_length()[n]) for n in lengths)))
     scaling = f", rope {rope.scaling}" if rope is not None and rope.scaling else ""
     trained = result.model.get("trained_context")
     output.print_table(
@@ -322,7 +322,7 @@ def longbench(
         output.print_json(document)
         return
     rows: list[tuple[object, ...]] = [(d.dataset, d.samples, d.truncated, f"{d.score:.2f}", f"{d.seconds:.1f}") for d in result.datasets]
-    rows.append(("[bold]average[/]", sum(d.samples for d in result.datasets), "", _fmt(result.average, 2), ""))
+    rows.append((output.emphasis("average"), sum(d.samples for d in result.datasets), "", _fmt(result.average, 2), ""))
     output.print_table(
         f"LongBench of {model.name} ({result.model['backend']}, max length {max_length}, Chinese words: {result.segmentation})",
         ["dataset", "samples", "truncated", "score", "seconds"],

@@ -44,3 +44,14 @@ def test_error_and_warning_lines_print_brackets_as_written(monkeypatch):
         "error: failed: trainer_interface.cc(94) [trainer_spec.character_coverage() >= 0.98]",
         "warning: skipped [bold]notes[/].txt",
     ]
+
+
+def test_table_values_print_as_written(monkeypatch):
+    """A file called "[draft].txt" is a value, not markup; emphasis() is the one way to mark a cell bold."""
+    from cnllm.cli import output
+
+    stream = io.StringIO()
+    monkeypatch.setattr(output, "stdout", lambda: Console(file=stream, force_terminal=False, soft_wrap=True))
+    output.print_table(None, ["file", "ppl"], [["[draft].txt", "1.5"], [output.emphasis("total"), "2.0"]])
+    text = stream.getvalue()
+    assert "[draft].txt" in text and "total" in text and "[bold]" not in text
