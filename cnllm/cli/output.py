@@ -58,7 +58,7 @@ def emphasis(value: str) -> Text:
     return Text(value, style="bold")
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, styles: dict[int, str] | None = None) -> None:
+def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", header_style="bold")
