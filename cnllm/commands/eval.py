@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import click
 import typer
@@ -15,6 +15,9 @@ from cnllm.cli import output
 from cnllm.cli.options import ForceOpt, JsonOpt, ModelArg, OutputFileOpt, TemplateOpt, warn_beyond_trained, with_model_loading
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import LoadOptions
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 app = typer.Typer(
     help="Evaluate a model: perplexity (ppl), multiple-choice exams (mc), preference accuracy (pref), long context (passkey, longbench).",
@@ -267,7 +270,7 @@ def passkey(
         output.print_json(result.to_dict())
         return
     lengths = sorted(set(options.lengths))
-    rows = [(f"{d:.2f}", *(_pct(result.cell(n, d).accuracy) for n in lengths)) for d in options.depths]
+    rows: list[tuple[str | Text, ...]] = [(f"{d:.2f}", *(_pct(result.cell(n, d).accuracy) for n in lengths)) for d in options.depths]
     rows.append((output.emphasis("all depths"), *(_pct(result.accuracy_by_length()[n]) for n in lengths)))
     scaling = f", rope {rope.scaling}" if rope is not None and rope.scaling else ""
     trained = result.model.get("trained_context")
