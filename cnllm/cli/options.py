@@ -49,7 +49,7 @@ class _Finite:
     comparisons with NaN pass every range check (``--rope-factor nan`` satisfies ``min=1``)."""
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
-        number = super().convert(value, param, ctx)  # type: ignore[misc]
+        number = super().convert(value, param, ctx)  # type: ignore[misc]  # a mixin: the click float type it is combined with has convert()
         if number is not None and not math.isfinite(number):
             name = param.opts[0] if param is not None and param.opts else (param.human_readable_name if param is not None else "the value")
             raise click.UsageError(f"{name} must be a finite number, got {value}", ctx)

@@ -64,7 +64,7 @@ def apply_path_rule(command: click.Command) -> click.Command:
         def with_absolute_paths(*args: Any, **kwargs: Any) -> Any:
             return callback(*args, **{name: rules[name](value) if name in rules else value for name, value in kwargs.items()})
 
-        with_absolute_paths._absolute_paths = True  # type: ignore[attr-defined]
+        with_absolute_paths._absolute_paths = True  # type: ignore[attr-defined]  # mypy has no function attributes
         command.callback = with_absolute_paths
     for sub in getattr(command, "commands", {}).values():
         apply_path_rule(sub)
