@@ -23,11 +23,12 @@ def read_json(path: Path | str) -> object:
         raise UsageError(f"{path} is nested too deeply to be a settings file") from None
 
 
-def read_json_object(path: Path | str) -> dict[str, Any]:
-    """A JSON file holding one object (a model, adapter or tokenizer folder's config files); a usage error otherwise."""
+def read_json_object(path: Path | str, *, what: str | None = None) -> dict[str, Any]:
+    """A JSON file holding one object (a model, adapter or tokenizer folder's config files); a usage error otherwise,
+    saying ``what`` the object should have been when given."""
     document = read_json(path)
     if not isinstance(document, dict):
-        raise UsageError(f"{path} is not a JSON object")
+        raise UsageError(f"{path} is not a JSON object" + (f" ({what})" if what else ""))
     return document
 
 

@@ -7,7 +7,6 @@ three cheaply (headers only) and :func:`check_vocab_agreement` names exactly whi
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,10 +237,7 @@ def check_lora_adapter(lora: Path | str) -> None:
 def read_adapter_config(adapter: Path | str) -> dict:
     """An adapter's ``adapter_config.json``, refused in one line unless it is a JSON object."""
     path = Path(adapter) / "adapter_config.json"
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise UsageError(f"{path} is not a JSON object (a PEFT adapter's settings)")
-    return config
+    return read_json_object(path, what="a PEFT adapter's settings")
 
 
 def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):
@@ -371,10 +367,7 @@ def adapter_config_overrides(adapter_dir: Path | str) -> dict:
     path = Path(adapter_dir) / CONFIG_OVERRIDES_NAME
     if not path.is_file():
         return {}
-    try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError):
-        raise UsageError(f"{path} is not a JSON object") from None
+    return read_json_object(path)
 
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
