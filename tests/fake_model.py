@@ -76,6 +76,3 @@ class ByteModel(LoadedModel):
 
     def describe(self):
         return {"path": str(self.path), "backend": self.backend}
-
-    def for_slot(self):
-        return self

@@ -12,7 +12,13 @@ from cnllm.cli import output
 from cnllm.cli.options import ModelArg, NCtxOpt, TemplateOpt, VerboseOpt, warn_beyond_trained, with_model_loading
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import LoadOptions
-from cnllm.core.server import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT, LOOPBACK_HOSTS
+from cnllm.core.server import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_READ_TIMEOUT,
+    LOOPBACK_HOSTS,
+    MAX_PARALLEL,
+)
 
 
 @with_model_loading
@@ -24,7 +30,15 @@ def serve(
         Optional[str], typer.Option("--api-key", envvar="CNLLM_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ routes.")
     ] = None,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the file or folder name).")] = None,
-    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Requests generated at once (llama.cpp: one context each; transformers: queued on one model).")] = 1,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            min=1,
+            max=MAX_PARALLEL,
+            help="Requests generated at once (llama.cpp: decoded together in one batch, --n-ctx tokens each; transformers: queued on one model).",
+        ),
+    ] = 1,
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait for a free slot; more get 503.")] = 16,
     max_request_bytes: Annotated[
         int, typer.Option("--max-request-bytes", min=1, help="Largest request body accepted; bigger ones get 413.")
@@ -51,7 +65,11 @@ def serve(
     ] = None,
     prompt_cache: Annotated[
         bool,
-        typer.Option("--prompt-cache/--no-prompt-cache", help="llama.cpp: reuse the cached prefix of a slot's previous prompt (faster long chats; answers may differ slightly between identical requests)."),
+        typer.Option(
+            "--prompt-cache/--no-prompt-cache",
+            help="llama.cpp: reuse the cached prefix of an earlier prompt, so a conversation's next turn evaluates only what is new "
+            "(faster long chats; answers may differ slightly between identical requests).",
+        ),
     ] = False,
     template: TemplateOpt = "auto",
     n_ctx: NCtxOpt = None,
@@ -72,13 +90,11 @@ def serve(
     if not math.isfinite(read_timeout):
         raise UsageError(f"--read-timeout must be a number of seconds, got {read_timeout}")
     sock = bind_socket(host, port)
-    generators = []
+    generators: list = []
     try:
-        options = replace(load, n_ctx=n_ctx, prompt_cache=prompt_cache, verbose=verbose)
-        generators.append(load_model(model, options))
+        options = replace(load, n_ctx=n_ctx, prompt_cache=prompt_cache, sequences=parallel, verbose=verbose)
+        generators = [load_model(model, options)] * parallel  # one model: llama.cpp batches the slots, transformers queues them
         warn_beyond_trained(generators[0].context_length, generators[0].trained_context, options.rope)
-        while len(generators) < parallel:
-            generators.append(generators[0].for_slot())
         name = model_name or (model.stem if model.is_file() else model.resolve().name)
         config = ServerConfig(
             model_name=name,

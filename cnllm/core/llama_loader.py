@@ -7,7 +7,9 @@ benchmarks load through llama-cpp-python comes through :func:`open_llama` (or :f
 llama-cpp-python's ``Llama.__init__`` builds llama.cpp's ``llama_model_params`` and loads the model in one go, and
 (0.3.36) has no keyword for ``use_extra_bufts``. It does assign the parameters to ``self.model_params`` before the
 load, so :class:`CnllmLlama` — ``Llama`` with ``model_params`` as a property — sets the field on them as they are
-assigned: per instance, no global state patched, every other keyword untouched. A llama-cpp-python whose
+assigned: per instance, no global state patched, every other keyword untouched. ``context_params`` gets the same
+treatment for ``sequences`` (llama.cpp's ``n_seq_max``, one KV stream each: continuous batching in serve), which
+``Llama.__init__`` has no keyword for either. A llama-cpp-python whose
 ``llama_model_params`` lacks the field (older than llama.cpp's ``--no-repack``) loads with llama.cpp's default;
 :func:`repack_support` says so (``cnllm doctor`` prints it) and a load that asked for repacking off warns.
 """
@@ -56,9 +58,10 @@ def _llama_class() -> type:
     class CnllmLlama(Llama):
         """``Llama`` whose model parameters get cnllm's ``use_extra_bufts`` as ``Llama.__init__`` assigns them."""
 
-        def __init__(self, *args: Any, repack: RepackDecision | None = None, **kwargs: Any):
+        def __init__(self, *args: Any, repack: RepackDecision | None = None, sequences: int = 1, **kwargs: Any):
             self.repack = repack if repack is not None else repack_decision()  # None: Llama.__setstate__ re-running __init__
             self.repack_applied = False
+            self.sequences = sequences
             super().__init__(*args, **kwargs)
 
         @property
@@ -78,18 +81,33 @@ def _llama_class() -> type:
             self.repack_applied = apply_repack(params, self.repack.enabled)
             self.__dict__["_model_params"] = params
 
+        @property
+        def context_params(self):  # noqa: D401 - the attribute Llama.__init__ assigns
+            try:
+                return self.__dict__["_context_params"]
+            except KeyError:
+                raise AttributeError("context_params") from None
+
+        @context_params.setter
+        def context_params(self, params) -> None:
+            if self.sequences > 1:  # n_ctx is then the sum over sequences, each its own KV stream of n_ctx / sequences
+                params.n_seq_max = self.sequences
+                params.kv_unified = False
+            self.__dict__["_context_params"] = params
+
     return CnllmLlama
 
 
-def open_llama(model_path: Path | str, *, repack: bool | None = None, **kwargs: Any):
+def open_llama(model_path: Path | str, *, repack: bool | None = None, sequences: int = 1, **kwargs: Any):
     """``llama_cpp.Llama(model_path, **kwargs)`` with weight repacking decided by :func:`cnllm.core.cpu.decide_repack`
-    (``repack``: the --repack / --no-repack option, None for the environment and the CPU). The result carries
+    (``repack``: the --repack / --no-repack option, None for the environment and the CPU) and ``sequences`` parallel
+    sequences (``n_ctx`` is their sum). The result carries
     ``repack`` (the :class:`RepackDecision`) and ``repack_applied`` (whether it reached llama.cpp)."""
     from cnllm.core.gguf.header import check_gguf
 
     check_gguf(model_path)
     decision = repack_decision(repack)
-    llm = _llama_class()(model_path=str(model_path), repack=decision, **kwargs)
+    llm = _llama_class()(model_path=str(model_path), repack=decision, sequences=sequences, **kwargs)
     if not llm.repack_applied:
         _unapplied(decision)
     return llm

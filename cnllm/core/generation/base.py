@@ -390,10 +390,6 @@ class LoadedModel(ABC):
     def describe(self) -> dict:
         """What was loaded, for results files."""
 
-    @abstractmethod
-    def for_slot(self) -> "LoadedModel":
-        """A model another server worker can use concurrently (llama.cpp: a new context; transformers: self, serialised)."""
-
     def speculative_stats(self) -> SpeculativeStats | None:
         return None
 
@@ -469,6 +465,7 @@ class LoadOptions:
     draft_model: Path | None = None
     draft_tokens: int = 4
     prompt_cache: bool = True  # llama.cpp: reuse the KV cache of a shared prompt prefix (fast multi-turn chat)
+    sequences: int = 1  # llama.cpp: requests decoded together in one context (serve --parallel), n_ctx tokens each
     trust_remote_code: bool = False
     verbose: bool = False
     rope: RopeOptions | None = None  # context extension (--rope-scaling, --rope-factor, --rope-freq-base)

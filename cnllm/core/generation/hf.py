@@ -335,9 +335,6 @@ class TransformersModel(LoadedModel):
             "rope": rope.to_dict() if rope is not None and rope.active else None,
         }
 
-    def for_slot(self) -> "TransformersModel":
-        return self
-
     def close(self) -> None:
         if self._counter is not None:
             self._counter.remove()

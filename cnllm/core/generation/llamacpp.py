@@ -14,7 +14,7 @@ import math
 import re
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Generator, Sequence
+from typing import TYPE_CHECKING, ContextManager, Generator, Sequence
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from cnllm.core.generation.base import (
     log_softmax_rows,
     target_logprobs_rows,
 )
+from cnllm.core.generation.batching import BatchDecoder
 from cnllm.core.generation.speculative import llama_draft
 from cnllm.core.rope import ModelRope, RopeOptions, llama_cpp_kwargs
 
@@ -219,10 +220,12 @@ class LlamaCppModel(LoadedModel):
         self._rope = llama_rope_kwargs(self.path, options.rope, n_ctx, facts)
         self._draft_llama = None
         self._draft = None
+        if options.draft_model is not None and options.sequences > 1:
+            raise UsageError("speculative decoding (--draft-model) runs one request at a time; drop --parallel or --draft-model")
         if options.draft_model is not None:
             self._draft_llama = self._load(Path(options.draft_model), n_ctx=n_ctx)
             self._draft = llama_draft(self._draft_llama, options.draft_tokens)
-        self._llama = self._load(self.path, n_ctx=n_ctx, draft_model=self._draft)
+        self._llama = self._load(self.path, n_ctx=n_ctx * options.sequences, sequences=options.sequences, draft_model=self._draft)
         if self._draft_llama is not None and self._draft_llama.n_vocab() != self._llama.n_vocab():
             self.close()
             raise UsageError(
@@ -232,11 +235,23 @@ class LlamaCppModel(LoadedModel):
         self._embedder: Llama | None = None  # opened on the first embedding request
         self._lock = threading.Lock()
         self._embed_lock = threading.Lock()
-        self.context_length = self._llama.n_ctx()
-        self.vocab_size = self._llama.n_vocab()
         import llama_cpp
 
+        self.context_length = llama_cpp.llama_n_ctx_seq(self._llama.ctx)
+        self.vocab_size = self._llama.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self._batcher: BatchDecoder | None = None
+        if options.sequences > 1:
+            self._batcher = BatchDecoder(
+                self._llama.ctx,
+                self._vocab,
+                sequences=options.sequences,
+                seq_context=self.context_length,
+                batch_size=self._llama.n_batch,
+                prompt_chunk=self._llama.context_params.n_ubatch,
+                prompt_cache=options.prompt_cache,
+                lock=self._lock,
+            )
         self.eos_ids = frozenset(i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
         self.bos_token = self._special_text(self._llama.token_bos())
         self.eos_token = self._special_text(self._llama.token_eos())
@@ -245,7 +260,7 @@ class LlamaCppModel(LoadedModel):
         self._piece_sizes: dict[int, tuple[int, int]] = {}  # bytes and characters of each piece
         self._letters: dict[str, set[int]] | None = None
 
-    def _load(self, path: Path, *, n_ctx: int, embedding: bool = False, draft_model=None):
+    def _load(self, path: Path, *, n_ctx: int, sequences: int = 1, embedding: bool = False, draft_model=None):
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN
 
         extra = {"n_batch": min(n_ctx, MAX_BATCH)}
@@ -260,6 +275,7 @@ class LlamaCppModel(LoadedModel):
                 repack=self.options.repack,
                 n_ctx=n_ctx,
                 n_gpu_layers=self.options.gpu_layers,
+                sequences=sequences,
                 draft_model=draft_model,
                 verbose=self.options.verbose,
                 **(self._rope if path == self.path else llama_rope_kwargs(path, self.options.rope, n_ctx)),
@@ -305,10 +321,10 @@ class LlamaCppModel(LoadedModel):
         if params.json_schema is not None:
             self._grammar(params.json_schema)
 
-    def _grammar(self, schema: dict):
-        """The schema's grammar, checked by llama.cpp's own parser first (a grammar it rejects would crash the sampler chain)."""
+    def _grammar(self, schema: dict) -> str:
+        """The schema's GBNF grammar, checked by llama.cpp's own parser first (a grammar it rejects would crash the sampler chain)."""
         import llama_cpp
-        from llama_cpp.llama_grammar import LLAMA_GRAMMAR_DEFAULT_ROOT, LlamaGrammar
+        from llama_cpp.llama_grammar import LLAMA_GRAMMAR_DEFAULT_ROOT
 
         try:
             schema_json = json.dumps(schema, sort_keys=True)
@@ -325,10 +341,17 @@ class LlamaCppModel(LoadedModel):
                 "lower maxLength or maxItems, or simplify the schema"
             )
         llama_cpp.llama_sampler_free(sampler)
-        return LlamaGrammar.from_string(grammar, verbose=False)
+        return grammar
 
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Generator[int, None, None]:
+        """Through the batch decoder when the context holds several sequences (serve --parallel), else on the one
+        sequence with llama-cpp-python's ``Llama.generate`` (which also runs a draft model)."""
         grammar = self._grammar(params.json_schema) if params.json_schema is not None else None
+        if self._batcher is not None:
+            yield from self._batcher.generate(prompt_ids, params, max_tokens, cancel, grammar)
+            return
+        from llama_cpp.llama_grammar import LlamaGrammar
+
         with self._lock:
             llama = self._llama
             if not self.options.prompt_cache:
@@ -349,7 +372,7 @@ class LlamaCppModel(LoadedModel):
                 typical_p=1.0,
                 temp=params.temperature,
                 repeat_penalty=params.repetition_penalty,
-                grammar=grammar,
+                grammar=None if grammar is None else LlamaGrammar.from_string(grammar, verbose=False),
             )
             try:
                 for token in tokens:
@@ -380,6 +403,10 @@ class LlamaCppModel(LoadedModel):
             done += step
         return not cancel.is_set()
 
+    def _scoring(self) -> ContextManager[object]:
+        """The context for scoring, which clears it: with the batch decoder, once its running requests have ended."""
+        return self._batcher.exclusive() if self._batcher is not None else self._lock
+
     def speculative_stats(self) -> SpeculativeStats | None:
         return self._draft.stats if self._draft is not None else None
 
@@ -389,7 +416,7 @@ class LlamaCppModel(LoadedModel):
             raise ContextOverflow(len(ids), self.context_length)
         pieces = self.token_pieces(ids)
         result = [TokenLogprob(ids[0], pieces[0], None)] if ids else []
-        with self._lock:
+        with self._scoring():
             llama = self._llama
             llama.reset()
             llama._ctx.kv_cache_seq_rm(-1, 0, -1)
@@ -425,7 +452,7 @@ class LlamaCppModel(LoadedModel):
         import llama_cpp
 
         results = []
-        with self._lock:
+        with self._scoring():
             ctx = self._llama._ctx.ctx
             memory = llama_cpp.llama_get_memory(ctx)
             step = self._llama.n_batch
@@ -459,7 +486,7 @@ class LlamaCppModel(LoadedModel):
         """One prompt at a time in one context, re-evaluating only what differs from the tokens the context holds
         (few-shot prompts of a subject share their long prefix)."""
         rows = []
-        with self._lock:
+        with self._scoring():
             llama = self._llama
             for prompt in prompts:
                 prompt = list(prompt)
@@ -489,6 +516,7 @@ class LlamaCppModel(LoadedModel):
             "n_ctx": self.context_length,
             "threads": self._llama.n_threads,
             "repack": self._llama.repack_in_effect,
+            "sequences": self.options.sequences,
             "trained_context": self.trained_context,
             "rope": rope.to_dict() if rope is not None and rope.active else None,
         }
@@ -504,10 +532,11 @@ class LlamaCppModel(LoadedModel):
             vectors, count = self._embedder.embed(list(texts), normalize=True, truncate=False, return_count=True)
         return [list(map(float, v)) for v in vectors], int(count)
 
-    def for_slot(self) -> "LlamaCppModel":
-        return LlamaCppModel(self.path, self.options)
-
     def close(self) -> None:
+        batcher = getattr(self, "_batcher", None)  # absent when loading failed
+        if batcher is not None:
+            batcher.close()
+            self._batcher = None
         for name in ("_llama", "_embedder", "_draft_llama"):
             model = getattr(self, name, None)
             if model is not None:

@@ -202,9 +202,10 @@ def test_gguf_server_with_two_slots(tiny_gguf):
     from concurrent.futures import ThreadPoolExecutor
 
     from cnllm.core.backends import load_model
+    from cnllm.core.generation.base import LoadOptions
 
-    first = load_model(tiny_gguf)
-    generators = [first, first.for_slot()]
+    first = load_model(tiny_gguf, LoadOptions(sequences=2))
+    generators = [first, first]
     server, stop = start_server(generators, template="chatml")
     try:
         client = server.client()
@@ -225,8 +226,7 @@ def test_gguf_server_with_two_slots(tiny_gguf):
         assert figures["cnllm_completion_tokens_total"] >= 4 and figures["cnllm_requests_running"] == 0
     finally:
         stop()
-        for generator in generators:
-            generator.close()
+        first.close()
 
 
 def test_completions_accept_several_prompts_and_token_ids(live_server, tiny_generator):
