@@ -140,3 +140,14 @@ def test_a_draft_model_cannot_batch(tiny_gguf):
 
     with pytest.raises(UsageError, match="one request at a time"):
         load_model(tiny_gguf, LoadOptions(sequences=2, draft_model=tiny_gguf))
+
+
+def test_scores_on_the_batched_context_match_the_one_sequence_context(batched, single):
+    import numpy as np
+
+    with ThreadPoolExecutor(4) as pool:  # every sequence holds tokens the scoring must not mistake for its own
+        list(pool.map(lambda p: answer(batched, p), PROMPTS[:4]))
+    prompts = [batched.encode_prompt(p) for p in PROMPTS[:3]]
+    assert np.allclose(batched.next_token_logprobs(prompts), single.next_token_logprobs(prompts), atol=1e-4)
+    first = batched.prompt_logprobs(prompts[1])
+    assert [t.logprob for t in first[1:]] == pytest.approx([t.logprob for t in single.prompt_logprobs(prompts[1])[1:]], abs=1e-4)
