@@ -6,10 +6,12 @@ import math
 from dataclasses import replace
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from cnllm.cli import output
 from cnllm.cli.options import ModelArg, NCtxOpt, TemplateOpt, VerboseOpt, warn_beyond_trained, with_model_loading
+from cnllm.core.backends import ENGINES
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import LoadOptions
 from cnllm.core.server import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_READ_TIMEOUT, LOOPBACK_HOSTS
@@ -24,7 +26,7 @@ def serve(
         Optional[str], typer.Option("--api-key", envvar="CNLLM_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ routes.")
     ] = None,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the file or folder name).")] = None,
-    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Requests generated at once (llama.cpp: one context each; transformers: queued on one model).")] = 1,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Requests generated at once (llama.cpp: one context each; transformers: queued on one model; vllm: batched by one engine).")] = 1,
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait for a free slot; more get 503.")] = 16,
     max_request_bytes: Annotated[
         int, typer.Option("--max-request-bytes", min=1, help="Largest request body accepted; bigger ones get 413.")
@@ -53,6 +55,21 @@ def serve(
         bool,
         typer.Option("--prompt-cache/--no-prompt-cache", help="llama.cpp: reuse the cached prefix of a slot's previous prompt (faster long chats; answers may differ slightly between identical requests)."),
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            click_type=click.Choice(ENGINES),
+            help="Backend: auto (llama.cpp for a .gguf, transformers for a Hugging Face directory), or one by name; "
+            "vllm serves a Hugging Face directory with vLLM's engine (pip install 'cnllm[vllm]').",
+        ),
+    ] = "auto",
+    tensor_parallel_size: Annotated[
+        int, typer.Option("--tensor-parallel-size", min=1, help="vllm: GPUs each layer is split across (vLLM's own option; multi-node: docs/chat_serve.md).")
+    ] = 1,
+    pipeline_parallel_size: Annotated[
+        int, typer.Option("--pipeline-parallel-size", min=1, help="vllm: GPUs or nodes the layers are divided between (vLLM's own option).")
+    ] = 1,
     template: TemplateOpt = "auto",
     n_ctx: NCtxOpt = None,
     verbose: VerboseOpt = False,
@@ -64,6 +81,8 @@ def serve(
     Ctrl-C or SIGTERM stops it in order, answering the requests in flight cut short: exit 0 (Ctrl-C) or 143 (SIGTERM).
 
     Example: cnllm serve chinese-alpaca-q4.gguf --template alpaca --port 8000 --parallel 2
+
+    On GPUs: cnllm serve ./chinese-llama-hf --engine vllm --parallel 32 --tensor-parallel-size 2
     """
     from cnllm.core.backends import load_model
     from cnllm.core.server.app import bind_socket, create_app, default_allowed_hosts, serve_until_stopped
@@ -74,7 +93,15 @@ def serve(
     sock = bind_socket(host, port)
     generators = []
     try:
-        options = replace(load, n_ctx=n_ctx, prompt_cache=prompt_cache, verbose=verbose)
+        options = replace(
+            load,
+            n_ctx=n_ctx,
+            prompt_cache=prompt_cache,
+            verbose=verbose,
+            engine=engine,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+        )
         generators.append(load_model(model, options))
         warn_beyond_trained(generators[0].context_length, generators[0].trained_context, options.rope)
         while len(generators) < parallel:
