@@ -144,10 +144,19 @@ def test_cancel_aborts_the_request_in_the_engine(vllm_model):
     next(iterator)
     stream.cancel()
     assert stream.read().finish_reason == "cancelled" and stream.completion.completion_tokens < 400
+    idle(vllm_model)
+    text = vllm_model.complete("Hello world", GREEDY).text
+    stopped = vllm_model.complete("Hello world", SamplingParams(max_tokens=400, temperature=0, stop=(text[4:8],)))
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.index(text[4:8])]  # a stop string ends it in vLLM too
+    idle(vllm_model)
+
+
+def idle(model) -> None:
+    """The engine has no request left (the ones cut short were aborted there, not left to run to max_tokens)."""
     deadline = time.monotonic() + 30
-    while vllm_model.engine.has_unfinished_requests() and time.monotonic() < deadline:
+    while model.engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not vllm_model.engine.has_unfinished_requests()
+    assert not model.engine.has_unfinished_requests()
 
 
 @needs_vllm
