@@ -6,10 +6,12 @@ import math
 from dataclasses import replace
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from cnllm.cli import output
 from cnllm.cli.options import ModelArg, NCtxOpt, TemplateOpt, VerboseOpt, warn_beyond_trained, with_model_loading
+from cnllm.core.backends import ENGINES
 from cnllm.core.errors import UsageError
 from cnllm.core.generation.base import LoadOptions
 from cnllm.core.server import (
@@ -36,7 +38,8 @@ def serve(
             "--parallel",
             min=1,
             max=MAX_PARALLEL,
-            help="Requests generated at once (llama.cpp: decoded together in one batch, --n-ctx tokens each; transformers: queued on one model).",
+            help="Requests generated at once (llama.cpp: decoded together in one batch, --n-ctx tokens each; "
+            "transformers: queued on one model; vllm: batched by one engine).",
         ),
     ] = 1,
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait for a free slot; more get 503.")] = 16,
@@ -71,6 +74,21 @@ def serve(
             "(faster long chats; answers may differ slightly between identical requests).",
         ),
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            click_type=click.Choice(ENGINES),
+            help="Backend: auto (llama.cpp for a .gguf, transformers for a Hugging Face directory), or one by name; "
+            "vllm serves a Hugging Face directory with vLLM's engine (pip install 'cnllm[vllm]').",
+        ),
+    ] = "auto",
+    tensor_parallel_size: Annotated[
+        int, typer.Option("--tensor-parallel-size", min=1, help="vllm: GPUs each layer is split across (vLLM's own option; multi-node: docs/chat_serve.md).")
+    ] = 1,
+    pipeline_parallel_size: Annotated[
+        int, typer.Option("--pipeline-parallel-size", min=1, help="vllm: GPUs or nodes the layers are divided between (vLLM's own option).")
+    ] = 1,
     template: TemplateOpt = "auto",
     n_ctx: NCtxOpt = None,
     verbose: VerboseOpt = False,
@@ -82,6 +100,8 @@ def serve(
     Ctrl-C or SIGTERM stops it in order, answering the requests in flight cut short: exit 0 (Ctrl-C) or 143 (SIGTERM).
 
     Example: cnllm serve chinese-alpaca-q4.gguf --template alpaca --port 8000 --parallel 2
+
+    On GPUs: cnllm serve ./chinese-llama-hf --engine vllm --parallel 32 --tensor-parallel-size 2
     """
     from cnllm.core.backends import load_model
     from cnllm.core.server.app import bind_socket, create_app, default_allowed_hosts, serve_until_stopped
@@ -92,8 +112,17 @@ def serve(
     sock = bind_socket(host, port)
     generators: list = []
     try:
-        options = replace(load, n_ctx=n_ctx, prompt_cache=prompt_cache, sequences=parallel, verbose=verbose)
-        generators = [load_model(model, options)] * parallel  # one model: llama.cpp batches the slots, transformers queues them
+        options = replace(
+            load,
+            n_ctx=n_ctx,
+            prompt_cache=prompt_cache,
+            sequences=parallel,
+            verbose=verbose,
+            engine=engine,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+        )
+        generators = [load_model(model, options)] * parallel  # one model: llama.cpp and vLLM batch the slots, transformers queues them
         warn_beyond_trained(generators[0].context_length, generators[0].trained_context, options.rope)
         name = model_name or (model.stem if model.is_file() else model.resolve().name)
         config = ServerConfig(

@@ -1,5 +1,5 @@
 """The loaded model every command uses (:class:`LoadedModel`: ``chat``, ``serve`` and every ``eval``), its one
-:class:`LoadOptions`, and the generation core on top of it. Two backends implement it (``hf.py``, ``llamacpp.py``;
+:class:`LoadOptions`, and the generation core on top of it. Three backends implement it (``hf.py``, ``llamacpp.py``, ``vllm.py``;
 :mod:`cnllm.core.backends` picks one for a model path).
 
 A backend supplies tokens, decoding, a raw token-id stream, log-probabilities (per prompt token, per window, for the
@@ -470,6 +470,9 @@ class LoadOptions:
     verbose: bool = False
     rope: RopeOptions | None = None  # context extension (--rope-scaling, --rope-factor, --rope-freq-base)
     repack: bool | None = None  # llama.cpp weight repacking (--repack / --no-repack); None: cnllm decides (cnllm.core.cpu)
+    engine: str = "auto"  # the backend (cnllm.core.backends.ENGINES); auto: what the model path holds decides
+    tensor_parallel_size: int = 1  # vLLM: devices each layer is split across
+    pipeline_parallel_size: int = 1  # vLLM: devices (or nodes) the layers are divided between
 
 
 def context_window(options: LoadOptions, trained: int | None, *, cap: int | None) -> int:

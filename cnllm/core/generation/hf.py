@@ -15,7 +15,7 @@ import inspect
 import queue
 import threading
 from pathlib import Path
-from typing import Generator, Sequence
+from typing import Any, Generator, Sequence
 
 import numpy as np
 
@@ -59,7 +59,59 @@ def _id_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-class TransformersModel(LoadedModel):
+class HfTokenizerModel(LoadedModel):
+    """What a backend driven by a Hugging Face tokenizer shares (transformers, vLLM): the tokenizer loaded as everywhere
+    in cnllm (an adapter's own tokenizer first), its ids, pieces and lengths, and the model's own chat template."""
+
+    tokenizer: Any
+    _vocab: dict[str, int] | None = None
+
+    def _load_hf_tokenizer(self, path: Path, options: LoadOptions) -> None:
+        tokenizer_dir = options.lora if options.lora is not None and has_tokenizer(options.lora) else path
+        check_tokenizer_files(tokenizer_dir)
+        try:
+            self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=options.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"could not load the tokenizer in {tokenizer_dir}: {exc}") from None
+        self.bos_token = self.tokenizer.bos_token or ""
+        self.eos_token = self.tokenizer.eos_token or ""
+        self.bos_id = self.tokenizer.bos_token_id if tokenizer_adds_bos(self.tokenizer) else None
+
+    def text_ids(self, text: str, *, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"])
+
+    def tokenize_with_lengths(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        ids, sizes, chars, covered = list(encoded["input_ids"]), [], [], 0
+        for _, end in encoded["offset_mapping"]:
+            end = max(end, covered)
+            sizes.append(len(text[covered:end].encode("utf-8")))
+            chars.append(end - covered)
+            covered = end
+        if sizes:  # text after the last token (trailing whitespace some tokenizers drop) belongs to it
+            sizes[-1] += len(text[covered:].encode("utf-8"))
+            chars[-1] += len(text) - covered
+        if self.bos_id is not None:
+            ids, sizes, chars = [self.bos_id, *ids], [0, *sizes], [0, *chars]
+        return ids, sizes, chars
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def chat_template_source(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) and template else None
+
+    def letter_piece_ids(self, letter: str) -> set[int]:
+        if self._vocab is None:
+            self._vocab = self.tokenizer.get_vocab()
+        return {self._vocab[s.format(letter)] for s in LETTER_SPELLINGS if s.format(letter) in self._vocab}
+
+
+class TransformersModel(HfTokenizerModel):
     backend = "transformers"
 
     def __init__(self, path: Path, options: LoadOptions):
@@ -67,12 +119,7 @@ class TransformersModel(LoadedModel):
         self.path = Path(path)
         self.options = options
         load_config(self.path)  # a malformed config.json is one clear line before any library reads it
-        tokenizer_dir = options.lora if options.lora is not None and has_tokenizer(options.lora) else self.path
-        check_tokenizer_files(tokenizer_dir)
-        try:
-            self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=options.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"could not load the tokenizer in {tokenizer_dir}: {exc}") from None
+        self._load_hf_tokenizer(self.path, options)
         self.model = self._load_model(self.path, lora=options.lora)
         self.trained_context = hf_model_rope(self.model.config).trained if getattr(self.model.config, "max_position_embeddings", None) else None
         self.context_length = context_window(options, self.trained_context, cap=None)
@@ -81,11 +128,7 @@ class TransformersModel(LoadedModel):
         self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().weight.shape[0])
         generation_config = getattr(self.model, "generation_config", None)
         self.eos_ids = frozenset(_id_list(getattr(generation_config, "eos_token_id", None)) + _id_list(self.tokenizer.eos_token_id))
-        self.bos_token = self.tokenizer.bos_token or ""
-        self.eos_token = self.tokenizer.eos_token or ""
-        self.bos_id = self.tokenizer.bos_token_id if tokenizer_adds_bos(self.tokenizer) else None
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
-        self._vocab: dict[str, int] | None = None
         self._lock = threading.Lock()
         self.draft = None
         self._counter: ForwardCounter | None = None
@@ -125,34 +168,6 @@ class TransformersModel(LoadedModel):
         draft.generation_config.num_assistant_tokens = self.options.draft_tokens
         self._counter = ForwardCounter(self.model, draft)
         return draft
-
-    def text_ids(self, text: str, *, special: bool) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"])
-
-    def tokenize_with_lengths(self, text: str) -> tuple[list[int], list[int], list[int]]:
-        encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-        ids, sizes, chars, covered = list(encoded["input_ids"]), [], [], 0
-        for _, end in encoded["offset_mapping"]:
-            end = max(end, covered)
-            sizes.append(len(text[covered:end].encode("utf-8")))
-            chars.append(end - covered)
-            covered = end
-        if sizes:  # text after the last token (trailing whitespace some tokenizers drop) belongs to it
-            sizes[-1] += len(text[covered:].encode("utf-8"))
-            chars[-1] += len(text) - covered
-        if self.bos_id is not None:
-            ids, sizes, chars = [self.bos_id, *ids], [0, *sizes], [0, *chars]
-        return ids, sizes, chars
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def chat_template_source(self) -> str | None:
-        template = getattr(self.tokenizer, "chat_template", None)
-        return template if isinstance(template, str) and template else None
 
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, cancel: threading.Event) -> Generator[int, None, None]:
         import torch
@@ -317,11 +332,6 @@ class TransformersModel(LoadedModel):
         with self._lock, torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1]
             return torch.log_softmax(logits.float(), dim=-1).double().cpu().numpy()
-
-    def letter_piece_ids(self, letter: str) -> set[int]:
-        if self._vocab is None:
-            self._vocab = self.tokenizer.get_vocab()
-        return {self._vocab[s.format(letter)] for s in LETTER_SPELLINGS if s.format(letter) in self._vocab}
 
     def describe(self) -> dict:
         rope = self.options.rope
