@@ -168,15 +168,18 @@ class SlotPool:
                 cancel()
 
         def job() -> None:
+            error = None
             try:
                 for item in items:
                     deliver(item)
-                deliver(done)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                deliver(done, exc)
+                error = exc
             finally:
                 untrack()
+                # The slot goes back before the end is delivered (the loop runs both in order): once the answer is
+                # complete the slot is free, even if the loop closes straight after (a test client's does).
                 self._release_from_thread(loop, generator)
+                deliver(done, error)
 
         loop.run_in_executor(self._executor, job)
 
