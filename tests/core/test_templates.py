@@ -7,10 +7,14 @@ from cnllm.core.templates import (
     PROMPT_TEMPLATE_NAMES,
     TEMPLATES,
     bos_needed,
+    call_names,
     check_template_name,
     jinja_renderer,
+    jinja_tool_format,
+    normalize_messages,
     resolve_template,
 )
+from cnllm.core.tool_calls import HERMES, LLAMA3_JSON
 
 # The reference chat templates as published in the models' tokenizer_config.json.
 LLAMA2_CHAT_REFERENCE = (  # meta-llama/Llama-2-7b-chat-hf
@@ -33,6 +37,63 @@ LLAMA3_INSTRUCT_REFERENCE = (  # meta-llama/Meta-Llama-3-8B-Instruct
 CHATML_REFERENCE = (  # the ChatML template of the transformers chat-templating documentation
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+QWEN25_REFERENCE = (  # Qwen/Qwen2.5-7B-Instruct
+    "{%- if tools %}\n"
+    "    {{- '<|im_start|>system\\n' }}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n"
+    "    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n"
+    "    {%- endif %}\n"
+    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
+    "    {%- for tool in tools %}\n"
+    '        {{- "\\n" }}\n'
+    "        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n"
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
+    "{%- else %}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}\n'
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    '    {%- elif message.role == "assistant" %}\n'
+    "        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n"
+    "            {{- '\\n' + message.content }}\n"
+    "        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n"
+    "            {%- endif %}\n"
+    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n"
+    "            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n"
+    "            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n"
+    "        {%- endfor %}\n"
+    "        {{- '<|im_end|>\\n' }}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n'
+    "            {{- '<|im_start|>user' }}\n"
+    "        {%- endif %}\n"
+    "        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n"
+    "        {{- '\\n</tool_response>' }}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
+    "            {{- '<|im_end|>\\n' }}\n"
+    "        {%- endif %}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
 )
 
 ONE_TURN = [{"role": "user", "content": "你好"}]
@@ -157,3 +218,156 @@ def test_the_one_bos_rule():
     assert bos_needed("Hello", bos_token="<s>", adds_bos=True)
     assert not bos_needed("<s>[INST] Hi", bos_token="<s>", adds_bos=True)
     assert not bos_needed("<|im_start|>user", bos_token="<s>", adds_bos=False)
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "今天的天气",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    },
+    {"type": "function", "function": {"name": "now"}},
+]
+TOOL_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "北京和上海天气?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "上海"}'}},
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "晴"},
+    {"role": "tool", "tool_call_id": "c2", "content": "雨"},
+    {"role": "assistant", "content": "北京晴，上海雨。"},
+    {"role": "user", "content": "现在几点?"},
+]
+TOOL_CONVERSATIONS = [TOOL_TURNS, TOOL_TURNS[:3], TOOL_TURNS[:4], TOOL_TURNS[:5], TOOL_TURNS[1:6], MULTI_TURN]
+
+
+def as_template_input(conversation) -> list[dict]:
+    """The messages as jinja_segments hands them to a Jinja template (arguments as objects, tool results named)."""
+    messages = normalize_messages(conversation)
+    return [m.as_dict(call_names(messages)) for m in messages]
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+@pytest.mark.parametrize("conversation", TOOL_CONVERSATIONS)
+@pytest.mark.parametrize("tools", [TOOLS, None])
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_jinja_twins_render_tools_the_same(name, conversation, tools, generation_prompt):
+    template = TEMPLATES[name]
+    render = jinja_renderer(template.jinja(), bos_token="<s>", eos_token="</s>")
+    expected = template.render(conversation, tools=tools, add_generation_prompt=generation_prompt)
+    assert render(as_template_input(conversation), generation_prompt, tools) == expected
+
+
+@pytest.mark.parametrize("conversation", TOOL_CONVERSATIONS)
+@pytest.mark.parametrize("tools", [TOOLS, None])
+def test_chatml_with_tools_is_qwen25s_template(conversation, tools):
+    """Byte for byte (conversations with a system message: Qwen's default system prompt is not ours)."""
+    if conversation[0]["role"] != "system":
+        conversation = [{"role": "system", "content": "S"}, *conversation]
+    ours = resolve_template("chatml", jinja_source=None, bos_token="", eos_token="<|im_end|>")
+    qwen = resolve_template("auto", jinja_source=QWEN25_REFERENCE, bos_token="", eos_token="<|im_end|>")
+    assert qwen.render(conversation, tools=tools) == ours.render(conversation, tools=tools)
+
+
+def test_tool_golden_strings():
+    chatml = TEMPLATES["chatml"].render(TOOL_TURNS[1:4], tools=TOOLS[1:])
+    assert chatml == (
+        "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "now"}}\n</tools>\n\n'
+        "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+        '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n北京和上海天气?<|im_end|>\n<|im_start|>assistant\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "上海"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n晴\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    llama3 = TEMPLATES["llama3"].render(TOOL_TURNS[1:4], tools=TOOLS[1:])
+    assert llama3 == (
+        "<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please respond with a JSON for a function "
+        "call with its proper arguments that best answers the given prompt.\n\nRespond in the format "
+        '{"name": function name, "parameters": dictionary of argument name and its value}.Do not use variables.\n\n'
+        '{\n    "type": "function",\n    "function": {\n        "name": "now"\n    }\n}\n\n北京和上海天气?<|eot_id|>'
+        '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "北京"}}; '
+        '{"name": "get_weather", "parameters": {"city": "上海"}}<|eot_id|>'
+        "<|start_header_id|>ipython<|end_header_id|>\n\n晴<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+def test_calls_are_trainable_answers():
+    for source in (None, TEMPLATES["chatml"].jinja()):
+        prompt_format = resolve_template("auto" if source else "chatml", jinja_source=source, bos_token="", eos_token="")
+        segments = prompt_format.segments(TOOL_TURNS[:6], add_generation_prompt=False, tools=TOOLS)
+        trainable = [s.text.rstrip("\n") for s in segments if s.trainable]  # the Jinja path counts the newline after the end marker
+        assert trainable[0].startswith("<tool_call>\n") and trainable[0].endswith("</tool_call><|im_end|>")
+        assert trainable[1] == "北京晴，上海雨。<|im_end|>" and len(trainable) == 2
+
+
+BAD_TOOL_ORDERS = [
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}], "turn 1: expected a assistant message, got tool"),
+    ([*TOOL_TURNS[1:3], {"role": "user", "content": "b"}], "turn 2: expected a tool message, got user"),
+    ([*MULTI_TURN[1:3], {"role": "tool", "content": "r"}], "turn 2: expected a user message, got tool"),
+]
+
+
+@pytest.mark.parametrize(
+    "conversation, message",
+    [
+        *BAD_TOOL_ORDERS,
+        ([{"role": "user", "content": "a", "tool_calls": [{"function": {"name": "now"}}]}], "only assistant messages make tool calls"),
+        ([TOOL_TURNS[1], {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "now", "arguments": "{"}}]}], "not valid JSON"),
+    ],
+)
+def test_tool_turns_are_checked(conversation, message):
+    with pytest.raises(UsageError, match=message):
+        normalize_messages(conversation)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+@pytest.mark.parametrize("conversation", [c for c, _ in BAD_TOOL_ORDERS])
+def test_the_twins_refuse_the_same_orders(name, conversation):
+    render = jinja_renderer(TEMPLATES[name].jinja(), bos_token="", eos_token="")
+    with pytest.raises(UsageError, match="roles must alternate"):
+        render(conversation, True)
+
+
+@pytest.mark.parametrize("name", ["alpaca", "llama2", "none"])
+def test_templates_without_tool_calls_refuse_them(name):
+    prompt_format = resolve_template(name, jinja_source=None, bos_token="", eos_token="")
+    assert prompt_format.tool_format is None and "has no tool calls" in prompt_format.no_tools_reason
+    with pytest.raises(UsageError, match="has no tool calls"):
+        prompt_format.render(ONE_TURN, tools=TOOLS)
+    with pytest.raises(UsageError, match="has no tool calls"):
+        prompt_format.render(TOOL_TURNS[:5])  # nor can they write a conversation that has calls in it
+    assert prompt_format.render(ONE_TURN)
+
+
+LLAMA31_TOOL_EXCERPT = (  # the part of Llama-3.1-Instruct's template that writes a call
+    "{%- if tools is not none %}{{ tools | length }}{%- endif %}{%- for message in messages %}{%- if 'tool_calls' in message %}{%- set tool_call = message.tool_calls[0].function %}"
+    "{{- '{\"name\": \"' + tool_call.name + '\", ' }}{{- '\"parameters\": ' }}{{- tool_call.arguments | tojson }}{{- '}' }}"
+    "{%- else %}{{ message.content }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_the_models_own_template_says_how_it_calls_tools():
+    assert jinja_tool_format(QWEN25_REFERENCE) == (HERMES, "")
+    assert jinja_tool_format(LLAMA31_TOOL_EXCERPT) == (LLAMA3_JSON, "")
+    for name in TEMPLATES:  # a recorded built-in: that built-in's format
+        assert jinja_tool_format(TEMPLATES[name].jinja())[0] is TEMPLATES[name].tool_format
+    assert TEMPLATES["chatml"].tool_format is HERMES and TEMPLATES["llama3"].tool_format is LLAMA3_JSON
+    fmt, reason = jinja_tool_format(CHATML_REFERENCE)
+    assert fmt is None and "does not take tools" in reason
+    fmt, reason = jinja_tool_format("{{ tools | tojson }}[TOOL_CALLS]{{ messages[0].content }}")
+    assert fmt is None and "format cnllm does not read" in reason
+    auto = resolve_template("auto", jinja_source=LLAMA31_TOOL_EXCERPT, bos_token="", eos_token="")
+    assert auto.tool_format is LLAMA3_JSON
+    assert auto.render(TOOL_TURNS[1:3], tools=TOOLS)== '2北京和上海天气?{"name": "get_weather", "parameters": {"city": "北京"}}'

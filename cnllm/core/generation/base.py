@@ -398,7 +398,7 @@ class LoadedModel(ABC):
         Structured output is decoding constrained by a grammar, which only the llama.cpp backend has."""
         if params.json_schema is not None:
             raise UsageError(
-                "structured output (response_format json_object or json_schema) needs a GGUF model: it constrains decoding "
+                "structured output (response_format json_object or json_schema; a forced tool call) needs a GGUF model: it constrains decoding "
                 "with a llama.cpp grammar; convert this model with `cnllm convert-gguf` and serve the .gguf"
             )
 

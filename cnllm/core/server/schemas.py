@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
 
 
 def _valid_unicode(text: str) -> str:
@@ -30,10 +30,26 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    name: Text
+    arguments: Text  # a JSON object, as a string
+
+
+class ToolCall(BaseModel):
+    """A call an assistant made: in a request's history, and in an answer's ``message.tool_calls``."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Text
     content: Union[Text, list[TextPart], None] = None
+    tool_calls: Optional[list[ToolCall]] = None  # assistant messages
+    tool_call_id: Optional[Text] = None  # tool messages: the call this result answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -61,6 +77,32 @@ class ResponseFormat(BaseModel):
     json_schema: Optional[JSONSchemaFormat] = None
 
 
+# OpenAI's rule for function names; it also keeps a name from breaking the JSON a template writes around it.
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    description: Optional[Text] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments object; absent: no arguments
+    strict: Optional[bool] = None  # a forced call always follows the schema; an "auto" call is parsed as written
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class _Sampling(_Request):
     model: Text
     temperature: Optional[float] = Field(None, ge=0, le=2)
@@ -83,6 +125,9 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(None, ge=0)
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     logprobs: bool = False
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class CompletionRequest(_Sampling):
@@ -108,9 +153,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+def _without_absent_calls(data: dict) -> dict:
+    """``tool_calls`` only where there are some: a plain answer keeps the shape it always had."""
+    if data.get("tool_calls") is None:
+        data.pop("tool_calls", None)
+    return data
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]  # None when the answer is only tool calls
+    tool_calls: Optional[list[ToolCall]] = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        return _without_absent_calls(handler(self))
 
 
 class ChatChoice(BaseModel):
@@ -130,9 +187,37 @@ class ChatCompletion(BaseModel):
     system_fingerprint: Optional[str] = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed call, as OpenAI streams them: the first names it (index, id, type, function name), later
+    ones add to its arguments (only the index repeats)."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class Delta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        return _without_absent_calls(handler(self))
 
 
 class ChunkChoice(BaseModel):

@@ -134,13 +134,14 @@ def prompt_list(prompt, param: str) -> list[str | list[int]]:
     return list(prompt)
 
 
-def check_prompt(state: ServerState, prompt_ids: list[int], params: SamplingParams) -> None:
-    """Built before a slot is leased: a too-long prompt or a bad parameter is a 400 without waiting in line."""
+def check_prompt(state: ServerState, prompt_ids: list[int], params: SamplingParams, *, schema_param: str = "response_format") -> None:
+    """Built before a slot is leased: a too-long prompt or a bad parameter is a 400 without waiting in line.
+    ``schema_param``: the field that asked for the JSON schema (response_format, or tool_choice forcing a call)."""
     if params.json_schema is not None:  # a schema with no grammar, or a backend without grammars
         try:
             state.primary.check_sampling(params)
         except UsageError as exc:
-            raise APIError(400, f"response_format: {exc.message}", param="response_format") from None
+            raise APIError(400, f"{schema_param}: {exc.message}", param=schema_param) from None
     GenerationStream(state.primary, prompt_ids, params)
 
 
