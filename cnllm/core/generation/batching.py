@@ -78,7 +78,7 @@ class BatchDecoder:
     :meth:`exclusive`, which waits for running requests to finish and keeps new ones waiting meanwhile).
     """
 
-    def __init__(self, ctx, vocab, *, sequences: int, seq_context: int, batch_size: int, prompt_chunk: int, prompt_cache: bool, lock: threading.Lock):
+    def __init__(self, ctx, vocab, eos_ids: frozenset[int], *, sequences: int, seq_context: int, batch_size: int, prompt_chunk: int, prompt_cache: bool, lock: threading.Lock):
         import llama_cpp
 
         self._llama_cpp = llama_cpp
@@ -92,6 +92,8 @@ class BatchDecoder:
         self.prompt_cache = prompt_cache
         self._lock = lock
         self._batch = llama_cpp.llama_batch_init(batch_size, 0, 1)
+        self._eos_ids = eos_ids
+        self._outbox: list[tuple[queue.SimpleQueue, object]] = []  # (a request's queue, its token, error or end)
         self._sequences = [_Sequence(i) for i in range(sequences)]
         self._waiting: list[_Request] = []
         self._clock = itertools.count(1)
@@ -187,11 +189,14 @@ class BatchDecoder:
         try:
             while True:
                 with self._wake:
+                    if not self._has_work():
+                        self._deliver()
                     self._wake.wait_for(lambda: self._closing or self._has_work())
                     if self._closing:
                         break
                     self._admit()
                 rows = self._fill_batch()
+                self._deliver()  # the requests' threads take their tokens while llama.cpp decodes the next batch
                 if self._batch.n_tokens:
                     self._step(rows)
         finally:
@@ -203,6 +208,7 @@ class BatchDecoder:
                     if sequence.request is not None:
                         self._finish(sequence.request)
                         sequence.request = None
+                self._deliver()
 
     def _has_work(self) -> bool:
         return any(s.request is not None for s in self._sequences) or (bool(self._waiting) and not self._held)
@@ -295,14 +301,13 @@ class BatchDecoder:
                 self._fail(DecodeFailed(f"llama.cpp failed to decode a batch of {self._batch.n_tokens} tokens (status {status})"))
                 return
             sampled = [(row, int(lc.llama_sampler_sample(row.request.sampler, self._ctx, row.index))) for row in rows]
-        eos = lc.llama_vocab_is_eog
         for row, token in sampled:
             request = row.request
             request.next_token = token
             request.produced += 1
-            request.out.put(token)
+            self._outbox.append((request.out, token))
             room = self.seq_context - len(row.sequence.cached)
-            if eos(self._vocab, token) or request.produced > request.max_tokens or room <= 0 or request.cancel.is_set():
+            if token in self._eos_ids or request.produced > request.max_tokens or room <= 0 or request.cancel.is_set():
                 with self._wake:
                     self._release(row.sequence)
 
@@ -312,7 +317,7 @@ class BatchDecoder:
         with self._wake:
             for sequence in self._sequences:
                 if sequence.request is not None:
-                    sequence.request.out.put(error)
+                    self._outbox.append((sequence.request.out, error))
                     self._release(sequence)
                 lc.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
                 sequence.cached = []
@@ -327,8 +332,16 @@ class BatchDecoder:
         self._finish(request)
         self._wake.notify_all()
 
+    def _deliver(self) -> None:
+        """Hand the tokens and endings of the last step to the requests' threads. Held back until the scheduler's own
+        Python work for the next step is done: the threads woken then compete for the interpreter while the scheduler
+        waits in llama.cpp, not while it samples and fills the next batch."""
+        outbox, self._outbox = self._outbox, []
+        for out, item in outbox:
+            out.put(item)
+
     def _finish(self, request: _Request) -> None:
-        request.out.put(_END)
+        self._outbox.append((request.out, _END))
         if request.sampler is not None:
             self._llama_cpp.llama_sampler_free(request.sampler)
             request.sampler = None

@@ -241,10 +241,12 @@ class LlamaCppModel(LoadedModel):
         self.vocab_size = self._llama.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
         self._batcher: BatchDecoder | None = None
+        self.eos_ids = frozenset(i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
         if options.sequences > 1:
             self._batcher = BatchDecoder(
                 self._llama.ctx,
                 self._vocab,
+                self.eos_ids,
                 sequences=options.sequences,
                 seq_context=self.context_length,
                 batch_size=self._llama.n_batch,
@@ -252,7 +254,6 @@ class LlamaCppModel(LoadedModel):
                 prompt_cache=options.prompt_cache,
                 lock=self._lock,
             )
-        self.eos_ids = frozenset(i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, i))
         self.bos_token = self._special_text(self._llama.token_bos())
         self.eos_token = self._special_text(self._llama.token_eos())
         adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab)) and self._llama.token_bos() >= 0
