@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cnllm.core.cpu import RepackDecision, repack_decision
 
@@ -51,12 +51,31 @@ def _unapplied(decision: RepackDecision) -> None:
         )
 
 
+def _assigned_by_init(name: str, adopt: Callable[[Any, Any], None]) -> property:
+    """A property for a parameter struct ``Llama.__init__`` assigns to ``name`` before it uses it: ``adopt`` sets
+    cnllm's fields on the struct as it is assigned."""
+    key = f"_{name}"
+
+    def get(self):
+        try:
+            return self.__dict__[key]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def put(self, params) -> None:
+        adopt(self, params)
+        self.__dict__[key] = params
+
+    return property(get, put)
+
+
 @lru_cache(maxsize=None)
 def _llama_class() -> type:
     from llama_cpp import Llama
 
     class CnllmLlama(Llama):
-        """``Llama`` whose model parameters get cnllm's ``use_extra_bufts`` as ``Llama.__init__`` assigns them."""
+        """``Llama`` whose model parameters get cnllm's ``use_extra_bufts``, and whose context parameters its sequences,
+        as ``Llama.__init__`` assigns them."""
 
         def __init__(self, *args: Any, repack: RepackDecision | None = None, sequences: int = 1, **kwargs: Any):
             self.repack = repack if repack is not None else repack_decision()  # None: Llama.__setstate__ re-running __init__
@@ -69,31 +88,16 @@ def _llama_class() -> type:
             """Whether llama.cpp repacked this model's weights (its default when the choice could not be passed)."""
             return self.repack.enabled if self.repack_applied else True
 
-        @property
-        def model_params(self):  # noqa: D401 - the attribute Llama.__init__ assigns
-            try:
-                return self.__dict__["_model_params"]
-            except KeyError:
-                raise AttributeError("model_params") from None
-
-        @model_params.setter
-        def model_params(self, params) -> None:
+        def _adopt_model_params(self, params) -> None:
             self.repack_applied = apply_repack(params, self.repack.enabled)
-            self.__dict__["_model_params"] = params
 
-        @property
-        def context_params(self):  # noqa: D401 - the attribute Llama.__init__ assigns
-            try:
-                return self.__dict__["_context_params"]
-            except KeyError:
-                raise AttributeError("context_params") from None
-
-        @context_params.setter
-        def context_params(self, params) -> None:
+        def _adopt_context_params(self, params) -> None:
             if self.sequences > 1:  # n_ctx is then the sum over sequences, each its own KV stream of n_ctx / sequences
                 params.n_seq_max = self.sequences
                 params.kv_unified = False
-            self.__dict__["_context_params"] = params
+
+        model_params = _assigned_by_init("model_params", _adopt_model_params)
+        context_params = _assigned_by_init("context_params", _adopt_context_params)
 
     return CnllmLlama
 

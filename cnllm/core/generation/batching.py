@@ -63,6 +63,7 @@ class _Row:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (the part of a cache a new prompt can keep)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

@@ -33,7 +33,7 @@ from cnllm.core.generation.base import (
     log_softmax_rows,
     target_logprobs_rows,
 )
-from cnllm.core.generation.batching import BatchDecoder
+from cnllm.core.generation.batching import BatchDecoder, common_prefix
 from cnllm.core.generation.speculative import llama_draft
 from cnllm.core.rope import ModelRope, RopeOptions, llama_cpp_kwargs
 
@@ -198,12 +198,7 @@ def grammar_nesting(grammar: str) -> int:
 
 def cached_prefix(llama, ids: Sequence[int]) -> int:
     """How many leading ``ids`` a ``Llama`` context holds already (their KV cache can be kept)."""
-    keep = 0
-    for old, new in zip(llama.input_ids[: llama.n_tokens].tolist(), ids):
-        if old != new:
-            break
-        keep += 1
-    return keep
+    return common_prefix(llama.input_ids[: llama.n_tokens].tolist(), ids)
 
 
 class LlamaCppModel(LoadedModel):
